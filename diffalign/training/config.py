@@ -1,0 +1,66 @@
+"""Config sections shared by every trainer: ``run:`` (the loop) and ``optim:`` (optimizer and schedule)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "adafactor", "adamw_8bit"] = "adamw"
+    lr: float = 1e-5
+    # Official Diffusion-DPO: lr × per-device batch × accumulation × processes.
+    scale_lr: bool = False
+    weight_decay: float = 1e-2
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
+    warmup_steps: int = 0
+    # Fused AdamW kernel; used only where the parameters live on a GPU.
+    fused: bool = True
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if len(self.betas) != 2:
+            raise ValueError(f"optim.betas must have two values, got {self.betas}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "outputs/run"
+    seed: int = 0
+    max_steps: int = 1000
+    batch_size: int = 1  # per device: pairs (diffusion) or pairs/examples (LLM)
+    gradient_accumulation_steps: int = 1
+    # bf16 on GPU by default; on a CPU-only machine "bf16"/"fp16" fall back to "no" (logged), loss maths is fp32 anyway.
+    mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
+    gradient_checkpointing: bool = False
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_last_checkpoints: int = 3
+    # "latest" resumes from the newest checkpoint in output_dir (if any); a path resumes from that checkpoint.
+    resume: str | None = None
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    # The NaN/inf guard skips a non-finite step; after this many skipped steps the run stops (with a checkpoint).
+    max_nonfinite_steps: int = 10
+    # Run the recipe's evaluation (samples, validation reward) every N optimizer steps; 0 = only at the end.
+    eval_every: int = 0
+    dataloader_workers: int = 0
+    pin_memory: bool = True
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"run.{name} must be >= 1, got {getattr(self, name)}")
+        if self.keep_last_checkpoints < 1:
+            raise ValueError(f"run.keep_last_checkpoints must be >= 1, got {self.keep_last_checkpoints}")
+        allowed_trackers = {"tensorboard", "wandb", "mlflow"}
+        unknown = set(self.trackers) - allowed_trackers
+        if unknown:
+            raise ValueError(f"run.trackers: {sorted(unknown)} not supported; choose from {sorted(allowed_trackers)}")
