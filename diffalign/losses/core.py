@@ -137,7 +137,7 @@ class LossSpec:
     fn: LossFn
     description: str
     needs_reference: bool = True
-    # Paired losses compare chosen[i] with rejected[i], so both sides must have the same size.
+    # Chosen and rejected must have the same size: the loss compares them pair by pair (or rank by rank).
     paired: bool = True
     needs_lengths: bool = False
     # The loss couples the samples of a batch (e.g. sorts them), so a per-pair weight has no meaning.

@@ -25,7 +25,10 @@ def sft_loss(policy_chosen: Tensor, chosen_lengths: Tensor | None = None) -> Ten
 
 
 @register_loss(
-    "sft", "NLL on the chosen sample (token-mean with lengths; ½·MSE for diffusion)", needs_reference=False
+    "sft",
+    "NLL on the chosen sample (token-mean with lengths; ½·MSE for diffusion)",
+    needs_reference=False,
+    paired=False,
 )
 def _sft(scores: PairScores, config: LossConfig) -> Tensor:
     return sft_loss(scores.policy_chosen, scores.chosen_lengths)
