@@ -1,0 +1,101 @@
+"""The ``diffalign`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+DESCRIPTION = """diffalign: align diffusion models and LLMs with human preferences on one shared loss core.
+
+commands:
+  demo     run Diffusion-DPO on the shipped toy text-to-image model (CPU, minutes) and report the win rate
+  train    train from a YAML config: diffalign train configs/x.yaml [section.key=value ...]
+  losses   list the preference losses of the core, one line each
+"""
+
+
+def command_train(args: argparse.Namespace) -> int:
+    from diffalign.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    if config.kind == "diffusion":
+        from diffalign.diffusion.trainer import train
+    else:
+        from diffalign.llm.trainer import train
+    metrics = train(config)
+    print_metrics(metrics)
+    return 0
+
+
+def command_losses(args: argparse.Namespace) -> int:
+    from diffalign.losses import list_losses
+
+    entries = list_losses()
+    width = max(len(name) for name, _ in entries)
+    for name, description in entries:
+        print(f"{name:<{width}}  {description}")
+    return 0
+
+
+def command_demo(args: argparse.Namespace) -> int:
+    from diffalign.demo import run_demo
+
+    metrics = run_demo(args.output_dir, args.overrides)
+    print_metrics(metrics)
+    return 0
+
+
+def print_metrics(metrics: dict[str, float]) -> None:
+    for name in sorted(metrics):
+        print(f"{name:>28}: {metrics[name]:.4f}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffalign", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    train = commands.add_parser(
+        "train",
+        help="train from a YAML config",
+        description="Train from a YAML config in configs/. Any key can be overridden as section.key=value, "
+        "e.g. `diffalign train configs/toy_dpo.yaml optim.lr=1e-5 loss.beta=2500`. The config is validated "
+        "before any model loads; the resolved config is saved as <run.output_dir>/config.yaml.",
+    )
+    train.add_argument("config", help="path to a YAML config")
+    train.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    train.set_defaults(handler=command_train)
+
+    losses = commands.add_parser("losses", help="list the preference losses", description="List every loss of "
+                                 "the core by its config name (loss.type) with a one-line description.")
+    losses.set_defaults(handler=command_losses)
+
+    demo = commands.add_parser(
+        "demo",
+        help="align the toy text-to-image model with Diffusion-DPO",
+        description="Run Diffusion-DPO (LoRA) on the shipped toy text-to-image pipeline on CPU, then sample base "
+        "and aligned models on held-out prompts with the same seeds, print the win rate under the toy reward "
+        "and write a before/after image grid.",
+    )
+    demo.add_argument("--output-dir", default="outputs/demo", help="where the run, grid and LoRA are written")
+    demo.add_argument("overrides", nargs="*", help="section.key=value overrides of configs/toy_dpo.yaml")
+    demo.set_defaults(handler=command_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    from diffalign.config import ConfigError
+
+    try:
+        return args.handler(args)
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""Model families: one module each; ``load_family`` picks one from the pipeline's ``model_index.json``."""
+
+from __future__ import annotations
+
+from diffusers import DiffusionPipeline
+
+from diffalign.diffusion.families.base import DDPMFamily, DiffusionFamily, Posterior
+from diffalign.diffusion.families.stable_diffusion import StableDiffusionFamily, StableDiffusionXLFamily
+
+# Pipeline class named in model_index.json → family class.
+FAMILIES: dict[str, type[DiffusionFamily]] = {
+    "StableDiffusionPipeline": StableDiffusionFamily,
+    "StableDiffusionXLPipeline": StableDiffusionXLFamily,
+}
+
+
+def load_family(pretrained_path: str, vae_path: str | None = None) -> DiffusionFamily:
+    """Load every component of a diffusers pipeline directory (or hub id) into its family."""
+    try:
+        pipeline_class = DiffusionPipeline.load_config(pretrained_path)["_class_name"]
+    except OSError as error:
+        raise FileNotFoundError(
+            f"model.pretrained: cannot read model_index.json from {pretrained_path!r} ({error}); give a diffusers "
+            "pipeline directory, or a hub id while online"
+        ) from None
+    if pipeline_class not in FAMILIES:
+        raise ValueError(
+            f"{pretrained_path}: pipeline class {pipeline_class!r} has no model family; supported: {sorted(FAMILIES)}"
+        )
+    return FAMILIES[pipeline_class](pretrained_path, vae_path=vae_path)
+
+
+__all__ = ["FAMILIES", "DDPMFamily", "DiffusionFamily", "Posterior", "load_family"]

@@ -1,0 +1,145 @@
+"""The narrow interface between a model family and everything else in the diffusion trainer.
+
+A family knows four things about its models: how to encode a prompt into conditioning, how to noise a clean
+latent, what the denoiser regresses (ε, v, flow velocity), and how to call the denoiser. Methods and the trainer
+talk to a family only through this interface and never ask which family they have.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import DDPMScheduler
+from torch import Tensor, nn
+
+
+@dataclass
+class Posterior:
+    """A diagonal-Gaussian VAE posterior; sampling keeps latents stochastic even when cached."""
+
+    mean: Tensor
+    std: Tensor
+
+    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * noise
+
+
+class DiffusionFamily(ABC):
+    """Components of one pretrained model plus the family's maths. ``denoiser`` is what gets trained."""
+
+    denoiser: nn.Module
+    # Name of the denoiser's sub-folder in the pipeline directory ("unet" or "transformer").
+    denoiser_subfolder: str = "unet"
+    # The diffusers pipeline class whose `from_pretrained`/`save_lora_weights` read and write this family.
+    pipeline_class: Any
+
+    def __init__(self, pretrained_path: str) -> None:
+        self.pretrained_path = pretrained_path
+
+    # --- conditioning -------------------------------------------------------------------------------------------
+    @abstractmethod
+    def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
+        """Encode prompts once; the result is cacheable (batch-first tensors, no model state)."""
+
+    @abstractmethod
+    def denoiser_inputs(self, prompt_embeds: dict[str, Tensor], batch: dict[str, Any]) -> dict[str, Any]:
+        """Keyword arguments of the denoiser call for a batch, from (possibly cached) prompt embeddings."""
+
+    # --- latents ------------------------------------------------------------------------------------------------
+    @abstractmethod
+    def encode(self, samples: Tensor) -> Posterior:
+        """VAE posterior of raw samples (pixels in [-1, 1], or the family's audio features), unscaled."""
+
+    @abstractmethod
+    def decode(self, latents: Tensor) -> Tensor:
+        """Scaled latents back to samples (images in [0, 1])."""
+
+    @property
+    @abstractmethod
+    def latent_scale(self) -> float:
+        """The factor that maps VAE latents to the unit-variance space the denoiser was trained in."""
+
+    # --- noising and targets ------------------------------------------------------------------------------------
+    @abstractmethod
+    def sample_timesteps(self, batch_size: int, device: torch.device) -> Tensor: ...
+
+    @abstractmethod
+    def add_noise(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor: ...
+
+    @abstractmethod
+    def target(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor: ...
+
+    def predict(self, denoiser: nn.Module, noisy_latents: Tensor, timesteps: Tensor, inputs: dict[str, Any]) -> Tensor:
+        return denoiser(noisy_latents, timesteps, **inputs).sample
+
+    @abstractmethod
+    def build_pipeline(self, denoiser: nn.Module) -> Any:
+        """The family's diffusers pipeline around ``denoiser`` (DDIM sampler), for sampling and export."""
+
+    # --- models the trainer moves, casts and freezes -------------------------------------------------------------
+    @abstractmethod
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        """Everything except the denoiser (VAE, text encoders, vocoder); never trained, never saved."""
+
+    def to(self, device: torch.device, dtype: torch.dtype, vae_dtype: torch.dtype | None = None) -> None:
+        for name, module in self.frozen_modules().items():
+            module.to(device, dtype=vae_dtype if (name == "vae" and vae_dtype is not None) else dtype)
+        self.denoiser.to(device)
+
+
+class DDPMFamily(DiffusionFamily):
+    """Families trained with a discrete DDPM schedule (SD1.5, SDXL, MusicLDM, AudioLDM2): ε or v targets."""
+
+    def __init__(self, pretrained_path: str) -> None:
+        super().__init__(pretrained_path)
+        # Whatever sampler the pipeline ships (DDIM, Euler, ...), training noise follows its DDPM schedule.
+        self.noise_scheduler = DDPMScheduler.from_pretrained(pretrained_path, subfolder="scheduler")
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.noise_scheduler.config.num_train_timesteps
+
+    def sample_timesteps(self, batch_size: int, device: torch.device) -> Tensor:
+        return torch.randint(0, self.num_train_timesteps, (batch_size,), device=device)
+
+    def add_noise(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        return self.noise_scheduler.add_noise(latents, noise, timesteps)
+
+    def target(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "v_prediction":
+            return self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        raise ValueError(
+            f"{self.pretrained_path}: scheduler prediction_type {self.prediction_type!r} is not supported; "
+            "expected 'epsilon' or 'v_prediction'"
+        )
+
+    def alphas_cumprod(self, timesteps: Tensor) -> Tensor:
+        return self.noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+
+
+class ImageVAEFamily(DDPMFamily):
+    """Latent image families with a diffusers ``AutoencoderKL``."""
+
+    vae: nn.Module
+
+    @property
+    def latent_scale(self) -> float:
+        return self.vae.config.scaling_factor
+
+    def encode(self, samples: Tensor) -> Posterior:
+        distribution = self.vae.encode(samples.to(self.vae.dtype)).latent_dist
+        return Posterior(mean=distribution.mean.float(), std=distribution.std.float())
+
+    def decode(self, latents: Tensor) -> Tensor:
+        images = self.vae.decode(latents.to(self.vae.dtype) / self.latent_scale).sample
+        return (images.float() / 2 + 0.5).clamp(0, 1)

@@ -1,0 +1,68 @@
+"""Diffusion-DPO (Wallace et al., 2023, arXiv 2311.12908): preference loss on the denoising error.
+
+Both members of a pair are noised with the same ε at the same t, the policy runs once on the concatenated
+batch, and the per-sample error ``L = mean_{C,H,W} (prediction − target)²`` becomes the core's score
+``−½·L``. With ``loss.type: sigmoid`` and ``loss.beta: 5000`` the loss is the official
+
+    −log σ(−½·β·((L_θ^w − L_ref^w) − (L_θ^l − L_ref^l)))
+
+(SalesforceAIResearch/DiffusionDPO, train.py). The diffusers research example writes the same loss as
+``−log σ(β'·(ref_diff − model_diff))`` with β'=2500: its β' is our β/2.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from diffalign.diffusion.families import DiffusionFamily
+from diffalign.diffusion.methods.base import LatentPairBatch, denoising_error
+from diffalign.diffusion.reference import ReferenceDenoiser
+from diffalign.losses import PairScores
+
+
+def scores_from_errors(
+    policy_errors: Tensor, reference_errors: Tensor | None, label: Tensor | None
+) -> tuple[PairScores, dict[str, Tensor]]:
+    """Per-sample errors of ``[chosen; rejected]`` → the core's scores ``−½·error`` and MSE diagnostics."""
+    batch_size = policy_errors.shape[0] // 2
+    policy_chosen, policy_rejected = policy_errors[:batch_size], policy_errors[batch_size:]
+    metrics = {"mse/policy_chosen": policy_chosen.detach().mean(), "mse/policy_rejected": policy_rejected.detach().mean()}
+    ref_chosen = ref_rejected = None
+    if reference_errors is not None:
+        ref_chosen, ref_rejected = reference_errors[:batch_size], reference_errors[batch_size:]
+        metrics["mse/ref_chosen"] = ref_chosen.mean()
+        metrics["mse/ref_rejected"] = ref_rejected.mean()
+        ref_chosen, ref_rejected = -0.5 * ref_chosen, -0.5 * ref_rejected
+    scores = PairScores(
+        policy_chosen=-0.5 * policy_chosen,
+        policy_rejected=-0.5 * policy_rejected,
+        ref_chosen=ref_chosen,
+        ref_rejected=ref_rejected,
+        label=label,
+    )
+    return scores, metrics
+
+
+class DiffusionDPO:
+    """Denoising errors on freshly noised latents: shared ε and t per pair, one policy forward for both."""
+
+    def __init__(self, family: DiffusionFamily, reference: ReferenceDenoiser | None) -> None:
+        self.family = family
+        self.reference = reference
+
+    def pair_scores(self, denoiser: nn.Module, batch: LatentPairBatch) -> tuple[PairScores, dict[str, Tensor]]:
+        family = self.family
+        latents = batch.both_latents()
+        noise = torch.randn_like(batch.chosen_latents)
+        noise = torch.cat([noise, noise])
+        timesteps = family.sample_timesteps(batch.size, latents.device).repeat(2)
+        noisy_latents = family.add_noise(latents, noise, timesteps)
+        target = family.target(latents, noise, timesteps)
+        inputs = family.denoiser_inputs(batch.both_prompt_embeds(), batch.extras or {})
+        policy_errors = denoising_error(family, denoiser, noisy_latents, timesteps, target, inputs)
+        reference_errors = None
+        if self.reference is not None:
+            with self.reference.use(latents.device) as reference:
+                reference_errors = denoising_error(family, reference, noisy_latents, timesteps, target, inputs)
+        return scores_from_errors(policy_errors, reference_errors, batch.label)

@@ -1,0 +1,207 @@
+"""The diffusion preference trainer: a recipe for the shared loop.
+
+It loads a pipeline into its model family, makes the denoiser trainable (LoRA or full), sets up the frozen
+reference, turns each batch into latents (from the cache or by encoding on the fly), lets the method produce the
+core's scores and the core produce the loss. Evaluation samples fixed prompts from the base and the aligned model
+with the same seeds, writes a before/after grid and, given a reward, the win rate.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from torch import nn
+
+from diffalign.diffusion.config import DiffusionTrainConfig
+from diffalign.diffusion.data import build_pair_dataset
+from diffalign.diffusion.families import DiffusionFamily, load_family
+from diffalign.diffusion.methods import METHODS, LatentPairBatch
+from diffalign.diffusion.reference import ReferenceDenoiser
+from diffalign.diffusion.sampling import generate_images, save_image_grid, win_rate
+from diffalign.losses import LOSSES, compute_loss
+from diffalign.training import StepOutput, make_accelerator, run_training
+
+logger = logging.getLogger("diffalign")
+
+
+def weight_dtype_for(accelerator: Accelerator) -> torch.dtype:
+    """The dtype of frozen weights: the mixed-precision dtype on GPU, fp32 otherwise."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def make_trainable(denoiser: nn.Module, config: DiffusionTrainConfig) -> None:
+    denoiser.requires_grad_(False)
+    if config.model.trainable == "full":
+        denoiser.requires_grad_(True)
+        return
+    lora = config.model.lora
+    denoiser.add_adapter(
+        LoraConfig(
+            r=lora.rank,
+            lora_alpha=lora.alpha if lora.alpha is not None else lora.rank,
+            lora_dropout=lora.dropout,
+            init_lora_weights="gaussian" if lora.init == "gaussian" else True,
+            target_modules=lora.target_modules,
+        )
+    )
+
+
+class DiffusionRecipe:
+    def __init__(self, config: DiffusionTrainConfig, accelerator: Accelerator) -> None:
+        self.config = config
+        self.accelerator = accelerator
+        self.output_dir = Path(config.run.output_dir)
+        device = accelerator.device
+        weight_dtype = weight_dtype_for(accelerator)
+
+        self.family: DiffusionFamily = load_family(config.model.pretrained, config.model.vae)
+        family = self.family
+        for module in family.frozen_modules().values():
+            module.requires_grad_(False).eval()
+        vae_dtype = torch.float32 if getattr(family, "vae_needs_fp32", False) else weight_dtype
+        family.to(device, weight_dtype, vae_dtype=vae_dtype)
+
+        denoiser = family.denoiser
+        make_trainable(denoiser, config)
+        if config.model.trainable == "lora":
+            # Frozen base weights in the low-precision dtype; the LoRA weights stay fp32 masters.
+            denoiser.to(device, dtype=weight_dtype)
+            for parameter in denoiser.parameters():
+                if parameter.requires_grad:
+                    parameter.data = parameter.data.float()
+        if config.run.gradient_checkpointing:
+            denoiser.enable_gradient_checkpointing()
+        if config.model.channels_last:
+            denoiser.to(memory_format=torch.channels_last)
+        self.model = denoiser
+
+        losses_need_reference = any(LOSSES[name].needs_reference for name in config.loss.type if name in LOSSES)
+        reference_mode = config.model.reference
+        if reference_mode == "auto":
+            reference_mode = "adapter_disabled" if config.model.trainable == "lora" else "frozen_copy"
+        self.base_model = ReferenceDenoiser(
+            denoiser, frozen_copy=reference_mode == "frozen_copy", offload_to_cpu=config.model.offload_reference
+        )
+        if reference_mode == "frozen_copy" and self.base_model.copy is not None:
+            self.base_model.copy.to(dtype=weight_dtype)
+        self.method = METHODS[config.method.name](family, self.base_model if losses_need_reference else None)
+
+        self.train_dataset, self.collate, self.data_stats = build_pair_dataset(
+            config.data, family=family, seed=config.run.seed, accelerator=accelerator
+        )
+        logger.info("training data: %s", self.data_stats)
+        self.eval_prompts = self._eval_prompts()
+        self._base_eval: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    # --- training -----------------------------------------------------------------------------------------------
+    def latent_batch(self, batch: dict[str, Any]) -> LatentPairBatch:
+        """Latents and prompt embeddings for a batch: read from the cache, or encoded now."""
+        family = self.family
+        if "chosen_latents" in batch:
+            chosen, rejected, prompt_embeds = batch["chosen_latents"], batch["rejected_latents"], batch["prompt_embeds"]
+        else:
+            with torch.no_grad():
+                both = torch.cat([batch["chosen_pixels"], batch["rejected_pixels"]])
+                latents = family.encode(both).sample() * family.latent_scale
+                chosen, rejected = latents.chunk(2)
+                prompt_embeds = family.encode_prompts(batch["caption"])
+        # SDXL size conditioning, laid out like the latents: [chosen; rejected].
+        extras = {
+            key: torch.cat([batch[f"chosen_{key}"], batch[f"rejected_{key}"]])
+            for key in ("original_size", "crop_top_left")
+            if f"chosen_{key}" in batch
+        }
+        label = batch["label"] if not self.config.data.drop_ties else None
+        dtype = weight_dtype_for(self.accelerator)
+        return LatentPairBatch(
+            chosen_latents=chosen.to(dtype),
+            rejected_latents=rejected.to(dtype),
+            prompt_embeds={name: value.to(dtype) for name, value in prompt_embeds.items()},
+            label=label,
+            extras=extras,
+        )
+
+    def training_step(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
+        pair_batch = self.latent_batch(batch)
+        scores, method_metrics = self.method.pair_scores(model, pair_batch)
+        output = compute_loss(scores, self.config.loss)
+        return StepOutput(
+            loss=output.loss, metrics={**output.metrics, **method_metrics}, counts={"pairs": pair_batch.size}
+        )
+
+    # --- evaluation ---------------------------------------------------------------------------------------------
+    def _eval_prompts(self) -> list[str]:
+        prompts = list(self.config.eval.prompts)
+        if self.config.eval.prompts_file:
+            path = Path(self.config.eval.prompts_file)
+            if not path.is_file():
+                raise FileNotFoundError(f"eval.prompts_file: {path} does not exist")
+            prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        return prompts[: self.config.eval.max_prompts] if self.config.eval.max_prompts else prompts
+
+    def _generate(self, denoiser: nn.Module) -> torch.Tensor:
+        settings = self.config.eval
+        return generate_images(
+            self.family,
+            denoiser,
+            self.eval_prompts,
+            seed=settings.seed,
+            num_inference_steps=settings.num_inference_steps,
+            guidance_scale=settings.guidance_scale,
+        )
+
+    def _score(self, images: torch.Tensor) -> torch.Tensor | None:
+        if not self.config.eval.reward:
+            return None
+        from diffalign.rewards import build_scorer
+
+        scorer = build_scorer(self.config.eval.reward)
+        return scorer(images=images, prompts=self.eval_prompts).float().cpu()
+
+    def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
+        if not self.eval_prompts or not self.accelerator.is_main_process:
+            return {}
+        if self._base_eval is None:  # the base model does not change: sample and score it once
+            with self.base_model.use(self.accelerator.device) as base:
+                base_images = self._generate(base)
+            self._base_eval = (base_images, self._score(base_images))
+        base_images, base_scores = self._base_eval
+        aligned_images = self._generate(model)
+        count = self.config.eval.grid_prompts
+        grid_path = self.output_dir / "samples" / f"step-{step:07d}.png"
+        save_image_grid([base_images[:count], aligned_images[:count]], grid_path)
+        aligned_scores = self._score(aligned_images)
+        if aligned_scores is None:
+            return {}
+        return {
+            "win_rate": win_rate(aligned_scores, base_scores),
+            "reward_aligned": aligned_scores.mean().item(),
+            "reward_base": base_scores.mean().item(),
+        }
+
+    # --- export -------------------------------------------------------------------------------------------------
+    def save_final(self, model: nn.Module, output_dir: Path) -> None:
+        """LoRA in diffusers format (``pipeline.load_lora_weights``) or the full denoiser (``from_pretrained``)."""
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if self.config.model.trainable == "lora":
+            from diffusers.utils import convert_state_dict_to_diffusers
+
+            lora_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+            self.family.pipeline_class.save_lora_weights(output_dir, unet_lora_layers=lora_layers)
+        else:
+            model.save_pretrained(output_dir / self.family.denoiser_subfolder)
+
+
+def train(config: DiffusionTrainConfig) -> dict[str, float]:
+    accelerator = make_accelerator(config.run)
+    # Distinct noise per process; the data order is seeded separately (ResumableBatchSampler).
+    set_seed(config.run.seed + accelerator.process_index)
+    recipe = DiffusionRecipe(config, accelerator)
+    return run_training(recipe, run=config.run, optim=config.optim, accelerator=accelerator, config=config)
