@@ -166,6 +166,9 @@ def run_training(
         collate_fn=recipe.collate,
         num_workers=run.dataloader_workers,
         pin_memory=run.pin_memory and accelerator.device.type == "cuda",
+        # Its own generator: iter() would otherwise draw a worker seed from the global RNG, which a resumed run
+        # does at a different point of the noise stream than an uninterrupted one.
+        generator=torch.Generator().manual_seed(run.seed),
     )
     batches = iter(loader)
 
