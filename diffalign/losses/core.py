@@ -271,7 +271,11 @@ def _to_float32(scores: PairScores) -> PairScores:
 
 
 def _check_inputs(scores: PairScores, specs: list[LossSpec], config: LossConfig) -> None:
-    names = [spec.name for spec in specs]
+    _check_shapes(scores)
+    _check_requirements(scores, specs, config)
+
+
+def _check_shapes(scores: PairScores) -> None:
     for f in dataclasses.fields(scores):
         value = getattr(scores, f.name)
         if value is None or f.name == "kl_reference_point":
@@ -301,6 +305,11 @@ def _check_inputs(scores: PairScores, specs: list[LossSpec], config: LossConfig)
     if scores.has_lengths and ((scores.chosen_lengths <= 0).any() or (scores.rejected_lengths <= 0).any()):
         raise ValueError("PairScores.chosen_lengths / rejected_lengths must be > 0 (completion token counts)")
 
+
+def _check_requirements(scores: PairScores, specs: list[LossSpec], config: LossConfig) -> None:
+    """Each configured loss gets what it needs, and every optional input given is used by some loss."""
+    names = [spec.name for spec in specs]
+    num_chosen, num_rejected = scores.policy_chosen.shape[0], scores.policy_rejected.shape[0]
     for spec in specs:
         if spec.needs_reference and not scores.has_reference:
             raise ValueError(
