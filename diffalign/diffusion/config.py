@@ -53,6 +53,8 @@ class DiffusionEvalConfig:
     prompts: list[str] = field(default_factory=list)
     prompts_file: str | None = None  # one prompt per line; added to `prompts`
     max_prompts: int | None = None
+    # Each prompt is sampled this many times (seeds seed, seed+1, ...): win rates over more than a few prompts.
+    samples_per_prompt: int = 1
     num_inference_steps: int = 25
     guidance_scale: float = 5.0
     seed: int = 0

@@ -82,7 +82,12 @@ class DiffusionRecipe:
             denoiser.to(memory_format=torch.channels_last)
         self.model = denoiser
 
-        losses_need_reference = any(LOSSES[name].needs_reference for name in config.loss.type if name in LOSSES)
+        losses_need_reference = any(LOSSES[name].needs_reference for name in config.loss.type)
+        if not config.data.drop_ties and not any(LOSSES[name].uses_label for name in config.loss.type):
+            raise ValueError(
+                f"data.drop_ties is false, so ties (label 0.5) reach the loss, but loss.type {config.loss.type} "
+                "ignores soft labels; keep data.drop_ties: true or use a loss that takes labels (e.g. sigmoid)"
+            )
         reference_mode = config.model.reference
         if reference_mode == "auto":
             reference_mode = "adapter_disabled" if config.model.trainable == "lora" else "frozen_copy"
@@ -91,7 +96,8 @@ class DiffusionRecipe:
         )
         if reference_mode == "frozen_copy" and self.base_model.copy is not None:
             self.base_model.copy.to(dtype=weight_dtype)
-        self.method = METHODS[config.method.name](family, self.base_model if losses_need_reference else None)
+        reference = self.base_model if losses_need_reference else None
+        self.method = METHODS[config.method.name](family, reference, config.method)
 
         self.train_dataset, self.collate, self.data_stats = build_pair_dataset(
             config.data, family=family, seed=config.run.seed, accelerator=accelerator
@@ -144,7 +150,9 @@ class DiffusionRecipe:
             if not path.is_file():
                 raise FileNotFoundError(f"eval.prompts_file: {path} does not exist")
             prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        return prompts[: self.config.eval.max_prompts] if self.config.eval.max_prompts else prompts
+        if self.config.eval.max_prompts:
+            prompts = prompts[: self.config.eval.max_prompts]
+        return prompts * self.config.eval.samples_per_prompt
 
     def _generate(self, denoiser: nn.Module) -> torch.Tensor:
         settings = self.config.eval

@@ -47,7 +47,7 @@ def scores_from_errors(
 class DiffusionDPO:
     """Denoising errors on freshly noised latents: shared ε and t per pair, one policy forward for both."""
 
-    def __init__(self, family: DiffusionFamily, reference: ReferenceDenoiser | None) -> None:
+    def __init__(self, family: DiffusionFamily, reference: ReferenceDenoiser | None, settings: object = None) -> None:
         self.family = family
         self.reference = reference
 
