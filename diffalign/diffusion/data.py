@@ -1,0 +1,545 @@
+"""Preference pairs for diffusion models: the ``data:`` config, loading and validation, the training dataset.
+
+Rows follow the Pick-a-Pic schema (Kirstain et al., 2023) used by Diffusion-DPO (Wallace et al., 2023): a
+caption, two images and ``label_0``, the preference for the first image (1: it wins, 0: the second wins, 0.5: a
+tie). Pairs are kept winner first. As in the official Diffusion-DPO code, ties are dropped by default; kept, they
+carry the soft label 0.5 for the loss core.
+
+Sources: a local parquet or arrow file, a glob or a directory of them (files named ``<split>-*`` or lying in a
+``<split>/`` folder are picked when present, as in a hub dataset's layout), a JSONL index whose image paths are
+relative to the index, or a hub dataset id. Images may be raw bytes, ``{"bytes": ..., "path": ...}`` dicts as
+``datasets`` stores them, or file paths relative to the file that lists them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import glob
+import json
+import logging
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from diffalign.diffusion.transforms import CorruptMediaError, ImageDecoder, MediaDecoder, draw_pair_randomness
+
+logger = logging.getLogger(__name__)
+
+TABLE_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "jsonl"}
+SKIP_HINT = (
+    "Fix or remove the row, or set data.skip_bad_rows: true to skip bad rows (they are counted and logged)"
+)
+
+
+@dataclass
+class DiffusionDataConfig:
+    """The ``data:`` section of a diffusion config. Defaults follow the official Diffusion-DPO SD1.5 launcher."""
+
+    source: str = ""  # a parquet/arrow file, glob or directory, a JSONL index, or a hub dataset id
+    split: str = "train"
+    caption_column: str = "caption"
+    image_0_column: str = "jpg_0"
+    image_1_column: str = "jpg_1"
+    # Preference of the first image (1, 0 or 0.5); null: the first image always wins (chosen/rejected columns).
+    label_0_column: str | None = "label_0"
+    resolution: int = 512  # 1024 for SDXL
+    crop: Literal["center", "random"] = "center"
+    random_flip: bool = True
+    caption_dropout: float = 0.2  # probability of training on the empty prompt, as the official SD1.5 code
+    drop_ties: bool = True
+    skip_bad_rows: bool = False
+    # Decode every image once while loading, so that corrupt rows fail (or are skipped) before training. Turn it
+    # off for very large datasets: a bad image then raises when it is first read.
+    verify_media: bool = True
+    max_pairs: int | None = None  # keep the first N valid pairs
+    cache_dir: str | None = None  # VAE posteriors and text embeddings, built once and reused
+    vae_encode_batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.resolution < 1:
+            raise ValueError(f"data.resolution must be a positive number of pixels, got {self.resolution}")
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ValueError(
+                f"data.caption_dropout must be a probability in [0, 1], got {self.caption_dropout}"
+            )
+        if self.max_pairs is not None and self.max_pairs < 1:
+            raise ValueError(f"data.max_pairs must be >= 1 or null (all pairs), got {self.max_pairs}")
+        if self.vae_encode_batch_size < 1:
+            raise ValueError(f"data.vae_encode_batch_size must be >= 1, got {self.vae_encode_batch_size}")
+        if self.crop == "random" and self.cache_dir is not None:
+            raise ValueError(
+                f"data.crop: 'random' cannot be combined with data.cache_dir ({self.cache_dir!r}): a cache stores one "
+                "encoding per image, while random crops differ at every read. Use data.crop: center, or remove "
+                "data.cache_dir"
+            )
+
+
+class BadRowError(ValueError):
+    """A row that cannot be trained on; ``reason`` is the key its skip is counted under."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+# --- source tables ---------------------------------------------------------------------------------------------
+
+
+class _ArrowTable:
+    """Rows of one or more parquet/arrow files (or a hub split), memory-mapped, with their file of origin."""
+
+    def __init__(self, table: pa.Table, segments: list[tuple[str, Path | None, int]]) -> None:
+        self.table = table
+        self.segments = segments  # (file name, folder for relative image paths, row count) in row order
+        self.starts = [0]
+        for _, _, count in segments:
+            self.starts.append(self.starts[-1] + count)
+        if self.starts[-1] != table.num_rows:
+            raise RuntimeError(
+                f"row counts of {[name for name, _, _ in segments]} do not add up to the loaded table"
+            )
+        self.num_rows = table.num_rows
+        self.column_names = table.column_names
+        self.name = segments[0][0] if len(segments) == 1 else f"{segments[0][0]} (+{len(segments) - 1} files)"
+
+    def _segment(self, row: int) -> tuple[int, int]:
+        segment = bisect.bisect_right(self.starts, row) - 1
+        return segment, row - self.starts[segment]
+
+    def location(self, row: int) -> str:
+        segment, local_row = self._segment(row)
+        return f"{self.segments[segment][0]}, row {local_row}"
+
+    def base_dir(self, row: int) -> Path | None:
+        return self.segments[self._segment(row)[0]][1]
+
+    def values(self, column: str) -> list[Any]:
+        return self.table.column(column).to_pylist()
+
+    def value(self, column: str, row: int) -> Any:
+        return self.table.column(column)[row].as_py()
+
+
+class _JsonlTable:
+    """Rows of a JSONL index, one JSON object per line; image paths resolve against the index's folder."""
+
+    def __init__(self, path: Path) -> None:
+        self.name = str(path)
+        self.rows: list[dict[str, Any]] = []
+        self.line_numbers: list[int] = []
+        for line_number, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"{path}, line {line_number}: not valid JSON ({error}); each line of a JSONL index must be one "
+                    "JSON object"
+                ) from None
+            if not isinstance(row, dict):
+                raise ValueError(
+                    f"{path}, line {line_number}: expected a JSON object, got {type(row).__name__}"
+                )
+            self.rows.append(row)
+            self.line_numbers.append(line_number)
+        self.num_rows = len(self.rows)
+        self.column_names = sorted({key for row in self.rows for key in row})
+        self.folder = path.parent
+
+    def location(self, row: int) -> str:
+        return f"{self.name}, row {row} (line {self.line_numbers[row]})"
+
+    def base_dir(self, row: int) -> Path | None:
+        return self.folder
+
+    def values(self, column: str) -> list[Any]:
+        return [row.get(column) for row in self.rows]
+
+    def value(self, column: str, row: int) -> Any:
+        return self.rows[row].get(column)
+
+
+_Table = _ArrowTable | _JsonlTable
+
+
+def _source_files(config: DiffusionDataConfig) -> list[Path]:
+    source = config.source
+    if any(char in source for char in "*?["):
+        files = [Path(name) for name in sorted(glob.glob(source, recursive=True))]
+        if not files:
+            raise ValueError(f"data.source: no file matches the pattern {source!r}")
+    elif Path(source).is_dir():
+        files = sorted(path for path in Path(source).rglob("*") if path.suffix in TABLE_SUFFIXES)
+        in_split = [
+            path
+            for path in files
+            if path.name.startswith(f"{config.split}-")
+            or path.stem == config.split
+            or config.split in path.parts
+        ]
+        files = in_split or files
+        if not files:
+            raise ValueError(
+                f"data.source: directory {source} holds no {'/'.join(TABLE_SUFFIXES)} file; point it at a folder of "
+                "parquet or arrow files, or at a JSONL index"
+            )
+    else:
+        files = [Path(source)]
+    for path in files:
+        if path.suffix not in TABLE_SUFFIXES:
+            raise ValueError(f"data.source: {path} is not a {'/'.join(TABLE_SUFFIXES)} file")
+        if not path.is_file():
+            raise ValueError(f"data.source: file {path} does not exist")
+    kinds = {TABLE_SUFFIXES[path.suffix] for path in files}
+    if len(kinds) > 1:
+        raise ValueError(f"data.source: {source} mixes {sorted(kinds)} files; point data.source at one kind")
+    return files
+
+
+def _read_arrow_file(path: Path) -> pa.Table:
+    """An Arrow IPC file (random-access format) or stream (the format ``datasets`` writes), memory-mapped."""
+    try:
+        return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+    except pa.ArrowInvalid:
+        pass
+    try:
+        return pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
+    except pa.ArrowInvalid as error:
+        raise ValueError(f"data.source: {path} is not a readable Arrow file ({error})") from None
+
+
+def _load_tables(config: DiffusionDataConfig) -> list[_Table]:
+    source = config.source
+    if not source:
+        raise ValueError(
+            "data.source is empty; set it to a parquet/arrow file or directory, a JSONL index, or a hub dataset id"
+        )
+    path_like = (
+        Path(source).suffix in TABLE_SUFFIXES or Path(source).exists() or any(c in source for c in "*?[")
+    )
+    if not path_like:
+        return [_load_hub_table(source, config.split)]
+    files = _source_files(config)
+    kind = TABLE_SUFFIXES[files[0].suffix]
+    if kind == "jsonl":
+        return [_JsonlTable(path) for path in files]
+    if kind == "arrow":
+        tables = [_read_arrow_file(path) for path in files]
+        segments = [(str(path), path.parent, table.num_rows) for path, table in zip(files, tables)]
+        return [_ArrowTable(pa.concat_tables(tables, promote_options="default"), segments)]
+    # Parquet is converted once to a memory-mapped arrow cache by `datasets`, so rows are read without loading
+    # whole files into memory; the parquet footers give each file's row count for error messages.
+    import datasets
+    import pyarrow.parquet as pq
+
+    counts = [pq.ParquetFile(path).metadata.num_rows for path in files]
+    dataset = datasets.Dataset.from_parquet([str(path) for path in files])
+    segments = [(str(path), path.parent, count) for path, count in zip(files, counts)]
+    return [_ArrowTable(dataset.data.table, segments)]
+
+
+def _load_hub_table(dataset_id: str, split: str) -> _ArrowTable:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(dataset_id, split=split)
+    # `datasets` raises many types here (offline, missing split, no access); all mean the source is unusable.
+    except Exception as error:
+        raise ValueError(
+            f"data.source {dataset_id!r} (split {split!r}) is not a local file and cannot be loaded as a hub dataset "
+            f"({type(error).__name__}: {error}). Offline (HF_HUB_OFFLINE=1), give a local parquet/arrow file, a "
+            "directory of them, or a JSONL index"
+        ) from None
+    # The raw arrow table: image columns stay bytes/path structs instead of being decoded by `datasets`.
+    return _ArrowTable(dataset.data.table, [(f"{dataset_id}[{split}]", None, dataset.num_rows)])
+
+
+# --- row validation --------------------------------------------------------------------------------------------
+
+
+def _check_caption(value: Any, column: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise BadRowError(
+            "missing_caption", f"the caption (column {column!r}) is missing or empty: {value!r}"
+        )
+    return value
+
+
+def _check_label(value: Any, column: str) -> float:
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not is_number or math.isnan(value) or value not in (0, 0.5, 1):
+        raise BadRowError(
+            "bad_label",
+            f"{column} is {value!r}; allowed values are 1 (first image preferred), 0 (second image preferred) and "
+            "0.5 (tie)",
+        )
+    return float(value)
+
+
+def _media_bytes(value: Any, base_dir: Path | None, column: str) -> bytes:
+    if isinstance(value, dict):
+        value = value.get("bytes") if value.get("bytes") is not None else value.get("path")
+    if value is None:
+        raise BadRowError("missing_image", f"the image (column {column!r}) is missing")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        path = Path(value)
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        try:
+            return path.read_bytes()
+        except OSError as error:
+            raise BadRowError(
+                "missing_image",
+                f"the image file {path} (column {column!r}) cannot be read ({error.strerror})",
+            ) from None
+    raise BadRowError(
+        "missing_image",
+        f"column {column!r} holds a {type(value).__name__}; expected image bytes, a {{'bytes': ...}} dict or a path",
+    )
+
+
+class PreferencePairs:
+    """The validated pairs of a data source, winner first. Images stay in the source tables until read.
+
+    ``stats`` counts what loading did: rows read, pairs kept, ties dropped or kept, bad rows skipped (in total
+    and per reason), for the trainer to log.
+    """
+
+    def __init__(self, config: DiffusionDataConfig, decoder: MediaDecoder) -> None:
+        self.config = config
+        self.tables = _load_tables(config)
+        self.captions: list[str] = []
+        # Probability that the chosen image is preferred: 1, or 0.5 for a kept tie.
+        self.labels: list[float] = []
+        self._rows: list[tuple[int, int, bool]] = []  # (table, row, swapped)
+        skipped: Counter[str] = Counter()
+        rows_read = ties_dropped = 0
+        for table_index, table in enumerate(self.tables):
+            columns = [
+                config.caption_column,
+                config.image_0_column,
+                config.image_1_column,
+                config.label_0_column,
+            ]
+            for column in columns:
+                if column is not None and column not in table.column_names:
+                    raise ValueError(
+                        f"{table.name}: column {column!r} not found (every row); the data has columns "
+                        f"{table.column_names}. Set data.caption_column, data.image_0_column, data.image_1_column and "
+                        "data.label_0_column to the columns that hold the caption, the two images and the first "
+                        "image's preference"
+                    )
+            captions = table.values(config.caption_column)
+            labels = table.values(config.label_0_column) if config.label_0_column else None
+            for row in range(table.num_rows):
+                if config.max_pairs is not None and len(self._rows) == config.max_pairs:
+                    break
+                rows_read += 1
+                try:
+                    caption = _check_caption(captions[row], config.caption_column)
+                    label_0 = _check_label(labels[row], config.label_0_column) if labels is not None else 1.0
+                    if label_0 == 0.5 and config.drop_ties:
+                        ties_dropped += 1
+                        continue
+                    if config.verify_media:
+                        for column in (config.image_0_column, config.image_1_column):
+                            self._decode(
+                                decoder, _media_bytes(table.value(column, row), table.base_dir(row), column)
+                            )
+                except BadRowError as bad:
+                    if not config.skip_bad_rows:
+                        raise ValueError(f"{table.location(row)}: {bad}. {SKIP_HINT}") from None
+                    skipped[bad.reason] += 1
+                    continue
+                self.captions.append(caption)
+                self.labels.append(0.5 if label_0 == 0.5 else 1.0)
+                self._rows.append((table_index, row, label_0 == 0.0))
+        self.stats = {
+            "rows_read": rows_read,
+            "pairs": len(self._rows),
+            "ties_dropped": ties_dropped,
+            "ties_kept": self.labels.count(0.5),
+            "bad_rows_skipped": sum(skipped.values()),
+            **{f"skipped_{reason}": count for reason, count in sorted(skipped.items())},
+        }
+        source = f"data.source {config.source!r}"
+        logger.info("%s: %d pairs from %d rows, %d ties dropped", source, len(self), rows_read, ties_dropped)
+        if skipped:
+            logger.warning(
+                "%s: skipped %d bad rows (%s)", source, sum(skipped.values()), dict(sorted(skipped.items()))
+            )
+        if not self._rows:
+            raise ValueError(f"{source}: no usable pair among {rows_read} rows read ({self.stats})")
+
+    @staticmethod
+    def _decode(decoder: MediaDecoder, data: bytes) -> Any:
+        try:
+            return decoder.load(data)
+        except CorruptMediaError as error:
+            raise BadRowError("corrupt_image", str(error)) from None
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def location(self, index: int) -> str:
+        table_index, row, _ = self._rows[index]
+        return self.tables[table_index].location(row)
+
+    def media_bytes(self, index: int) -> tuple[bytes, bytes]:
+        """The stored bytes of pair ``index``: (chosen, rejected). Raises :class:`BadRowError` naming the row."""
+        table_index, row, swapped = self._rows[index]
+        table = self.tables[table_index]
+        columns = (self.config.image_0_column, self.config.image_1_column)
+        try:
+            first, second = (
+                _media_bytes(table.value(column, row), table.base_dir(row), column) for column in columns
+            )
+        except BadRowError as bad:
+            raise BadRowError(bad.reason, f"{table.location(row)}: {bad}") from None
+        return (second, first) if swapped else (first, second)
+
+    def load_media(self, index: int, decoder: MediaDecoder) -> tuple[Any, Any]:
+        """Pair ``index`` decoded: (chosen, rejected). Raises :class:`BadRowError` naming the row."""
+        chosen, rejected = self.media_bytes(index)
+        try:
+            return self._decode(decoder, chosen), self._decode(decoder, rejected)
+        except BadRowError as bad:
+            raise BadRowError(bad.reason, f"{self.location(index)}: {bad}") from None
+
+
+def load_preference_pairs(
+    config: DiffusionDataConfig, decoder: MediaDecoder | None = None
+) -> PreferencePairs:
+    """Load and validate ``config.source``; ``decoder`` verifies images (default: the config's image transforms)."""
+    return PreferencePairs(config, decoder or image_decoder(config))
+
+
+def image_decoder(config: DiffusionDataConfig) -> ImageDecoder:
+    return ImageDecoder(resolution=config.resolution, crop=config.crop, random_flip=config.random_flip)
+
+
+# --- datasets --------------------------------------------------------------------------------------------------
+
+
+def split_index(index: int, size: int) -> tuple[int, int]:
+    """Item ``index`` of a dataset of ``size`` pairs is pair ``index % size`` in epoch ``index // size``.
+
+    Reading the dataset with a running counter (``epoch * size + position``) gives each epoch fresh caption
+    dropout and flips while keeping every item a pure function of (seed, epoch, pair).
+    """
+    epoch, position = divmod(index, size)
+    return position, epoch
+
+
+class PreferencePairDataset(Dataset):
+    """Decoded pairs: ``{"caption", "chosen_pixels", "rejected_pixels", "label", "index"}`` plus each image's
+    ``original_size`` and ``crop_top_left`` (``chosen_original_size``, ...) for SDXL.
+
+    Pixels are float ``[3, H, W]`` in [-1, 1]. With probability ``caption_dropout`` the caption is ``""``. All
+    randomness of an item comes from (seed, epoch, pair index); see :func:`split_index` for the epoch.
+    """
+
+    def __init__(
+        self, pairs: PreferencePairs, decoder: MediaDecoder, *, caption_dropout: float = 0.0, seed: int = 0
+    ) -> None:
+        self.pairs = pairs
+        self.decoder = decoder
+        self.caption_dropout = caption_dropout
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index, epoch = split_index(index, len(self))
+        _, drop_caption, augmentation = draw_pair_randomness(
+            self.seed, epoch, index, self.caption_dropout, self.decoder
+        )
+        item: dict[str, Any] = {
+            "caption": "" if drop_caption else self.pairs.captions[index],
+            "label": self.pairs.labels[index],
+            "index": index,
+        }
+        for role, media in zip(("chosen", "rejected"), self.pairs.load_media(index, self.decoder)):
+            decoded = self.decoder.transform(media, augmentation)
+            item[f"{role}_{self.decoder.name}"] = decoded.values
+            item.update({f"{role}_{key}": value for key, value in decoded.conditioning.items()})
+        return item
+
+
+def collate_pairs(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Batch dataset items: tensors stacked, floats to float32 and ints or int tuples to int64 tensors, strings to
+    lists, nested dicts (prompt embeddings) collated the same way."""
+    batch: dict[str, Any] = {}
+    for key, first in items[0].items():
+        values = [item[key] for item in items]
+        if isinstance(first, Tensor):
+            batch[key] = torch.stack(values)
+        elif isinstance(first, dict):
+            batch[key] = collate_pairs(values)
+        elif isinstance(first, str):
+            batch[key] = values
+        elif isinstance(first, float):
+            batch[key] = torch.tensor(values, dtype=torch.float32)
+        elif isinstance(first, (int, tuple)):
+            batch[key] = torch.tensor(values, dtype=torch.int64)
+        else:
+            raise TypeError(f"collate_pairs: cannot batch {key!r} of type {type(first).__name__}")
+    return batch
+
+
+def build_pair_dataset(
+    config: DiffusionDataConfig,
+    *,
+    family: Any,
+    seed: int,
+    accelerator: Any | None = None,
+    decoder: MediaDecoder | None = None,
+) -> tuple[Dataset, Callable[[Sequence[dict[str, Any]]], dict[str, Any]], dict[str, int]]:
+    """The training dataset for ``config``, its collate function and the data statistics to log.
+
+    Without ``cache_dir`` items hold pixels (the trainer encodes them); with it, the cache is built (or completed)
+    first, on the main process while the others wait, and items hold sampled latents and prompt embeddings.
+    ``family`` provides ``vae``, ``encode_prompts`` and ``frozen_modules()``.
+    """
+    # cache.py builds on this module's pairs, so it is imported here rather than at the top.
+    from diffalign.diffusion.cache import CachedPairDataset, build_pair_cache, model_fingerprint
+
+    decoder = decoder or image_decoder(config)
+    pairs = load_preference_pairs(config, decoder)
+    if config.cache_dir is None:
+        dataset = PreferencePairDataset(pairs, decoder, caption_dropout=config.caption_dropout, seed=seed)
+        return dataset, collate_pairs, pairs.stats
+    text_encoders = [module for name, module in sorted(family.frozen_modules().items()) if name != "vae"]
+    text_encoder_id = f"{type(family).__name__}:{model_fingerprint(*text_encoders)}"
+
+    def build() -> Any:
+        return build_pair_cache(
+            pairs,
+            decoder,
+            config.cache_dir,
+            vae=family.vae,
+            encode_prompts=family.encode_prompts,
+            text_encoder_id=text_encoder_id,
+            batch_size=config.vae_encode_batch_size,
+            skip_bad_rows=config.skip_bad_rows,
+        )
+
+    if accelerator is None:
+        cache = build()
+    else:
+        with accelerator.main_process_first():
+            cache = build()
+    dataset = CachedPairDataset(cache, caption_dropout=config.caption_dropout, seed=seed)
+    return dataset, collate_pairs, {**pairs.stats, **cache.stats}
