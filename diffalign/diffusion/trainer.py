@@ -132,6 +132,8 @@ class DiffusionRecipe:
             prompt_embeds={name: value.to(dtype) for name, value in prompt_embeds.items()},
             label=label,
             extras=extras,
+            # Noise and timestep are a function of (run seed, sample id): see training/sampler.py.
+            noise_seeds=[self.config.run.seed * 2**32 + sample_id for sample_id in batch["sample_ids"]],
         )
 
     def training_step(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:

@@ -35,7 +35,7 @@ from diffalign.training.checkpoint import (
 )
 from diffalign.training.config import OptimConfig, RunConfig
 from diffalign.training.optim import build_lr_scheduler, build_optimizer
-from diffalign.training.sampler import ResumableBatchSampler
+from diffalign.training.sampler import ResumableBatchSampler, SampleIdDataset, collate_with_sample_ids
 
 logger = logging.getLogger("diffalign")
 
@@ -161,9 +161,9 @@ def run_training(
         start_batch=state.micro_step,
     )
     loader = DataLoader(
-        recipe.train_dataset,
+        SampleIdDataset(recipe.train_dataset),
         batch_sampler=sampler,
-        collate_fn=recipe.collate,
+        collate_fn=collate_with_sample_ids(recipe.collate),
         num_workers=run.dataloader_workers,
         pin_memory=run.pin_memory and accelerator.device.type == "cuda",
         # Its own generator: iter() would otherwise draw a worker seed from the global RNG, which a resumed run

@@ -1,16 +1,20 @@
-"""A resumable, shardable batch order.
+"""A resumable, shardable batch order, and the running sample ids that make per-sample randomness exact.
 
 The order of epoch ``e`` is a permutation drawn from ``seed + e`` alone, so a resumed run can jump to any batch
-without replaying data and without touching the global RNG (which drives the noise in a diffusion step and must
-match an uninterrupted run exactly). Each process takes every ``world_size``-th batch of the global order.
+without replaying data and without touching the global RNG. Each process takes its slice of every global batch.
+
+The sampler yields *sample ids* ``epoch · N + i`` rather than plain indices ``i``: an id names one visit of one
+item, so randomness derived from it (caption dropout, flips, diffusion noise and timesteps) is the same whether
+the item is seen in a resumed run, in an accumulation micro-batch or on another process.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
 
 
 class ResumableBatchSampler(Sampler[list[int]]):
@@ -47,15 +51,45 @@ class ResumableBatchSampler(Sampler[list[int]]):
         return torch.randperm(self.dataset_size, generator=generator)
 
     def __iter__(self) -> Iterator[list[int]]:
-        """Yields this process's batches forever (epoch after epoch), starting at ``start_batch``."""
+        """Yields this process's batches of sample ids forever (epoch after epoch), from ``start_batch``."""
         batch = self.start_batch
         while True:
             epoch, position = divmod(batch, self.batches_per_epoch)
             order = self.epoch_order(epoch)
             global_batch = self.batch_size * self.num_processes
             start = position * global_batch + self.process_index * self.batch_size
-            yield order[start : start + self.batch_size].tolist()
+            yield (order[start : start + self.batch_size] + epoch * self.dataset_size).tolist()
             batch += 1
 
     def __len__(self) -> int:
         return self.batches_per_epoch
+
+
+class SampleIdDataset(Dataset):
+    """Reads ``dataset`` by sample id and returns ``(sample_id, item)``.
+
+    A dataset whose items depend on the epoch sets ``reads_sample_ids = True`` and receives the id itself;
+    any other dataset receives the plain index ``id mod N``.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self.size = len(dataset)  # type: ignore[arg-type]
+        self.reads_sample_ids = getattr(dataset, "reads_sample_ids", False)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, sample_id: int) -> tuple[int, Any]:
+        return sample_id, self.dataset[sample_id if self.reads_sample_ids else sample_id % self.size]
+
+
+def collate_with_sample_ids(collate: Callable[[list[Any]], dict[str, Any]]) -> Callable[[list[Any]], dict[str, Any]]:
+    """Wrap a collate function so every batch also carries ``sample_ids`` (a list of ints, kept on the host)."""
+
+    def collate_batch(items: list[tuple[int, Any]]) -> dict[str, Any]:
+        batch = collate([item for _, item in items])
+        batch["sample_ids"] = [sample_id for sample_id, _ in items]
+        return batch
+
+    return collate_batch

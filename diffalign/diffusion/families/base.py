@@ -65,7 +65,9 @@ class DiffusionFamily(ABC):
 
     # --- noising and targets ------------------------------------------------------------------------------------
     @abstractmethod
-    def sample_timesteps(self, batch_size: int, device: torch.device) -> Tensor: ...
+    def sample_timesteps(
+        self, batch_size: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> Tensor: ...
 
     @abstractmethod
     def add_noise(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor: ...
@@ -107,8 +109,10 @@ class DDPMFamily(DiffusionFamily):
     def num_train_timesteps(self) -> int:
         return self.noise_scheduler.config.num_train_timesteps
 
-    def sample_timesteps(self, batch_size: int, device: torch.device) -> Tensor:
-        return torch.randint(0, self.num_train_timesteps, (batch_size,), device=device)
+    def sample_timesteps(
+        self, batch_size: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> Tensor:
+        return torch.randint(0, self.num_train_timesteps, (batch_size,), device=device, generator=generator)
 
     def add_noise(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         return self.noise_scheduler.add_noise(latents, noise, timesteps)

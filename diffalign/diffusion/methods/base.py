@@ -21,6 +21,8 @@ class LatentPairBatch:
     label: Tensor | None = None  # P(chosen ≻ rejected); None = hard labels
     # Per-sample extras the family may read (e.g. SDXL sizes), already laid out for [chosen; rejected].
     extras: dict[str, Any] | None = None
+    # One seed per pair for its noise and timestep; None draws them from the global RNG.
+    noise_seeds: list[int] | None = None
 
     @property
     def size(self) -> int:
@@ -48,3 +50,20 @@ def denoising_error(
 ) -> Tensor:
     prediction = family.predict(denoiser, noisy_latents, timesteps, inputs)
     return per_sample_mse(prediction, target)
+
+
+def pair_noise(family: DiffusionFamily, batch: LatentPairBatch) -> tuple[Tensor, Tensor]:
+    """Noise ``[B, ...]`` and timesteps ``[B]`` for a batch of pairs (both members of a pair share them).
+
+    With ``noise_seeds`` every pair draws from its own generator, so it gets the same noise and timestep in
+    whatever batch, accumulation micro-batch or process it lands: those runs then equal one large-batch run.
+    """
+    latents = batch.chosen_latents
+    if batch.noise_seeds is None:
+        return torch.randn_like(latents), family.sample_timesteps(batch.size, latents.device)
+    noises, timesteps = [], []
+    for seed in batch.noise_seeds:
+        generator = torch.Generator(latents.device).manual_seed(seed)
+        noises.append(torch.randn(latents.shape[1:], generator=generator, device=latents.device, dtype=latents.dtype))
+        timesteps.append(family.sample_timesteps(1, latents.device, generator=generator))
+    return torch.stack(noises), torch.cat(timesteps)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from diffalign.diffusion.families import DiffusionFamily
-from diffalign.diffusion.methods.base import LatentPairBatch, denoising_error
+from diffalign.diffusion.methods.base import LatentPairBatch, denoising_error, pair_noise
 from diffalign.diffusion.reference import ReferenceDenoiser
 from diffalign.losses import PairScores
 
@@ -54,9 +54,8 @@ class DiffusionDPO:
     def pair_scores(self, denoiser: nn.Module, batch: LatentPairBatch) -> tuple[PairScores, dict[str, Tensor]]:
         family = self.family
         latents = batch.both_latents()
-        noise = torch.randn_like(batch.chosen_latents)
-        noise = torch.cat([noise, noise])
-        timesteps = family.sample_timesteps(batch.size, latents.device).repeat(2)
+        noise, timesteps = pair_noise(family, batch)
+        noise, timesteps = torch.cat([noise, noise]), timesteps.repeat(2)
         noisy_latents = family.add_noise(latents, noise, timesteps)
         target = family.target(latents, noise, timesteps)
         inputs = family.denoiser_inputs(batch.both_prompt_embeds(), batch.extras or {})
