@@ -56,8 +56,8 @@ class DiffusionDataConfig:
     caption_dropout: float = 0.2  # probability of training on the empty prompt, as the official SD1.5 code
     drop_ties: bool = True
     skip_bad_rows: bool = False
-    # Decode every image once while loading, so that corrupt rows fail (or are skipped) before training. Turn it
-    # off for very large datasets: a bad image then raises when it is first read.
+    # Decode every image once while loading, so that corrupt rows fail (or are skipped) before training. With a
+    # cache_dir the cache build decodes every image anyway and takes this role. Off, a bad image raises when read.
     verify_media: bool = True
     max_pairs: int | None = None  # keep the first N valid pairs
     cache_dir: str | None = None  # VAE posteriors and text embeddings, built once and reused
@@ -325,6 +325,7 @@ class PreferencePairs:
         self._rows: list[tuple[int, int, bool]] = []  # (table, row, swapped)
         skipped: Counter[str] = Counter()
         rows_read = ties_dropped = 0
+        verify_media = config.verify_media and config.cache_dir is None
         for table_index, table in enumerate(self.tables):
             columns = [
                 config.caption_column,
@@ -352,7 +353,7 @@ class PreferencePairs:
                     if label_0 == 0.5 and config.drop_ties:
                         ties_dropped += 1
                         continue
-                    if config.verify_media:
+                    if verify_media:
                         for column in (config.image_0_column, config.image_1_column):
                             self._decode(
                                 decoder, _media_bytes(table.value(column, row), table.base_dir(row), column)

@@ -1,0 +1,367 @@
+"""A content-keyed disk cache of VAE posteriors and text embeddings for preference pairs.
+
+Encoding both images and the caption of every pair at every step costs more than the denoiser's forward on small
+models. The cache encodes each image and each caption once:
+
+* per image and per view a decoder can produce (plain and, with random flips, flipped), the VAE posterior's
+  ``mean`` and ``std``, not a sample, so latents stay stochastic: every read draws
+  ``latent = (mean + std·z − shift)·scaling_factor`` with ``z`` from the item's own generator;
+* per caption (and the empty caption, for caption dropout), whatever ``encode_prompts`` returns.
+
+Keys are content hashes: image bytes + the decoder's settings + the VAE's fingerprint (class, config, weights,
+dtype); caption text + the text encoders' identity. A changed dataset, VAE or transform therefore never reads a
+stale entry, and a build computes only the entries that are missing, so an interrupted build resumes.
+
+Layout: ``<cache_dir>/images/*.safetensors`` and ``<cache_dir>/texts/*.safetensors``. Each shard holds complete
+entries (tensors named ``<key>/<view>/mean``, ``<key>/prompt_embeds``, ...) and is written to a temporary file
+and renamed, so a crash never leaves half an entry. Stale entries are never read but never deleted either: remove
+the folder to reclaim space.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import uuid
+from collections import Counter
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from diffalign.diffusion.data import SKIP_HINT, BadRowError, PreferencePairs, split_index
+from diffalign.diffusion.transforms import CorruptMediaError, MediaDecoder, draw_pair_randomness
+
+logger = logging.getLogger(__name__)
+
+
+def _digest(*parts: str | bytes) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        data = part.encode() if isinstance(part, str) else part
+        # Length-prefixed, so that different splits of the same bytes into parts never collide.
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()[:32]
+
+
+def model_fingerprint(*models: nn.Module) -> str:
+    """A hash of each model's class, config (private ``_*`` keys aside) and every parameter and buffer."""
+    digest = hashlib.sha256()
+    for model in models:
+        digest.update(type(model).__name__.encode())
+        config = getattr(model, "config", None)
+        if config is not None:
+            settings = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+            public = {key: value for key, value in settings.items() if not key.startswith("_")}
+            digest.update(json.dumps(public, sort_keys=True, default=str).encode())
+        for name, tensor in sorted(model.state_dict().items()):
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:32]
+
+
+@torch.no_grad()
+def vae_posterior(vae: nn.Module, pixels: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and std (fp32) of a diffusers VAE's diagonal-Gaussian posterior for ``pixels`` in [-1, 1]."""
+    distribution = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    return distribution.mean.float(), distribution.std.float()
+
+
+def sample_latents(
+    mean: Tensor,
+    std: Tensor,
+    *,
+    scaling_factor: float,
+    shift_factor: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """``(mean + std·z − shift_factor)·scaling_factor`` with ``z ~ N(0, I)``: a scaled latent, as diffusers
+    pipelines scale VAE samples (the shift is 0 for SD1.5 and SDXL)."""
+    noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+    return (mean + std * noise - shift_factor) * scaling_factor
+
+
+class _ShardStore:
+    """Entries (each a dict of tensors) in the safetensors shards of one folder; an index maps key → shard."""
+
+    def __init__(self, folder: Path, shard_size: int) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        self.shard_size = shard_size
+        self.index: dict[str, Path] = {}
+        for path in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(path), framework="pt") as shard:
+                for name in shard.keys():  # noqa: SIM118 (a safetensors handle is not a dict)
+                    self.index[name.split("/", 1)[0]] = path
+        self._pending: dict[str, Tensor] = {}
+        self._pending_keys: set[str] = set()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.index or key in self._pending_keys
+
+    def add(self, key: str, tensors: dict[str, Tensor]) -> None:
+        for name, tensor in tensors.items():
+            # A clone: safetensors refuses tensors that share storage (rows of one batch do).
+            self._pending[f"{key}/{name}"] = tensor.detach().to("cpu").contiguous().clone()
+        self._pending_keys.add(key)
+        if len(self._pending_keys) >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending_keys:
+            return
+        path = self.folder / f"{uuid.uuid4().hex}.safetensors"
+        temporary = self.folder / f".{path.name}.tmp"
+        save_file(self._pending, str(temporary), metadata={"format": "pt"})
+        os.replace(temporary, path)
+        self.index.update(dict.fromkeys(self._pending_keys, path))
+        self._pending, self._pending_keys = {}, set()
+
+    def read(self, prefix: str) -> dict[str, Tensor]:
+        """The tensors named ``prefix...``, keyed by the rest of their name (``prefix`` starts with the key)."""
+        with safe_open(str(self.index[prefix.split("/", 1)[0]]), framework="pt") as shard:
+            names = [name for name in shard.keys() if name.startswith(prefix)]  # noqa: SIM118
+            return {name[len(prefix) :]: shard.get_tensor(name) for name in names}
+
+
+@dataclass
+class PairCache:
+    """A built cache over a :class:`PreferencePairs`: what :class:`CachedPairDataset` reads.
+
+    ``pair_indices`` lists the pairs whose entries are all present (pairs with unreadable images were skipped).
+    ``stats`` counts what the build did, for the trainer to log.
+    """
+
+    pairs: PreferencePairs
+    decoder: MediaDecoder
+    augmentations: list[Hashable]  # the cached views, in their on-disk order
+    image_keys: list[tuple[str, str] | None]  # per pair: (chosen, rejected) entry keys
+    pair_indices: list[int]
+    text_encoder_id: str
+    scaling_factor: float
+    shift_factor: float
+    images: _ShardStore
+    texts: _ShardStore
+    stats: dict[str, int]
+
+    def posterior(self, key: str, view: int) -> dict[str, Tensor]:
+        """``mean``, ``std`` and the conditioning tensors (``original_size``, ...) of one image view."""
+        return self.images.read(f"{key}/{view}/")
+
+    def prompt_embeds(self, caption: str) -> dict[str, Tensor]:
+        return self.texts.read(f"{caption_key(self.text_encoder_id, caption)}/")
+
+
+def caption_key(text_encoder_id: str, caption: str) -> str:
+    return _digest(text_encoder_id, caption)
+
+
+def build_pair_cache(
+    pairs: PreferencePairs,
+    decoder: MediaDecoder,
+    cache_dir: str | Path,
+    *,
+    vae: nn.Module,
+    encode_prompts: Callable[[list[str]], dict[str, Tensor]],
+    text_encoder_id: str,
+    batch_size: int = 8,
+    vae_dtype: torch.dtype = torch.float32,
+    skip_bad_rows: bool = False,
+    shard_size: int = 256,
+) -> PairCache:
+    """Encode every image of ``pairs`` (each cacheable view) and every caption not yet in ``cache_dir``.
+
+    The VAE runs on its device in micro-batches of ``batch_size`` images, in ``vae_dtype`` (restored afterwards).
+    fp32 by default: SDXL's VAE overflows in fp16 unless a fp16-safe VAE (e.g. madebyollin/sdxl-vae-fp16-fix)
+    is given; non-finite latents raise. ``encode_prompts`` maps captions to batch-first tensors;
+    ``text_encoder_id`` must change whenever its output would (e.g. :func:`model_fingerprint` of the encoders).
+    Images that cannot be read or decoded raise naming the row, or with ``skip_bad_rows`` their pairs are
+    counted and left out.
+    """
+    augmentations = decoder.cache_augmentations()
+    root = Path(cache_dir)
+    images = _ShardStore(root / "images", shard_size)
+    texts = _ShardStore(root / "texts", shard_size)
+    skipped: Counter[str] = Counter()
+    bad_keys: set[str] = set()
+    image_keys: list[tuple[str, str] | None] = []
+    pending: dict[str, tuple[bytes, int]] = {}  # key → (stored bytes, pair index) of images to encode
+    encoded = 0
+
+    def skip_or_raise(bad: BadRowError) -> None:
+        if not skip_bad_rows:
+            raise ValueError(f"{bad}. {SKIP_HINT}") from None
+        skipped[bad.reason] += 1
+
+    def encode_pending() -> None:
+        nonlocal encoded
+        keys, views = [], []
+        for key, (data, index) in pending.items():
+            try:
+                media = decoder.load(data)
+            except CorruptMediaError as error:
+                bad_keys.add(key)
+                if not skip_bad_rows:
+                    raise ValueError(f"{pairs.location(index)}: {error}. {SKIP_HINT}") from None
+                continue
+            keys.append(key)
+            views.extend(decoder.transform(media, augmentation) for augmentation in augmentations)
+        pending.clear()
+        if not views:
+            return
+        pixels = torch.stack([view.values for view in views])
+        posteriors = [vae_posterior(vae, chunk) for chunk in pixels.split(batch_size)]
+        means = torch.cat([mean for mean, _ in posteriors])
+        stds = torch.cat([std for _, std in posteriors])
+        if not (means.isfinite().all() and stds.isfinite().all()):
+            raise ValueError(
+                f"the VAE produced non-finite latents in {vae_dtype}; build the cache with vae_dtype=torch.float32, "
+                "or give a VAE that is safe in float16 (for SDXL: madebyollin/sdxl-vae-fp16-fix)"
+            )
+        for image_number, key in enumerate(keys):
+            entry = {}
+            for view_number in range(len(augmentations)):
+                row = image_number * len(augmentations) + view_number
+                entry[f"{view_number}/mean"] = means[row]
+                entry[f"{view_number}/std"] = stds[row]
+                for name, value in views[row].conditioning.items():
+                    entry[f"{view_number}/{name}"] = torch.tensor(value, dtype=torch.int64)
+            images.add(key, entry)
+        encoded += len(keys)
+
+    original_dtype = vae.dtype
+    if vae_dtype != original_dtype:
+        vae.to(dtype=vae_dtype)
+    try:
+        image_settings = json.dumps(
+            {"decoder": decoder.settings(), "vae": model_fingerprint(vae)}, sort_keys=True
+        )
+        for index in range(len(pairs)):
+            try:
+                media = pairs.media_bytes(index)
+            except BadRowError as bad:
+                skip_or_raise(bad)
+                image_keys.append(None)
+                continue
+            keys = (_digest(image_settings, media[0]), _digest(image_settings, media[1]))
+            image_keys.append(keys)
+            for key, data in zip(keys, media):
+                if key not in images and key not in bad_keys and key not in pending:
+                    pending[key] = (data, index)
+            if len(pending) >= batch_size:
+                encode_pending()
+        encode_pending()
+        images.flush()
+    finally:
+        if vae_dtype != original_dtype:
+            vae.to(dtype=original_dtype)
+
+    pair_indices = []
+    for index, keys in enumerate(image_keys):
+        if keys is None:
+            continue
+        if bad_keys.intersection(keys):
+            skipped["corrupt_image"] += 1
+        else:
+            pair_indices.append(index)
+
+    captions = list(dict.fromkeys(["", *(pairs.captions[index] for index in pair_indices)]))
+    missing = [caption for caption in captions if caption_key(text_encoder_id, caption) not in texts]
+    for start in range(0, len(missing), batch_size):
+        chunk = missing[start : start + batch_size]
+        with torch.no_grad():
+            embeddings = encode_prompts(chunk)
+        for name, value in embeddings.items():
+            if not isinstance(value, Tensor) or value.shape[:1] != (len(chunk),):
+                raise ValueError(
+                    f"encode_prompts returned {name!r} of shape {getattr(value, 'shape', type(value).__name__)} for "
+                    f"{len(chunk)} captions; it must return batch-first tensors"
+                )
+        for number, caption in enumerate(chunk):
+            texts.add(
+                caption_key(text_encoder_id, caption),
+                {name: value[number] for name, value in embeddings.items()},
+            )
+    texts.flush()
+
+    unique_keys = {key for keys in image_keys if keys is not None for key in keys}
+    stats = {
+        "cache_pairs": len(pair_indices),
+        "cache_images_encoded": encoded,
+        "cache_images_reused": len(unique_keys) - encoded - len(bad_keys),
+        "cache_captions_encoded": len(missing),
+        "cache_captions_reused": len(captions) - len(missing),
+        "cache_bad_rows_skipped": sum(skipped.values()),
+        **{f"cache_skipped_{reason}": count for reason, count in sorted(skipped.items())},
+    }
+    logger.info("latent cache %s: %s", root, stats)
+    if skipped:
+        logger.warning("latent cache %s: skipped %d pairs (%s)", root, sum(skipped.values()), dict(skipped))
+    if not pair_indices:
+        raise ValueError(f"latent cache {root}: no pair could be encoded ({stats})")
+    return PairCache(
+        pairs=pairs,
+        decoder=decoder,
+        augmentations=augmentations,
+        image_keys=image_keys,
+        pair_indices=pair_indices,
+        text_encoder_id=text_encoder_id,
+        scaling_factor=float(vae.config.scaling_factor),
+        shift_factor=float(getattr(vae.config, "shift_factor", None) or 0.0),
+        images=images,
+        texts=texts,
+        stats=stats,
+    )
+
+
+class CachedPairDataset(Dataset):
+    """Pairs read from a :class:`PairCache`: ``{"caption", "chosen_latents", "rejected_latents" (scaled),
+    "prompt_embeds": dict[str, Tensor], "label", "index"}`` plus each image's size conditioning.
+
+    Caption dropout, the flip (which cached view is read) and the latent noise all come from the pair's own
+    generator, drawn in the same order as :class:`~diffalign.diffusion.data.PreferencePairDataset` draws them.
+    """
+
+    def __init__(self, cache: PairCache, *, caption_dropout: float = 0.0, seed: int = 0) -> None:
+        self.cache = cache
+        self.caption_dropout = caption_dropout
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.cache.pair_indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        cache = self.cache
+        position, epoch = split_index(index, len(self))
+        pair = cache.pair_indices[position]
+        generator, drop_caption, augmentation = draw_pair_randomness(
+            self.seed, epoch, pair, self.caption_dropout, cache.decoder
+        )
+        view = cache.augmentations.index(augmentation)
+        caption = "" if drop_caption else cache.pairs.captions[pair]
+        item: dict[str, Any] = {
+            "caption": caption,
+            "label": cache.pairs.labels[pair],
+            "index": pair,
+            "prompt_embeds": cache.prompt_embeds(caption),
+        }
+        for role, key in zip(("chosen", "rejected"), cache.image_keys[pair]):
+            entry = cache.posterior(key, view)
+            item[f"{role}_latents"] = sample_latents(
+                entry.pop("mean"),
+                entry.pop("std"),
+                scaling_factor=cache.scaling_factor,
+                shift_factor=cache.shift_factor,
+                generator=generator,
+            )
+            item.update({f"{role}_{name}": tuple(value.tolist()) for name, value in entry.items()})
+        return item

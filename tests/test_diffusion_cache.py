@@ -1,0 +1,402 @@
+"""The latent and text-embedding cache: posterior round trip, stochastic latents, content keys, resumable builds."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from test_diffusion_data import image_bytes, make_config, pick_a_pic_columns, reference_pixels, write_parquet
+from torch import nn
+
+from diffalign.diffusion.cache import (
+    CachedPairDataset,
+    build_pair_cache,
+    model_fingerprint,
+    sample_latents,
+    vae_posterior,
+)
+from diffalign.diffusion.data import (
+    PreferencePairDataset,
+    build_pair_dataset,
+    collate_pairs,
+    image_decoder,
+    load_preference_pairs,
+)
+from diffalign.diffusion.transforms import ImageDecoder, draw_pair_randomness
+
+
+def tiny_vae(seed: int = 0, **overrides) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    settings = {
+        "down_block_types": ("DownEncoderBlock2D",) * 2,
+        "up_block_types": ("UpDecoderBlock2D",) * 2,
+        "block_out_channels": (8, 16),
+        "latent_channels": 4,
+        "norm_num_groups": 4,
+        "sample_size": 16,
+    }
+    return AutoencoderKL(**{**settings, **overrides}).eval()
+
+
+class FakeTextEncoder:
+    """``encode_prompts`` stand-in: embeddings spell the caption's characters; calls are recorded."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        self.calls.append(list(captions))
+        return {
+            name: torch.stack([self.expected(caption)[name] for caption in captions])
+            for name in ("hidden", "pooled")
+        }
+
+    @staticmethod
+    def expected(caption: str) -> dict[str, torch.Tensor]:
+        codes = torch.tensor([float(ord(char)) for char in caption.ljust(12)[:12]])
+        return {"hidden": codes.reshape(3, 4), "pooled": codes[:4] * 2}
+
+    @property
+    def encoded(self) -> list[str]:
+        return [caption for call in self.calls for caption in call]
+
+
+def pairs_and_decoder(source: Path, **overrides):
+    config = make_config(source, **overrides)
+    return load_preference_pairs(config), image_decoder(config)
+
+
+def build(pairs, decoder, cache_dir, vae, text_encoder=None, **options):
+    return build_pair_cache(
+        pairs,
+        decoder,
+        cache_dir,
+        vae=vae,
+        encode_prompts=text_encoder or FakeTextEncoder(),
+        text_encoder_id=options.pop("text_encoder_id", "fake-text-encoder"),
+        **options,
+    )
+
+
+@torch.no_grad()
+def direct_posterior(
+    vae: AutoencoderKL, data: bytes, flip: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    distribution = vae.encode(reference_pixels(data, flip=flip)[None]).latent_dist
+    return distribution.mean[0], distribution.std[0]
+
+
+@pytest.fixture
+def source(tmp_path) -> Path:
+    return write_parquet(tmp_path / "pairs.parquet", pick_a_pic_columns(5, labels=[1.0, 0.0, 1.0, 0.0, 1.0]))
+
+
+def test_cache_stores_the_vae_posterior_of_every_view(tmp_path, source):
+    pairs, decoder = pairs_and_decoder(source, random_flip=True)
+    vae = tiny_vae()
+    text_encoder = FakeTextEncoder()
+    cache = build(pairs, decoder, tmp_path / "cache", vae, text_encoder, batch_size=3)
+    assert cache.augmentations == decoder.cache_augmentations() and len(cache.augmentations) == 2
+    for index in range(len(pairs)):
+        for key, data in zip(cache.image_keys[index], pairs.media_bytes(index)):
+            for view, flip in enumerate((False, True)):
+                entry = cache.posterior(key, view)
+                mean, std = direct_posterior(vae, data, flip=flip)
+                assert entry["mean"].shape == (4, 8, 8)
+                torch.testing.assert_close(entry["mean"], mean, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(entry["std"], std, atol=1e-5, rtol=1e-5)
+                assert entry["original_size"].tolist() == [20, 30]
+                assert entry["crop_top_left"].tolist() == [0, 4]
+    assert sorted(text_encoder.encoded) == sorted(["", *pairs.captions])
+    for caption in ["", *pairs.captions]:
+        stored = cache.prompt_embeds(caption)
+        assert stored.keys() == {"hidden", "pooled"}
+        for name, value in FakeTextEncoder.expected(caption).items():
+            assert torch.equal(stored[name], value)
+    assert cache.stats == {
+        "cache_pairs": 5,
+        "cache_images_encoded": 10,
+        "cache_images_reused": 0,
+        "cache_captions_encoded": 6,
+        "cache_captions_reused": 0,
+        "cache_bad_rows_skipped": 0,
+    }
+
+
+def test_sample_latents_is_the_reparameterised_scaled_sample():
+    mean, std = torch.randn(4, 8, 8), torch.rand(4, 8, 8)
+    noise = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(11))
+    latents = sample_latents(mean, std, scaling_factor=0.18215, generator=torch.Generator().manual_seed(11))
+    torch.testing.assert_close(latents, (mean + std * noise) * 0.18215, atol=0, rtol=0)
+    shifted = sample_latents(
+        mean, std, scaling_factor=1.5, shift_factor=0.25, generator=torch.Generator().manual_seed(11)
+    )
+    torch.testing.assert_close(shifted, (mean + std * noise - 0.25) * 1.5, atol=1e-6, rtol=0)
+
+
+def test_cached_items_sample_latents_from_the_pair_generator(tmp_path, source):
+    pairs, decoder = pairs_and_decoder(source, random_flip=True)
+    vae = tiny_vae()
+    cache = build(pairs, decoder, tmp_path / "cache", vae)
+    dataset = CachedPairDataset(cache, caption_dropout=0.4, seed=1)  # a seed whose 5 pairs have both flips
+    flips = set()
+    for index in range(len(dataset)):
+        item = dataset[index]
+        generator, drop_caption, augmentation = draw_pair_randomness(1, 0, index, 0.4, decoder)
+        flips.add(augmentation.flip)
+        caption = "" if drop_caption else pairs.captions[index]
+        assert item["caption"] == caption and item["index"] == index and item["label"] == 1.0
+        for name, value in FakeTextEncoder.expected(caption).items():
+            assert torch.equal(item["prompt_embeds"][name], value)
+        for role, data in zip(("chosen", "rejected"), pairs.media_bytes(index)):
+            mean, std = direct_posterior(vae, data, flip=augmentation.flip)
+            noise = torch.randn(mean.shape, generator=generator)
+            expected = (mean + std * noise) * vae.config.scaling_factor
+            torch.testing.assert_close(item[f"{role}_latents"], expected, atol=1e-5, rtol=1e-5)
+            assert item[f"{role}_original_size"] == (20, 30)
+    assert flips == {False, True}
+
+
+def test_cached_and_decoded_datasets_draw_the_same_dropout_and_flips(tmp_path):
+    source = write_parquet(tmp_path / "p.parquet", pick_a_pic_columns(12))
+    pairs, decoder = pairs_and_decoder(source, random_flip=True)
+    vae = tiny_vae()
+    cached = CachedPairDataset(build(pairs, decoder, tmp_path / "cache", vae), caption_dropout=0.5, seed=9)
+    decoded = PreferencePairDataset(pairs, decoder, caption_dropout=0.5, seed=9)
+    for index in (0, 3, 7, 11, 12 + 3):  # the last one is in the second epoch
+        pixels_item, latents_item = decoded[index], cached[index]
+        assert pixels_item["caption"] == latents_item["caption"]
+        generator, _, _ = draw_pair_randomness(9, index // 12, index % 12, 0.5, decoder)
+        for role in ("chosen", "rejected"):
+            mean, std = vae_posterior(vae, pixels_item[f"{role}_pixels"][None])
+            expected = sample_latents(
+                mean[0], std[0], scaling_factor=vae.config.scaling_factor, generator=generator
+            )
+            torch.testing.assert_close(latents_item[f"{role}_latents"], expected, atol=1e-5, rtol=1e-5)
+            assert latents_item[f"{role}_crop_top_left"] == pixels_item[f"{role}_crop_top_left"]
+    batch = collate_pairs([cached[0], cached[1]])
+    assert batch["chosen_latents"].shape == (2, 4, 8, 8)
+    assert batch["prompt_embeds"]["hidden"].shape == (2, 3, 4)
+    assert batch["chosen_original_size"].tolist() == [[20, 30], [20, 30]]
+
+
+# --- content keys ------------------------------------------------------------------------------------------------
+
+
+def test_rebuilding_reuses_every_entry(tmp_path, source):
+    pairs, decoder = pairs_and_decoder(source)
+    vae = tiny_vae()
+    first = build(pairs, decoder, tmp_path / "cache", vae)
+    text_encoder = FakeTextEncoder()
+    again = build(pairs, decoder, tmp_path / "cache", vae, text_encoder)
+    assert again.stats["cache_images_encoded"] == 0 and again.stats["cache_images_reused"] == 10
+    assert again.stats["cache_captions_encoded"] == 0 and text_encoder.calls == []
+    assert again.image_keys == first.image_keys
+
+
+def test_a_changed_image_is_encoded_again_and_nothing_else(tmp_path):
+    columns = pick_a_pic_columns(4)
+    vae = tiny_vae()
+    build(*pairs_and_decoder(write_parquet(tmp_path / "a.parquet", columns)), tmp_path / "cache", vae)
+    columns["jpg_1"][2] = image_bytes(77)
+    pairs, decoder = pairs_and_decoder(write_parquet(tmp_path / "b.parquet", columns))
+    cache = build(pairs, decoder, tmp_path / "cache", vae)
+    assert cache.stats["cache_images_encoded"] == 1 and cache.stats["cache_images_reused"] == 7
+    mean, std = direct_posterior(vae, image_bytes(77))
+    entry = cache.posterior(
+        cache.image_keys[2][1], 0
+    )  # pair 2 has label 1: its second image is the rejected one
+    torch.testing.assert_close(entry["mean"], mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entry["std"], std, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["vae_config", "vae_weights", "vae_dtype", "resolution", "random_flip"],
+)
+def test_a_changed_vae_or_transform_never_reads_stale_entries(tmp_path, source, change):
+    pairs, decoder = pairs_and_decoder(source, random_flip=False)
+    vae = tiny_vae()
+    original = build(pairs, decoder, tmp_path / "cache", vae)
+    options = {}
+    if change == "vae_config":
+        vae = tiny_vae(scaling_factor=0.5)
+    elif change == "vae_weights":
+        with torch.no_grad():
+            vae.encoder.conv_in.weight[0, 0, 0, 0] += 0.1
+    elif change == "vae_dtype":
+        options["vae_dtype"] = torch.float64
+    elif change == "resolution":
+        decoder = ImageDecoder(resolution=8, random_flip=False)
+    else:
+        decoder = ImageDecoder(resolution=16, random_flip=True)
+    cache = build(pairs, decoder, tmp_path / "cache", vae, **options)
+    assert cache.stats["cache_images_encoded"] == 10 and cache.stats["cache_images_reused"] == 0
+    old_keys = {key for keys in original.image_keys for key in keys}
+    assert not old_keys.intersection(key for keys in cache.image_keys for key in keys)
+
+    view = len(cache.augmentations) - 1  # the flipped view when there is one
+    pixels = decoder.transform(decoder.load(pairs.media_bytes(0)[0]), cache.augmentations[view]).values
+    encoding_vae = copy.deepcopy(vae).to(options.get("vae_dtype", torch.float32))
+    mean, _ = vae_posterior(encoding_vae, pixels[None])
+    torch.testing.assert_close(
+        cache.posterior(cache.image_keys[0][0], view)["mean"], mean[0], atol=1e-5, rtol=1e-5
+    )
+    assert cache.scaling_factor == vae.config.scaling_factor
+
+
+def test_a_changed_text_encoder_encodes_every_caption_again(tmp_path, source):
+    pairs, decoder = pairs_and_decoder(source)
+    vae = tiny_vae()
+    build(pairs, decoder, tmp_path / "cache", vae, text_encoder_id="encoder-a")
+    text_encoder = FakeTextEncoder()
+    cache = build(pairs, decoder, tmp_path / "cache", vae, text_encoder, text_encoder_id="encoder-b")
+    assert sorted(text_encoder.encoded) == sorted(["", *pairs.captions])
+    assert cache.stats["cache_images_reused"] == 10
+
+
+def test_images_shared_by_pairs_are_encoded_once(tmp_path):
+    columns = pick_a_pic_columns(4)
+    columns["jpg_0"] = [image_bytes(5)] * 4
+    pairs, decoder = pairs_and_decoder(write_parquet(tmp_path / "p.parquet", columns))
+    cache = build(pairs, decoder, tmp_path / "cache", tiny_vae())
+    assert cache.stats["cache_images_encoded"] == 5
+    # Labels alternate 1, 0, ...: the shared first image is chosen in even pairs and rejected in odd ones.
+    assert len({keys[index % 2] for index, keys in enumerate(cache.image_keys)}) == 1
+
+
+def test_model_fingerprint_tracks_class_config_weights_and_dtype():
+    assert model_fingerprint(tiny_vae(seed=0)) == model_fingerprint(tiny_vae(seed=0))
+    assert model_fingerprint(tiny_vae(seed=0)) != model_fingerprint(tiny_vae(seed=1))
+    assert model_fingerprint(tiny_vae()) != model_fingerprint(tiny_vae(scaling_factor=0.3))
+    assert model_fingerprint(tiny_vae()) != model_fingerprint(tiny_vae().to(torch.bfloat16))
+    assert model_fingerprint(nn.Linear(2, 2), nn.Linear(2, 2)) != model_fingerprint(nn.Linear(2, 2))
+
+
+# --- resumable builds ----------------------------------------------------------------------------------------------
+
+
+def test_an_interrupted_build_resumes_without_recomputing(tmp_path):
+    pairs, decoder = pairs_and_decoder(
+        write_parquet(tmp_path / "p.parquet", pick_a_pic_columns(6)), random_flip=False
+    )
+    vae = tiny_vae()
+    encode = vae.encode
+    calls = []
+
+    def encode_then_crash(pixels):
+        calls.append(len(pixels))
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return encode(pixels)
+
+    vae.encode = encode_then_crash
+    with pytest.raises(KeyboardInterrupt):
+        build(pairs, decoder, tmp_path / "cache", vae, batch_size=2, shard_size=2)
+    assert calls == [2, 2, 2, 2]
+    (tmp_path / "cache" / "images" / ".leftover.safetensors.tmp").write_bytes(b"half a shard")
+    del vae.encode
+
+    text_encoder = FakeTextEncoder()
+    resumed = build(pairs, decoder, tmp_path / "cache", vae, text_encoder, batch_size=2, shard_size=2)
+    assert resumed.stats["cache_images_encoded"] == 12 - 6
+    assert resumed.stats["cache_images_reused"] == 6
+    assert sorted(text_encoder.encoded) == sorted(["", *pairs.captions])  # the crash came before any caption
+    fresh = build(pairs, decoder, tmp_path / "fresh", vae)
+    for keys in resumed.image_keys:
+        for key in keys:
+            assert torch.equal(resumed.posterior(key, 0)["mean"], fresh.posterior(key, 0)["mean"])
+    assert len(list((tmp_path / "cache" / "images").glob("*.safetensors"))) == 6
+
+
+# --- bad input -----------------------------------------------------------------------------------------------------
+
+
+def test_random_crops_cannot_be_cached(tmp_path, source):
+    pairs, _ = pairs_and_decoder(source)
+    with pytest.raises(ValueError, match=r"data\.crop: 'random' cannot be cached.*data\.crop: center"):
+        build(pairs, ImageDecoder(resolution=16, crop="random"), tmp_path / "cache", tiny_vae())
+
+
+def test_a_corrupt_image_found_while_building_names_its_row_or_is_skipped(tmp_path):
+    columns = pick_a_pic_columns(5)
+    columns["jpg_1"][2] = b"not an image"
+    pairs, decoder = pairs_and_decoder(write_parquet(tmp_path / "p.parquet", columns), verify_media=False)
+    with pytest.raises(ValueError, match=r"p\.parquet, row 2: cannot decode the image.*skip_bad_rows: true"):
+        build(pairs, decoder, tmp_path / "cache", tiny_vae())
+    cache = build(pairs, decoder, tmp_path / "cache", tiny_vae(), skip_bad_rows=True)
+    assert cache.pair_indices == [0, 1, 3, 4]
+    assert cache.stats["cache_skipped_corrupt_image"] == 1 and cache.stats["cache_bad_rows_skipped"] == 1
+    dataset = CachedPairDataset(cache)
+    assert len(dataset) == 4 and [dataset[i]["index"] for i in range(4)] == [0, 1, 3, 4]
+
+
+def test_an_image_file_gone_before_the_build_names_its_row(tmp_path):
+    (tmp_path / "img").mkdir()
+    rows = []
+    for i in range(3):
+        for side in "ab":
+            (tmp_path / "img" / f"{i}{side}.png").write_bytes(image_bytes(10 * i + (side == "b")))
+        rows.append({"caption": f"c{i}", "jpg_0": f"img/{i}a.png", "jpg_1": f"img/{i}b.png", "label_0": 0})
+    (tmp_path / "index.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    pairs, decoder = pairs_and_decoder(tmp_path / "index.jsonl")
+    (tmp_path / "img" / "1a.png").unlink()
+    with pytest.raises(ValueError, match=r"index\.jsonl, row 1 \(line 2\): the image file .*1a\.png"):
+        build(pairs, decoder, tmp_path / "cache", tiny_vae())
+    cache = build(pairs, decoder, tmp_path / "cache", tiny_vae(), skip_bad_rows=True)
+    assert cache.pair_indices == [0, 2] and cache.stats["cache_skipped_missing_image"] == 1
+
+
+def test_non_finite_latents_raise_with_the_fix(tmp_path, source):
+    pairs, decoder = pairs_and_decoder(source)
+    vae = tiny_vae()
+    with torch.no_grad():
+        vae.encoder.conv_in.bias[0] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite latents in torch\.float32.*fp16-fix"):
+        build(pairs, decoder, tmp_path / "cache", vae)
+
+
+def test_the_vae_is_returned_in_its_own_dtype(tmp_path, source):
+    pairs, decoder = pairs_and_decoder(source)
+    vae = tiny_vae().to(torch.bfloat16)
+    build(pairs, decoder, tmp_path / "cache", vae)  # encodes in fp32 by default
+    assert vae.dtype == torch.bfloat16
+
+
+def test_bad_encode_prompts_output_is_reported(tmp_path, source):
+    pairs, decoder = pairs_and_decoder(source)
+    with pytest.raises(ValueError, match=r"encode_prompts returned 'hidden' of shape .* batch-first"):
+        build_pair_cache(
+            pairs,
+            decoder,
+            tmp_path / "cache",
+            vae=tiny_vae(),
+            encode_prompts=lambda captions: {"hidden": torch.zeros(3, 4)},
+            text_encoder_id="broken",
+        )
+
+
+# --- the trainer's entry point -------------------------------------------------------------------------------------
+
+
+def test_build_pair_dataset_with_a_cache_dir(tmp_path, source):
+    vae = tiny_vae()
+    text_encoder = FakeTextEncoder()
+    family = SimpleNamespace(
+        vae=vae,
+        encode_prompts=text_encoder,
+        frozen_modules=lambda: {"vae": vae, "text_encoder": nn.Linear(3, 3)},
+    )
+    config = make_config(source, cache_dir=str(tmp_path / "cache"))
+    dataset, collate, stats = build_pair_dataset(config, family=family, seed=0)
+    assert isinstance(dataset, CachedPairDataset) and len(dataset) == 5
+    assert stats["pairs"] == 5 and stats["cache_images_encoded"] == 10
+    batch = collate([dataset[0], dataset[1]])
+    assert batch["chosen_latents"].shape == (2, 4, 8, 8) and batch["prompt_embeds"]["pooled"].shape == (2, 4)
+    _, _, stats = build_pair_dataset(config, family=family, seed=0)
+    assert stats["cache_images_encoded"] == 0 and stats["cache_images_reused"] == 10
