@@ -331,6 +331,9 @@ class CachedPairDataset(Dataset):
     generator, drawn in the same order as :class:`~diffalign.diffusion.data.PreferencePairDataset` draws them.
     """
 
+    # The training loop passes running sample ids (epoch · N + index), not plain indices.
+    reads_sample_ids = True
+
     def __init__(self, cache: PairCache, *, caption_dropout: float = 0.0, seed: int = 0) -> None:
         self.cache = cache
         self.caption_dropout = caption_dropout

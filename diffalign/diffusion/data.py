@@ -451,6 +451,9 @@ class PreferencePairDataset(Dataset):
     randomness of an item comes from (seed, epoch, pair index); see :func:`split_index` for the epoch.
     """
 
+    # The training loop passes running sample ids (epoch · N + index), not plain indices.
+    reads_sample_ids = True
+
     def __init__(
         self, pairs: PreferencePairs, decoder: MediaDecoder, *, caption_dropout: float = 0.0, seed: int = 0
     ) -> None:
