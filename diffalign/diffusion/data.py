@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -179,12 +180,13 @@ def _source_files(config: DiffusionDataConfig) -> list[Path]:
             raise ValueError(f"data.source: no file matches the pattern {source!r}")
     elif Path(source).is_dir():
         files = sorted(path for path in Path(source).rglob("*") if path.suffix in TABLE_SUFFIXES)
+        split = config.split
         in_split = [
             path
             for path in files
-            if path.name.startswith(f"{config.split}-")
-            or path.stem == config.split
-            or config.split in path.parts
+            if path.name.startswith(f"{split}-")
+            or path.stem == split
+            or split in path.relative_to(source).parts
         ]
         files = in_split or files
         if not files:
@@ -238,8 +240,7 @@ def _load_tables(config: DiffusionDataConfig) -> list[_Table]:
         return [_ArrowTable(pa.concat_tables(tables, promote_options="default"), segments)]
     # Parquet is converted once to a memory-mapped arrow cache by `datasets`, so rows are read without loading
     # whole files into memory; the parquet footers give each file's row count for error messages.
-    import datasets
-    import pyarrow.parquet as pq
+    import datasets  # here, not at the top: it takes seconds to import, and every config load imports this module
 
     counts = [pq.ParquetFile(path).metadata.num_rows for path in files]
     dataset = datasets.Dataset.from_parquet([str(path) for path in files])
@@ -264,6 +265,17 @@ def _load_hub_table(dataset_id: str, split: str) -> _ArrowTable:
 
 
 # --- row validation --------------------------------------------------------------------------------------------
+
+
+def _check_columns(table: _Table, config: DiffusionDataConfig) -> None:
+    columns = [config.caption_column, config.image_0_column, config.image_1_column, config.label_0_column]
+    for column in columns:
+        if column is not None and column not in table.column_names:
+            raise ValueError(
+                f"{table.name}: column {column!r} not found (every row); the data has columns {table.column_names}. "
+                "Set data.caption_column, data.image_0_column, data.image_1_column and data.label_0_column to the "
+                "columns that hold the caption, the two images and the first image's preference"
+            )
 
 
 def _check_caption(value: Any, column: str) -> str:
@@ -327,20 +339,7 @@ class PreferencePairs:
         rows_read = ties_dropped = 0
         verify_media = config.verify_media and config.cache_dir is None
         for table_index, table in enumerate(self.tables):
-            columns = [
-                config.caption_column,
-                config.image_0_column,
-                config.image_1_column,
-                config.label_0_column,
-            ]
-            for column in columns:
-                if column is not None and column not in table.column_names:
-                    raise ValueError(
-                        f"{table.name}: column {column!r} not found (every row); the data has columns "
-                        f"{table.column_names}. Set data.caption_column, data.image_0_column, data.image_1_column and "
-                        "data.label_0_column to the columns that hold the caption, the two images and the first "
-                        "image's preference"
-                    )
+            _check_columns(table, config)
             captions = table.values(config.caption_column)
             labels = table.values(config.label_0_column) if config.label_0_column else None
             for row in range(table.num_rows):
@@ -355,9 +354,8 @@ class PreferencePairs:
                         continue
                     if verify_media:
                         for column in (config.image_0_column, config.image_1_column):
-                            self._decode(
-                                decoder, _media_bytes(table.value(column, row), table.base_dir(row), column)
-                            )
+                            data = _media_bytes(table.value(column, row), table.base_dir(row), column)
+                            self._decode(decoder, data)
                 except BadRowError as bad:
                     if not config.skip_bad_rows:
                         raise ValueError(f"{table.location(row)}: {bad}. {SKIP_HINT}") from None

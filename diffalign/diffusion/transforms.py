@@ -26,8 +26,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 
 
 class CorruptMediaError(ValueError):
@@ -71,10 +69,11 @@ class ImageAugmentation:
 class ImageDecoder:
     """The Diffusion-DPO training transforms (Wallace et al., 2023, github.com/SalesforceAIResearch/DiffusionDPO).
 
-    Resize the shorter side to ``resolution`` (bilinear, antialiased), crop a ``resolution``² square (centre, or
-    random with ``crop="random"``), optionally flip horizontally, and normalise to [-1, 1] as
-    ``Normalize([0.5], [0.5])`` does. Unlike the official code, which flips each image of a pair on its own,
-    the flip and the crop position are drawn once per pair.
+    Resize the shorter side to ``resolution`` (PIL bilinear, as torchvision's ``Resize`` does on PIL images),
+    crop a ``resolution``² square (centre, or random with ``crop="random"``), optionally flip horizontally, and
+    normalise to [-1, 1] as ``Normalize([0.5], [0.5])`` does; the pixels equal the official torchvision pipeline's.
+    Unlike the official code, which flips each image of a pair on its own, the flip and the crop position are
+    drawn once per pair.
 
     SDXL conditions on the original size and the crop's top-left corner (Podell et al., 2023); the corner is
     given in the frame of the final (possibly flipped) image, as the diffusers SDXL training example does.
@@ -123,18 +122,22 @@ class ImageDecoder:
     def transform(self, media: Image.Image, augmentation: ImageAugmentation) -> DecodedMedia:
         size = self.resolution
         original_size = (media.height, media.width)
-        image = TF.resize(media, [size], interpolation=InterpolationMode.BILINEAR, antialias=True)
-        height, width = image.height, image.width
+        # torchvision's Resize(size) on a PIL image: the shorter side to `size`, the longer one truncated.
+        if media.height <= media.width:
+            height, width = size, int(size * media.width / media.height)
+        else:
+            height, width = int(size * media.height / media.width), size
+        image = media.resize((width, height), Image.BILINEAR)
         if augmentation.crop_position is None:
             top, left = round((height - size) / 2), round((width - size) / 2)
         else:
             top = int(augmentation.crop_position[0] * (height - size + 1))
             left = int(augmentation.crop_position[1] * (width - size + 1))
-        image = TF.crop(image, top, left, size, size)
+        image = image.crop((left, top, left + size, top + size))
         if augmentation.flip:
-            image = TF.horizontal_flip(image)
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             left = width - left - size
-        pixels = TF.pil_to_tensor(image).float() / 255
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 255
         return DecodedMedia(
             values=(pixels - 0.5) / 0.5,
             conditioning={"original_size": original_size, "crop_top_left": (top, left)},
