@@ -110,12 +110,16 @@ class DiffusionRecipe:
     def latent_batch(self, batch: dict[str, Any]) -> LatentPairBatch:
         """Latents and prompt embeddings for a batch: read from the cache, or encoded now."""
         family = self.family
+        # Every random draw of a pair is a function of (run seed, sample id): see training/sampler.py.
+        noise_seeds = [self.config.run.seed * 2**32 + sample_id for sample_id in batch["sample_ids"]]
         if "chosen_latents" in batch:
             chosen, rejected, prompt_embeds = batch["chosen_latents"], batch["rejected_latents"], batch["prompt_embeds"]
         else:
             with torch.no_grad():
                 both = torch.cat([batch["chosen_pixels"], batch["rejected_pixels"]])
-                latents = family.encode(both).sample() * family.latent_scale
+                # Posterior samples draw from their own streams (odd seeds), apart from the diffusion noise.
+                posterior_seeds = [2 * seed + 1 for seed in noise_seeds] + [2 * seed + 2 for seed in noise_seeds]
+                latents = family.encode(both).sample(posterior_seeds) * family.latent_scale
                 chosen, rejected = latents.chunk(2)
                 prompt_embeds = family.encode_prompts(batch["caption"])
         # SDXL size conditioning, laid out like the latents: [chosen; rejected].
@@ -132,8 +136,7 @@ class DiffusionRecipe:
             prompt_embeds={name: value.to(dtype) for name, value in prompt_embeds.items()},
             label=label,
             extras=extras,
-            # Noise and timestep are a function of (run seed, sample id): see training/sampler.py.
-            noise_seeds=[self.config.run.seed * 2**32 + sample_id for sample_id in batch["sample_ids"]],
+            noise_seeds=noise_seeds,
         )
 
     def training_step(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:

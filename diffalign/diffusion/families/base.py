@@ -23,8 +23,22 @@ class Posterior:
     mean: Tensor
     std: Tensor
 
-    def sample(self, generator: torch.Generator | None = None) -> Tensor:
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+    def sample(self, seeds: list[int] | None = None) -> Tensor:
+        """A latent per sample; with ``seeds`` sample i draws from a generator seeded ``seeds[i]``."""
+        if seeds is None:
+            noise = torch.randn_like(self.mean)
+        else:
+            noise = torch.stack(
+                [
+                    torch.randn(
+                        self.mean.shape[1:],
+                        generator=torch.Generator(self.mean.device).manual_seed(seed),
+                        device=self.mean.device,
+                        dtype=self.mean.dtype,
+                    )
+                    for seed in seeds
+                ]
+            )
         return self.mean + self.std * noise
 
 
@@ -75,7 +89,9 @@ class DiffusionFamily(ABC):
     @abstractmethod
     def target(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor: ...
 
-    def predict(self, denoiser: nn.Module, noisy_latents: Tensor, timesteps: Tensor, inputs: dict[str, Any]) -> Tensor:
+    def predict(
+        self, denoiser: nn.Module, noisy_latents: Tensor, timesteps: Tensor, inputs: dict[str, Any]
+    ) -> Tensor:
         return denoiser(noisy_latents, timesteps, **inputs).sample
 
     @abstractmethod
