@@ -357,7 +357,10 @@ def test_non_finite_latents_raise_with_the_fix(tmp_path, source):
     vae = tiny_vae()
     with torch.no_grad():
         vae.encoder.conv_in.bias[0] = float("nan")
-    with pytest.raises(ValueError, match=r"non-finite latents in torch\.float32.*fp16-fix"):
+    with pytest.raises(
+        ValueError,
+        match=r"pairs\.parquet, row 0: the VAE produced non-finite latents in torch\.float32.*fp16-fix",
+    ):
         build(pairs, decoder, tmp_path / "cache", vae)
 
 

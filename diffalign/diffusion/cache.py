@@ -165,6 +165,29 @@ def caption_key(text_encoder_id: str, caption: str) -> str:
     return _digest(text_encoder_id, caption)
 
 
+def _encode_captions(
+    captions: list[str],
+    texts: _ShardStore,
+    encode_prompts: Callable[[list[str]], dict[str, Tensor]],
+    text_encoder_id: str,
+    batch_size: int,
+) -> None:
+    for start in range(0, len(captions), batch_size):
+        chunk = captions[start : start + batch_size]
+        with torch.no_grad():
+            embeddings = encode_prompts(chunk)
+        for name, value in embeddings.items():
+            if not isinstance(value, Tensor) or value.shape[:1] != (len(chunk),):
+                raise ValueError(
+                    f"encode_prompts returned {name!r} of shape {getattr(value, 'shape', type(value).__name__)} for "
+                    f"{len(chunk)} captions; it must return batch-first tensors"
+                )
+        for number, caption in enumerate(chunk):
+            entry = {name: value[number] for name, value in embeddings.items()}
+            texts.add(caption_key(text_encoder_id, caption), entry)
+    texts.flush()
+
+
 def build_pair_cache(
     pairs: PreferencePairs,
     decoder: MediaDecoder,
@@ -204,7 +227,7 @@ def build_pair_cache(
 
     def encode_pending() -> None:
         nonlocal encoded
-        keys, views = [], []
+        keys, indices, views = [], [], []
         for key, (data, index) in pending.items():
             try:
                 media = decoder.load(data)
@@ -214,26 +237,29 @@ def build_pair_cache(
                     raise ValueError(f"{pairs.location(index)}: {error}. {SKIP_HINT}") from None
                 continue
             keys.append(key)
+            indices.append(index)
             views.extend(decoder.transform(media, augmentation) for augmentation in augmentations)
         pending.clear()
         if not views:
             return
         pixels = torch.stack([view.values for view in views])
         posteriors = [vae_posterior(vae, chunk) for chunk in pixels.split(batch_size)]
-        means = torch.cat([mean for mean, _ in posteriors])
-        stds = torch.cat([std for _, std in posteriors])
-        if not (means.isfinite().all() and stds.isfinite().all()):
+        means = torch.cat([mean for mean, _ in posteriors]).unflatten(0, (len(keys), len(augmentations)))
+        stds = torch.cat([std for _, std in posteriors]).unflatten(0, (len(keys), len(augmentations)))
+        finite = (means.isfinite() & stds.isfinite()).flatten(1).all(dim=1)
+        if not finite.all():
             raise ValueError(
-                f"the VAE produced non-finite latents in {vae_dtype}; build the cache with vae_dtype=torch.float32, "
-                "or give a VAE that is safe in float16 (for SDXL: madebyollin/sdxl-vae-fp16-fix)"
+                f"{pairs.location(indices[int((~finite).nonzero()[0])])}: the VAE produced non-finite latents in "
+                f"{vae_dtype}; build the cache with vae_dtype=torch.float32, or give a VAE that is safe in float16 "
+                "(for SDXL: madebyollin/sdxl-vae-fp16-fix)"
             )
         for image_number, key in enumerate(keys):
             entry = {}
             for view_number in range(len(augmentations)):
-                row = image_number * len(augmentations) + view_number
-                entry[f"{view_number}/mean"] = means[row]
-                entry[f"{view_number}/std"] = stds[row]
-                for name, value in views[row].conditioning.items():
+                entry[f"{view_number}/mean"] = means[image_number, view_number]
+                entry[f"{view_number}/std"] = stds[image_number, view_number]
+                conditioning = views[image_number * len(augmentations) + view_number].conditioning
+                for name, value in conditioning.items():
                     entry[f"{view_number}/{name}"] = torch.tensor(value, dtype=torch.int64)
             images.add(key, entry)
         encoded += len(keys)
@@ -276,22 +302,7 @@ def build_pair_cache(
 
     captions = list(dict.fromkeys(["", *(pairs.captions[index] for index in pair_indices)]))
     missing = [caption for caption in captions if caption_key(text_encoder_id, caption) not in texts]
-    for start in range(0, len(missing), batch_size):
-        chunk = missing[start : start + batch_size]
-        with torch.no_grad():
-            embeddings = encode_prompts(chunk)
-        for name, value in embeddings.items():
-            if not isinstance(value, Tensor) or value.shape[:1] != (len(chunk),):
-                raise ValueError(
-                    f"encode_prompts returned {name!r} of shape {getattr(value, 'shape', type(value).__name__)} for "
-                    f"{len(chunk)} captions; it must return batch-first tensors"
-                )
-        for number, caption in enumerate(chunk):
-            texts.add(
-                caption_key(text_encoder_id, caption),
-                {name: value[number] for name, value in embeddings.items()},
-            )
-    texts.flush()
+    _encode_captions(missing, texts, encode_prompts, text_encoder_id, batch_size)
 
     unique_keys = {key for keys in image_keys if keys is not None for key in keys}
     stats = {
