@@ -42,8 +42,50 @@ class DiffusionModelConfig:
 
 
 @dataclass
+class InpoSettings:
+    """DDIM-InPO (methods/inpo.py): how x_t* is obtained by DDIM inversion. Defaults: the official code."""
+
+    inversion_steps: int = 10  # points of the DDIM inference grid (spacing T / steps)
+    inversion_eta: float = 0.1  # jitter η·σ·N(0, I) after each inversion step; 0 = deterministic inversion
+    # reference: the frozen pretrained model inverts; policy: the model being trained (the official code).
+    inversion_model: Literal["reference", "policy"] = "reference"
+    # false (official): x_t* lands on the largest grid point below t; true: one more step to t itself.
+    invert_to_exact_timestep: bool = False
+
+    def __post_init__(self) -> None:
+        if self.inversion_steps < 1:
+            raise ValueError(f"method.inpo.inversion_steps must be >= 1, got {self.inversion_steps}")
+        if self.inversion_eta < 0:
+            raise ValueError(f"method.inpo.inversion_eta must be >= 0, got {self.inversion_eta}")
+
+
+@dataclass
+class NcpSettings:
+    """NCP (methods/ncp.py): errors in the frozen pretrained U-Net's feature space. Defaults: the official code."""
+
+    encoder_output: Literal["down", "mid"] = "down"  # the last down block's output, or the mid block's
+    concatenate_states: bool = False  # every state from conv_in on, concatenated
+    normalize_states: bool = False  # scale concatenated states by (size of the last)/(own size)
+    # The latent encoded for a prediction: one DDPM step to t−1 (encoded at t−1), or x̂0 at t=0 / a random t.
+    encoded_latent: Literal["previous_step", "clean_at_zero", "clean_at_random_t"] = "previous_step"
+    feature_error_weight: float = 1.0
+    add_latent_error: bool = False  # error = latent MSE + weighted feature MSE (the official `--method both`)
+
+    def __post_init__(self) -> None:
+        if self.normalize_states and not self.concatenate_states:
+            raise ValueError(
+                "method.ncp.normalize_states: true only applies to concatenated states; "
+                "set method.ncp.concatenate_states: true or normalize_states: false"
+            )
+        if not self.feature_error_weight > 0:
+            raise ValueError(f"method.ncp.feature_error_weight must be > 0, got {self.feature_error_weight}")
+
+
+@dataclass
 class MethodConfig:
-    name: Literal["dpo"] = "dpo"
+    name: Literal["dpo", "inpo", "ncp"] = "dpo"
+    inpo: InpoSettings = field(default_factory=InpoSettings)
+    ncp: NcpSettings = field(default_factory=NcpSettings)
 
 
 @dataclass

@@ -1,0 +1,259 @@
+"""DDIM-InPO on tiny SD1.5-like and SDXL-like models: the loss re-derived along the official procedure
+(diffusers' inverse scheduler, η·σ jitter, reparametrised ε*, Diffusion-DPO), options, training steps."""
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMInverseScheduler, DDIMScheduler
+from PIL import Image
+from tiny_pipelines import build_tiny_sd, build_tiny_sdxl
+
+from diffalign.config import from_dict
+from diffalign.diffusion.config import DiffusionTrainConfig, MethodConfig
+from diffalign.diffusion.families import load_family
+from diffalign.diffusion.methods import DDIMInPO, LatentPairBatch, pair_noise
+from diffalign.diffusion.methods.inpo import JITTER_STREAM
+from diffalign.diffusion.reference import ReferenceDenoiser
+from diffalign.diffusion.trainer import make_trainable, train
+from diffalign.losses import LossConfig, compute_loss
+
+BUILDERS = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl}
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {name: builder(root / name) for name, builder in BUILDERS.items()}
+
+
+def lora_policy(family) -> torch.nn.Module:
+    """The family's denoiser with LoRA adapters moved away from zero, so policy ≠ reference."""
+    policy = family.denoiser
+    make_trainable(policy, DiffusionTrainConfig())
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, parameter in policy.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
+    return policy
+
+
+def pair_batch(family, seeds=(101, 202, 303)) -> LatentPairBatch:
+    generator = torch.Generator().manual_seed(0)
+    shape = (len(seeds), 4, 8, 8)
+    prompts = ["a red circle", "a large blue square", "a small green circle"][: len(seeds)]
+    return LatentPairBatch(
+        chosen_latents=torch.randn(shape, generator=generator),
+        rejected_latents=torch.randn(shape, generator=generator),
+        prompt_embeds=family.encode_prompts(prompts),
+        noise_seeds=list(seeds),
+    )
+
+
+def method_config(name: str, **settings) -> MethodConfig:
+    return from_dict(MethodConfig, {"name": name, name: settings})
+
+
+def official_inverted_pair(family, model, batch, pair, timestep, *, eta, exact_timestep):
+    """x_t* of pair ``pair`` (chosen, rejected) as the official code computes it, member by member in lockstep.
+
+    diffusers' DDIMInverseScheduler over the 10-step grid below t, then η·√(DDIM variance between the level
+    reached and 100 above)·z, z drawn chosen-then-rejected from the pair's jitter generator. Two deliberate
+    differences from the official script: the clean level has ᾱ = 1 (``set_alpha_to_one``), and the level above
+    901 is capped at 999 where the script indexes past the schedule. With ``exact_timestep`` one more DDIM step
+    goes to t itself, the model evaluated at t.
+    """
+    config = family.noise_scheduler.config
+    inverse = DDIMInverseScheduler.from_config(config, set_alpha_to_one=True)
+    inverse.set_timesteps(10)
+    variance_of = DDIMScheduler.from_config(config)._get_variance
+    alphas = family.noise_scheduler.alphas_cumprod
+    generator = torch.Generator().manual_seed(batch.noise_seeds[pair] ^ JITTER_STREAM)
+    latents = torch.stack([batch.chosen_latents[pair], batch.rejected_latents[pair]])
+    embeds = {
+        name: value[pair : pair + 1].repeat(2, *[1] * (value.ndim - 1))
+        for name, value in batch.prompt_embeds.items()
+    }
+    inputs = family.denoiser_inputs(embeds, {})
+
+    def jitter(level):
+        sigma = variance_of(min(level + 100, 999), level).sqrt()
+        return eta * sigma * torch.cat([torch.randn((1, 4, 8, 8), generator=generator) for _ in range(2)])
+
+    x = latents.clone()
+    alpha_previous = torch.tensor(1.0)
+    with torch.no_grad():
+        for level in inverse.timesteps[inverse.timesteps < timestep]:
+            noise = model(x, level.repeat(2), **inputs).sample
+            x = inverse.step(noise, level, x).prev_sample + jitter(int(level))
+            alpha_previous = alphas[level]
+        if exact_timestep:
+            noise = model(x, torch.tensor([timestep] * 2), **inputs).sample
+            clean = (x - (1 - alpha_previous).sqrt() * noise) / alpha_previous.sqrt()
+            x = alphas[timestep].sqrt() * clean + (1 - alphas[timestep]).sqrt() * noise + jitter(timestep)
+    return latents, x, inputs
+
+
+@pytest.mark.parametrize("family_name", ["sd", "sdxl"])
+@pytest.mark.parametrize(("inversion_model", "exact_timestep"), [("reference", False), ("policy", True)])
+def test_inpo_loss_equals_the_official_procedure(model_dirs, family_name, inversion_model, exact_timestep):
+    """L = −log σ(−½β[(Lθ_w − Lθ_l) − (Lref_w − Lref_l)]), L = mean (ε_model(x_t*, t) − ε*)², β = 2000,
+    ε* = (x_t* − √ᾱ_t·x0)/√(1−ᾱ_t), written out here per pair."""
+    family = load_family(str(model_dirs[family_name]))
+    policy = lora_policy(family)
+    batch = pair_batch(family)
+    settings = method_config("inpo", inversion_model=inversion_model, invert_to_exact_timestep=exact_timestep)
+    method = DDIMInPO(family, ReferenceDenoiser(policy, frozen_copy=False), settings)
+    scores, _ = method.pair_scores(policy, batch)
+    loss = compute_loss(scores, LossConfig(type=["sigmoid"], beta=2000.0)).loss
+
+    _, timesteps = pair_noise(family, batch)  # t for each pair, from its seed
+    alphas = family.noise_scheduler.alphas_cumprod
+    reference = AdaptersDisabled(policy)
+    inverter = policy if inversion_model == "policy" else reference
+    inside = []
+    for pair, timestep in enumerate(timesteps.tolist()):
+        latents, inverted, inputs = official_inverted_pair(
+            family, inverter, batch, pair, timestep, eta=0.1, exact_timestep=exact_timestep
+        )
+        alpha = alphas[timestep]
+        noise = (inverted - alpha.sqrt() * latents) / (1 - alpha).sqrt()
+        with torch.no_grad():
+            policy_w, policy_l = (
+                (policy(inverted, torch.tensor([timestep] * 2), **inputs).sample - noise) ** 2
+            ).mean(dim=(1, 2, 3))
+            ref_w, ref_l = (
+                (reference(inverted, torch.tensor([timestep] * 2), **inputs).sample - noise) ** 2
+            ).mean(dim=(1, 2, 3))
+        ours = torch.stack([scores.policy_chosen[pair], scores.policy_rejected[pair]]).detach()
+        torch.testing.assert_close(ours, -0.5 * torch.stack([policy_w, policy_l]), atol=1e-6, rtol=1e-4)
+        inside.append(-0.5 * 2000 * ((policy_w - policy_l) - (ref_w - ref_l)))
+    official = -F.logsigmoid(torch.stack(inside)).mean()
+    assert abs(official.item() - np.log(2)) > 1e-3  # the policy differs from the reference
+    torch.testing.assert_close(loss.detach(), official, atol=1e-5, rtol=1e-4)
+
+
+class AdaptersDisabled(torch.nn.Module):
+    """Calls ``model`` with its LoRA adapters switched off: the reference, while the policy keeps them."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        self.model.disable_adapters()
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            self.model.enable_adapters()
+
+
+def test_reference_free_losses_need_the_policy_to_invert(model_dirs):
+    family = load_family(str(model_dirs["sd"]))
+    with pytest.raises(ValueError, match="inversion_model: policy"):
+        DDIMInPO(family, None, method_config("inpo"))
+    method = DDIMInPO(family, None, method_config("inpo", inversion_model="policy"))
+    scores, _ = method.pair_scores(family.denoiser, pair_batch(family))
+    assert not scores.has_reference
+    assert torch.isfinite(compute_loss(scores, LossConfig(type=["cpo"], beta=4000.0)).loss)
+
+
+def test_v_prediction_regresses_the_velocity_of_the_reparametrised_noise(tmp_path):
+    """v* = √ᾱ_t·ε* − √(1−ᾱ_t)·x0 with ε* from x_t*: the v-prediction form of the same target."""
+    family = load_family(str(build_tiny_sd(tmp_path / "v", prediction_type="v_prediction")))
+    policy = family.denoiser
+    batch = pair_batch(family)
+    method = DDIMInPO(family, None, method_config("inpo", inversion_model="policy", inversion_eta=0.0))
+    scores, _ = method.pair_scores(policy, batch)
+
+    _, timesteps = pair_noise(family, batch)
+    timesteps = timesteps.repeat(2)
+    inputs = family.denoiser_inputs(batch.both_prompt_embeds(), {})
+    inverted = method.invert(policy, batch, timesteps, inputs)
+    latents = batch.both_latents()
+    alpha = family.noise_scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+    noise = (inverted - alpha.sqrt() * latents) / (1 - alpha).sqrt()
+    velocity = alpha.sqrt() * noise - (1 - alpha).sqrt() * latents
+    with torch.no_grad():
+        errors = ((policy(inverted, timesteps, **inputs).sample - velocity) ** 2).mean(dim=(1, 2, 3))
+    ours = torch.cat([scores.policy_chosen, scores.policy_rejected]).detach()
+    torch.testing.assert_close(ours, -0.5 * errors, atol=1e-6, rtol=1e-4)
+
+
+def png(rng: np.random.Generator) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (18, 20, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory) -> Path:
+    """Eight Pick-a-Pic-style rows (random images) in a parquet file."""
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("data") / "pairs.parquet"
+    table = {
+        "caption": ["a red circle", "a blue square", "a small green circle", "a large red square"] * 2,
+        "jpg_0": [png(rng) for _ in range(8)],
+        "jpg_1": [png(rng) for _ in range(8)],
+        "label_0": [1.0, 0.0] * 4,
+    }
+    pq.write_table(pa.table(table), path)
+    return path
+
+
+def one_step_config(model_dir: Path, data: Path, output: Path, **sections) -> DiffusionTrainConfig:
+    raw = {
+        "model": {"pretrained": str(model_dir), "lora": {"rank": 4}},
+        "data": {"source": str(data), "resolution": 16},
+        "optim": {"lr": 1e-3, "warmup_steps": 0, "scheduler": "constant"},
+        "run": {
+            "output_dir": str(output),
+            "max_steps": 1,
+            "batch_size": 2,
+            "checkpoint_every": 1,
+            "trackers": [],
+            "progress_bar": False,
+            "mixed_precision": "no",
+        },
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return from_dict(DiffusionTrainConfig, raw)
+
+
+def trained_weights_changed(output: Path, model_dir: Path, trainable: str) -> bool:
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    trained = load_file(sorted((output / "checkpoints").iterdir())[-1] / "trainable.safetensors")
+    if trainable == "lora":
+        # LoRA B starts at zero: any non-zero B means the step reached the adapters.
+        return all("lora" in name for name in trained) and any(
+            value.abs().max() > 0 for name, value in trained.items() if "lora_B" in name
+        )
+    base = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet").state_dict()
+    return any(not torch.equal(trained[name], base[name]) for name in base)
+
+
+@pytest.mark.parametrize("family_name", ["sd", "sdxl"])
+@pytest.mark.parametrize("trainable", ["lora", "full"])
+def test_one_inpo_training_step(model_dirs, pairs_file, tmp_path, family_name, trainable):
+    config = one_step_config(
+        model_dirs[family_name],
+        pairs_file,
+        tmp_path,
+        model={"trainable": trainable},
+        method={"name": "inpo"},
+        loss={"type": ["sigmoid"], "beta": 2000.0},
+    )
+    metrics = train(config)
+    # policy = reference before the first update (up to fp32 roundoff amplified by β)
+    assert abs(metrics["loss"] - np.log(2)) < 1e-3
+    assert metrics["grad_norm"] > 0
+    assert trained_weights_changed(tmp_path, model_dirs[family_name], trainable)
