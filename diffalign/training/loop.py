@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import resource
@@ -73,9 +74,17 @@ def make_accelerator(run: RunConfig) -> Accelerator:
         try:
             __import__(module)
         except ImportError:
-            raise ImportError(f"run.trackers lists {name!r} but it is not installed: pip install {module}") from None
+            raise ImportError(
+                f"run.trackers lists {name!r} but it is not installed: pip install {module}"
+            ) from None
         trackers.append(name)
-    return Accelerator(mixed_precision=mixed_precision, log_with=trackers or None, project_dir=run.output_dir)
+    return Accelerator(
+        mixed_precision=mixed_precision,
+        log_with=trackers or None,
+        project_dir=run.output_dir,
+        # Without cpu=True accelerate ignores a torchrun launch on a machine without GPUs (one process each).
+        cpu=not torch.cuda.is_available(),
+    )
 
 
 def move_to_device(batch: Any, device: torch.device) -> Any:
@@ -259,7 +268,8 @@ def run_training(
             progress.update(1)
             # Summed per micro-step like the other metrics, so the window average is the mean norm per update.
             window_metrics["grad_norm"] = (
-                window_metrics.get("grad_norm", 0.0) + grad_norm.detach().float() * run.gradient_accumulation_steps
+                window_metrics.get("grad_norm", 0.0)
+                + grad_norm.detach().float() * run.gradient_accumulation_steps
             )
 
             if state.step % run.log_every == 0 or state.step == run.max_steps:
@@ -271,6 +281,8 @@ def run_training(
                 last_logged["peak_memory_gb"] = peak_memory_gb(accelerator.device)
                 last_logged["nonfinite_steps"] = state.nonfinite_steps
                 accelerator.log(last_logged, step=state.step)
+                if accelerator.is_main_process:
+                    append_jsonl(output_dir / "metrics.jsonl", {"step": state.step, **last_logged})
                 progress.set_postfix(loss=f"{last_logged['loss']:.4f}")
                 window_metrics, window_counts, window_micro_steps = {}, {}, 0
                 window_start = time.perf_counter()
@@ -301,10 +313,19 @@ def run_training(
     return final_metrics
 
 
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """One line per log step: a machine-readable training log beside the trackers'."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as file:
+        file.write(json.dumps(record) + "\n")
+
+
 def reduce_window(accelerator: Accelerator, window: dict[str, Tensor], micro_steps: int) -> dict[str, float]:
     """Average the window's summed metrics over micro-steps and processes; the only sync of logging."""
     names = sorted(window)
-    stacked = torch.stack([torch.as_tensor(window[name], device=accelerator.device).float() for name in names])
+    stacked = torch.stack(
+        [torch.as_tensor(window[name], device=accelerator.device).float() for name in names]
+    )
     stacked = accelerator.reduce(stacked / max(micro_steps, 1), reduction="mean")
     return dict(zip(names, stacked.tolist()))
 
@@ -327,6 +348,11 @@ def evaluate_and_log(
     model.train()
     if eval_metrics:
         accelerator.log({f"eval/{k}": v for k, v in eval_metrics.items()}, step=state.step)
+        if accelerator.is_main_process:
+            append_jsonl(
+                output_dir / "metrics.jsonl",
+                {"step": state.step, **{f"eval/{k}": v for k, v in eval_metrics.items()}},
+            )
         logger.info("step %d eval: %s", state.step, {k: round(v, 4) for k, v in eval_metrics.items()})
     selection_metric = getattr(recipe, "selection_metric", None)
     if selection_metric and selection_metric in eval_metrics:
