@@ -17,7 +17,7 @@ from diffalign.diffusion.reference import ReferenceDenoiser
 from diffalign.diffusion.trainer import make_trainable
 from diffalign.losses import LossConfig, compute_loss
 
-REFERENCE_CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "configs"
+MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
 
 
 @pytest.fixture(scope="module")
@@ -128,18 +128,16 @@ def test_sdxl_time_ids_follow_original_size_crop_and_target(sdxl_dir):
 
 def test_the_real_sd15_unet_architecture_runs_a_lora_dpo_step():
     """The published SD1.5 UNet config with random weights, on 8×8 latents: nothing depends on toy sizes."""
-    config = json.loads((REFERENCE_CONFIGS / "sd15" / "unet.json").read_text())
+    config = json.loads((MODEL_CONFIGS / "sd15" / "unet.json").read_text())
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_config(config)
     make_trainable(unet, lora_config())
 
     # The SD1.5 family's maths with its published scheduler, without loading a 4 GB pipeline from disk.
-    family = object.__new__(StableDiffusionFamily)
-    family.pretrained_path = "sd15"
-    scheduler_config = json.loads(
-        (REFERENCE_CONFIGS / "sd15" / "scheduler_scheduler_config.json").read_text()
+    scheduler_config = json.loads((MODEL_CONFIGS / "sd15" / "scheduler.json").read_text())
+    family = StableDiffusionFamily.from_modules(
+        denoiser=unet, noise_scheduler=DDPMScheduler.from_config(scheduler_config)
     )
-    family.noise_scheduler = DDPMScheduler.from_config(scheduler_config)
     batch = LatentPairBatch(
         chosen_latents=torch.randn(1, 4, 8, 8),
         rejected_latents=torch.randn(1, 4, 8, 8),

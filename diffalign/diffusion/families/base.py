@@ -54,6 +54,16 @@ class DiffusionFamily(ABC):
     def __init__(self, pretrained_path: str) -> None:
         self.pretrained_path = pretrained_path
 
+    @classmethod
+    def from_modules(cls, pretrained_path: str = "in-memory", **components: Any) -> DiffusionFamily:
+        """The family around components already in memory (``denoiser=``, ``vae=``, ``noise_scheduler=``, ...),
+        for benchmarks and tests that build models from a config instead of reading a pipeline directory."""
+        family = cls.__new__(cls)
+        family.pretrained_path = pretrained_path
+        for name, component in components.items():
+            setattr(family, name, component)
+        return family
+
     # --- conditioning -------------------------------------------------------------------------------------------
     @abstractmethod
     def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
