@@ -1,0 +1,53 @@
+"""The scripted rewards of the shipped toy worlds behind the scorer interface.
+
+The toy modules are imported when a scorer is called, so this package imports without them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from diffalign.rewards.base import Scorer, check_prompts
+from diffalign.rewards.inputs import check_images
+from diffalign.rewards.registry import register_scorer
+
+
+class ToyT2IScorer(Scorer):
+    """:func:`diffalign.toy.t2i.toy_reward`: prompt fidelity times centredness of the drawn shape, in [0, 1]."""
+
+    modality = "image"
+
+    def forward(self, images: Tensor, prompts: Sequence[str] | None = None, reference: None = None) -> Tensor:
+        from diffalign.toy.t2i import toy_reward
+
+        if not isinstance(check_images(images), Tensor):
+            raise ValueError("toy_t2i scores image tensors [B,3,H,W] in [0, 1], not PIL images")
+        return self.output(toy_reward(images, check_prompts(prompts, len(images), "toy_t2i")))
+
+
+class ToyLLMScorer(Scorer):
+    """:func:`diffalign.toy.llm.toy_reward` of each completion given its prompt, in [0, 1]."""
+
+    modality = "text"
+
+    def forward(
+        self, completions: Sequence[str], prompts: Sequence[str] | None = None, reference: None = None
+    ) -> Tensor:
+        from diffalign.toy.llm import toy_reward
+
+        prompts = check_prompts(prompts, len(completions), "toy_llm")
+        scores = [toy_reward(prompt, completion) for prompt, completion in zip(prompts, completions)]
+        return self.output(torch.tensor(scores, dtype=torch.float64))
+
+
+@register_scorer("toy_t2i")
+def toy_t2i(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> ToyT2IScorer:
+    return ToyT2IScorer(device, dtype)
+
+
+@register_scorer("toy_llm")
+def toy_llm(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> ToyLLMScorer:
+    return ToyLLMScorer(device, dtype)

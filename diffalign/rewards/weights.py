@@ -1,0 +1,157 @@
+"""Where a scorer's weights come from: an explicit local path, or a Hugging Face hub id — never a guess.
+
+A *source* is either a local path (absolute, or starting with ``.``/``~``, or any path that exists) or a hub
+reference: ``org/name`` for a model directory, ``org/name/path/in/repo`` for a single file. With
+``HF_HUB_OFFLINE=1`` hub references are read from the local cache only, and anything missing raises
+:class:`WeightsNotFoundError` saying which file to place where. Everything is checked before a library gets to
+load it, because some libraries (``transformers`` tokenizers among them) quietly build an empty object when
+their files are absent offline.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from huggingface_hub import constants, hf_hub_download, snapshot_download, try_to_load_from_cache
+from huggingface_hub.errors import LocalEntryNotFoundError
+
+# Each entry is a file a directory must hold; a tuple lists alternatives, any one of which will do.
+FileRequirement = str | tuple[str, ...]
+
+MODEL_FILES: tuple[FileRequirement, ...] = (
+    "config.json",
+    (
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+        "pytorch_model.bin.index.json",
+    ),
+)
+TOKENIZER_FILES: tuple[FileRequirement, ...] = (("tokenizer.json", "vocab.json", "vocab.txt"),)
+PREPROCESSOR_FILES: tuple[FileRequirement, ...] = ("preprocessor_config.json",)
+OPEN_CLIP_FILES: tuple[FileRequirement, ...] = ("open_clip_config.json",)
+
+# Small files fetched with a hub model directory; weights are added by `_download_snapshot`.
+_HUB_PATTERNS = ["*.json", "*.txt", "*.model"]
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """A weight, config or tokenizer file is not where the scorer was told to look; the message says what to do."""
+
+
+def hub_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set, read now rather than at import."""
+    flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
+    return constants.HF_HUB_OFFLINE or any(
+        flag is not None and flag.upper() in {"1", "ON", "YES", "TRUE"} for flag in flags
+    )
+
+
+def is_local_source(source: str) -> bool:
+    return source.startswith(("/", ".", "~")) or Path(source).expanduser().exists()
+
+
+def resolve_pretrained_dir(source: str, required: Sequence[FileRequirement], what: str) -> Path:
+    """A local directory holding every ``required`` file, from a local path or a hub repository id.
+
+    ``what`` names the thing for error messages, e.g. ``"PickScore model (model=...)"``.
+    """
+    if is_local_source(source):
+        directory = Path(source).expanduser()
+        if not directory.is_dir():
+            raise WeightsNotFoundError(
+                f"{what}: {directory} is not a directory; pass a local directory saved with "
+                f"`save_pretrained` or a hub id such as 'org/name'"
+            )
+    else:
+        directory = _download_snapshot(source, required, what)
+    missing = [_describe(requirement) for requirement in required if _find(directory, requirement) is None]
+    if missing:
+        fix = (
+            f"copy every file of the model's hub repository there (`hf download ORG/NAME --local-dir {directory}`)"
+            if is_local_source(source)
+            else f"the hub snapshot is incomplete: run `hf download {source}` on a connected machine"
+        )
+        raise WeightsNotFoundError(f"{what}: {directory} lacks {', '.join(missing)}; {fix}")
+    return directory
+
+
+def resolve_weights_file(source: str, what: str) -> Path:
+    """A local file, from a local path or a hub file reference ``org/name/path/in/repo``."""
+    if is_local_source(source):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise WeightsNotFoundError(
+                f"{what}: no file at {path}; place the file there or pass its hub reference"
+            )
+        return path
+    parts = source.split("/")
+    if len(parts) < 3:
+        raise WeightsNotFoundError(
+            f"{what}: {source!r} is neither an existing local file nor a hub file reference "
+            f"'org/name/filename'; place the file locally and pass its path"
+        )
+    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    try:
+        return Path(hf_hub_download(repo_id, filename, local_files_only=hub_offline()))
+    except LocalEntryNotFoundError:
+        raise WeightsNotFoundError(
+            f"{what}: HF_HUB_OFFLINE is set and {filename} of {repo_id} is not in the hub cache "
+            f"({constants.HF_HUB_CACHE}); download it on a connected machine "
+            f"(`hf download {repo_id} {filename} --local-dir DIR`) and pass DIR/{filename} instead"
+        ) from None
+
+
+def require_cached_hub_files(files: dict[str, Sequence[FileRequirement]], needed_by: str) -> None:
+    """Fail unless every ``{repo_id: [file requirement, ...]}`` is in the hub cache, when offline.
+
+    For libraries that fetch hub files by hard-coded names (laion-clap, ImageReward): offline, they would
+    otherwise build empty tokenizers or fail deep inside with an unrelated message.
+    """
+    if not hub_offline():
+        return
+    missing = {
+        f"{repo_id}/{_describe(requirement)}": repo_id
+        for repo_id, requirements in files.items()
+        for requirement in requirements
+        if not any(
+            isinstance(try_to_load_from_cache(repo_id, name), str)
+            for name in ((requirement,) if isinstance(requirement, str) else requirement)
+        )
+    }
+    if missing:
+        repos = " ".join(sorted(set(missing.values())))
+        raise WeightsNotFoundError(
+            f"{needed_by} loads hub files by name and HF_HUB_OFFLINE is set, but these are not in the hub cache "
+            f"({constants.HF_HUB_CACHE}): {', '.join(missing)}; run `hf download REPO` for each of {repos} on a "
+            f"connected machine and copy the cache here (or point HF_HOME at a copy)"
+        )
+
+
+def _download_snapshot(repo_id: str, required: Sequence[FileRequirement], what: str) -> Path:
+    offline = hub_offline()
+    try:
+        if offline:  # patterns are ignored offline: the cached snapshot is returned as it is
+            return Path(snapshot_download(repo_id, local_files_only=True))
+        directory = Path(snapshot_download(repo_id, allow_patterns=[*_HUB_PATTERNS, "*.safetensors"]))
+        if all(_find(directory, requirement) is not None for requirement in required):
+            return directory
+        # Older repositories ship only pickled weights.
+        return Path(snapshot_download(repo_id, allow_patterns=[*_HUB_PATTERNS, "*.bin"]))
+    except LocalEntryNotFoundError:
+        raise WeightsNotFoundError(
+            f"{what}: HF_HUB_OFFLINE is set and {repo_id!r} is not in the hub cache ({constants.HF_HUB_CACHE}) "
+            f"nor a local directory; on a connected machine run `hf download {repo_id} --local-dir DIR`, "
+            f"copy DIR here and pass its path instead of the hub id"
+        ) from None
+
+
+def _find(directory: Path, requirement: FileRequirement) -> Path | None:
+    names = (requirement,) if isinstance(requirement, str) else requirement
+    return next((directory / name for name in names if (directory / name).is_file()), None)
+
+
+def _describe(requirement: FileRequirement) -> str:
+    return requirement if isinstance(requirement, str) else " or ".join(requirement)
