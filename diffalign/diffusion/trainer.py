@@ -105,6 +105,7 @@ class DiffusionRecipe:
         logger.info("training data: %s", self.data_stats)
         self.eval_prompts = self._eval_prompts()
         self._base_eval: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._scorer = None
 
     # --- training -----------------------------------------------------------------------------------------------
     def latent_batch(self, batch: dict[str, Any]) -> LatentPairBatch:
@@ -170,13 +171,14 @@ class DiffusionRecipe:
             guidance_scale=settings.guidance_scale,
         )
 
-    def _score(self, images: torch.Tensor) -> torch.Tensor | None:
+    def _score(self, samples: torch.Tensor) -> torch.Tensor | None:
         if not self.config.eval.reward:
             return None
-        from diffalign.rewards import build_scorer
+        if self._scorer is None:
+            from diffalign.rewards import build_scorer
 
-        scorer = build_scorer(self.config.eval.reward)
-        return scorer(images=images, prompts=self.eval_prompts).float().cpu()
+            self._scorer = build_scorer(self.config.eval.reward)
+        return self._scorer(samples, self.eval_prompts).float().cpu()
 
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
         if not self.eval_prompts or not self.accelerator.is_main_process:
