@@ -78,6 +78,50 @@ def test_a_cached_hub_id_loads_offline(offline_cache, tmp_path):
     torch.testing.assert_close(from_hub, from_path)
 
 
+def test_online_fetches_configs_and_only_the_preferred_weights(tmp_path, monkeypatch):
+    from fnmatch import fnmatch
+
+    from diffalign.rewards import weights
+
+    remote, local = tmp_path / "remote", tmp_path / "local"
+    remote.mkdir()
+    local.mkdir()
+    names = [
+        "config.json",
+        "preprocessor_config.json",
+        "vocab.json",
+        "merges.txt",
+        "model.safetensors",
+        "pytorch_model.bin",
+        "open_clip_model.safetensors",
+        "tf_model.h5",
+    ]
+    for name in names:
+        (remote / name).write_text(name)
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, local_files_only=False):
+        assert repo_id == "org/model" and not local_files_only
+        for path in remote.iterdir():
+            if any(fnmatch(path.name, pattern) for pattern in allow_patterns):
+                shutil.copy(path, local / path.name)
+        return str(local)
+
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(weights, "snapshot_download", fake_snapshot_download)
+    directory = weights.resolve_pretrained_dir(
+        "org/model", weights.MODEL_FILES, "model", weights.TRANSFORMERS_WEIGHTS
+    )
+    assert sorted(path.name for path in directory.iterdir()) == [
+        "config.json",
+        "merges.txt",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "vocab.json",
+    ]
+
+
 def test_an_incomplete_local_directory_names_the_missing_file(tmp_path):
     directory = save_tiny_clip(tmp_path / "clip")
     (directory / "preprocessor_config.json").unlink()

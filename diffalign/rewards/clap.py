@@ -26,6 +26,7 @@ from diffalign.rewards.weights import (
     MODEL_FILES,
     PREPROCESSOR_FILES,
     TOKENIZER_FILES,
+    TRANSFORMERS_WEIGHTS,
     require_cached_hub_files,
     resolve_pretrained_dir,
     resolve_weights_file,
@@ -53,7 +54,10 @@ class ClapEncoder(Encoder):
         from transformers import AutoTokenizer, ClapFeatureExtractor, ClapModel
 
         directory = resolve_pretrained_dir(
-            model, (*MODEL_FILES, *TOKENIZER_FILES, *PREPROCESSOR_FILES), f"CLAP model {model!r}"
+            model,
+            (*MODEL_FILES, *TOKENIZER_FILES, *PREPROCESSOR_FILES),
+            f"CLAP model {model!r}",
+            TRANSFORMERS_WEIGHTS,
         )
         self.model = ClapModel.from_pretrained(directory, dtype=dtype).to(device).eval().requires_grad_(False)
         self.feature_extractor = ClapFeatureExtractor.from_pretrained(directory)

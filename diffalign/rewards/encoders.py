@@ -22,7 +22,13 @@ from torch import Tensor, nn
 
 from diffalign.rewards.base import Images, Modality, Scorer
 from diffalign.rewards.inputs import pixel_values
-from diffalign.rewards.weights import MODEL_FILES, PREPROCESSOR_FILES, TOKENIZER_FILES, resolve_pretrained_dir
+from diffalign.rewards.weights import (
+    MODEL_FILES,
+    PREPROCESSOR_FILES,
+    TOKENIZER_FILES,
+    TRANSFORMERS_WEIGHTS,
+    resolve_pretrained_dir,
+)
 
 EncoderBackend = Literal["clip", "open_clip", "vision", "clap", "laion_clap"]
 
@@ -96,7 +102,9 @@ class TransformersTextImageEncoder(Encoder):
         from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
         processor = processor or model
-        model_dir = resolve_pretrained_dir(model, MODEL_FILES, f"text-image model {model!r}")
+        model_dir = resolve_pretrained_dir(
+            model, MODEL_FILES, f"text-image model {model!r}", TRANSFORMERS_WEIGHTS
+        )
         processor_dir = resolve_pretrained_dir(
             processor,
             (*TOKENIZER_FILES, *PREPROCESSOR_FILES),
@@ -143,7 +151,7 @@ class TransformersImageEncoder(Encoder):
         from transformers import AutoImageProcessor, AutoModel
 
         model_dir = resolve_pretrained_dir(
-            model, (*MODEL_FILES, *PREPROCESSOR_FILES), f"image model {model!r}"
+            model, (*MODEL_FILES, *PREPROCESSOR_FILES), f"image model {model!r}", TRANSFORMERS_WEIGHTS
         )
         self.model = _freeze(AutoModel.from_pretrained(model_dir, dtype=dtype), device)
         self.image_processor = AutoImageProcessor.from_pretrained(model_dir)

@@ -19,12 +19,13 @@ from diffalign.rewards.encoders import Encoder, unit
 from diffalign.rewards.inputs import pixel_values
 from diffalign.rewards.weights import (
     OPEN_CLIP_FILES,
+    OPEN_CLIP_WEIGHTS,
     WeightsNotFoundError,
     resolve_pretrained_dir,
     resolve_weights_file,
 )
 
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth")  # what open_clip looks for in a local-dir
 _RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0}  # PIL resampling codes, as transformers takes them
 
 
@@ -49,20 +50,20 @@ class OpenClipEncoder(Encoder):
         if model in open_clip.list_models():
             name, has_weights = model, False
         else:
-            directory = resolve_pretrained_dir(model, OPEN_CLIP_FILES, f"open_clip model {model!r}")
+            # With a checkpoint the directory's own weights are not used, so not downloaded either.
+            weights = OPEN_CLIP_WEIGHTS if checkpoint is None else ()
+            directory = resolve_pretrained_dir(model, OPEN_CLIP_FILES, f"open_clip model {model!r}", weights)
             name = f"local-dir:{directory}"
             has_weights = any(path.suffix in _WEIGHT_SUFFIXES for path in directory.iterdir())
-        if checkpoint is None and not has_weights:
+        # Resolved before building: a missing file should fail in a second, not after building a ViT-H.
+        path = None
+        if checkpoint is not None:
+            path = resolve_weights_file(checkpoint, f"open_clip checkpoint for {model!r}")
+        elif not has_weights:
             raise WeightsNotFoundError(
                 f"open_clip model {model!r} has no weights: pass `checkpoint` (a state-dict file such as HPSv2's "
                 f"HPS_v2_compressed.pt) or a directory holding open_clip_config.json and its weights"
             )
-        # Resolved before building: a missing file should fail in a second, not after building a ViT-H.
-        path = (
-            None
-            if checkpoint is None
-            else resolve_weights_file(checkpoint, f"open_clip checkpoint for {model!r}")
-        )
         self.model = open_clip.create_model(name, pretrained=None, load_weights=path is None, device=device)
         if path is not None:
             open_clip.load_checkpoint(self.model, str(path))

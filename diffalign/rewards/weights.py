@@ -33,8 +33,12 @@ TOKENIZER_FILES: tuple[FileRequirement, ...] = (("tokenizer.json", "vocab.json",
 PREPROCESSOR_FILES: tuple[FileRequirement, ...] = ("preprocessor_config.json",)
 OPEN_CLIP_FILES: tuple[FileRequirement, ...] = ("open_clip_config.json",)
 
-# Small files fetched with a hub model directory; weights are added by `_download_snapshot`.
-_HUB_PATTERNS = ["*.json", "*.txt", "*.model"]
+# Weight files by preference; only the first kind a hub repository has is downloaded (many ship several
+# copies: safetensors and pickles, or transformers and open_clip formats of the same model).
+TRANSFORMERS_WEIGHTS = ("model*.safetensors", "pytorch_model*.bin")
+OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+# Configs, tokenizers and processors.
+_SMALL_FILES = ["*.json", "*.txt", "*.model"]
 
 
 class WeightsNotFoundError(FileNotFoundError):
@@ -53,10 +57,13 @@ def is_local_source(source: str) -> bool:
     return source.startswith(("/", ".", "~")) or Path(source).expanduser().exists()
 
 
-def resolve_pretrained_dir(source: str, required: Sequence[FileRequirement], what: str) -> Path:
+def resolve_pretrained_dir(
+    source: str, required: Sequence[FileRequirement], what: str, weights: Sequence[str] = ()
+) -> Path:
     """A local directory holding every ``required`` file, from a local path or a hub repository id.
 
-    ``what`` names the thing for error messages, e.g. ``"PickScore model (model=...)"``.
+    From the hub, configs and tokenizers are fetched with the first kind of ``weights`` (glob patterns) the
+    repository has; ``what`` names the thing for error messages, e.g. ``"PickScore model 'org/name'"``.
     """
     if is_local_source(source):
         directory = Path(source).expanduser()
@@ -66,7 +73,7 @@ def resolve_pretrained_dir(source: str, required: Sequence[FileRequirement], wha
                 f"`save_pretrained` or a hub id such as 'org/name'"
             )
     else:
-        directory = _download_snapshot(source, required, what)
+        directory = _download_snapshot(source, weights, what)
     missing = [_describe(requirement) for requirement in required if _find(directory, requirement) is None]
     if missing:
         fix = (
@@ -130,21 +137,23 @@ def require_cached_hub_files(files: dict[str, Sequence[FileRequirement]], needed
         )
 
 
-def _download_snapshot(repo_id: str, required: Sequence[FileRequirement], what: str) -> Path:
+def _download_snapshot(repo_id: str, weights: Sequence[str], what: str) -> Path:
     offline = hub_offline()
     try:
-        if offline:  # patterns are ignored offline: the cached snapshot is returned as it is
+        if offline:  # the cached snapshot as it is
             return Path(snapshot_download(repo_id, local_files_only=True))
-        directory = Path(snapshot_download(repo_id, allow_patterns=[*_HUB_PATTERNS, "*.safetensors"]))
-        if all(_find(directory, requirement) is not None for requirement in required):
-            return directory
-        # Older repositories ship only pickled weights.
-        return Path(snapshot_download(repo_id, allow_patterns=[*_HUB_PATTERNS, "*.bin"]))
-    except LocalEntryNotFoundError:
+        directory = Path(snapshot_download(repo_id, allow_patterns=_SMALL_FILES))
+        for pattern in weights:
+            directory = Path(snapshot_download(repo_id, allow_patterns=[pattern]))
+            if any(directory.glob(pattern)):
+                break
+        return directory
+    except LocalEntryNotFoundError as error:
+        reason = "HF_HUB_OFFLINE is set and" if offline else f"the download failed ({error}) and"
         raise WeightsNotFoundError(
-            f"{what}: HF_HUB_OFFLINE is set and {repo_id!r} is not in the hub cache ({constants.HF_HUB_CACHE}) "
-            f"nor a local directory; on a connected machine run `hf download {repo_id} --local-dir DIR`, "
-            f"copy DIR here and pass its path instead of the hub id"
+            f"{what}: {reason} {repo_id!r} is not in the hub cache ({constants.HF_HUB_CACHE}) nor a local "
+            f"directory; on a connected machine run `hf download {repo_id} --local-dir DIR`, copy DIR here "
+            f"and pass its path instead of the hub id"
         ) from None
 
 
