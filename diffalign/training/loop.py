@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from diffalign.config import save_config
 from diffalign.training.checkpoint import (
     LoopState,
     capture_rng_state,
@@ -182,8 +183,6 @@ def run_training(
     batches = iter(loader)
 
     if config is not None and accelerator.is_main_process:
-        from diffalign.config import save_config
-
         save_config(config, output_dir / "config.yaml")
     if accelerator.log_with:
         accelerator.init_trackers("diffalign", config=flat_scalars(config) if config is not None else None)
@@ -308,6 +307,8 @@ def run_training(
     final_metrics = evaluate_and_log(recipe, accelerator, unwrapped, state, last_logged, output_dir)
     if accelerator.is_main_process:
         recipe.save_final(unwrapped, output_dir / "final")
+        if config is not None:  # the final model travels with the config that produced it
+            save_config(config, output_dir / "final" / "config.yaml")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final_metrics
