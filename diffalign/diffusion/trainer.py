@@ -3,7 +3,8 @@
 It loads a pipeline into its model family, makes the denoiser trainable (LoRA or full), sets up the frozen
 reference, turns each batch into latents (from the cache or by encoding on the fly), lets the method produce the
 core's scores and the core produce the loss. Evaluation samples fixed prompts from the base and the aligned model
-with the same seeds, writes a before/after grid and, given a reward, the win rate.
+with the same seeds, writes a before/after grid (images, or spectrograms plus WAV clips) and, given a reward, the
+win rate.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from diffalign.diffusion.data import build_pair_dataset
 from diffalign.diffusion.families import DiffusionFamily, load_family
 from diffalign.diffusion.methods import METHODS, LatentPairBatch
 from diffalign.diffusion.reference import ReferenceDenoiser
-from diffalign.diffusion.sampling import generate_images, save_image_grid, win_rate
+from diffalign.diffusion.sampling import Samples, generate_samples, save_samples, win_rate
 from diffalign.losses import LOSSES, compute_loss
 from diffalign.training import StepOutput, make_accelerator, run_training
 
@@ -99,12 +100,13 @@ class DiffusionRecipe:
         reference = self.base_model if losses_need_reference else None
         self.method = METHODS[config.method.name](family, reference, config.method)
 
+        self.decoder = family.media_decoder(config.data)
         self.train_dataset, self.collate, self.data_stats = build_pair_dataset(
-            config.data, family=family, seed=config.run.seed, accelerator=accelerator
+            config.data, family=family, seed=config.run.seed, accelerator=accelerator, decoder=self.decoder
         )
         logger.info("training data: %s", self.data_stats)
         self.eval_prompts = self._eval_prompts()
-        self._base_eval: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._base_eval: tuple[Samples, torch.Tensor | None] | None = None
         self._scorer = None
 
     # --- training -----------------------------------------------------------------------------------------------
@@ -117,17 +119,20 @@ class DiffusionRecipe:
             chosen, rejected, prompt_embeds = batch["chosen_latents"], batch["rejected_latents"], batch["prompt_embeds"]
         else:
             with torch.no_grad():
-                both = torch.cat([batch["chosen_pixels"], batch["rejected_pixels"]])
+                media = self.decoder.name
+                both = torch.cat([batch[f"chosen_{media}"], batch[f"rejected_{media}"]])
                 # Posterior samples draw from their own streams (odd seeds), apart from the diffusion noise.
                 posterior_seeds = [2 * seed + 1 for seed in noise_seeds] + [2 * seed + 2 for seed in noise_seeds]
                 latents = family.encode(both).sample(posterior_seeds) * family.latent_scale
                 chosen, rejected = latents.chunk(2)
                 prompt_embeds = family.encode_prompts(batch["caption"])
-        # SDXL size conditioning, laid out like the latents: [chosen; rejected].
+        # Per-sample conditioning of the decoded media (SDXL sizes, audio spans), laid out like the latents:
+        # [chosen; rejected].
+        media_keys = {f"chosen_{self.decoder.name}", "chosen_latents"}
         extras = {
-            key: torch.cat([batch[f"chosen_{key}"], batch[f"rejected_{key}"]])
-            for key in ("original_size", "crop_top_left")
-            if f"chosen_{key}" in batch
+            key.removeprefix("chosen_"): torch.cat([batch[key], batch["rejected_" + key.removeprefix("chosen_")]])
+            for key in batch
+            if key.startswith("chosen_") and key not in media_keys
         }
         label = batch["label"] if not self.config.data.drop_ties else None
         dtype = weight_dtype_for(self.accelerator)
@@ -160,9 +165,9 @@ class DiffusionRecipe:
             prompts = prompts[: self.config.eval.max_prompts]
         return prompts * self.config.eval.samples_per_prompt
 
-    def _generate(self, denoiser: nn.Module) -> torch.Tensor:
+    def _generate(self, denoiser: nn.Module) -> Samples:
         settings = self.config.eval
-        return generate_images(
+        return generate_samples(
             self.family,
             denoiser,
             self.eval_prompts,
@@ -171,7 +176,7 @@ class DiffusionRecipe:
             guidance_scale=settings.guidance_scale,
         )
 
-    def _score(self, samples: torch.Tensor) -> torch.Tensor | None:
+    def _score(self, samples: Samples) -> torch.Tensor | None:
         if not self.config.eval.reward:
             return None
         if self._scorer is None:
@@ -185,14 +190,14 @@ class DiffusionRecipe:
             return {}
         if self._base_eval is None:  # the base model does not change: sample and score it once
             with self.base_model.use(self.accelerator.device) as base:
-                base_images = self._generate(base)
-            self._base_eval = (base_images, self._score(base_images))
-        base_images, base_scores = self._base_eval
-        aligned_images = self._generate(model)
+                base_samples = self._generate(base)
+            self._base_eval = (base_samples, self._score(base_samples))
+        base_samples, base_scores = self._base_eval
+        aligned_samples = self._generate(model)
         count = self.config.eval.grid_prompts
         grid_path = self.output_dir / "samples" / f"step-{step:07d}.png"
-        save_image_grid([base_images[:count], aligned_images[:count]], grid_path)
-        aligned_scores = self._score(aligned_images)
+        save_samples({"base": base_samples[:count], "aligned": aligned_samples[:count]}, grid_path)
+        aligned_scores = self._score(aligned_samples)
         if aligned_scores is None:
             return {}
         return {
@@ -203,13 +208,26 @@ class DiffusionRecipe:
 
     # --- export -------------------------------------------------------------------------------------------------
     def save_final(self, model: nn.Module, output_dir: Path) -> None:
-        """LoRA in diffusers format (``pipeline.load_lora_weights``) or the full denoiser (``from_pretrained``)."""
+        """LoRA in diffusers format or the full denoiser (``from_pretrained``).
+
+        The LoRA file is the one diffusers' LoRA loaders write (``pytorch_lora_weights.safetensors``, keys
+        ``<denoiser subfolder>.<module>``): ``pipeline.load_lora_weights`` reads it where the pipeline has a LoRA
+        loader, ``denoiser.load_lora_adapter(folder, prefix=<subfolder>)`` everywhere else.
+        """
         output_dir.mkdir(parents=True, exist_ok=True)
         if self.config.model.trainable == "lora":
+            from diffusers.loaders.lora_base import LoraBaseMixin
             from diffusers.utils import convert_state_dict_to_diffusers
 
             lora_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
-            self.family.pipeline_class.save_lora_weights(output_dir, unet_lora_layers=lora_layers)
+            LoraBaseMixin.write_lora_layers(
+                LoraBaseMixin.pack_weights(lora_layers, self.family.denoiser_subfolder),
+                output_dir,
+                is_main_process=True,
+                weight_name="pytorch_lora_weights.safetensors",
+                save_function=None,
+                safe_serialization=True,
+            )
         else:
             model.save_pretrained(output_dir / self.family.denoiser_subfolder)
 

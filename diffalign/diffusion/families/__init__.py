@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from diffusers import DiffusionPipeline
 
+from diffalign.diffusion.families.audioldm2 import AudioLDM2Family
 from diffalign.diffusion.families.base import DDPMFamily, DiffusionFamily, Posterior
+from diffalign.diffusion.families.musicldm import AudioLDMFamily, MusicLDMFamily
+from diffalign.diffusion.families.stable_audio import StableAudioFamily
 from diffalign.diffusion.families.stable_diffusion import StableDiffusionFamily, StableDiffusionXLFamily
 
 # Pipeline class named in model_index.json → family class.
 FAMILIES: dict[str, type[DiffusionFamily]] = {
     "StableDiffusionPipeline": StableDiffusionFamily,
     "StableDiffusionXLPipeline": StableDiffusionXLFamily,
+    "MusicLDMPipeline": MusicLDMFamily,
+    "AudioLDMPipeline": AudioLDMFamily,
+    "AudioLDM2Pipeline": AudioLDM2Family,
+    "StableAudioPipeline": StableAudioFamily,
 }
 
 

@@ -7,13 +7,21 @@ talk to a family only through this interface and never ask which family they hav
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import DDPMScheduler
+from diffusers.loaders.peft import PeftAdapterMixin
 from torch import Tensor, nn
+
+from diffalign.diffusion.data import DiffusionDataConfig, image_decoder
+from diffalign.diffusion.transforms import MediaDecoder
+
+if TYPE_CHECKING:
+    from diffalign.rewards.base import Audio
 
 
 @dataclass
@@ -42,13 +50,24 @@ class Posterior:
         return self.mean + self.std * noise
 
 
+@functools.cache
+def with_adapter_support(model_class: type[nn.Module]) -> type[nn.Module]:
+    """``model_class`` with diffusers' PEFT methods (``add_adapter``, ``disable_adapters``, ``load_lora_adapter``),
+    which LoRA training and the adapter-disabled reference call; some denoisers (AudioLDM2's U-Net, Stable
+    Audio's DiT) lack them. The subclass keeps the name and module of the stock class, so the configs it saves
+    name the stock class and load without this package."""
+    if issubclass(model_class, PeftAdapterMixin):
+        return model_class
+    return type(model_class.__name__, (model_class, PeftAdapterMixin), {"__module__": model_class.__module__})
+
+
 class DiffusionFamily(ABC):
     """Components of one pretrained model plus the family's maths. ``denoiser`` is what gets trained."""
 
     denoiser: nn.Module
     # Name of the denoiser's sub-folder in the pipeline directory ("unet" or "transformer").
     denoiser_subfolder: str = "unet"
-    # The diffusers pipeline class whose `from_pretrained`/`save_lora_weights` read and write this family.
+    # The diffusers pipeline class whose `from_pretrained` reads this family.
     pipeline_class: Any
 
     def __init__(self, pretrained_path: str) -> None:
@@ -75,12 +94,16 @@ class DiffusionFamily(ABC):
 
     # --- latents ------------------------------------------------------------------------------------------------
     @abstractmethod
+    def media_decoder(self, config: DiffusionDataConfig) -> MediaDecoder:
+        """How stored pair members become the input of :meth:`encode` (image transforms, audio resampling)."""
+
+    @abstractmethod
     def encode(self, samples: Tensor) -> Posterior:
         """VAE posterior of raw samples (pixels in [-1, 1], or the family's audio features), unscaled."""
 
     @abstractmethod
-    def decode(self, latents: Tensor) -> Tensor:
-        """Scaled latents back to samples (images in [0, 1])."""
+    def decode(self, latents: Tensor) -> Tensor | Audio:
+        """Scaled latents back to what rewards score: images ``[B, 3, H, W]`` in [0, 1], or :class:`Audio`."""
 
     @property
     @abstractmethod
@@ -107,6 +130,29 @@ class DiffusionFamily(ABC):
     @abstractmethod
     def build_pipeline(self, denoiser: nn.Module) -> Any:
         """The family's diffusers pipeline around ``denoiser`` (DDIM sampler), for sampling and export."""
+
+    @torch.no_grad()
+    def generate(
+        self,
+        denoiser: nn.Module,
+        prompts: list[str],
+        generators: list[torch.Generator],
+        *,
+        num_inference_steps: int,
+        guidance_scale: float,
+    ) -> Tensor | Audio:
+        """One sample per prompt, prompt ``i`` drawn with ``generators[i]``: images ``[N, 3, H, W]`` in [0, 1]
+        (CPU, fp32) by default; audio families return :class:`Audio`."""
+        pipeline = self.build_pipeline(denoiser)
+        pipeline.set_progress_bar_config(disable=True)
+        output = pipeline(
+            prompts,
+            generator=generators,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            output_type="pt",
+        )
+        return output.images.float().cpu()
 
     # --- models the trainer moves, casts and freezes -------------------------------------------------------------
     @abstractmethod
@@ -161,6 +207,9 @@ class ImageVAEFamily(DDPMFamily):
     """Latent image families with a diffusers ``AutoencoderKL``."""
 
     vae: nn.Module
+
+    def media_decoder(self, config: DiffusionDataConfig) -> MediaDecoder:
+        return image_decoder(config)
 
     @property
     def latent_scale(self) -> float:
