@@ -1,0 +1,170 @@
+"""The config of an LLM preference run (``kind: llm``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from diffalign.losses import LOSSES, LossConfig
+from diffalign.training.config import OptimConfig, RunConfig
+
+
+@dataclass
+class LoraSettings:
+    rank: int = 16
+    alpha: float | None = None  # None: alpha = 2·rank
+    dropout: float = 0.0
+    # "all-linear" is peft's shorthand for every linear layer except the output head.
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"model.lora.rank must be >= 1, got {self.rank}")
+        if not self.target_modules:
+            raise ValueError("model.lora.target_modules is empty; give module names or [all-linear]")
+
+
+@dataclass
+class LLMModelConfig:
+    pretrained: str = "assets/toy-llm"  # a local directory or a hub id
+    revision: str | None = None
+    trainable: Literal["lora", "full"] = "lora"
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    # Dtype of the frozen weights (and of full fine-tunes' forward under autocast). auto: bf16 when
+    # run.mixed_precision is bf16 on a GPU, fp32 otherwise. Trainable weights are always fp32 masters.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_implementation: str | None = None  # e.g. sdpa, flash_attention_2; None: transformers' default
+    # Dropout makes the policy and reference log-probs of one batch disagree at step 0; TRL also turns it off.
+    disable_dropout: bool = True
+    # What a LoRA run writes to <output_dir>/final: the merged model or the adapter (both load with
+    # transformers' from_pretrained; the adapter needs peft installed).
+    save: Literal["merged", "adapter"] = "merged"
+
+
+@dataclass
+class LLMDataConfig:
+    """Preference data in one of TRL's schemas, from a local JSONL/JSON/parquet file, a directory or a hub id."""
+
+    path: str = "assets/toy-llm/data/conversational_train.jsonl"
+    split: str = "train"  # for directories and hub ids
+    subset: str | None = None  # a hub dataset's config name
+    # auto: standard/conversational/implicit-prompt/unpaired from the columns and value types of the first row.
+    schema: Literal["auto", "standard", "conversational", "implicit_prompt", "unpaired"] = "auto"
+    max_prompt_length: int | None = 512  # longer prompts keep their last tokens
+    max_length: int | None = 1024  # prompt + completion; longer completions keep their first tokens
+    # A malformed row (missing field, empty completion, chosen == rejected): stop with an error naming the row,
+    # or skip it and log how many were skipped.
+    bad_rows: Literal["error", "skip"] = "error"
+    max_rows: int | None = None  # use only the first N valid rows (quick experiments)
+    padding_side: Literal["right", "left"] = "right"
+
+    def __post_init__(self) -> None:
+        for key in ("max_prompt_length", "max_length", "max_rows"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"data.{key} must be >= 1 or null, got {value}")
+        if (
+            self.max_prompt_length is not None
+            and self.max_length is not None
+            and self.max_prompt_length >= self.max_length
+        ):
+            raise ValueError(
+                f"data.max_prompt_length={self.max_prompt_length} must be < data.max_length={self.max_length} "
+                "so that every completion keeps at least one token"
+            )
+
+
+@dataclass
+class ReferenceConfig:
+    """Where the reference log-probs come from.
+
+    frozen_copy: a second, frozen copy of the initial model. adapter_disabled: the LoRA policy with its adapter
+    switched off (no second copy). precomputed: one pass of the initial model over the data before training,
+    cached on disk and keyed by a hash of the model weights, the tokenizer and the tokenized data, so no
+    reference model stays in memory. auto: adapter_disabled for LoRA, frozen_copy for a full fine-tune.
+    Reference-free losses (cpo, simpo, orpo, sft) use none of these.
+    """
+
+    strategy: Literal["auto", "frozen_copy", "adapter_disabled", "precomputed"] = "auto"
+    cache_dir: str = ".cache/diffalign/reference_logps"
+    batch_size: int = 8  # pairs per forward when precomputing
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"reference.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class LLMEvalConfig:
+    """Held-out evaluation: sample the base and the aligned model on the same prompts, compare under a reward.
+
+    The win rate is the fraction of (prompt, sample) slots where the aligned completion scores higher than
+    the base one; ties count one half.
+    """
+
+    # A JSONL/JSON/parquet file with a `prompt` column (a string, or a list of {role, content} messages that
+    # is rendered with the chat template). None: no evaluation.
+    prompts: str | None = None
+    # "module:function" scoring (prompt_text, completion_text) -> float, e.g. diffalign.toy.llm:toy_reward.
+    reward: str | None = None
+    max_prompts: int | None = None
+    samples_per_prompt: int = 1
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.reward is not None and ":" not in self.reward:
+            raise ValueError(
+                f"eval.reward={self.reward!r} must be 'module:function', e.g. diffalign.toy.llm:toy_reward"
+            )
+        if self.reward is not None and self.prompts is None:
+            raise ValueError("eval.reward is set but eval.prompts is null; give a file of held-out prompts")
+        for key in ("samples_per_prompt", "max_new_tokens", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"eval.{key} must be >= 1, got {getattr(self, key)}")
+        if self.temperature <= 0:
+            raise ValueError(f"eval.temperature must be > 0 (sampling), got {self.temperature}")
+
+
+@dataclass
+class LLMTrainConfig:
+    kind: str = "llm"
+    model: LLMModelConfig = field(default_factory=LLMModelConfig)
+    data: LLMDataConfig = field(default_factory=LLMDataConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6))  # TRL's DPO default
+    run: RunConfig = field(default_factory=RunConfig)
+    eval: LLMEvalConfig = field(default_factory=LLMEvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.kind != "llm":
+            raise ValueError(f"kind={self.kind!r} but this is the LLM trainer's config; use kind: llm")
+        if self.reference.strategy == "adapter_disabled" and self.model.trainable != "lora":
+            raise ValueError(
+                "reference.strategy: adapter_disabled needs model.trainable: lora; use frozen_copy or "
+                "precomputed (or auto) for a full fine-tune"
+            )
+        if self.data.schema == "unpaired":
+            paired = [name for name in self.loss.type if LOSSES[name].paired]
+            if paired:
+                raise ValueError(
+                    f"data.schema: unpaired has no chosen/rejected pairs, but loss.type has paired losses {paired}; "
+                    f"use an unpaired loss ({[s.name for s in LOSSES.values() if not s.paired]}) or paired data"
+                )
+
+    @property
+    def needs_reference(self) -> bool:
+        return any(LOSSES[name].needs_reference for name in self.loss.type)
+
+    @property
+    def reference_strategy(self) -> str:
+        """The resolved strategy: ``auto`` made concrete; ``none`` when no configured loss needs a reference."""
+        if not self.needs_reference:
+            return "none"
+        if self.reference.strategy == "auto":
+            return "adapter_disabled" if self.model.trainable == "lora" else "frozen_copy"
+        return self.reference.strategy

@@ -1,0 +1,115 @@
+"""Loading the policy (and its tokenizer), making it trainable, and writing the result."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffalign.llm.config import LLMModelConfig
+
+logger = logging.getLogger("diffalign")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def weight_dtype(config: LLMModelConfig, mixed_precision: str) -> torch.dtype:
+    """The dtype of frozen weights: as configured, or (auto) the mixed-precision dtype on a GPU, else fp32."""
+    if config.dtype != "auto":
+        return DTYPES[config.dtype]
+    if not torch.cuda.is_available():
+        return torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+
+
+def load_tokenizer(config: LLMModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config.pretrained, revision=config.revision)
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(
+                f"the tokenizer of {config.pretrained} has neither a pad nor an EOS token; add a pad token to it"
+            )
+        # Padded positions are masked everywhere, so any id will do; EOS is what TRL uses too.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(config: LLMModelConfig, dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        config.pretrained,
+        revision=config.revision,
+        dtype=dtype,
+        attn_implementation=config.attn_implementation,
+    )
+    if config.disable_dropout:
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+    return model
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model).requires_grad_(False).eval()
+
+
+def make_trainable(model: nn.Module, config: LLMModelConfig, gradient_checkpointing: bool) -> nn.Module:
+    """The policy to train: a peft LoRA model, or the model itself in fp32 for a full fine-tune."""
+    if config.trainable == "full":
+        model = model.float().requires_grad_(True)
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        lora = config.lora
+        target_modules = "all-linear" if lora.target_modules == ["all-linear"] else lora.target_modules
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=lora.rank,
+                lora_alpha=lora.alpha if lora.alpha is not None else 2 * lora.rank,
+                lora_dropout=lora.dropout,
+                target_modules=target_modules,
+                task_type="CAUSAL_LM",
+            ),
+        )
+        # Low-precision frozen base weights, fp32 LoRA weights (the optimizer's masters).
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.float()
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input gradients, so it works with a frozen embedding (LoRA).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / total)
+    return model
+
+
+def save_policy(model: nn.Module, tokenizer: Any, config: LLMModelConfig, output_dir: Path) -> None:
+    """Write what ``AutoModelForCausalLM.from_pretrained(output_dir)`` loads: the full (merged) model, or the
+    LoRA adapter with the base model's path in its ``adapter_config.json`` (loading it needs peft)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if config.trainable == "lora" and config.save == "merged":
+        # Merge into a copy: the live policy keeps its adapter (the loop may still evaluate it).
+        merged = copy.deepcopy(model).merge_and_unload()
+        merged.save_pretrained(output_dir)
+    else:
+        model.save_pretrained(output_dir)
+    if config.trainable == "lora" and config.save == "adapter":
+        # peft records the base model as loaded; a local directory becomes absolute so the adapter loads anywhere.
+        base = Path(config.pretrained)
+        if base.is_dir():
+            adapter_config = output_dir / "adapter_config.json"
+            settings = json.loads(adapter_config.read_text())
+            settings["base_model_name_or_path"] = str(base.resolve())
+            adapter_config.write_text(json.dumps(settings, indent=2))
+    tokenizer.save_pretrained(output_dir)
