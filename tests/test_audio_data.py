@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import soundfile
+import soxr
 import torch
 from scipy.signal import get_window
 
@@ -146,6 +147,14 @@ def test_too_long_audio_keeps_its_start():
     waveform, end = MEL_DECODER.waveform(MEL_DECODER.load(encoded(samples, 16_000)))
     assert waveform.shape == (1, 16_000) and end == 16_000
     torch.testing.assert_close(waveform[0], torch.from_numpy(samples[:16_000]))
+
+
+def test_trimming_before_resampling_changes_no_kept_sample():
+    samples = tone(440.0, 5.0, 44_100) * np.linspace(0.2, 1.0, 5 * 44_100, dtype=np.float32)
+    waveform, end = MEL_DECODER.waveform(MEL_DECODER.load(encoded(samples, 44_100)))
+    resampled_whole = soxr.resample(samples, 44_100, 16_000)[:16_000]
+    assert end == 16_000
+    torch.testing.assert_close(waveform[0], torch.from_numpy(resampled_whole), rtol=0, atol=1e-5)
 
 
 def test_too_short_audio_is_zero_padded_at_the_end():

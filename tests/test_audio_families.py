@@ -503,6 +503,8 @@ def test_audioldm2_training_reads_cached_conditioning_and_never_runs_gpt2(models
         raise AssertionError("GPT-2 ran during training")
 
     monkeypatch.setattr(GPT2LMHeadModel, "forward", no_generation)
+    with pytest.raises(AssertionError, match="GPT-2 ran"):  # the patch does catch the conditioning chain
+        load_family(str(models["audioldm2"])).encode_prompts(["a new prompt"])
     metrics = train(config_for(models["audioldm2"], pairs_file, tmp_path / "second", data=cache, run={"max_steps": 2}))
     assert math.isfinite(metrics["loss"])
 

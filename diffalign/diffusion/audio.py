@@ -135,8 +135,7 @@ class AudioDecoder:
 
     def settings(self) -> dict[str, Any]:
         # "version" names the transform code: bump it when the values it produces change.
-        settings = {key: value for key, value in asdict(self).items() if key != "mel"}
-        return {"decoder": "audio", "version": 1, **settings, "mel": asdict(self.mel) if self.mel else None}
+        return {"decoder": "audio", "version": 1, **asdict(self)}
 
     def load(self, data: bytes) -> Clip:
         try:
@@ -167,8 +166,8 @@ class AudioDecoder:
         """The clip at the model's rate and channel count, trimmed or padded: ``([channels, num_samples], end)``
         where ``end`` is the number of real (unpadded) samples."""
         samples = clip.samples
-        # Only the part that survives the trim is resampled (plus a margin for the resampler's filter).
-        needed = math.ceil((self.num_samples + 64) * clip.sample_rate / self.sample_rate)
+        # Only the part that survives the trim is resampled, plus 100 ms for the resampler's filter to settle.
+        needed = math.ceil(self.num_samples * clip.sample_rate / self.sample_rate) + clip.sample_rate // 10
         samples = samples[:, :needed]
         if samples.shape[0] != self.channels:
             samples = np.repeat(samples.mean(axis=0, keepdims=True), self.channels, axis=0)
