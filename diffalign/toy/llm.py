@@ -23,6 +23,8 @@ from typing import Literal
 
 import torch
 
+from diffalign.toy.bpe import train_bpe
+
 _CATEGORY_TABLE = """
 fruits: apple banana cherry grape lemon mango orange peach pear plum kiwi melon
 animals: cat dog horse cow sheep goat lion tiger bear wolf fox rabbit
@@ -184,19 +186,19 @@ def chat_text(prompt: str, completion: str | None = None) -> str:
 
 def train_tokenizer(corpus: Sequence[str], vocab_size: int):
     """A byte-level BPE tokenizer trained with `tokenizers`, wrapped for `AutoTokenizer`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
+    train_bpe(
+        tokenizer,
+        corpus,
         vocab_size=vocab_size,
         special_tokens=[PAD, END, USER, ASSISTANT, SYSTEM],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tokenizer.train_from_iterator(corpus, trainer=trainer)
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=END, pad_token=PAD)
     wrapped.chat_template = CHAT_TEMPLATE
     return wrapped
