@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from diffalign.diffusion.data import DiffusionDataConfig
 from diffalign.losses import LossConfig
@@ -82,10 +82,92 @@ class NcpSettings:
 
 
 @dataclass
+class SeppoSettings:
+    """SePPO/SSPO (methods/seppo.py): winners from the data, losers sampled by a past checkpoint."""
+
+    num_inference_steps: int = 20  # DDIM steps of the reference samples
+    guidance_scale: float = 7.5
+    generation_batch_size: int = 16
+    snapshot_every: int = 50  # the policy joins the checkpoint bank every N optimizer steps (and at step 0)
+    bank_size: int = 8  # checkpoints kept (a uniform sample of all past ones)
+    # uniform: a random past checkpoint each step (the paper's); latest / initial: its ablations.
+    selection: Literal["uniform", "latest", "initial"] = "uniform"
+    bank_dir: str | None = None  # None: CPU copies (saved in training checkpoints); a folder: safetensors files
+    # When the anchor criterion judges the reference sample a winner: pull towards it (μ = −1) or drop it (μ = 0).
+    likely_winner: Literal["pull", "no_push"] = "pull"
+
+    def __post_init__(self) -> None:
+        for name in ("num_inference_steps", "generation_batch_size", "snapshot_every", "bank_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"method.seppo.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class DragonSettings:
+    """DRAGON (methods/dragon.py): on-policy generations scored by a reward, contrasted as positive/negative sets."""
+
+    prompts_file: str | None = None  # training prompts, one per line
+    prompts: list[str] = field(default_factory=list)
+    samples_per_prompt: int = 2  # the best half of each prompt's samples are positives, the worst half negatives
+    num_inference_steps: int = 20
+    guidance_scale: float = 5.0
+    generation_batch_size: int = 16
+    reward: str = "clip_score"  # a scorer of diffalign.rewards (clip_score, clap_score, fad, vendi, toy_t2i, ...)
+    reward_options: dict[str, Any] = field(default_factory=dict)  # the scorer's options (model, reduction, ...)
+    # The reward's reference set: a text file (one exemplar per line) or a folder of images or audio files.
+    exemplars: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.samples_per_prompt < 2:
+            raise ValueError(
+                f"method.dragon.samples_per_prompt must be >= 2 (a positive and a negative per prompt), "
+                f"got {self.samples_per_prompt}"
+            )
+        for name in ("num_inference_steps", "generation_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"method.dragon.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class RpoSettings:
+    """λ-Harmonic RPO (methods/rpo.py): subject images preferred over the pretrained model's generations."""
+
+    subject_dir: str = ""  # subject images, optionally with prompts.json ("templates", "identifier", "images")
+    templates: list[str] = field(default_factory=list)  # prompts with a [V] placeholder; default: prompts.json's
+    identifier: str | None = None  # what replaces [V]; default: prompts.json's
+    # The condition of the subject images; None: their pair's prompt. The official train.py: "a photo of [V] dog".
+    reference_prompt: str | None = None
+    negatives_per_prompt: int = 16
+    sampling_steps: int = 50  # DDIM steps for the negatives and for validation
+    guidance_scale: float = 7.5
+    generation_batch_size: int = 16
+    label_lambda: float = 0.0  # λ of the training labels (official: 0, text similarity only)
+    label_sampling: Literal["soft", "bernoulli"] = "soft"  # bernoulli: hard labels ~ Bernoulli(p), as the official
+    validation_lambda: float = 0.5  # λ_val of the early-stopping reward
+    validation_images: int = 4  # per template
+    reward_model: str = "kakaobrain/align-base"
+    reward_encoder: Literal["clip", "open_clip"] = "clip"
+    reward_options: dict[str, Any] = field(default_factory=dict)  # device, dtype, processor, checkpoint
+    rescale_similarity: bool = True  # cosines mapped to (s + 1)/2 before the harmonic mean, as the official
+    share_noise: bool = True  # one ε and t per pair; false: per image, as the official train.py
+
+    def __post_init__(self) -> None:
+        for name in ("label_lambda", "validation_lambda"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"method.rpo.{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("negatives_per_prompt", "sampling_steps", "generation_batch_size", "validation_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"method.rpo.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
 class MethodConfig:
-    name: Literal["dpo", "inpo", "ncp"] = "dpo"
+    name: Literal["dpo", "inpo", "ncp", "seppo", "dragon", "rpo"] = "dpo"
     inpo: InpoSettings = field(default_factory=InpoSettings)
     ncp: NcpSettings = field(default_factory=NcpSettings)
+    seppo: SeppoSettings = field(default_factory=SeppoSettings)
+    dragon: DragonSettings = field(default_factory=DragonSettings)
+    rpo: RpoSettings = field(default_factory=RpoSettings)
 
 
 @dataclass

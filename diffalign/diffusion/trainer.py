@@ -23,7 +23,7 @@ from torch import nn
 from diffalign.diffusion.config import DiffusionTrainConfig
 from diffalign.diffusion.data import build_pair_dataset
 from diffalign.diffusion.families import DiffusionFamily, load_family
-from diffalign.diffusion.methods import METHODS, LatentPairBatch
+from diffalign.diffusion.methods import METHODS, LatentPairBatch, TrainingContext
 from diffalign.diffusion.reference import ReferenceDenoiser
 from diffalign.diffusion.sampling import Samples, generate_samples, save_samples, win_rate
 from diffalign.losses import LOSSES, compute_loss
@@ -101,20 +101,31 @@ class DiffusionRecipe:
         self.method = METHODS[config.method.name](family, reference, config.method)
 
         self.decoder = family.media_decoder(config.data)
-        self.train_dataset, self.collate, self.data_stats = build_pair_dataset(
-            config.data, family=family, seed=config.run.seed, accelerator=accelerator, decoder=self.decoder
-        )
+        # Online methods bring their own training data (prompts, subject images); the others read pairs.
+        training_data = getattr(self.method, "training_data", None)
+        if training_data is not None:
+            self.train_dataset, self.collate, self.data_stats = training_data(config, accelerator)
+        else:
+            self.train_dataset, self.collate, self.data_stats = build_pair_dataset(
+                config.data, family=family, seed=config.run.seed, accelerator=accelerator, decoder=self.decoder
+            )
         logger.info("training data: %s", self.data_stats)
         self.eval_prompts = self._eval_prompts()
         self._base_eval: tuple[Samples, torch.Tensor | None] | None = None
         self._scorer = None
+        # The loop keeps the model that maximises this evaluation metric (early stopping), if the method has one.
+        self.selection_metric = getattr(self.method, "selection_metric", None)
+        self.micro_batches = 0  # seen by training_step, so online methods know the optimizer step
 
     # --- training -----------------------------------------------------------------------------------------------
+    def noise_seeds(self, batch: dict[str, Any]) -> list[int]:
+        # Every random draw of a pair is a function of (run seed, sample id): see training/sampler.py.
+        return [self.config.run.seed * 2**32 + sample_id for sample_id in batch["sample_ids"]]
+
     def latent_batch(self, batch: dict[str, Any]) -> LatentPairBatch:
         """Latents and prompt embeddings for a batch: read from the cache, or encoded now."""
         family = self.family
-        # Every random draw of a pair is a function of (run seed, sample id): see training/sampler.py.
-        noise_seeds = [self.config.run.seed * 2**32 + sample_id for sample_id in batch["sample_ids"]]
+        noise_seeds = self.noise_seeds(batch)
         if "chosen_latents" in batch:
             chosen, rejected, prompt_embeds = batch["chosen_latents"], batch["rejected_latents"], batch["prompt_embeds"]
         else:
@@ -146,11 +157,24 @@ class DiffusionRecipe:
         )
 
     def training_step(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
-        pair_batch = self.latent_batch(batch)
+        make_pairs = getattr(self.method, "make_pairs", None)  # online methods generate (part of) the pairs
+        if make_pairs is None:
+            pair_batch, pair_metrics = self.latent_batch(batch), {}
+        else:
+            context = TrainingContext(
+                step=self.micro_batches // self.config.run.gradient_accumulation_steps,
+                seed=self.config.run.seed,
+                noise_seeds=self.noise_seeds(batch),
+                encode=self.latent_batch,
+            )
+            pair_batch, pair_metrics = make_pairs(model, batch, context)
+        self.micro_batches += 1
         scores, method_metrics = self.method.pair_scores(model, pair_batch)
         output = compute_loss(scores, self.config.loss)
         return StepOutput(
-            loss=output.loss, metrics={**output.metrics, **method_metrics}, counts={"pairs": pair_batch.size}
+            loss=output.loss,
+            metrics={**output.metrics, **pair_metrics, **method_metrics},
+            counts={"pairs": pair_batch.size},
         )
 
     # --- evaluation ---------------------------------------------------------------------------------------------
@@ -186,6 +210,13 @@ class DiffusionRecipe:
         return self._scorer(samples, self.eval_prompts).float().cpu()
 
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
+        if not self.accelerator.is_main_process:
+            return {}
+        method_evaluate = getattr(self.method, "evaluate", None)  # e.g. RPO's validation reward
+        metrics = method_evaluate(model, step) if method_evaluate is not None else {}
+        return {**metrics, **self.evaluate_prompts(model, step)}
+
+    def evaluate_prompts(self, model: nn.Module, step: int) -> dict[str, float]:
         if not self.eval_prompts or not self.accelerator.is_main_process:
             return {}
         if self._base_eval is None:  # the base model does not change: sample and score it once
@@ -205,6 +236,18 @@ class DiffusionRecipe:
             "reward_aligned": aligned_scores.mean().item(),
             "reward_base": base_scores.mean().item(),
         }
+
+    # --- resumption ---------------------------------------------------------------------------------------------
+    def extra_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"micro_batches": self.micro_batches}
+        if hasattr(self.method, "extra_state"):  # e.g. SePPO's checkpoint bank
+            state["method"] = self.method.extra_state()
+        return state
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.micro_batches = state.get("micro_batches", 0)
+        if "method" in state:
+            self.method.load_extra_state(state["method"])
 
     # --- export -------------------------------------------------------------------------------------------------
     def save_final(self, model: nn.Module, output_dir: Path) -> None:
