@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -12,6 +13,8 @@ commands:
   demo     run Diffusion-DPO on the shipped toy text-to-image model (CPU, minutes) and report the win rate
   train    train from a YAML config: diffalign train configs/x.yaml [section.key=value ...]
   losses   list the preference losses of the core, one line each
+  eval     compare an aligned model with its base: samples, scores, confidence intervals, win rates, a report
+  relabel  relabel a pair dataset with a scorer (AI feedback), in the same schema
 """
 
 
@@ -43,6 +46,38 @@ def command_demo(args: argparse.Namespace) -> int:
 
     metrics = run_demo(args.output_dir, args.overrides)
     print_metrics(metrics)
+    return 0
+
+
+def command_eval(args: argparse.Namespace) -> int:
+    from diffalign.config import ConfigError, load_config
+    from diffalign.eval import evaluate
+
+    config = load_config(args.config, args.overrides)
+    if config.kind != "eval":
+        raise ConfigError(
+            f"{args.config}: kind is {config.kind!r}; `diffalign eval` takes a config with kind: eval"
+        )
+    report = evaluate(config)
+    for key, entry in report["scorers"].items():
+        if entry["set_level"]:
+            print(f"{key:>20}: base {entry['base']['value']:.4g}  aligned {entry['aligned']['value']:.4g}")
+        else:
+            print(
+                f"{key:>20}: base {entry['base']['value']:.4g}  aligned {entry['aligned']['value']:.4g}  "
+                f"win rate {entry['win_rate']['value']:.1%}"
+            )
+    print(f"report: {config.report.output_dir}/report.md")
+    return 0
+
+
+def command_relabel(args: argparse.Namespace) -> int:
+    from diffalign.eval.relabel import load_relabel_config, relabel
+
+    arguments = list(args.arguments)
+    config_path = arguments.pop(0) if arguments and "=" not in arguments[0] else None
+    summary = relabel(load_relabel_config(config_path, arguments))
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -82,6 +117,32 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="outputs/demo", help="where the run, grid and LoRA are written")
     demo.add_argument("overrides", nargs="*", help="section.key=value overrides of configs/toy_dpo.yaml")
     demo.set_defaults(handler=command_demo)
+
+    evaluation = commands.add_parser(
+        "eval",
+        help="compare an aligned model with its base and write a report",
+        description="Sample the base and the aligned model (a LoRA, a denoiser or a training output directory) on "
+        "the same prompts with the same seeds, score both with the configured scorers and write a report folder: "
+        "report.json (means with confidence intervals, win rates, per-prompt scores), report.md, a grid of sample "
+        "pairs (spectrograms and WAV clips for audio) and a plot. Example: `diffalign eval configs/eval_toy.yaml "
+        "model.aligned=outputs/demo report.output_dir=outputs/demo-eval`.",
+    )
+    evaluation.add_argument("config", help="path to a YAML config with kind: eval")
+    evaluation.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    evaluation.set_defaults(handler=command_eval)
+
+    relabel = commands.add_parser(
+        "relabel",
+        help="relabel a pair dataset with a scorer (AI feedback)",
+        description="Score both members of every pair of a parquet pair dataset (Pick-a-Pic or audio-alpaca "
+        "schema) and write a parquet file with new labels in the same schema, plus <output>.summary.json "
+        "(label counts, ties, agreement with the old labels). Give a YAML config, key=value settings, or both: "
+        "`diffalign relabel source=pairs.parquet output=relabelled.parquet scorer.name=pickscore tie_margin=0.1`.",
+    )
+    relabel.add_argument(
+        "arguments", nargs="*", metavar="[config.yaml] key=value", help="a config and/or settings"
+    )
+    relabel.set_defaults(handler=command_relabel)
     return parser
 
 

@@ -22,6 +22,7 @@ import yaml
 CONFIG_KINDS: dict[str, str] = {
     "diffusion": "diffalign.diffusion.config:DiffusionTrainConfig",
     "llm": "diffalign.llm.config:LLMTrainConfig",
+    "eval": "diffalign.eval.config:EvalConfig",
 }
 
 T = TypeVar("T")
