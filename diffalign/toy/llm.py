@@ -3,11 +3,12 @@
 A user asks e.g. "List three fruits as a numbered list." The base model was pretrained on procedurally
 generated dialogues in which the assistant uses the asked format half of the time (otherwise another of the
 four formats) and gives the asked number of items 80% of the time, so sampling it satisfies the request in
-roughly 40% of answers. `toy_reward` scores an answer against the request; the preference data under
-`assets/toy-llm/data/` are the base model's own samples labelled by that reward. Alignment is visible as a
+roughly a third of answers (33% on held-out prompts in the shipped build). `toy_reward` scores an answer
+against the request; the preference data under `assets/toy-llm/data/` are the base model's own samples
+labelled by that reward. Alignment is visible as a
 rise in the share of answers that follow the request on held-out prompts.
 
-Build: ``build(Path("assets/toy-llm"), seed=0)`` (a few minutes on a laptop CPU).
+Build: ``python -m diffalign.toy build llm`` (7 minutes on one CPU core).
 """
 
 from __future__ import annotations

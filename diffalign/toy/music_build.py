@@ -11,7 +11,8 @@ Stages, each small enough to read on its own:
    embedding on the frozen toy CLAP's text embedding, with 10% empty captions for classifier-free guidance;
 7. the components saved in the ``MusicLDMPipeline`` layout;
 8. audio-alpaca-style preference pairs sampled from those components and labelled by
-   :func:`~diffalign.toy.music.toy_reward` (with ties and label noise), and an exemplar set;
+   :func:`~diffalign.toy.music.toy_reward` (with ties and label noise), an exemplar set and the prompt
+   splits as text files (``prompts/train.txt``, ``prompts/heldout.txt``);
 9. measured quality: reward of base samples, CLAP retrieval, pitch and tempo after vocoding.
 
 Run it with ``python -m diffalign.toy build music``.
@@ -57,6 +58,7 @@ from diffalign.toy.music import (
     ClipSpec,
     ToyMusicModel,
 )
+from diffalign.toy.prompts import write_prompt_files
 
 log = logging.getLogger(__name__)
 
@@ -73,16 +75,16 @@ class MusicBuildConfig:
     ``assets/README.md`` for their time and size); tiny values give a quick smoke build."""
 
     clips: int = 6_000  # synthesized captioned clips, shared by every stage
-    clap_steps: int = 600
+    clap_steps: int = 300
     clap_batch_size: int = 128
-    vae_steps: int = 500
+    vae_steps: int = 250
     vae_batch_size: int = 32
     vae_crop_frames: int = 32  # the VAE is convolutional: it trains on crops, and runs on whole clips
     vae_kl_weight: float = 1e-4
-    vocoder_steps: int = 800
+    vocoder_steps: int = 1600
     vocoder_batch_size: int = 16
     vocoder_crop_frames: int = 32
-    unet_steps: int = 800
+    unet_steps: int = 1000
     unet_batch_size: int = 64
     unet_learning_rate: float = 2e-3
     unet_ema_decay: float = 0.995
@@ -746,6 +748,7 @@ def build_toy_music(output_dir: str | Path, seed: int = 0, config: MusicBuildCon
 
     start = time.perf_counter()
     build_exemplars(output_dir / "exemplars", model, config.exemplars, generator(10))
+    write_prompt_files(output_dir / "prompts", music.load_prompts)
     fresh = make_clips(config.quality_clips, generator(11))
     quality["clap_retrieval"] = clap_retrieval_accuracy(
         model.text_encoder, model.tokenizer, clap_features(model.feature_extractor, fresh.waveforms), fresh.specs

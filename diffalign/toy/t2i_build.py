@@ -47,6 +47,7 @@ from transformers import (
 
 from diffalign.toy import t2i
 from diffalign.toy.bpe import train_bpe
+from diffalign.toy.prompts import write_prompt_files
 from diffalign.toy.t2i import COLOURS, RESOLUTION, SHAPES, SIZES, SceneBatch
 
 log = logging.getLogger(__name__)
@@ -68,25 +69,26 @@ class T2IBuildConfig:
 
     scenes: int = 24_000  # rendered captioned scenes, shared by CLIP and UNet training
     autoencoder_scenes: int = 8_000  # scenes for the VAE, a third of them off-palette or two-tone
-    clip_steps: int = 800
+    clip_steps: int = 500
     clip_batch_size: int = 256
-    vae_steps: int = 800
-    vae_batch_size: int = 64
+    vae_steps: int = 1500
+    vae_batch_size: int = 32
     vae_learning_rate: float = 2e-3
     vae_kl_weight: float = 1e-6
-    unet_steps: int = 3000
-    unet_batch_size: int = 128
+    unet_steps: int = 2500
+    unet_batch_size: int = 64
     unet_learning_rate: float = 1e-3
-    unet_ema_decay: float = 0.999
+    unet_ema_decay: float = 0.998
     empty_caption_fraction: float = 0.1  # unconditional training for classifier-free guidance
     partial_caption_fraction: float = 0.15  # captions without size and/or colour ("a red circle", "a circle")
-    train_images_per_prompt: int = 48
-    heldout_images_per_prompt: int = 24
-    sampling_steps: int = 25
+    train_images_per_prompt: int = 32
+    heldout_images_per_prompt: int = 16
+    sampling_steps: int = 20
     guidance_scale: float = 4.0
     tie_fraction: float = 0.05  # pairs with the closest rewards get label 0.5
     label_flip_fraction: float = 0.1  # of the other pairs, labels flipped at random
     subject_images: int = 5
+    threads: int = 1  # a busy shared CPU runs small models faster on one thread than on contended two
 
     def __post_init__(self) -> None:
         for field in fields(self):
@@ -323,7 +325,7 @@ def make_unet(cross_attention_dim: int) -> UNet2DConditionModel:
         layers_per_block=1,
         norm_num_groups=8,
         cross_attention_dim=cross_attention_dim,
-        attention_head_dim=4,
+        attention_head_dim=16,  # 2–4 heads: many 4-wide heads cost more on a CPU and gain nothing here
     )
 
 
@@ -558,6 +560,7 @@ def build_toy_t2i(output_dir: str | Path, seed: int = 0, config: T2IBuildConfig 
     config = config or T2IBuildConfig()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(config.threads)
     timings: dict[str, float] = {}
 
     def stage(name: str, start: float) -> None:
@@ -635,6 +638,7 @@ def build_toy_t2i(output_dir: str | Path, seed: int = 0, config: T2IBuildConfig 
     stage("preference data", start)
 
     build_subject_set(output_dir / "subject", config.subject_images, generator(10))
+    write_prompt_files(output_dir / "prompts", t2i.load_prompts)
 
     sizes = {
         name: _directory_size(output_dir / name)
