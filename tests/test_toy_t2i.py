@@ -301,20 +301,25 @@ def test_small_build_is_reproducible_and_loadable(tmp_path):
 # -------------------------------------------------------------------------------------------------- cli
 
 
-def test_cli_dispatches_to_each_toys_build_and_reports_missing_ones(tmp_path, monkeypatch, capsys):
-    calls = []
+def test_cli_builds_one_toy_or_all_side_by_side(tmp_path, monkeypatch, capsys):
     fake = types.ModuleType("diffalign.toy.fake_toy")
-    fake.build = lambda output_dir, seed: calls.append((output_dir, seed))
+
+    def build(output_dir, seed):  # leaves a trace on disk, so it is seen from a worker process too
+        output_dir.mkdir(parents=True)
+        (output_dir / "seed.txt").write_text(f"{seed} {os.getpid()}")
+
+    fake.build = build
     monkeypatch.setitem(sys.modules, "diffalign.toy.fake_toy", fake)
     monkeypatch.setattr(
-        toy_cli,
-        "TOYS",
-        {"fake": ("diffalign.toy.fake_toy", "toy-fake"), "ghost": ("diffalign.toy.not_written_yet", "toy-ghost")},
+        toy_cli, "TOYS", {"one": ("diffalign.toy.fake_toy", "toy-one"), "two": ("diffalign.toy.fake_toy", "toy-two")}
     )
-    assert toy_cli.main(["build", "fake", "--assets-dir", str(tmp_path), "--seed", "3"]) == 0
-    assert calls == [(tmp_path / "toy-fake", 3)]
-    assert toy_cli.main(["build", "all", "--assets-dir", str(tmp_path)]) == 1
-    output = capsys.readouterr().out
-    assert "diffalign.toy.not_written_yet does not exist yet" in output
-    assert "[fake] done in" in output
-    assert len(calls) == 2
+    assert toy_cli.main(["build", "one", "--assets-dir", str(tmp_path / "a"), "--seed", "3"]) == 0
+    assert (tmp_path / "a" / "toy-one" / "seed.txt").read_text() == f"3 {os.getpid()}"
+    assert not (tmp_path / "a" / "toy-two").exists()
+
+    assert toy_cli.main(["build", "all", "--assets-dir", str(tmp_path / "b"), "--jobs", "2"]) == 0
+    traces = [(tmp_path / "b" / f"toy-{name}" / "seed.txt").read_text().split() for name in ("one", "two")]
+    assert [seed for seed, _ in traces] == ["0", "0"]
+    assert all(int(pid) != os.getpid() for _, pid in traces)  # each built in a worker process
+    output = capsys.readouterr().out  # the workers' own lines go to the real stdout, not to capsys
+    assert "[one] done in" in output and "built one, two in" in output
