@@ -106,7 +106,8 @@ def test_reward_matches_its_formula_on_constructed_scenes():
     distance_squared = torch.tensor([(x - 0.5) ** 2 + (y - 0.5) ** 2 for x, y in centres])
     expected = fidelity * (1 + torch.exp(-distance_squared / (2 * t2i.CENTRE_SIGMA**2))) / 2
     reward = t2i.toy_reward(images, prompts)
-    torch.testing.assert_close(reward, expected, atol=2e-3, rtol=0)
+    # The checker measures centres to within 0.01 of where they were drawn (rasterisation), hence the tolerance.
+    torch.testing.assert_close(reward, expected, atol=5e-3, rtol=0)
     assert reward[0] > 0.95 and reward[0] > reward[1] > reward[2] > 0.5
     torch.testing.assert_close(t2i.toy_reward(images, prompts), reward, atol=0, rtol=0)  # deterministic
 

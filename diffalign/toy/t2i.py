@@ -358,7 +358,9 @@ def _measure(images: Tensor) -> _Measurements:
     )
     templates = (upper + lower).view(count, len(SHAPES), resolution, resolution)
     observed = coverage.unsqueeze(1)
-    iou = torch.minimum(observed, templates).sum((2, 3)) / torch.maximum(observed, templates).sum((2, 3))
+    # A blank image has no coverage and a vanishing template: clamp so that its IoU is 0, not 0/0.
+    union = torch.maximum(observed, templates).sum((2, 3)).clamp_min(1e-6)
+    iou = torch.minimum(observed, templates).sum((2, 3)) / union
     palette = torch.tensor(list(COLOURS.values()))
     colour_distance = ((colour[:, None, :] - palette[None]) ** 2).sum(2)
     return _Measurements(
