@@ -39,8 +39,9 @@ from diffalign.llm.model import (
     weight_dtype,
 )
 from diffalign.llm.reference import ModelReference, load_or_precompute, precomputed_reference
-from diffalign.losses import LOSSES, PairScores, compute_loss
+from diffalign.losses import LOSSES, PairScores
 from diffalign.training import StepOutput, make_accelerator, run_training
+from diffalign.training.distributed import compute_loss_on_global_batch, mean_over_processes
 
 logger = logging.getLogger("diffalign")
 
@@ -148,8 +149,7 @@ class LLMRecipe:
             # clamped at 0 (Ethayarajh et al., arXiv 2402.01306).
             with torch.no_grad():
                 mismatched, _ = completion_logps(model, **select_rows(batch, slice(size, None)))
-            kl = self.accelerator.reduce((mismatched - reference[size:]).mean(), reduction="mean")
-            kl_reference_point = kl.clamp(min=0).detach()
+            kl_reference_point = mean_over_processes(mismatched - reference[size:]).clamp(min=0)
             metrics["kl_reference_point"] = kl_reference_point
         reference = reference[:size] if reference is not None else None
         scores = PairScores(
@@ -165,7 +165,8 @@ class LLMRecipe:
 
     def training_step(self, model: nn.Module, batch: dict[str, Tensor]) -> StepOutput:
         scores, metrics = self.pair_scores(model, batch)
-        output = compute_loss(scores, self.config.loss)
+        # Batch-level losses (AOT) sort the scores of every process's pairs, not just this process's.
+        output = compute_loss_on_global_batch(scores, self.config.loss)
         return StepOutput(
             loss=output.loss,
             metrics={**output.metrics, **metrics},

@@ -1,10 +1,14 @@
-"""Two processes (gloo on CPU) equal one process with the same global batch.
+"""Two processes (gloo on CPU) equal one process with the same global batch, and resume under one.
 
 `accelerate launch --cpu` runs a single process, so the processes are started with torchrun, which
-accelerate picks up from the environment exactly as on a multi-GPU machine.
+accelerate picks up from the environment exactly as on a multi-GPU machine. The batch-level losses (AOT's sort)
+and KTO's reference point z0 need every process's samples (diffalign/training/distributed.py); the FSDP2 test
+shards a tiny model with torch's fully_shard on CPU (accelerate 1.15 sets up FSDP only on accelerators).
 """
 
+import copy
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +17,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
+from fsdp_worker import make_optimizer, make_policy, probe, train_steps
 from test_diffusion_trainer import png
 from tiny_pipelines import build_tiny_sd
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from diffalign.toy.llm import train_tokenizer
+
+TESTS = Path(__file__).resolve().parent
 
 pytestmark = pytest.mark.slow
 
@@ -46,22 +57,16 @@ def write_config(directory: Path, model: Path, data: Path, output: Path, **run) 
     return path
 
 
-def launch(config: Path, processes: int) -> None:
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(processes),
-        "--master_port",
-        "29617",
-        "-m",
-        "diffalign",
-        "train",
-        str(config),
-    ]
+def torchrun(processes: int, *arguments: str) -> None:
+    # --standalone: a free rendezvous port, so that runs started at the same time (other test sessions) never meet.
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    command += arguments
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def launch(config: Path, processes: int) -> None:
+    torchrun(processes, "-m", "diffalign", "train", str(config))
 
 
 def losses(output: Path) -> dict[int, float]:
@@ -98,3 +103,131 @@ def test_two_processes_match_one_process_and_resume_under_one(setup):
     launch(write_config(root, model, data, switched, batch_size=1, max_steps=2), processes=2)
     launch(write_config(root, model, data, switched, resume="latest"), processes=1)
     assert losses(switched) == pytest.approx(reference, abs=1e-5)
+
+
+# --- LLM: AOT's sort and KTO's z0 over every process; a 2-process checkpoint resumed under 1 ----------------
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A random two-layer Llama with a small byte-level BPE tokenizer; paired and unpaired (KTO) data for it."""
+    root = tmp_path_factory.mktemp("llm")
+    rng = random.Random(0)
+    words = ["red", "blue", "green", "white", "circle", "square", "star", "line"]
+    prompts = [f"draw a {rng.choice(words[:4])} {rng.choice(words[4:])} number {i}" for i in range(16)]
+    answers = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 8))) for _ in range(32)]
+    paired = [{"prompt": p, "chosen": answers[2 * i], "rejected": answers[2 * i + 1]} for i, p in enumerate(prompts)]
+    unpaired = [{"prompt": p, "completion": answers[i], "label": i % 2 == 0} for i, p in enumerate(prompts)]
+    tokenizer = train_tokenizer(prompts + answers, vocab_size=320)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    return root / "model", write_jsonl(root / "paired.jsonl", paired), write_jsonl(root / "unpaired.jsonl", unpaired)
+
+
+def write_llm_config(model: Path, data: Path, output: Path, loss: str, **run) -> Path:
+    config = {
+        "kind": "llm",
+        "model": {"pretrained": str(model), "trainable": "lora", "lora": {"rank": 4}},
+        "data": {"path": str(data), "max_prompt_length": 32, "max_length": 64},
+        "loss": {"type": [loss], "beta": 1.0},
+        # Plain SGD (lr/eps = 0.5), as in write_config: Adam would blow rounding noise up to full-size steps.
+        "optim": {"lr": 500.0, "eps": 1000.0, "warmup_steps": 0, "scheduler": "constant", "max_grad_norm": None},
+        "run": {
+            "output_dir": str(output),
+            "max_steps": 4,
+            "log_every": 1,
+            "checkpoint_every": 2,
+            "trackers": [],
+            "progress_bar": False,
+            "mixed_precision": "no",
+            **run,
+        },
+    }
+    path = output.with_suffix(".json")
+    path.write_text(json.dumps(config))
+    return path
+
+
+def metric(output: Path, name: str) -> dict[int, float]:
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    return {record["step"]: record[name] for record in records if name in record}
+
+
+def test_a_batch_level_loss_sorts_the_global_batch(tiny_llm, tmp_path):
+    """AOT sorts the margins of the whole batch: 2 processes × 2 pairs must sort all 4 together, as 1 × 4 does
+    (each process sorting only its own 2 pairs gives a different loss by step 3)."""
+    model, paired, _ = tiny_llm
+    single, double = tmp_path / "single", tmp_path / "double"
+    launch(write_llm_config(model, paired, single, "aot", batch_size=4, max_steps=3), processes=1)
+    launch(write_llm_config(model, paired, double, "aot", batch_size=2, max_steps=3), processes=2)
+    reference = losses(single)
+    assert sorted(reference) == [1, 2, 3] and len(set(reference.values())) == 3
+    assert losses(double) == pytest.approx(reference, abs=1e-5)
+
+
+def test_kto_reference_point_spans_the_processes_and_a_checkpoint_resumes_under_one(tiny_llm, tmp_path):
+    """KTO's z0 is the mean over every process's mismatched pairs, with 2 accumulated micro-batches per step."""
+    model, _, unpaired = tiny_llm
+    accumulate = {"gradient_accumulation_steps": 2}
+    single = tmp_path / "single"  # 4 rows per micro-batch
+    launch(write_llm_config(model, unpaired, single, "kto", batch_size=4, **accumulate), processes=1)
+    reference = losses(single)
+    assert sorted(reference) == [1, 2, 3, 4] and metric(single, "kl_reference_point")[3] > 0  # z0 shapes the loss
+
+    # 2 rows per process and micro-batch: the same global micro-batches, for 3 steps (z0 > 0 at step 3).
+    switched = tmp_path / "switched"
+    launch(write_llm_config(model, unpaired, switched, "kto", batch_size=2, max_steps=3, **accumulate), processes=2)
+    assert losses(switched) == pytest.approx({step: reference[step] for step in (1, 2, 3)}, abs=1e-5)
+    # Its step-2 checkpoint finishes the run on 1 process: steps 3 and 4 as in the 1-process run.
+    resume = str(switched / "checkpoints" / "step-0000002")
+    launch(write_llm_config(model, unpaired, switched, "kto", batch_size=4, resume=resume, **accumulate), processes=1)
+    assert losses(switched) == pytest.approx(reference, abs=1e-5)
+
+
+# --- FSDP2 on CPU: the engine-facing code with really sharded parameters -----------------------------------
+
+
+def test_fsdp2_matches_one_process_resumes_under_one_and_gathers_a_plain_copy(tmp_path):
+    worker = str(TESTS / "fsdp_worker.py")
+    torchrun(2, worker, str(tmp_path / "sharded"), "--steps", "0", "2")
+    checkpoint = tmp_path / "sharded" / "checkpoint"
+    torchrun(1, worker, str(tmp_path / "resumed"), "--steps", "2", "4", "--resume", str(checkpoint))
+    sharded = json.loads((tmp_path / "sharded" / "result.json").read_text())
+    resumed = json.loads((tmp_path / "resumed" / "result.json").read_text())
+
+    # The same training, unsharded, in one process with the whole batch.
+    policy = make_policy()
+    reference = copy.deepcopy(policy).requires_grad_(False).eval()
+    optimizer = make_optimizer(policy)
+    first, first_norms = train_steps(policy, reference, optimizer, range(0, 2))
+    with torch.no_grad():
+        outputs_after_two = policy(probe())
+    second, second_norms = train_steps(policy, reference, optimizer, range(2, 4))
+
+    assert len(set(first + second)) == 4
+    assert sharded["losses"] == pytest.approx(first, abs=1e-5)
+    assert resumed["losses"] == pytest.approx(second, abs=1e-5)
+    # The norm of the gradient shards is the norm of the whole gradient (clipped at 1 in both runs).
+    assert sharded["grad_norms"] + resumed["grad_norms"] == pytest.approx(first_norms + second_norms, rel=1e-5)
+    assert max(first_norms + second_norms) > 1.0
+    # Evaluation and export see the full weights as a plain module on the main process.
+    assert sharded["plain_parameter_types"] == ["Parameter"]
+    torch.testing.assert_close(torch.tensor(sharded["probe_outputs"]), outputs_after_two, atol=1e-5, rtol=0)

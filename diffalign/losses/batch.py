@@ -1,7 +1,8 @@
 """Batch-level losses: they sort scores across the batch, so one pair's loss depends on the others.
 
-Under data parallelism each process sorts only its own shard; gather the scores first for the paper's
-behaviour (larger batches give a better transport plan).
+Under data parallelism each process holds only its own shard: the trainers gather every process's scores
+first (``diffalign.training.distributed.compute_loss_on_global_batch``), as the paper's behaviour needs (larger
+batches give a better transport plan). This module itself stays pure.
 """
 
 from __future__ import annotations

@@ -4,6 +4,17 @@ A checkpoint holds only what the run changes: the trainable parameters (a LoRA a
 reference is never in it), the optimizer, the lr scheduler, the fp16 loss scaler, every process's RNG states
 and the loop's position. It is written into ``step-N.tmp`` and renamed to ``step-N`` only when complete, so a
 crash mid-write never leaves a half checkpoint that ``resume: latest`` would pick.
+
+How the parameters and the optimizer state are written depends on the engine (a ``ModelState``):
+
+- ``ReplicatedModelState`` (one process, DDP): every process holds everything; the main process writes
+  ``trainable.safetensors`` and ``optimizer.pt``. Resumes on any number of processes.
+- ``GatheredModelState`` (FSDP2): parameters and optimizer state are sharded DTensors; they are gathered into
+  full tensors keyed by parameter name (``trainable.safetensors``, ``optimizer_by_name.pt``), so the run also
+  resumes on any number of processes.
+- ``DeepSpeedModelState`` (ZeRO-1/2/3): the optimizer state (and under ZeRO-3 the parameters) are partitioned
+  inside DeepSpeed's engine, which writes its own per-process files (``deepspeed/``), frozen parameters
+  excluded. DeepSpeed restores them on the same number of processes only.
 """
 
 from __future__ import annotations
@@ -15,7 +26,7 @@ import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -52,6 +63,137 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
+def trainable_names(model: nn.Module) -> set[str]:
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+def read_trainable(directory: Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The checkpoint's trainable parameters, checked against the model's."""
+    trainable = load_file(directory / "trainable.safetensors")
+    expected = trainable_names(model)
+    if set(trainable) != expected:
+        missing, unexpected = sorted(expected - set(trainable)), sorted(set(trainable) - expected)
+        raise ValueError(
+            f"checkpoint {directory} does not match the model's trainable parameters "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); was it written by a different config?"
+        )
+    return trainable
+
+
+def require_file(path: Path, engine: str) -> Path:
+    if not path.exists():
+        found = sorted(p.name for p in path.parent.iterdir())
+        raise FileNotFoundError(
+            f"checkpoint {path.parent} has no {path.name}, which a {engine} run needs (it has {found}); "
+            "resume a run with the engine (accelerate config) that wrote the checkpoint"
+        )
+    return path
+
+
+class ModelState(Protocol):
+    """How one engine writes the trained parameters and the optimizer state into a checkpoint directory and
+    reads them back. Every process calls both (saving may be collective); only the main process writes files
+    that every process shares."""
+
+    def save(self, directory: Path, is_main_process: bool) -> None: ...
+
+    def load(self, directory: Path) -> None: ...
+
+
+class ReplicatedModelState:
+    """One process or DDP: every process holds the full parameters and optimizer state."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model = model  # unwrapped: parameter names without DDP's "module." prefix
+        self.optimizer = optimizer
+
+    def save(self, directory: Path, is_main_process: bool) -> None:
+        if is_main_process:
+            save_file(trainable_state_dict(self.model), directory / "trainable.safetensors")
+            torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+
+    def load(self, directory: Path) -> None:
+        trainable = read_trainable(directory, self.model)
+        parameters = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in trainable.items():
+                parameters[name].copy_(value)
+        optimizer_file = require_file(directory / "optimizer.pt", "single-process or DDP")
+        self.optimizer.load_state_dict(torch.load(optimizer_file, weights_only=False))
+
+
+class GatheredModelState:
+    """FSDP2: sharded parameters and optimizer state, gathered into full tensors keyed by parameter name.
+
+    Uses torch.distributed.checkpoint's state-dict API, which turns DTensor shards into full tensors (on the CPU
+    of the main process) and full tensors back into this run's shards, whatever the number of processes.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model = model  # FSDP2 shards the module in place: its parameter names are the plain model's
+        # The torch optimizer itself: the state-dict API may run a zero-learning-rate step to create the state
+        # it loads into, which accelerate's wrapper would skip outside an accumulation boundary.
+        self.optimizer = getattr(optimizer, "optimizer", optimizer)
+
+    def save(self, directory: Path, is_main_process: bool) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        # Collective: every process sends its shards; with cpu_offload only the main process receives them.
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = get_model_state_dict(self.model, options=options)
+        optimizer_state = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+        if is_main_process:
+            names = trainable_names(self.model)
+            trainable = {name: value.contiguous() for name, value in model_state.items() if name in names}
+            save_file(trainable, directory / "trainable.safetensors")
+            torch.save(optimizer_state, directory / "optimizer_by_name.pt")
+
+    def load(self, directory: Path) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        trainable = read_trainable(directory, self.model)
+        optimizer_file = require_file(directory / "optimizer_by_name.pt", "FSDP")
+        optimizer_state = torch.load(optimizer_file, weights_only=False)
+        # Every process reads the full tensors and keeps its own shards (strict=False: frozen weights are not
+        # in the checkpoint and keep their pretrained values).
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(self.model, trainable, options=options)
+        set_optimizer_state_dict(self.model, self.optimizer, optimizer_state, options=options)
+
+
+class DeepSpeedModelState:
+    """DeepSpeed ZeRO: the engine checkpoints its own partitions (``engine.save_checkpoint``)."""
+
+    TAG = "deepspeed"
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def save(self, directory: Path, is_main_process: bool) -> None:
+        # Collective: every process writes its optimizer partition. Frozen parameters (a LoRA run's base model,
+        # never a separate reference, which the engine does not hold) are left out.
+        self.engine.save_checkpoint(
+            str(directory), tag=self.TAG, exclude_frozen_parameters=True, save_latest=False
+        )
+
+    def load(self, directory: Path) -> None:
+        require_file(directory / self.TAG, "DeepSpeed")
+        # Not strict: the frozen parameters were not saved; the lr schedule is the loop's, restored separately.
+        load_path, _ = self.engine.load_checkpoint(
+            str(directory), tag=self.TAG, load_module_strict=False, load_lr_scheduler_states=False
+        )
+        if load_path is None:
+            raise FileNotFoundError(f"DeepSpeed found no checkpoint in {directory / self.TAG}")
+
+
 def list_checkpoints(checkpoint_root: Path) -> list[Path]:
     if not checkpoint_root.is_dir():
         return []
@@ -62,8 +204,7 @@ def list_checkpoints(checkpoint_root: Path) -> list[Path]:
 def save_checkpoint(
     checkpoint_root: Path,
     *,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model_state: ModelState,
     lr_scheduler: Any,
     scaler: Any,
     loop_state: LoopState,
@@ -82,9 +223,8 @@ def save_checkpoint(
         staging.mkdir(parents=True)
     wait_for_everyone()
     torch.save(rng_state, staging / f"rng-{process_index}.pt")
+    model_state.save(staging, is_main_process)
     if is_main_process:
-        save_file(trainable_state_dict(model), staging / "trainable.safetensors")
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
         torch.save(lr_scheduler.state_dict(), staging / "scheduler.pt")
         if scaler is not None:
             torch.save(scaler.state_dict(), staging / "scaler.pt")
@@ -121,26 +261,16 @@ def resolve_resume(resume: str | None, checkpoint_root: Path) -> Path | None:
 def load_checkpoint(
     path: Path,
     *,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model_state: ModelState,
     lr_scheduler: Any,
     scaler: Any,
     process_index: int,
 ) -> tuple[LoopState, dict[str, Any] | None]:
-    """Restore everything written by ``save_checkpoint``; returns the loop state and the recipe's extra state."""
-    trainable = load_file(path / "trainable.safetensors")
-    expected = {name for name, p in model.named_parameters() if p.requires_grad}
-    if set(trainable) != expected:
-        missing, unexpected = sorted(expected - set(trainable)), sorted(set(trainable) - expected)
-        raise ValueError(
-            f"checkpoint {path} does not match the model's trainable parameters "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); was it written by a different config?"
-        )
-    parameters = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in trainable.items():
-            parameters[name].copy_(value)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    """Restore everything written by ``save_checkpoint``; returns the loop state and the recipe's extra state.
+
+    Every process calls it (loading sharded or partitioned state is collective).
+    """
+    model_state.load(path)
     lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     if scaler is not None and (path / "scaler.pt").is_file():
         scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=False))

@@ -4,11 +4,13 @@ A trainer supplies a *recipe*: the model holding the trainable parameters, a dat
 and a ``training_step`` that turns a batch into a loss. The loop owns everything else: precision, gradient
 accumulation, clipping, the NaN/inf guard, logging and trackers, the progress bar, periodic evaluation, and
 atomic checkpoints that resume exactly (parameters, optimizer, scheduler, scaler, RNG states, data position).
+
+It runs under every accelerate engine: one process, DDP, FSDP2 and DeepSpeed ZeRO (configs/accelerate/); what
+differs per engine is in ``engines.py``. Only ``recipe.model`` is prepared; frozen modules stay outside.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -36,6 +38,14 @@ from diffalign.training.checkpoint import (
     save_checkpoint,
 )
 from diffalign.training.config import OptimConfig, RunConfig
+from diffalign.training.engines import (
+    PlainModelView,
+    check_engine,
+    configure_deepspeed,
+    model_state_for,
+    total_norm,
+    uses_deepspeed,
+)
 from diffalign.training.optim import build_lr_scheduler, build_optimizer
 from diffalign.training.sampler import ResumableBatchSampler, SampleIdDataset, collate_with_sample_ids
 
@@ -64,7 +74,11 @@ class Recipe(Protocol):
 
 
 def make_accelerator(run: RunConfig) -> Accelerator:
-    """An Accelerator for ``run``; mixed precision falls back to fp32 on a CPU-only machine."""
+    """An Accelerator for ``run``; mixed precision falls back to fp32 on a CPU-only machine.
+
+    The engine (DDP, FSDP2, DeepSpeed) comes from ``accelerate launch --config_file``; it is checked here,
+    before the trainers load any model.
+    """
     mixed_precision = run.mixed_precision
     if mixed_precision != "no" and not torch.cuda.is_available():
         logger.info("run.mixed_precision=%s needs a GPU; running in fp32 on CPU", mixed_precision)
@@ -79,13 +93,27 @@ def make_accelerator(run: RunConfig) -> Accelerator:
                 f"run.trackers lists {name!r} but it is not installed: pip install {module}"
             ) from None
         trackers.append(name)
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=mixed_precision,
+        # accelerate's own accumulation: backward divides the loss by it (DeepSpeed's engine does the division and
+        # steps at the window's end itself), and ``accumulate`` skips the gradient sync inside a window.
+        gradient_accumulation_steps=run.gradient_accumulation_steps,
         log_with=trackers or None,
         project_dir=run.output_dir,
         # Without cpu=True accelerate ignores a torchrun launch on a machine without GPUs (one process each).
         cpu=not torch.cuda.is_available(),
     )
+    if accelerator.gradient_accumulation_steps != run.gradient_accumulation_steps:
+        # The environment (accelerate launch --gradient_accumulation_steps, or the accelerate config) overrides the
+        # argument; the loop's windows are the run config's, so accelerate's count must be too.
+        logger.warning(
+            "accelerate was launched with gradient_accumulation_steps=%d; run.gradient_accumulation_steps=%d is used",
+            accelerator.gradient_accumulation_steps,
+            run.gradient_accumulation_steps,
+        )
+        accelerator.gradient_accumulation_steps = run.gradient_accumulation_steps
+    check_engine(accelerator)
+    return accelerator
 
 
 def move_to_device(batch: Any, device: torch.device) -> Any:
@@ -123,6 +151,10 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+class NonFiniteUpdateError(NonFiniteLossError):
+    """A non-finite update was already applied (DeepSpeed steps inside backward): the weights are lost."""
+
+
 def run_training(
     recipe: Recipe,
     *,
@@ -142,18 +174,22 @@ def run_training(
         lr *= run.batch_size * run.gradient_accumulation_steps * accelerator.num_processes
     optimizer = build_optimizer(trainable, optim, lr)
     lr_scheduler = build_lr_scheduler(optimizer, optim, run.max_steps)
+    if uses_deepspeed(accelerator):
+        configure_deepspeed(accelerator, run, optim)
+    # Made before prepare, which may shard the model: evaluation and export need its plain form.
+    plain_view = PlainModelView(accelerator, recipe.model)
     # The scheduler and the data loader are deliberately not prepared: accelerate would step the scheduler once
-    # per process and re-seed the data order, and both must stay exactly reproducible on resume.
+    # per process and re-seed the data order, and both must stay exactly reproducible on resume. (The scheduler
+    # changes the torch optimizer's learning rate, which DeepSpeed's and accelerate's wrappers read.)
     model, optimizer = accelerator.prepare(recipe.model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
+    model_state = model_state_for(accelerator, model, optimizer)
 
     state = LoopState()
     resume_from = resolve_resume(run.resume, checkpoint_root)
     if resume_from is not None:
         state, extra_state = load_checkpoint(
             resume_from,
-            model=unwrapped,
-            optimizer=optimizer,
+            model_state=model_state,
             lr_scheduler=lr_scheduler,
             scaler=accelerator.scaler,
             process_index=accelerator.process_index,
@@ -191,8 +227,7 @@ def run_training(
         extra = recipe.extra_state() if hasattr(recipe, "extra_state") else None
         return save_checkpoint(
             checkpoint_root,
-            model=unwrapped,
-            optimizer=optimizer,
+            model_state=model_state,
             lr_scheduler=lr_scheduler,
             scaler=accelerator.scaler,
             loop_state=at_state,
@@ -222,16 +257,15 @@ def run_training(
     model.train()
     try:
         while state.step < run.max_steps:
-            for micro in range(run.gradient_accumulation_steps):
+            for _ in range(run.gradient_accumulation_steps):
                 batch = move_to_device(next(batches), accelerator.device)
                 state.micro_step += 1
-                is_last_micro = micro == run.gradient_accumulation_steps - 1
-                # Gradients are all-reduced only on the last micro-batch of an accumulation window.
-                sync_context = contextlib.nullcontext() if is_last_micro else accelerator.no_sync(model)
-                with sync_context:
+                # Gradients are synchronised only on the last micro-batch of an accumulation window (accelerate
+                # counts the micro-batches; a resumed run starts at a window's start like its count).
+                with accelerator.accumulate(model):
                     with accelerator.autocast():
                         output = recipe.training_step(model, batch)
-                    accelerator.backward(output.loss / run.gradient_accumulation_steps)
+                    accelerator.backward(output.loss)
                 for name, value in output.metrics.items():
                     value = value.detach().float()
                     window_metrics[name] = window_metrics[name] + value if name in window_metrics else value
@@ -241,9 +275,19 @@ def run_training(
                 window_micro_steps += 1
 
             max_norm = optim.max_grad_norm if optim.max_grad_norm is not None else math.inf
-            grad_norm = accelerator.clip_grad_norm_(trainable, max_norm)
+            # The prepared model's parameters, not ``trainable``: FSDP2 and DeepSpeed replace the parameters while
+            # preparing, and accelerate's FSDP clipping computes the norm over every shard only when given exactly
+            # the model's parameters (frozen ones have no gradient and do not count). Under DeepSpeed the engine
+            # has already clipped and stepped inside the last backward; this returns the norm it measured.
+            measured = total_norm(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+            grad_norm = measured if measured is not None else torch.tensor(math.nan, device=accelerator.device)
             # One host sync per optimizer step: the guard needs to know whether this update is finite.
-            if not torch.isfinite(grad_norm).item() and accelerator.mixed_precision != "fp16":
+            if measured is not None and not torch.isfinite(measured).item() and accelerator.mixed_precision != "fp16":
+                if uses_deepspeed(accelerator):
+                    raise NonFiniteUpdateError(
+                        f"non-finite gradient at step {state.step} under DeepSpeed, which applies the update "
+                        "inside backward, so it cannot be skipped; lower the learning rate or beta, or check the data"
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 state.nonfinite_steps += 1
                 logger.warning(
@@ -291,11 +335,14 @@ def run_training(
                 last_saved_step = state.step
 
             if run.eval_every and state.step % run.eval_every == 0 and state.step < run.max_steps:
-                evaluate_and_log(recipe, accelerator, unwrapped, state, last_logged, output_dir)
-    except BaseException:
-        # Never lose progress: save the last completed step before the error propagates.
+                with plain_view.gathered(model) as plain_model:
+                    evaluate_and_log(recipe, accelerator, plain_model, state, last_logged, output_dir)
+    except BaseException as error:
+        # Never lose progress: save the last completed step before the error propagates (unless the weights
+        # already hold a non-finite update).
         completed_state, completed_rng = completed
-        if completed_state.step > last_saved_step and accelerator.num_processes == 1:
+        weights_intact = not isinstance(error, NonFiniteUpdateError)
+        if completed_state.step > last_saved_step and accelerator.num_processes == 1 and weights_intact:
             path = checkpoint(completed_state, completed_rng)
             logger.error("training stopped by an error; progress saved to %s", path)
         raise
@@ -304,11 +351,12 @@ def run_training(
 
     if last_saved_step != state.step:
         checkpoint(state, completed[1])
-    final_metrics = evaluate_and_log(recipe, accelerator, unwrapped, state, last_logged, output_dir)
-    if accelerator.is_main_process:
-        recipe.save_final(unwrapped, output_dir / "final")
-        if config is not None:  # the final model travels with the config that produced it
-            save_config(config, output_dir / "final" / "config.yaml")
+    with plain_view.gathered(model) as plain_model:
+        final_metrics = evaluate_and_log(recipe, accelerator, plain_model, state, last_logged, output_dir)
+        if accelerator.is_main_process:
+            recipe.save_final(plain_model, output_dir / "final")
+            if config is not None:  # the final model travels with the config that produced it
+                save_config(config, output_dir / "final" / "config.yaml")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final_metrics
@@ -334,19 +382,25 @@ def reduce_window(accelerator: Accelerator, window: dict[str, Tensor], micro_ste
 def evaluate_and_log(
     recipe: Recipe,
     accelerator: Accelerator,
-    model: nn.Module,
+    model: nn.Module | None,
     state: LoopState,
     last_logged: dict[str, float],
     output_dir: Path,
 ) -> dict[str, float]:
-    """Run the recipe's evaluation; recipes with a ``selection_metric`` keep their best model in ``best/``."""
-    model.eval()
+    """Run the recipe's evaluation; recipes with a ``selection_metric`` keep their best model in ``best/``.
+
+    ``model`` is the plain trained model (None on the other processes under a sharding engine: recipes evaluate
+    on the main process only).
+    """
+    if model is not None:
+        model.eval()
     # Evaluation samples with its own seeds; the training RNG stream must continue as if it had not run.
     saved_rng = capture_rng_state()
     with torch.no_grad():
         eval_metrics = recipe.evaluate(model, state.step) or {}
     restore_rng_state(saved_rng)
-    model.train()
+    if model is not None:
+        model.train()
     if eval_metrics:
         accelerator.log({f"eval/{k}": v for k, v in eval_metrics.items()}, step=state.step)
         if accelerator.is_main_process:
