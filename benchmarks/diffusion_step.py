@@ -5,16 +5,28 @@ encoder(s), draws shared noise and timesteps, runs the policy once on the concat
 *separate* frozen reference UNet, then the loss, backward and an AdamW step.
 
 diffalign: latents and text embeddings come from the cache (encoded once before training), the method and the
-loss core are the real ones (`DiffusionDPO`, `compute_loss`), the reference is the policy with its adapters
-disabled (LoRA) or a frozen copy (full), AdamW is fused on GPU and channels_last is optional.
+loss core are the real ones (`DiffusionDPO`, `compute_loss`, per-pair noise seeds as the trainer passes them),
+the reference is the policy with its adapters disabled (LoRA) or a frozen copy (full), AdamW is fused on GPU,
+attention is PyTorch SDPA (diffusers' default processor) and the step reads nothing back on the host.
+Each speed switch of the trainer is then measured as its own row, on top of those defaults:
+
+    +channels_last   model.channels_last: true
+    +ref_cache       model.reference_cache: reference errors read from a table, no reference forward (a change
+                     of the estimator, see diffalign/diffusion/reference_cache.py); a frozen copy leaves the device
+    +grad_ckpt       run.gradient_checkpointing: true (trades time for activation memory)
+    -sdpa            the classic attention processor instead of SDPA, to show what SDPA is worth
+    best             channels_last + ref_cache
+    best+compile     best with torch.compile of the denoiser (model.compile: true), with --compile
 
 Models are built from the published configs in configs/models/ with random weights (speed does not depend on
 the weights). Prints a table with pairs/s, ms/step, peak memory, FLOPs per step (torch.utils.flop_counter) and
-model-FLOPs utilisation, and the ratio of the two steps.
+model-FLOPs utilisation, and each row's speed-up over the baseline.
 
-    python benchmarks/diffusion_step.py --model tiny                                  # CPU, a minute
-    python benchmarks/diffusion_step.py --model sd15 --device cuda --resolution 512 --batch-size 8
-    python benchmarks/diffusion_step.py --model sdxl --device cuda --resolution 1024 --batch-size 2
+    python benchmarks/diffusion_step.py --model tiny                                  # CPU, a few minutes
+    python benchmarks/diffusion_step.py --model sd15 --device cuda --resolution 512 --batch-size 8 --compile \
+        --peak-tflops 989
+    python benchmarks/diffusion_step.py --model sdxl --device cuda --resolution 1024 --batch-size 2 --compile \
+        --peak-tflops 989
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from peft import LoraConfig
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -36,6 +50,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from diffalign.diffusion.families.stable_diffusion import StableDiffusionFamily, StableDiffusionXLFamily
 from diffalign.diffusion.methods import DiffusionDPO, LatentPairBatch
 from diffalign.diffusion.reference import ReferenceDenoiser
+from diffalign.diffusion.reference_cache import ReferenceErrors
 from diffalign.losses import LossConfig, compute_loss
 
 MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
@@ -172,9 +187,18 @@ def baseline_step(
     return loss.detach()
 
 
-def our_step(method: DiffusionDPO, unet, optimizer, batch: LatentPairBatch, autocast) -> torch.Tensor:
+def our_step(
+    method: DiffusionDPO,
+    unet,
+    optimizer,
+    batch: LatentPairBatch,
+    autocast,
+    reference_errors: ReferenceErrors | None,
+    pair_index: torch.Tensor,
+) -> torch.Tensor:
     with autocast():
-        scores, _ = method.pair_scores(unet, batch)
+        cached = reference_errors.lookup(pair_index) if reference_errors is not None else None
+        scores, _ = method.pair_scores(unet, batch, reference_errors=cached)
     loss = compute_loss(scores, LossConfig(beta=BETA)).loss
     loss.backward()
     optimizer.step()
@@ -182,12 +206,15 @@ def our_step(method: DiffusionDPO, unet, optimizer, batch: LatentPairBatch, auto
     return loss.detach()
 
 
-def measure(step, device: torch.device, warmup: int, steps: int) -> tuple[float, float, float]:
-    """(seconds per step, peak GiB, FLOPs per step)."""
+def measure(step, device: torch.device, warmup: int, steps: int, count_flops: bool = True):
+    """(seconds per step, peak GiB, FLOPs per step or None)."""
     for _ in range(warmup):
         step()
-    with FlopCounterMode(display=False) as counter:
-        step()
+    flops = None
+    if count_flops:
+        with FlopCounterMode(display=False) as counter:
+            step()
+        flops = counter.get_total_flops()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -199,7 +226,7 @@ def measure(step, device: torch.device, warmup: int, steps: int) -> tuple[float,
         torch.cuda.synchronize()
     elapsed = (time.perf_counter() - start) / steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return elapsed, peak, counter.get_total_flops()
+    return elapsed, peak, flops
 
 
 def measure_baseline(models, parameters, trainable, weight_dtype, pixels, token_ids, autocast, args):
@@ -210,6 +237,71 @@ def measure_baseline(models, parameters, trainable, weight_dtype, pixels, token_
     optimizer = torch.optim.AdamW(parameters, lr=1e-6)
     step = lambda: baseline_step(models, ref_unet, optimizer, pixels, token_ids, autocast)  # noqa: E731
     return measure(step, torch.device(args.device), args.warmup, args.steps)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    channels_last: bool = False
+    ref_cache: bool = False
+    grad_ckpt: bool = False
+    sdpa: bool = True
+    compile: bool = False
+
+
+VARIANTS = [
+    Variant("diffalign"),
+    Variant("+channels_last", channels_last=True),
+    Variant("+ref_cache", ref_cache=True),
+    Variant("+grad_ckpt", grad_ckpt=True),
+    Variant("-sdpa", sdpa=False),
+    Variant("best", channels_last=True, ref_cache=True),
+    # In-place compilation cannot be undone, so it comes last.
+    Variant("best+compile", channels_last=True, ref_cache=True, compile=True),
+]
+
+
+def configure(unet: UNet2DConditionModel, variant: Variant) -> None:
+    """Put the shared U-Net in the variant's state; every switch is set explicitly, so rows do not leak."""
+    unet.to(memory_format=torch.channels_last if variant.channels_last else torch.contiguous_format)
+    unet.set_attn_processor(AttnProcessor2_0() if variant.sdpa else AttnProcessor())
+    if variant.grad_ckpt:
+        unet.enable_gradient_checkpointing()
+    else:
+        unet.disable_gradient_checkpointing()
+
+
+def measure_variant(variant, unet, family, parameters, trainable, weight_dtype, batch, autocast, args, flops):
+    device = torch.device(args.device)
+    configure(unet, variant)
+    # A fresh reference per row: the frozen copy (full) is made before compiling, as the trainer does.
+    reference = ReferenceDenoiser(unet, frozen_copy=trainable == "full")
+    if reference.copy is not None:
+        reference.copy.to(weight_dtype)
+    if variant.compile:
+        unet.compile(mode=args.compile_mode)
+        if reference.copy is not None:
+            reference.copy.compile(mode=args.compile_mode)
+    method = DiffusionDPO(family, reference)
+    pair_index = torch.arange(batch.size, device=device)
+    reference_errors = None
+    if variant.ref_cache:
+        # What the trainer precomputes once per pair (same noise seeds, same autocast), then reads by index.
+        with autocast():
+            errors = method.reference_errors(batch).float()
+        table = torch.stack(errors.chunk(2), dim=1)
+        reference_errors = ReferenceErrors(table=table, path=Path("in-memory"), built=True)
+        reference.offload()  # a frozen copy is not needed on the device any more
+    optimizer = torch.optim.AdamW(parameters, lr=1e-6, fused=device.type == "cuda")
+    seconds, peak, counted = measure(
+        lambda: our_step(method, unet, optimizer, batch, autocast, reference_errors, pair_index),
+        device,
+        args.warmup,
+        args.steps,
+        # FLOPs of a compiled step are those of the same step eager; the counter would only see the graph call.
+        count_flops=not variant.compile,
+    )
+    return seconds, peak, counted if counted is not None else flops
 
 
 def run(args: argparse.Namespace, trainable: str) -> list[dict]:
@@ -226,9 +318,7 @@ def run(args: argparse.Namespace, trainable: str) -> list[dict]:
     pixels = (
         torch.rand(2 * args.batch_size, 3, args.resolution, args.resolution, generator=generator) * 2 - 1
     ).to(device)
-    token_ids = torch.randint(0, models.vocab_size, (2 * args.batch_size // 2, 77), generator=generator).to(
-        device
-    )
+    token_ids = torch.randint(0, models.vocab_size, (args.batch_size, 77), generator=generator).to(device)
     rows = []
 
     parameters = make_trainable(unet, trainable, weight_dtype)
@@ -238,31 +328,40 @@ def run(args: argparse.Namespace, trainable: str) -> list[dict]:
     rows.append(
         {"step": "baseline", "trainable": trainable, "seconds": seconds, "peak": peak, "flops": flops}
     )
+    print(f"  {trainable} baseline: {1000 * seconds:.1f} ms/step", flush=True)
 
-    # diffalign: cached latents and embeddings, adapter-disabled or frozen-copy reference, fused AdamW on GPU.
+    # diffalign reads latents and embeddings from its cache: encoded once here, outside the timed steps.
     with torch.no_grad(), autocast():
         latents = family.vae.encode(pixels.to(family.vae.dtype)).latent_dist.sample() * family.latent_scale
         prompt_embeds = encode_text(models, token_ids)
+    assert latents.shape[-1] == args.resolution // vae_factor
     batch = LatentPairBatch(
         chosen_latents=latents[: args.batch_size].to(weight_dtype),
         rejected_latents=latents[args.batch_size :].to(weight_dtype),
         prompt_embeds={k: v.to(weight_dtype) for k, v in prompt_embeds.items()},
+        noise_seeds=list(range(args.batch_size)),  # one generator per pair, as the trainer draws them
     )
-    if args.channels_last:
-        unet.to(memory_format=torch.channels_last)
-    reference = ReferenceDenoiser(unet, frozen_copy=trainable == "full")
-    if reference.copy is not None:
-        reference.copy.to(weight_dtype)
-    method = DiffusionDPO(family, reference)
-    optimizer = torch.optim.AdamW(parameters, lr=1e-6, fused=device.type == "cuda")
-    seconds, peak, flops = measure(
-        lambda: our_step(method, unet, optimizer, batch, autocast), device, args.warmup, args.steps
-    )
-    rows.append(
-        {"step": "diffalign", "trainable": trainable, "seconds": seconds, "peak": peak, "flops": flops}
-    )
-    assert latents.shape[-1] == args.resolution // vae_factor
+    variants = [
+        v for v in VARIANTS if (args.compile or not v.compile) and (not args.only or v.name in args.only)
+    ]
+    best_flops = None
+    for variant in variants:
+        seconds, peak, flops = measure_variant(
+            variant, unet, family, parameters, trainable, weight_dtype, batch, autocast, args, best_flops
+        )
+        if variant.name == "best":
+            best_flops = flops
+        print(f"  {trainable} {variant.name}: {1000 * seconds:.1f} ms/step", flush=True)
+        rows.append(
+            {"step": variant.name, "trainable": trainable, "seconds": seconds, "peak": peak, "flops": flops}
+        )
     return rows
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 def main() -> None:
@@ -276,12 +375,27 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=4, help="pairs per step")
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="untimed steps first (compilation happens here)"
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="add the best+compile row (slow to compile on CPU)"
+    )
+    parser.add_argument("--compile-mode", default="default", help="torch.compile mode for best+compile")
+    parser.add_argument("--only", nargs="+", default=None, help="measure only these diffalign rows")
     parser.add_argument(
         "--peak-tflops", type=float, default=None, help="the device's dense peak for MFU (H100 SXM bf16: 989)"
     )
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows and settings here")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's); 1 is steadier on a busy CPU",
+    )
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     rows = []
     for trainable in ["lora", "full"] if args.trainable == "both" else [args.trainable]:
@@ -289,26 +403,32 @@ def main() -> None:
 
     print(
         f"\nDiffusion-DPO step, model={args.model} resolution={args.resolution} pairs/step={args.batch_size} "
-        f"device={args.device} precision={args.precision}"
+        f"device={args.device} ({machine()}) precision={args.precision} torch={torch.__version__}"
     )
-    header = f"{'step':<10} {'trainable':<9} {'pairs/s':>9} {'ms/step':>9} {'peak GiB':>9} {'TFLOP/step':>11} {'MFU':>6}"
+    header = (
+        f"{'step':<15} {'trainable':<9} {'pairs/s':>9} {'ms/step':>9} {'peak GiB':>9} {'TFLOP/step':>11} "
+        f"{'MFU':>6} {'speed-up':>9}"
+    )
     print(header)
     print("-" * len(header))
     for row in rows:
-        mfu = (row["flops"] / row["seconds"] / 1e12 / args.peak_tflops) if args.peak_tflops else float("nan")
+        baseline = next(r for r in rows if r["step"] == "baseline" and r["trainable"] == row["trainable"])
+        row["pairs_per_s"] = args.batch_size / row["seconds"]
+        row["speedup"] = baseline["seconds"] / row["seconds"]
+        tflops = row["flops"] / 1e12 if row["flops"] is not None else float("nan")
+        row["mfu"] = tflops / row["seconds"] / args.peak_tflops if args.peak_tflops else None
+        mfu = f"{row['mfu']:>6.1%}" if row["mfu"] is not None else f"{'n/a':>6}"
         print(
-            f"{row['step']:<10} {row['trainable']:<9} {args.batch_size / row['seconds']:>9.2f} "
-            f"{1000 * row['seconds']:>9.1f} {row['peak']:>9.2f} {row['flops'] / 1e12:>11.4f} {mfu:>6.1%}"
+            f"{row['step']:<15} {row['trainable']:<9} {row['pairs_per_s']:>9.2f} {1000 * row['seconds']:>9.1f} "
+            f"{row['peak']:>9.2f} {tflops:>11.4f} {mfu} {row['speedup']:>8.2f}×"
         )
-    for trainable in sorted({row["trainable"] for row in rows}):
-        baseline, ours = (
-            next(r for r in rows if r["step"] == s and r["trainable"] == trainable)
-            for s in ("baseline", "diffalign")
-        )
-        print(
-            f"{trainable}: diffalign step time = {ours['seconds'] / baseline['seconds']:.2f} × baseline "
-            f"({baseline['seconds'] / ours['seconds']:.2f}× the pairs/s)"
-        )
+    print(
+        "speed-up: baseline step time / row step time (≥ 2 is the GPU target; CPU target: diffalign ≤ 0.7× time)"
+    )
+    if args.json:
+        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        record = {"settings": settings, "machine": machine(), "torch": torch.__version__, "rows": rows}
+        args.json.write_text(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from diffalign.diffusion.data import DiffusionDataConfig
-from diffalign.losses import LossConfig
+from diffalign.losses import LOSSES, LossConfig
 from diffalign.training.config import OptimConfig, RunConfig
 
 
@@ -33,6 +33,16 @@ class DiffusionModelConfig:
     reference: Literal["auto", "adapter_disabled", "frozen_copy"] = "auto"
     offload_reference: bool = False
     channels_last: bool = False
+    # torch.compile of the denoiser (and of a frozen-copy reference), in place: parameter names, checkpoints and
+    # exported files are unchanged. The first steps pay for the compilation (minutes for SDXL).
+    compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    compile_backend: str = "inductor"  # any torch.compile backend; aot_eager traces without generating kernels
+    # Diffusion-DPO only: a folder where the reference errors of every pair are precomputed once (keyed by the
+    # reference weights, data, seed and settings), so steps run no reference forward. This CHANGES THE ESTIMATOR:
+    # each pair keeps the noise, timestep, latent sample, caption dropout and flip of its first visit for the
+    # whole run instead of fresh draws per epoch (see diffusion/reference_cache.py). null: reference every step.
+    reference_cache: str | None = None
 
     def __post_init__(self) -> None:
         if self.trainable == "full" and self.reference == "adapter_disabled":
@@ -108,7 +118,10 @@ class DragonSettings:
 
     prompts_file: str | None = None  # training prompts, one per line
     prompts: list[str] = field(default_factory=list)
-    samples_per_prompt: int = 2  # the best half of each prompt's samples are positives, the worst half negatives
+    samples_per_prompt: int = 2  # K generations per prompt, ranked by the reward
+    # halves: the best ⌊K/2⌋ are positives and the worst ⌊K/2⌋ negatives, i-th best paired with i-th worst;
+    # best_worst: one pair per prompt, its best vs its worst sample (TangoFlux's CRPO pairs, K = 5 there).
+    pairing: Literal["halves", "best_worst"] = "halves"
     num_inference_steps: int = 20
     guidance_scale: float = 5.0
     generation_batch_size: int = 16
@@ -196,3 +209,18 @@ class DiffusionTrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
     eval: DiffusionEvalConfig = field(default_factory=DiffusionEvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.reference_cache is not None:
+            # The other methods' reference inputs are no fixed function of the pair (DDIM inversion by the
+            # policy, generated losers), so only Diffusion-DPO's reference errors can be stored.
+            if self.method.name != "dpo":
+                raise ValueError(
+                    f"model.reference_cache works with method.name: dpo only, got {self.method.name!r}; "
+                    "remove model.reference_cache"
+                )
+            if not any(LOSSES[name].needs_reference for name in self.loss.type):
+                raise ValueError(
+                    f"model.reference_cache is set but loss.type {self.loss.type} uses no reference; "
+                    "remove model.reference_cache"
+                )

@@ -25,17 +25,29 @@ class ReferenceDenoiser:
             if offload_to_cpu:
                 self.copy.to("cpu")
 
+    def offload(self) -> None:
+        """Keep the frozen copy on the CPU from now on, moved in per call: for when it is rarely needed (its
+        errors were precomputed by the reference cache and only base-model samples still call it)."""
+        if self.copy is not None and not self.offload_to_cpu:
+            self.offload_to_cpu = True
+            self.copy.to("cpu")
+
     @contextmanager
-    def use(self, device: torch.device) -> Iterator[nn.Module]:
-        """The reference, ready to call on ``device`` inside this context (gradients off)."""
+    def use(self, device: torch.device, policy: nn.Module | None = None) -> Iterator[nn.Module]:
+        """The reference, ready to call on ``device`` inside this context (gradients off).
+
+        ``policy`` replaces the policy whose adapters are switched off (a LoRA run): evaluation passes the model
+        it evaluates, which under FSDP/ZeRO-3 is a plain copy gathered on the main process.
+        """
+        policy = policy if policy is not None else self.policy
         with torch.no_grad():
             if self.copy is None:
                 # diffusers' PEFT integration: the base weights alone are the pretrained model.
-                self.policy.disable_adapters()
+                policy.disable_adapters()
                 try:
-                    yield self.policy
+                    yield policy
                 finally:
-                    self.policy.enable_adapters()
+                    policy.enable_adapters()
             elif self.offload_to_cpu:
                 self.copy.to(device)
                 try:

@@ -25,9 +25,11 @@ from diffalign.diffusion.data import build_pair_dataset
 from diffalign.diffusion.families import DiffusionFamily, load_family
 from diffalign.diffusion.methods import METHODS, LatentPairBatch, TrainingContext
 from diffalign.diffusion.reference import ReferenceDenoiser
+from diffalign.diffusion.reference_cache import FixedDraws, ReferenceErrors, load_or_build_reference_errors
 from diffalign.diffusion.sampling import Samples, generate_samples, save_samples, win_rate
-from diffalign.losses import LOSSES, compute_loss
+from diffalign.losses import LOSSES
 from diffalign.training import StepOutput, make_accelerator, run_training
+from diffalign.training.distributed import compute_loss_on_global_batch
 
 logger = logging.getLogger("diffalign")
 
@@ -98,6 +100,13 @@ class DiffusionRecipe:
         if reference_mode == "frozen_copy" and self.base_model.copy is not None:
             self.base_model.copy.to(dtype=weight_dtype)
         reference = self.base_model if losses_need_reference else None
+        if config.model.compile:
+            # After the frozen copy is made: a deep copy of a compiled module would call the original's forward.
+            # Compiled in place, so parameter names, checkpoints and exported files stay those of the module.
+            settings = {"mode": config.model.compile_mode, "backend": config.model.compile_backend}
+            denoiser.compile(**settings)
+            if self.base_model.copy is not None:
+                self.base_model.copy.compile(**settings)
         self.method = METHODS[config.method.name](family, reference, config.method)
 
         self.decoder = family.media_decoder(config.data)
@@ -110,6 +119,13 @@ class DiffusionRecipe:
                 config.data, family=family, seed=config.run.seed, accelerator=accelerator, decoder=self.decoder
             )
         logger.info("training data: %s", self.data_stats)
+        # The reference cache (Diffusion-DPO, config-checked) freezes each pair's draws to those of its first
+        # visit, for which its reference errors are computed once: a change of the estimator, see reference_cache.py.
+        self.fixed_draws = config.model.reference_cache is not None
+        self.reference_errors: ReferenceErrors | None = None
+        if self.fixed_draws:
+            self.train_dataset = FixedDraws(self.train_dataset)
+            self.reference_errors = self._reference_errors()
         self.eval_prompts = self._eval_prompts()
         self._base_eval: tuple[Samples, torch.Tensor | None] | None = None
         self._scorer = None
@@ -117,10 +133,32 @@ class DiffusionRecipe:
         self.selection_metric = getattr(self.method, "selection_metric", None)
         self.micro_batches = 0  # seen by training_step, so online methods know the optimizer step
 
+    def _reference_errors(self) -> ReferenceErrors:
+        config = self.config
+        ignored = {"source", "cache_dir", "vae_encode_batch_size"}  # paths and batching: not the content
+        data_settings = {k: v for k, v in vars(config.data).items() if k not in ignored}
+        errors = load_or_build_reference_errors(
+            config.model.reference_cache,
+            method=self.method,
+            dataset=self.train_dataset,
+            collate=self.collate,
+            latent_batch=self.latent_batch,
+            batch_size=config.run.batch_size,
+            settings={"seed": config.run.seed, "data": data_settings, "precision": self.accelerator.mixed_precision},
+            accelerator=self.accelerator,
+        )
+        self.data_stats.update(reference_cache_pairs=errors.num_pairs, reference_cache_built=int(errors.built))
+        # Training never calls the reference again; only base-model samples for evaluation do.
+        self.base_model.offload()
+        return errors
+
     # --- training -----------------------------------------------------------------------------------------------
     def noise_seeds(self, batch: dict[str, Any]) -> list[int]:
-        # Every random draw of a pair is a function of (run seed, sample id): see training/sampler.py.
-        return [self.config.run.seed * 2**32 + sample_id for sample_id in batch["sample_ids"]]
+        # Every random draw of a pair is a function of (run seed, sample id): see training/sampler.py. With fixed
+        # draws (the reference cache) every visit of a pair reuses its first visit's id, sample id mod N.
+        size = len(self.train_dataset)
+        sample_ids = [i % size for i in batch["sample_ids"]] if self.fixed_draws else batch["sample_ids"]
+        return [self.config.run.seed * 2**32 + sample_id for sample_id in sample_ids]
 
     def latent_batch(self, batch: dict[str, Any]) -> LatentPairBatch:
         """Latents and prompt embeddings for a batch: read from the cache, or encoded now."""
@@ -169,8 +207,13 @@ class DiffusionRecipe:
             )
             pair_batch, pair_metrics = make_pairs(model, batch, context)
         self.micro_batches += 1
-        scores, method_metrics = self.method.pair_scores(model, pair_batch)
-        output = compute_loss(scores, self.config.loss)
+        if self.reference_errors is None:
+            scores, method_metrics = self.method.pair_scores(model, pair_batch)
+        else:  # Diffusion-DPO reading its reference errors (a gather on the device, no reference forward)
+            cached = self.reference_errors.lookup(batch["index"])
+            scores, method_metrics = self.method.pair_scores(model, pair_batch, reference_errors=cached)
+        # Batch-level losses (AOT) sort the scores of every process's pairs, not just this process's.
+        output = compute_loss_on_global_batch(scores, self.config.loss)
         return StepOutput(
             loss=output.loss,
             metrics={**output.metrics, **pair_metrics, **method_metrics},
@@ -220,7 +263,9 @@ class DiffusionRecipe:
         if not self.eval_prompts or not self.accelerator.is_main_process:
             return {}
         if self._base_eval is None:  # the base model does not change: sample and score it once
-            with self.base_model.use(self.accelerator.device) as base:
+            # The evaluated model's adapters off (under FSDP/ZeRO-3 it is a gathered copy: the sharded policy
+            # cannot run on the main process alone).
+            with self.base_model.use(self.accelerator.device, policy=model) as base:
                 base_samples = self._generate(base)
             self._base_eval = (base_samples, self._score(base_samples))
         base_samples, base_scores = self._base_eval

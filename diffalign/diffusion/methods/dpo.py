@@ -12,6 +12,8 @@ batch, and the per-sample error ``L = mean_{C,H,W} (prediction − target)²`` b
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import torch
 from torch import Tensor, nn
 
@@ -19,6 +21,15 @@ from diffalign.diffusion.families import DiffusionFamily
 from diffalign.diffusion.methods.base import LatentPairBatch, denoising_error, pair_noise
 from diffalign.diffusion.reference import ReferenceDenoiser
 from diffalign.losses import PairScores
+
+
+class NoisedPairs(NamedTuple):
+    """What a denoising error needs, in :func:`denoising_error`'s argument order."""
+
+    noisy_latents: Tensor
+    timesteps: Tensor
+    target: Tensor
+    inputs: dict[str, Any]
 
 
 def scores_from_errors(
@@ -51,17 +62,34 @@ class DiffusionDPO:
         self.family = family
         self.reference = reference
 
-    def pair_scores(self, denoiser: nn.Module, batch: LatentPairBatch) -> tuple[PairScores, dict[str, Tensor]]:
+    def noised(self, batch: LatentPairBatch) -> NoisedPairs:
+        """The denoiser's inputs and targets for ``[chosen; rejected]``: one ε and t per pair, shared by both."""
         family = self.family
         latents = batch.both_latents()
         noise, timesteps = pair_noise(family, batch)
         noise, timesteps = torch.cat([noise, noise]), timesteps.repeat(2)
-        noisy_latents = family.add_noise(latents, noise, timesteps)
-        target = family.target(latents, noise, timesteps)
-        inputs = family.denoiser_inputs(batch.both_prompt_embeds(), batch.extras or {})
-        policy_errors = denoising_error(family, denoiser, noisy_latents, timesteps, target, inputs)
-        reference_errors = None
-        if self.reference is not None:
-            with self.reference.use(latents.device) as reference:
-                reference_errors = denoising_error(family, reference, noisy_latents, timesteps, target, inputs)
+        return NoisedPairs(
+            noisy_latents=family.add_noise(latents, noise, timesteps),
+            timesteps=timesteps,
+            target=family.target(latents, noise, timesteps),
+            inputs=family.denoiser_inputs(batch.both_prompt_embeds(), batch.extras or {}),
+        )
+
+    def reference_errors(self, batch: LatentPairBatch, noised: NoisedPairs | None = None) -> Tensor:
+        """The reference's per-sample errors of ``[chosen; rejected]`` (no gradient): what the reference cache stores."""
+        if self.reference is None:
+            raise ValueError("this DiffusionDPO has no reference (the loss is reference-free)")
+        noised = noised if noised is not None else self.noised(batch)
+        with self.reference.use(noised.noisy_latents.device) as reference:
+            return denoising_error(self.family, reference, *noised)
+
+    def pair_scores(
+        self, denoiser: nn.Module, batch: LatentPairBatch, reference_errors: Tensor | None = None
+    ) -> tuple[PairScores, dict[str, Tensor]]:
+        """Scores of a batch. ``reference_errors`` (``[2B]``, from the reference cache) replaces the reference's
+        forward; they must have been computed for this batch's noise and timesteps (its ``noise_seeds``)."""
+        noised = self.noised(batch)
+        policy_errors = denoising_error(self.family, denoiser, *noised)
+        if reference_errors is None and self.reference is not None:
+            reference_errors = self.reference_errors(batch, noised)
         return scores_from_errors(policy_errors, reference_errors, batch.label)

@@ -1,0 +1,374 @@
+"""LLM DPO training throughput: diffalign's LLM trainer against TRL's DPOTrainer on the same model and data.
+
+Both sides train the same randomly initialised Llama (built from a config: speed does not depend on the weights)
+on the same synthetic pairs, with the same batch, sequence lengths, LoRA or full fine-tune, optimizer (AdamW,
+fused on GPU, lr 1e-6, no weight decay, clipping at 1), loss (sigmoid DPO, β = 0.1), precision (bf16 autocast on
+GPU, fp32 on CPU), attention (SDPA), gradient checkpointing (off unless --gradient-checkpointing; TRL's default
+is on) and reference (the adapter-disabled policy for LoRA, a frozen bf16 copy for a full fine-tune).
+
+Every pair has a prompt of exactly --prompt-length tokens and completions of --completion-length tokens plus EOS,
+so no row is padded and both sides process 2 · batch · (prompt + completion + 1) tokens per step. Each side runs
+its real training loop in a process of its own (so peak memory is its own); the first --warmup optimizer steps
+are not timed. Printed: tokens/s, ms/step and peak memory of each, and diffalign/TRL ratios.
+
+TRL is installed for this benchmark only (`pip install trl`, it is no dependency of diffalign); check with
+`pip install --dry-run trl` that it leaves torch, transformers, accelerate, peft and datasets as they are.
+
+    python benchmarks/llm_step.py                                        # CPU, tiny Llama, a few minutes
+    python benchmarks/llm_step.py --model 1b --device cuda --batch-size 8 --prompt-length 512 \\
+        --completion-length 511 --trainable both
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+# Llama-architecture shapes. 1b is Llama-3.2-1B's (without its rope scaling, irrelevant to speed).
+PRESETS = {
+    "tiny": {
+        "vocab_size": 4096,
+        "hidden_size": 256,
+        "intermediate_size": 688,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "tie_word_embeddings": False,
+    },
+    "1b": {
+        "vocab_size": 128256,
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "tie_word_embeddings": True,
+    },
+}
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
+LORA_RANK = 16
+
+
+# --- the shared world: model, tokenizer, pairs ----------------------------------------------------------------------
+
+
+def write_world(directory: Path, args: argparse.Namespace) -> None:
+    """A random Llama, a word-level tokenizer (one word = one token, so lengths are exact) and the pairs."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    preset = PRESETS[args.model]
+    vocab_size = preset["vocab_size"]
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    vocab.update({f"w{i}": i for i in range(len(SPECIAL_TOKENS), vocab_size)})
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<pad>"
+    ).save_pretrained(directory)
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        **preset,
+        max_position_embeddings=max(2048, args.prompt_length + args.completion_length + 1),
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(directory)
+
+    generator = torch.Generator().manual_seed(0)
+
+    def words(count: int) -> str:
+        ids = torch.randint(len(SPECIAL_TOKENS), vocab_size, (count,), generator=generator)
+        return " ".join(f"w{i}" for i in ids.tolist())
+
+    with (directory / "pairs.jsonl").open("w") as file:
+        for _ in range(args.batch_size * (args.warmup + args.steps)):
+            row = {
+                "prompt": words(args.prompt_length),
+                # A leading space, so that prompt + completion splits into the same words as the two apart.
+                "chosen": " " + words(args.completion_length),
+                "rejected": " " + words(args.completion_length),
+            }
+            file.write(json.dumps(row) + "\n")
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: the process's peak RSS
+
+
+# --- the two sides, each run in its own process ---------------------------------------------------------------------
+
+
+def run_diffalign(world: Path, trainable: str, args: argparse.Namespace) -> dict[str, float]:
+    """diffalign's LLM trainer on the shared loop; its metrics.jsonl windows give the steady-state step time."""
+    from diffalign.config import from_dict
+    from diffalign.llm.config import LLMTrainConfig
+    from diffalign.llm.trainer import train
+
+    cuda = args.device == "cuda"
+    output = world / f"diffalign-{trainable}"
+    config = from_dict(
+        LLMTrainConfig,
+        {
+            "kind": "llm",
+            "model": {
+                "pretrained": str(world),
+                "trainable": trainable,
+                "lora": {"rank": LORA_RANK, "target_modules": ["all-linear"]},  # alpha 2·rank, as TRL's below
+                "attn_implementation": "sdpa",
+            },
+            "data": {
+                "path": str(world / "pairs.jsonl"),
+                "max_prompt_length": args.prompt_length,
+                "max_length": args.prompt_length + args.completion_length + 1,
+            },
+            "reference": {"strategy": "auto"},
+            "loss": {"type": ["sigmoid"], "beta": 0.1},
+            "optim": {"lr": 1e-6, "weight_decay": 0.0, "scheduler": "constant", "warmup_steps": 0},
+            "run": {
+                "output_dir": str(output),
+                "max_steps": args.warmup + args.steps,
+                "batch_size": args.batch_size,
+                "log_every": args.warmup,  # the first window is the warm-up; the later ones are timed
+                "checkpoint_every": 10**9,
+                "trackers": [],
+                "progress_bar": False,
+                "mixed_precision": "bf16" if cuda else "no",
+                "gradient_checkpointing": args.gradient_checkpointing,
+            },
+        },
+    )
+    train(config)
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    records = [record for record in records if "pairs_per_s" in record]
+    tokens_per_pair = records[-1]["tokens_per_s"] / records[-1]["pairs_per_s"]
+    if round(tokens_per_pair) != 2 * (args.prompt_length + args.completion_length + 1):
+        raise RuntimeError(f"diffalign counted {tokens_per_pair:.1f} tokens per pair, not the benchmark's")
+    seconds = steps = 0.0
+    for previous, record in itertools.pairwise(records):
+        window_steps = record["step"] - previous["step"]
+        seconds += window_steps * args.batch_size / record["pairs_per_s"]
+        steps += window_steps
+    return {"seconds_per_step": seconds / steps, "peak_gib": records[-1]["peak_memory_gb"]}
+
+
+def run_trl(world: Path, trainable: str, args: argparse.Namespace) -> dict[str, float]:
+    """TRL's DPOTrainer (its own Trainer loop); a callback times the steps after the warm-up."""
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    low_precision = torch.bfloat16 if cuda else torch.float32
+
+    def synchronize() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    class StepTimer(TrainerCallback):
+        start = end = 0.0
+
+        def on_step_begin(self, _args, state, control, **kwargs):
+            if state.global_step == args.warmup:
+                synchronize()
+                self.start = time.perf_counter()
+
+        def on_step_end(self, _args, state, control, **kwargs):
+            if state.global_step == args.warmup + args.steps:
+                synchronize()
+                self.end = time.perf_counter()
+
+    def load(dtype: torch.dtype):
+        return AutoModelForCausalLM.from_pretrained(world, dtype=dtype, attn_implementation="sdpa")
+
+    # As diffalign: LoRA on low-precision frozen weights; a full fine-tune trains fp32 weights against a frozen
+    # low-precision copy of the initial model.
+    model = load(low_precision if trainable == "lora" else torch.float32)
+    ref_model = load(low_precision) if trainable == "full" else None
+    peft_config = None
+    if trainable == "lora":
+        peft_config = LoraConfig(
+            r=LORA_RANK,
+            lora_alpha=2 * LORA_RANK,
+            lora_dropout=0.0,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        )
+    timer = StepTimer()
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=DPOConfig(
+            output_dir=str(world / f"trl-{trainable}"),
+            per_device_train_batch_size=args.batch_size,
+            gradient_accumulation_steps=1,
+            max_steps=args.warmup + args.steps,
+            learning_rate=1e-6,
+            lr_scheduler_type="constant",
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            optim="adamw_torch_fused" if cuda else "adamw_torch",
+            beta=0.1,
+            loss_type=["sigmoid"],
+            max_length=args.prompt_length + args.completion_length + 1,
+            bf16=cuda,
+            use_cpu=not cuda,
+            gradient_checkpointing=args.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+            logging_steps=args.warmup,
+            save_strategy="no",
+            report_to=[],
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            seed=0,
+        ),
+        train_dataset=load_dataset("json", data_files=str(world / "pairs.jsonl"), split="train"),
+        processing_class=AutoTokenizer.from_pretrained(world),
+        peft_config=peft_config,
+        callbacks=[timer],
+    )
+    tokens = sum(len(row["prompt_ids"]) + len(row["chosen_ids"]) for row in trainer.train_dataset)
+    expected = len(trainer.train_dataset) * (args.prompt_length + args.completion_length + 1)
+    if tokens != expected:
+        raise RuntimeError(f"TRL tokenized {tokens} prompt+chosen tokens, diffalign's count is {expected}")
+    trainer.train()
+    return {"seconds_per_step": (timer.end - timer.start) / args.steps, "peak_gib": peak_memory_gib(device)}
+
+
+# --- orchestration ----------------------------------------------------------------------------------------------------
+
+
+def machine(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def run_side(side: str, trainable: str, world: Path, args: argparse.Namespace) -> dict[str, float]:
+    """One side in a fresh process: its own peak memory, no state shared with the other side."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as result:
+        command = [
+            sys.executable,
+            __file__,
+            *sys.argv[1:],
+            "--side",
+            side,
+            "--trainable",
+            trainable,
+            "--world",
+            str(world),
+            "--result",
+            result.name,
+        ]
+        subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        return json.loads(Path(result.name).read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--trainable", choices=["lora", "full", "both"], default="both")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=4, help="pairs per step")
+    parser.add_argument("--prompt-length", type=int, default=64)
+    parser.add_argument("--completion-length", type=int, default=63, help="tokens before the EOS")
+    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows and settings here")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's); 1 is steadier on a busy CPU",
+    )
+    # Internal: run one side in this process (how the parent measures each side in isolation).
+    parser.add_argument("--side", choices=["diffalign", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--world", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.warmup < 1:
+        parser.error("--warmup must be >= 1 (the first logging window is the warm-up)")
+
+    if args.side is not None:
+        run = run_diffalign if args.side == "diffalign" else run_trl
+        args.result.write_text(json.dumps(run(args.world, args.trainable, args)))
+        return
+
+    import transformers
+    import trl
+
+    tokens_per_step = 2 * args.batch_size * (args.prompt_length + args.completion_length + 1)
+    rows = []
+    with tempfile.TemporaryDirectory() as directory:
+        world = Path(directory)
+        write_world(world, args)
+        for trainable in ["lora", "full"] if args.trainable == "both" else [args.trainable]:
+            for side in ("trl", "diffalign"):
+                result = run_side(side, trainable, world, args)
+                rows.append({"side": side, "trainable": trainable, **result})
+
+    print(
+        f"\nLLM DPO step, model={args.model} (random Llama) pairs/step={args.batch_size} "
+        f"tokens/row={args.prompt_length + args.completion_length + 1} device={args.device} ({machine(args.device)}) "
+        f"gradient_checkpointing={args.gradient_checkpointing} torch={torch.__version__} "
+        f"transformers={transformers.__version__} trl={trl.__version__}"
+    )
+    header = f"{'side':<10} {'trainable':<9} {'tokens/s':>10} {'ms/step':>9} {'peak GiB':>9}"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        row["tokens_per_s"] = tokens_per_step / row["seconds_per_step"]
+        print(
+            f"{row['side']:<10} {row['trainable']:<9} {row['tokens_per_s']:>10.0f} "
+            f"{1000 * row['seconds_per_step']:>9.1f} {row['peak_gib']:>9.2f}"
+        )
+    for trainable in dict.fromkeys(row["trainable"] for row in rows):
+        trl_row, ours = (
+            next(r for r in rows if r["side"] == s and r["trainable"] == trainable)
+            for s in ("trl", "diffalign")
+        )
+        print(
+            f"{trainable}: diffalign/TRL tokens/s = {ours['tokens_per_s'] / trl_row['tokens_per_s']:.2f}× "
+            f"(target ≥ 1.3), peak memory = {ours['peak_gib'] / trl_row['peak_gib']:.2f}× (target ≤ 1)"
+        )
+    if args.device != "cuda":
+        print("peak memory on CPU is each process's peak resident set (imports included), not tensor memory")
+    if args.json:
+        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        record = {
+            "settings": settings,
+            "machine": machine(args.device),
+            "versions": {
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "trl": trl.__version__,
+            },
+            "rows": rows,
+        }
+        args.json.write_text(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()
