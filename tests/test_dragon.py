@@ -14,12 +14,12 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from tiny_pipelines import build_tiny_sd
 
-from diffalign.config import from_dict
+from diffalign.config import ConfigError, from_dict
 from diffalign.diffusion.config import DiffusionTrainConfig, MethodConfig
 from diffalign.diffusion.families import load_family
 from diffalign.diffusion.methods import DistributionalRewardOptimization, TrainingContext
 from diffalign.diffusion.methods.dragon import GENERATION_STREAM, PAIR_STREAM, load_exemplars, split_sets
-from diffalign.diffusion.methods.online import decode_samples, derived_seed
+from diffalign.diffusion.methods.online import decode_samples, derived_seed, sample_latents
 from diffalign.diffusion.reference import ReferenceDenoiser
 from diffalign.diffusion.trainer import make_trainable, train
 from diffalign.losses import LossConfig, compute_loss
@@ -82,6 +82,42 @@ def test_split_sets_pairs_the_best_with_the_worst_of_each_prompt():
     assert positive.tolist() == [[1]] and negative.tolist() == [[0]]  # the middle sample is left out
     with pytest.raises(ValueError, match="samples >= 2"):
         split_sets(torch.tensor([[1.0], [2.0]]))
+
+
+def test_best_worst_pairing_keeps_one_pair_per_prompt():
+    rewards = torch.tensor([[0.1, 0.9, 0.5, 0.3, 0.7], [2.0, 1.0, 2.0, 3.0, 1.0], [0.4, 0.4, 0.4, 0.4, 0.4]])
+    positive, negative = split_sets(rewards, "best_worst")
+    assert positive.tolist() == [[1], [3], [0]]
+    # Equal worst rewards: the later generation is the negative, mirroring the positives' order, so a prompt
+    # whose samples all tie still gets two distinct samples.
+    assert negative.tolist() == [[0], [4], [4]]
+    assert torch.equal(split_sets(rewards[:, :2], "best_worst")[0], split_sets(rewards[:, :2])[0])  # K = 2: same
+    with pytest.raises(ValueError, match="best_worst"):
+        split_sets(rewards, "top_bottom")
+    with pytest.raises(ConfigError, match="pairing"):
+        dragon_config(pairing="top_bottom")
+
+
+def test_best_worst_pairs_are_each_prompts_best_and_worst_generation(sd_dir):
+    """TangoFlux-style pairs from five generations per prompt, on the stand-in reward (mean red)."""
+    family = load_family(str(sd_dir))
+    method = DistributionalRewardOptimization(family, None, dragon_config(samples_per_prompt=5, pairing="best_worst"))
+    seeds = [5, 6, 7]
+    context = TrainingContext(step=0, seed=0, noise_seeds=seeds, encode=None)
+    pairs, metrics = method.make_pairs(family.denoiser, {"caption": PROMPTS}, context)
+    assert pairs.size == len(PROMPTS)
+
+    repeated = [prompt for prompt in PROMPTS for _ in range(5)]
+    generation_seeds = [derived_seed(seed, GENERATION_STREAM, k) for seed in seeds for k in range(5)]
+    latents = sample_latents(family, family.denoiser, repeated, generation_seeds, num_inference_steps=3, guidance_scale=5.0)
+    rewards = decode_samples(family, latents)[:, 0].mean(dim=(1, 2)).view(3, 5)
+    grouped = latents.view(3, 5, *latents.shape[1:])
+    rows = torch.arange(3)
+    torch.testing.assert_close(pairs.chosen_latents, grouped[rows, rewards.argmax(1)])
+    torch.testing.assert_close(pairs.rejected_latents, grouped[rows, rewards.argmin(1)])
+    torch.testing.assert_close(metrics["dragon/reward_positive"], rewards.amax(1).mean(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(metrics["dragon/reward_negative"], rewards.amin(1).mean(), atol=1e-6, rtol=1e-5)
+    assert pairs.noise_seeds == [derived_seed(seed, PAIR_STREAM, 0) for seed in seeds]
 
 
 def test_instance_to_distribution_reward_prefers_samples_near_the_exemplars(sd_dir, tmp_path):

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from diffalign.rewards.base import Scorer, check_prompts
-from diffalign.rewards.inputs import check_images
+from diffalign.rewards.base import Audio, Scorer, check_prompts
+from diffalign.rewards.inputs import check_images, resample
 from diffalign.rewards.registry import register_scorer
 
 
@@ -26,6 +27,24 @@ class ToyT2IScorer(Scorer):
         if not isinstance(check_images(images), Tensor):
             raise ValueError("toy_t2i scores image tensors [B,3,H,W] in [0, 1], not PIL images")
         return self.output(toy_reward(images, check_prompts(prompts, len(images), "toy_t2i")))
+
+
+class ToyT2MScorer(Scorer):
+    """:func:`diffalign.toy.music.toy_reward`: pitch-register and tempo fidelity to the prompt times the
+    sustain of the notes, in [0, 1]. The toy world is 16 kHz; audio at another rate is resampled first."""
+
+    modality = "audio"
+
+    def forward(self, audio: Audio, prompts: Sequence[str] | None = None, reference: None = None) -> Tensor:
+        from diffalign.toy.music import SAMPLE_RATE, toy_reward
+
+        if not isinstance(audio, Audio):
+            raise ValueError(f"toy_t2m scores Audio (waveforms [B,T] with their sample rate), got {type(audio).__name__}")
+        prompts = check_prompts(prompts, len(audio), "toy_t2m")
+        waveforms = audio.waveforms.detach().float().cpu()
+        if audio.sample_rate != SAMPLE_RATE:
+            waveforms = torch.from_numpy(np.stack(resample(audio, SAMPLE_RATE)))
+        return self.output(toy_reward(waveforms, SAMPLE_RATE, prompts))
 
 
 class ToyLLMScorer(Scorer):
@@ -46,6 +65,11 @@ class ToyLLMScorer(Scorer):
 @register_scorer("toy_t2i")
 def toy_t2i(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> ToyT2IScorer:
     return ToyT2IScorer(device, dtype)
+
+
+@register_scorer("toy_t2m")
+def toy_t2m(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> ToyT2MScorer:
+    return ToyT2MScorer(device, dtype)
 
 
 @register_scorer("toy_llm")

@@ -17,7 +17,11 @@ An online, on-policy loop around any reward of :mod:`diffalign.rewards`. Per bat
    exemplar embeddings (or their Gaussian) are computed once and reused every step (and cached on disk by
    the scorer's ``cache_dir``);
 3. within each prompt's K samples, the best ⌊K/2⌋ form the positive set and the worst ⌊K/2⌋ the negative
-   set (the middle one is left out for odd K); the i-th best is paired with the i-th worst;
+   set (the middle one is left out for odd K); the i-th best is paired with the i-th worst
+   (``pairing: halves``). ``pairing: best_worst`` keeps one pair per prompt, its best vs its worst sample:
+   the CLAP-ranked online pairs of TangoFlux's CRPO (Hung et al., arXiv 2412.21037: 5 samples per prompt,
+   chosen = highest CLAP score, rejected = lowest), which with ``loss.type: [sigmoid, sft]`` and
+   ``loss.weights: [1, 2]`` is also its loss (DPO plus the chosen sample's denoising MSE);
 4. the contrast of the two sets is the surrogate of the paper: ``loss.type: [sigmoid]`` is Diffusion-DPO on
    the pairs (shared ε and t per pair, frozen pretrained reference); ``loss.type: [kto]`` treats them as
    unpaired desirable/undesirable sets (Diffusion-KTO, Li et al., arXiv 2404.04465) with the reference point
@@ -50,6 +54,7 @@ from diffalign.diffusion.methods.online import TrainingContext, decode_samples, 
 from diffalign.diffusion.reference import ReferenceDenoiser
 from diffalign.losses import PairScores
 from diffalign.rewards import Audio, Samples, build_scorer
+from diffalign.training.distributed import mean_over_processes
 
 logger = logging.getLogger(__name__)
 
@@ -124,17 +129,21 @@ class PromptDataset(Dataset):
         return {"caption": self.prompts[index], "index": index}
 
 
-def split_sets(rewards: Tensor) -> tuple[Tensor, Tensor]:
-    """Positive and negative sets from ``rewards [B, K]`` (higher is better), as column indices ``[B, ⌊K/2⌋]``.
+def split_sets(rewards: Tensor, pairing: str = "halves") -> tuple[Tensor, Tensor]:
+    """Positive and negative sets from ``rewards [B, K]`` (higher is better), as column indices ``[B, P]``.
 
-    Row b's best ⌊K/2⌋ samples are positives, best first; its worst ⌊K/2⌋ negatives, worst first, so column i
-    pairs the i-th best with the i-th worst. Equal rewards keep their generation order.
+    ``halves`` (P = ⌊K/2⌋): row b's best P samples are positives, best first; its worst P negatives, worst
+    first, so column i pairs the i-th best with the i-th worst. ``best_worst`` (P = 1): the best against the
+    worst. Equal rewards keep their generation order.
     """
     if rewards.ndim != 2 or rewards.shape[1] < 2:
         raise ValueError(f"split_sets needs rewards [prompts, samples >= 2], got shape {tuple(rewards.shape)}")
-    half = rewards.shape[1] // 2
+    if pairing not in ("halves", "best_worst"):
+        raise ValueError(f"pairing must be 'halves' or 'best_worst', got {pairing!r}")
+    count = rewards.shape[1] // 2 if pairing == "halves" else 1
     order = torch.sort(rewards, dim=1, descending=True, stable=True).indices
-    return order[:, :half], order.flip(1)[:, :half]
+    # Negatives come from the other end of the same order, so no sample is both positive and negative.
+    return order[:, :count], order.flip(1)[:, :count]
 
 
 class DistributionalRewardOptimization:
@@ -187,7 +196,7 @@ class DistributionalRewardOptimization:
         )
         rewards = self.rewards(decode_samples(self.family, latents, settings.generation_batch_size), repeated)
         rewards = rewards.view(len(prompts), count)
-        positive, negative = split_sets(rewards)
+        positive, negative = split_sets(rewards, settings.pairing)
 
         # Pair p comes from prompt p // half: its i-th best and i-th worst sample, i = p % half.
         half = positive.shape[1]
@@ -212,9 +221,10 @@ class DistributionalRewardOptimization:
     def pair_scores(self, denoiser: nn.Module, batch: LatentPairBatch) -> tuple[PairScores, dict[str, Tensor]]:
         scores, metrics = self.dpo.pair_scores(denoiser, batch)
         if scores.has_reference:
-            # KTO's reference point: the batch's mean log-ratio, an estimate of KL(π‖π_ref) (≥ 0 in expectation).
+            # KTO's reference point: the batch's mean log-ratio, an estimate of KL(π‖π_ref) (≥ 0 in expectation),
+            # over every process's pairs so that N processes estimate it like one process with the global batch.
             log_ratios = torch.cat([scores.policy_chosen - scores.ref_chosen, scores.policy_rejected - scores.ref_rejected])
-            reference_point = log_ratios.detach().float().mean().clamp(min=0)
+            reference_point = mean_over_processes(log_ratios.float()).clamp(min=0)
             scores = dataclasses.replace(scores, kl_reference_point=reference_point)
             metrics["dragon/kl_reference_point"] = reference_point
         return scores, metrics

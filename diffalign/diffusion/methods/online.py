@@ -117,8 +117,15 @@ def sample_latents(
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         generators = [torch.Generator(device).manual_seed(seed) for seed in seeds[start : start + batch_size]]
+        # Mel families hand their pipeline prompt embeddings, as their `generate` does: MusicLDM's own prompt
+        # path fails under transformers 5 (see families/musicldm.py).
+        pipeline_inputs = getattr(family, "pipeline_inputs", None)
+        if pipeline_inputs is not None:
+            inputs = pipeline_inputs(family.encode_prompts(chunk), family.encode_prompts([""] * len(chunk)))
+        else:
+            inputs = {"prompt": chunk}
         output = pipeline(
-            chunk,
+            **inputs,
             generator=generators,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
