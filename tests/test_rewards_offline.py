@@ -262,3 +262,17 @@ def test_laion_clap_backend_scores_offline_with_cached_hub_files(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK" in result.stdout
+
+
+def test_the_shipped_toy_clip_scores_with_its_transformers_5_processor_file():
+    """The toy CLIP was saved by transformers 5, whose processor_config.json holds the image settings."""
+    from diffalign.toy import t2i
+
+    clip_dir = Path(__file__).resolve().parents[1] / "assets" / "toy-t2i" / "clip"
+    assert not (clip_dir / "preprocessor_config.json").exists()
+    scorer = build_scorer("clip_score", model=str(clip_dir))
+    images = torch.stack(
+        [t2i.render_scene(shape, colour, "large", centre=(0.5, 0.5)) for shape, colour in [("circle", "red"), ("square", "blue")]]
+    )
+    circle, square = scorer(images, ["a large red circle"] * 2), scorer(images, ["a large blue square"] * 2)
+    assert circle[0] > circle[1] and square[1] > square[0]

@@ -30,7 +30,9 @@ MODEL_FILES: tuple[FileRequirement, ...] = (
     ),
 )
 TOKENIZER_FILES: tuple[FileRequirement, ...] = (("tokenizer.json", "vocab.json", "vocab.txt"),)
-PREPROCESSOR_FILES: tuple[FileRequirement, ...] = ("preprocessor_config.json",)
+# transformers 5 saves a processor's image settings inside processor_config.json; older saves, and most hub
+# repositories, have preprocessor_config.json. AutoImageProcessor reads either.
+PREPROCESSOR_FILES: tuple[FileRequirement, ...] = (("preprocessor_config.json", "processor_config.json"),)
 OPEN_CLIP_FILES: tuple[FileRequirement, ...] = ("open_clip_config.json",)
 
 # Weight files by preference; only the first kind a hub repository has is downloaded (many ship several
