@@ -9,7 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from peft.utils import get_peft_model_state_dict
 from PIL import Image
+from safetensors.torch import load_file
 from tiny_pipelines import build_tiny_sd, build_tiny_sdxl
 
 from diffalign.config import from_dict
@@ -113,6 +115,13 @@ def test_lora_output_loads_into_a_stock_pipeline_and_changes_it(models, pairs_fi
     pipeline.load_lora_weights(tmp_path / "final")
     after = sample()
     assert (after - before).abs().max() > 1e-4
+    # Every saved adapter weight is in the loaded U-Net, attention projections included.
+    saved = load_file(tmp_path / "final" / "pytorch_lora_weights.safetensors")
+    loaded = get_peft_model_state_dict(pipeline.unet, adapter_name=pipeline.get_active_adapters()[0])
+    assert {f"unet.{name}" for name in loaded} == set(saved)
+    assert any(".attn1.to_k." in name for name in saved)
+    for name, value in loaded.items():
+        torch.testing.assert_close(value, saved[f"unet.{name}"])
 
 
 def test_full_unet_output_loads_with_from_pretrained(models, pairs_file, tmp_path):

@@ -299,15 +299,16 @@ class DiffusionRecipe:
         """LoRA in diffusers format or the full denoiser (``from_pretrained``).
 
         The LoRA file is the one diffusers' LoRA loaders write (``pytorch_lora_weights.safetensors``, keys
-        ``<denoiser subfolder>.<module>``): ``pipeline.load_lora_weights`` reads it where the pipeline has a LoRA
-        loader, ``denoiser.load_lora_adapter(folder, prefix=<subfolder>)`` everywhere else.
+        ``<denoiser subfolder>.<module>.lora_A/lora_B.weight``): ``pipeline.load_lora_weights`` reads it where the
+        pipeline has a LoRA loader, ``denoiser.load_lora_adapter(folder, prefix=<subfolder>)`` everywhere else.
+        The keys stay in PEFT's naming: converted to the old diffusers naming (``lora.down``), diffusers 0.42's
+        loader silently drops the attention projections' adapters.
         """
         output_dir.mkdir(parents=True, exist_ok=True)
         if self.config.model.trainable == "lora":
             from diffusers.loaders.lora_base import LoraBaseMixin
-            from diffusers.utils import convert_state_dict_to_diffusers
 
-            lora_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+            lora_layers = get_peft_model_state_dict(model)
             LoraBaseMixin.write_lora_layers(
                 LoraBaseMixin.pack_weights(lora_layers, self.family.denoiser_subfolder),
                 output_dir,
