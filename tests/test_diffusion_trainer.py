@@ -49,10 +49,10 @@ def models(tmp_path_factory) -> dict[tuple[str, str], Path]:
     }
 
 
-def config_for(model_dir: Path, data: Path, output: Path, **sections) -> DiffusionTrainConfig:
+def config_for(model_dir: Path, data_file: Path, output: Path, **sections) -> DiffusionTrainConfig:
     raw = {
         "model": {"pretrained": str(model_dir), "trainable": "lora", "lora": {"rank": 4}},
-        "data": {"source": str(data), "resolution": 16, "caption_dropout": 0.25},
+        "data": {"source": str(data_file), "resolution": 16, "caption_dropout": 0.25},
         "loss": {"type": ["sigmoid"], "beta": 5000.0},
         "optim": {"lr": 1e-3, "warmup_steps": 0, "scheduler": "constant"},
         "run": {

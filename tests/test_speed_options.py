@@ -10,9 +10,9 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
+from test_diffusion_trainer import config_for
 from tiny_pipelines import build_tiny_sd
 
-from diffalign.config import from_dict
 from diffalign.diffusion.config import DiffusionTrainConfig
 from diffalign.diffusion.families import load_family
 from diffalign.diffusion.methods import DiffusionDPO, LatentPairBatch
@@ -66,25 +66,9 @@ def other_sd_dir(sd_dir, tmp_path_factory) -> Path:
 
 
 def make_config(model_dir: Path, data_file: Path, output: Path, **sections) -> DiffusionTrainConfig:
-    raw = {
-        "model": {"pretrained": str(model_dir), "trainable": "lora", "lora": {"rank": 4}},
-        "data": {"source": str(data_file), "resolution": 16, "caption_dropout": 0.25},
-        "loss": {"type": ["sigmoid"], "beta": 5000.0},
-        "optim": {"lr": 1e-3, "warmup_steps": 0, "scheduler": "constant"},
-        "run": {
-            "output_dir": str(output),
-            "max_steps": 1,
-            "batch_size": 2,
-            "log_every": 1,
-            "checkpoint_every": 1,
-            "trackers": [],
-            "progress_bar": False,
-            "mixed_precision": "no",
-        },
-    }
-    for section, values in sections.items():
-        raw.setdefault(section, {}).update(values)
-    return from_dict(DiffusionTrainConfig, raw)
+    """The trainer tests' tiny config, one step long, checkpointed at it."""
+    run = {"max_steps": 1, "checkpoint_every": 1, **sections.pop("run", {})}
+    return config_for(model_dir, data_file, output, run=run, **sections)
 
 
 def recipe_for(config: DiffusionTrainConfig) -> DiffusionRecipe:
