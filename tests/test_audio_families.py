@@ -66,14 +66,7 @@ from diffalign.rewards import Audio, Scorer, register_scorer
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 PROMPTS = ["a calm piano", "a loud fast drum beat", "soft rain", "a guitar melody"]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models on a shared CPU run far faster on one thread than fighting over several.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- tiny pipelines (section A of the music reference: configs known to run) ---------------------------------

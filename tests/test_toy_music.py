@@ -31,6 +31,8 @@ from diffalign.toy.prompts import write_prompt_files
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = music.TOY_T2M_DIR
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def spec(**changes) -> music.ClipSpec:
     """A loud, slow, mid sine tone that rings (decay 3 s), with ``changes``."""
@@ -44,15 +46,6 @@ def spec(**changes) -> music.ClipSpec:
 @pytest.fixture(scope="module")
 def build_info() -> dict:
     return json.loads((ASSETS / "build_info.json").read_text())
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # A tiny model on a shared CPU runs faster on one thread than on contended two.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
