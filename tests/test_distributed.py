@@ -20,8 +20,8 @@ import pytest
 import torch
 from fsdp_worker import make_optimizer, make_policy, probe, train_steps
 from test_diffusion_trainer import png
+from test_llm_trainer import build_tiny_llm
 from tiny_pipelines import build_tiny_sd
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from diffalign.toy.llm import train_tokenizer
 
@@ -123,22 +123,7 @@ def tiny_llm(tmp_path_factory) -> tuple[Path, Path, Path]:
     answers = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 8))) for _ in range(32)]
     paired = [{"prompt": p, "chosen": answers[2 * i], "rejected": answers[2 * i + 1]} for i, p in enumerate(prompts)]
     unpaired = [{"prompt": p, "completion": answers[i], "label": i % 2 == 0} for i, p in enumerate(prompts)]
-    tokenizer = train_tokenizer(prompts + answers, vocab_size=320)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    build_tiny_llm(root / "model", train_tokenizer(prompts + answers, vocab_size=320))
     return root / "model", write_jsonl(root / "paired.jsonl", paired), write_jsonl(root / "unpaired.jsonl", unpaired)
 
 

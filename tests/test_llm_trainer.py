@@ -11,7 +11,13 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+)
 
 from diffalign.config import from_dict
 from diffalign.llm.config import LLMTrainConfig
@@ -24,9 +30,10 @@ TOY_LLM = Path(__file__).resolve().parents[1] / "assets" / "toy-llm"
 LINEAR_WEIGHTS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def build_tiny_llm(directory: Path) -> Path:
-    """A randomly initialised two-layer Llama with the toy LLM's tokenizer, saved as a transformers directory."""
-    tokenizer = AutoTokenizer.from_pretrained(TOY_LLM)
+def build_tiny_llm(directory: Path, tokenizer: PreTrainedTokenizerBase | None = None) -> Path:
+    """A randomly initialised two-layer Llama with ``tokenizer`` (default: the toy LLM's), saved as a
+    transformers directory."""
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(TOY_LLM)
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
