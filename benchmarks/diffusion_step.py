@@ -16,7 +16,8 @@ Each speed switch of the trainer is then measured as its own row, on top of thos
     +grad_ckpt       run.gradient_checkpointing: true (trades time for activation memory)
     -sdpa            the classic attention processor instead of SDPA, to show what SDPA is worth
     best             channels_last + ref_cache
-    best+compile     best with torch.compile of the denoiser (model.compile: true), with --compile
+    +compile         torch.compile of the denoiser (model.compile: true), with --compile; the estimator is unchanged
+    best+compile     best with torch.compile of the denoiser, with --compile
 
 Models are built from the published configs in configs/models/ with random weights (speed does not depend on
 the weights). Prints a table with pairs/s, ms/step, peak memory, FLOPs per step (torch.utils.flop_counter) and
@@ -34,13 +35,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import benchmark_parser, machine, parse_benchmark_args, trainables, write_record
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from peft import LoraConfig
@@ -256,7 +257,8 @@ VARIANTS = [
     Variant("+grad_ckpt", grad_ckpt=True),
     Variant("-sdpa", sdpa=False),
     Variant("best", channels_last=True, ref_cache=True),
-    # In-place compilation cannot be undone, so it comes last.
+    # In-place compilation cannot be undone, so the compiled rows come last.
+    Variant("+compile", compile=True),
     Variant("best+compile", channels_last=True, ref_cache=True, compile=True),
 ]
 
@@ -358,52 +360,33 @@ def run(args: argparse.Namespace, trainable: str) -> list[dict]:
     return rows
 
 
-def machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", choices=["tiny", "sd15", "sdxl"], default="tiny")
-    parser.add_argument("--trainable", choices=["lora", "full", "both"], default="both")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = benchmark_parser(__doc__, models=["tiny", "sd15", "sdxl"])
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="bf16 autocast on GPU")
     parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=4, help="pairs per step")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument(
         "--warmup", type=int, default=2, help="untimed steps first (compilation happens here)"
     )
     parser.add_argument(
-        "--compile", action="store_true", help="add the best+compile row (slow to compile on CPU)"
+        "--compile",
+        action="store_true",
+        help="add the +compile and best+compile rows (slow to compile on CPU)",
     )
-    parser.add_argument("--compile-mode", default="default", help="torch.compile mode for best+compile")
+    parser.add_argument("--compile-mode", default="default", help="torch.compile mode of the compiled rows")
     parser.add_argument("--only", nargs="+", default=None, help="measure only these diffalign rows")
     parser.add_argument(
         "--peak-tflops", type=float, default=None, help="the device's dense peak for MFU (H100 SXM bf16: 989)"
     )
-    parser.add_argument("--json", type=Path, default=None, help="also write the rows and settings here")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="CPU threads for torch (default: torch's); 1 is steadier on a busy CPU",
-    )
-    args = parser.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    args = parse_benchmark_args(parser)
 
     rows = []
-    for trainable in ["lora", "full"] if args.trainable == "both" else [args.trainable]:
+    for trainable in trainables(args):
         rows += run(args, trainable)
 
     print(
         f"\nDiffusion-DPO step, model={args.model} resolution={args.resolution} pairs/step={args.batch_size} "
-        f"device={args.device} ({machine()}) precision={args.precision} torch={torch.__version__}"
+        f"device={args.device} ({machine(args.device)}) precision={args.precision} torch={torch.__version__}"
     )
     header = (
         f"{'step':<15} {'trainable':<9} {'pairs/s':>9} {'ms/step':>9} {'peak GiB':>9} {'TFLOP/step':>11} "
@@ -425,10 +408,7 @@ def main() -> None:
     print(
         "speed-up: baseline step time / row step time (≥ 2 is the GPU target; CPU target: diffalign ≤ 0.7× time)"
     )
-    if args.json:
-        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        record = {"settings": settings, "machine": machine(), "torch": torch.__version__, "rows": rows}
-        args.json.write_text(json.dumps(record, indent=2))
+    write_record(args, rows, versions={"torch": torch.__version__})
 
 
 if __name__ == "__main__":

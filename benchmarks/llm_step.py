@@ -25,7 +25,6 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -34,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import benchmark_parser, machine, parse_benchmark_args, trainables, write_record
 
 # Llama-architecture shapes. 1b is Llama-3.2-1B's (without its rope scaling, irrelevant to speed).
 PRESETS = {
@@ -255,12 +255,6 @@ def run_trl(world: Path, trainable: str, args: argparse.Namespace) -> dict[str, 
 # --- orchestration ----------------------------------------------------------------------------------------------------
 
 
-def machine(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-
-
 def run_side(side: str, trainable: str, world: Path, args: argparse.Namespace) -> dict[str, float]:
     """One side in a fresh process: its own peak memory, no state shared with the other side."""
     with tempfile.NamedTemporaryFile(suffix=".json") as result:
@@ -282,32 +276,17 @@ def run_side(side: str, trainable: str, world: Path, args: argparse.Namespace) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--trainable", choices=["lora", "full", "both"], default="both")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-size", type=int, default=4, help="pairs per step")
+    parser = benchmark_parser(__doc__, models=sorted(PRESETS))
     parser.add_argument("--prompt-length", type=int, default=64)
     parser.add_argument("--completion-length", type=int, default=63, help="tokens before the EOS")
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first")
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--json", type=Path, default=None, help="also write the rows and settings here")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="CPU threads for torch (default: torch's); 1 is steadier on a busy CPU",
-    )
     # Internal: run one side in this process (how the parent measures each side in isolation).
     parser.add_argument("--side", choices=["diffalign", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--world", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    args = parse_benchmark_args(parser)
     if args.warmup < 1:
         parser.error("--warmup must be >= 1 (the first logging window is the warm-up)")
 
@@ -324,7 +303,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as directory:
         world = Path(directory)
         write_world(world, args)
-        for trainable in ["lora", "full"] if args.trainable == "both" else [args.trainable]:
+        for trainable in trainables(args):
             for side in ("trl", "diffalign"):
                 result = run_side(side, trainable, world, args)
                 rows.append({"side": side, "trainable": trainable, **result})
@@ -355,19 +334,15 @@ def main() -> None:
         )
     if args.device != "cuda":
         print("peak memory on CPU is each process's peak resident set (imports included), not tensor memory")
-    if args.json:
-        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        record = {
-            "settings": settings,
-            "machine": machine(args.device),
-            "versions": {
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
-                "trl": trl.__version__,
-            },
-            "rows": rows,
-        }
-        args.json.write_text(json.dumps(record, indent=2))
+    write_record(
+        args,
+        rows,
+        versions={
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "trl": trl.__version__,
+        },
+    )
 
 
 if __name__ == "__main__":

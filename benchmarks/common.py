@@ -1,0 +1,62 @@
+"""What both benchmark scripts share: their common options, the machine line and the JSON record."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def benchmark_parser(description: str | None, models: list[str]) -> argparse.ArgumentParser:
+    """A parser with the options every benchmark takes; each script adds its own."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", choices=models, default="tiny")
+    parser.add_argument("--trainable", choices=["lora", "full", "both"], default="both")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=4, help="pairs per step")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows and settings here")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's); 1 is steadier on a busy CPU",
+    )
+    return parser
+
+
+def parse_benchmark_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return args
+
+
+def trainables(args: argparse.Namespace) -> list[str]:
+    return ["lora", "full"] if args.trainable == "both" else [args.trainable]
+
+
+def machine(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def write_record(args: argparse.Namespace, rows: list[dict], versions: dict[str, str]) -> None:
+    """With ``--json``, write the settings, machine, versions and rows of this run there."""
+    if args.json is None:
+        return
+    record: dict[str, Any] = {
+        "settings": {
+            key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()
+        },
+        "machine": machine(args.device),
+        "versions": versions,
+        "rows": rows,
+    }
+    args.json.write_text(json.dumps(record, indent=2))
