@@ -24,7 +24,6 @@ import copy
 import json
 import logging
 import math
-import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -59,6 +58,7 @@ from diffalign.toy.music import (
     ToyMusicModel,
 )
 from diffalign.toy.prompts import write_prompt_files
+from diffalign.toy.stages import BuildStages, directory_sizes
 
 log = logging.getLogger(__name__)
 
@@ -645,10 +645,6 @@ def build_exemplars(
 # ------------------------------------------------------------------------------------------------ build
 
 
-def _directory_size(path: Path) -> int:
-    return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
-
-
 def vocoding_quality(model: ToyMusicModel, clips: ClipSet) -> dict[str, dict[str, float]]:
     """Register/tempo accuracy and reward of clips, of their vocoded mels and of VAE + vocoder
     reconstructions, for their own captions."""
@@ -669,104 +665,86 @@ def build_toy_music(output_dir: str | Path, seed: int = 0, config: MusicBuildCon
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(config.threads)
-    timings: dict[str, float] = {}
+    stages = BuildStages("music", seed)
+    generator = stages.generator
 
-    def stage(name: str, start: float) -> None:
-        timings[name] = round(time.perf_counter() - start, 1)
-        log.info("[music] %s done in %.1fs", name, timings[name])
+    with stages.stage("clips and tokenizer"):
+        clips = make_clips(config.clips, generator(1))
+        tokenizer = build_tokenizer(output_dir / "tokenizer")
+        feature_extractor = make_feature_extractor()
+        features = clap_features(feature_extractor, clips.waveforms)
 
-    # Every stage draws from its own generator so that changing one stage's size leaves the others' data alone.
-    def generator(offset: int) -> torch.Generator:
-        return torch.Generator().manual_seed(seed * 1000 + offset)
+    with stages.stage("clap", init_seed=0):
+        clap = train_clap(tokenizer, features, clips.specs, config, generator(2))
 
-    start = time.perf_counter()
-    clips = make_clips(config.clips, generator(1))
-    tokenizer = build_tokenizer(output_dir / "tokenizer")
-    feature_extractor = make_feature_extractor()
-    features = clap_features(feature_extractor, clips.waveforms)
-    stage("clips and tokenizer", start)
+    with stages.stage("vae", init_seed=1):
+        vae = train_vae(clips.mels, config, generator(3))
+        latent_means, latent_stds = encode_mels(vae, clips.mels)
+        # As LDM: scale latents to unit variance so that the noise schedule sees the signal it was designed for.
+        latent_sample = latent_means + latent_stds * torch.randn(latent_means.shape, generator=generator(4))
+        scaling_factor = round(1 / latent_sample.std().item(), 5)
+        vae.register_to_config(scaling_factor=scaling_factor)
 
-    start = time.perf_counter()
-    torch.manual_seed(seed)
-    clap = train_clap(tokenizer, features, clips.specs, config, generator(2))
-    stage("clap", start)
+    with stages.stage("vocoder", init_seed=2):
+        vocoder = train_vocoder(clips, config, generator(5))
 
-    start = time.perf_counter()
-    torch.manual_seed(seed + 1)
-    vae = train_vae(clips.mels, config, generator(3))
-    latent_means, latent_stds = encode_mels(vae, clips.mels)
-    # As LDM: scale latents to unit variance so that the noise schedule sees the signal it was designed for.
-    latent_sample = latent_means + latent_stds * torch.randn(latent_means.shape, generator=generator(4))
-    scaling_factor = round(1 / latent_sample.std().item(), 5)
-    vae.register_to_config(scaling_factor=scaling_factor)
-    stage("vae", start)
-
-    start = time.perf_counter()
-    torch.manual_seed(seed + 2)
-    vocoder = train_vocoder(clips, config, generator(5))
-    stage("vocoder", start)
-
-    start = time.perf_counter()
-    torch.manual_seed(seed + 3)
-    captions = _training_captions(clips.specs, config, generator(6))
-    texts = sorted(set(captions))
-    with torch.no_grad():
-        embeddings = clap.get_text_features(**tokenize(tokenizer, texts)).pooler_output
-    text_embeddings = embeddings[torch.tensor([texts.index(caption) for caption in captions])]
-    unet = train_unet(text_embeddings, latent_means * scaling_factor, latent_stds * scaling_factor, config, generator(7))
-    stage("unet", start)
-
-    start = time.perf_counter()
-    MusicLDMPipeline(
-        vae=vae,
-        text_encoder=clap,
-        tokenizer=tokenizer,
-        feature_extractor=feature_extractor,
-        unet=unet,
-        scheduler=make_scheduler(),
-        vocoder=vocoder,
-    ).save_pretrained(output_dir)
-    # text_encoder/ also gets the tokenizer and feature extractor, so it is a complete CLAP checkpoint that
-    # CLAP scorers load by itself (as laion/clap-htsat-unfused on the hub).
-    tokenizer.save_pretrained(output_dir / "text_encoder")
-    feature_extractor.save_pretrained(output_dir / "text_encoder")
-    # The preference data come from the components exactly as saved and loaded.
-    model = ToyMusicModel.load(output_dir)
-    data_dir = output_dir / "data"
-    data_dir.mkdir(exist_ok=True)
-    quality: dict = {}
-    for offset, (split, per_prompt) in enumerate(
-        (("train", config.train_samples_per_prompt), ("heldout", config.heldout_samples_per_prompt))
-    ):
-        table, waveforms, prompts = build_preference_split(
-            model, music.load_prompts(split), per_prompt, config, generator(8 + offset)
+    with stages.stage("unet", init_seed=3):
+        captions = _training_captions(clips.specs, config, generator(6))
+        texts = sorted(set(captions))
+        with torch.no_grad():
+            embeddings = clap.get_text_features(**tokenize(tokenizer, texts)).pooler_output
+        text_embeddings = embeddings[torch.tensor([texts.index(caption) for caption in captions])]
+        unet = train_unet(
+            text_embeddings, latent_means * scaling_factor, latent_stds * scaling_factor, config, generator(7)
         )
-        pq.write_table(table, data_dir / f"{split}.parquet", compression="zstd")
-        quality[f"base_samples_{split}"] = sample_quality(waveforms, prompts)
-        log.info("[music] %s: %d pairs; base samples: %s", split, table.num_rows, quality[f"base_samples_{split}"])
-    stage("preference data", start)
 
-    start = time.perf_counter()
-    build_exemplars(output_dir / "exemplars", model, config.exemplars, generator(10))
-    write_prompt_files(output_dir / "prompts", music.load_prompts)
-    fresh = make_clips(config.quality_clips, generator(11))
-    quality["clap_retrieval"] = clap_retrieval_accuracy(
-        model.text_encoder, model.tokenizer, clap_features(model.feature_extractor, fresh.waveforms), fresh.specs
-    )
-    quality.update(vocoding_quality(model, fresh))
-    log.info("[music] quality: %s", quality)
-    stage("exemplars and quality", start)
+    with stages.stage("preference data"):
+        MusicLDMPipeline(
+            vae=vae,
+            text_encoder=clap,
+            tokenizer=tokenizer,
+            feature_extractor=feature_extractor,
+            unet=unet,
+            scheduler=make_scheduler(),
+            vocoder=vocoder,
+        ).save_pretrained(output_dir)
+        # text_encoder/ also gets the tokenizer and feature extractor, so it is a complete CLAP checkpoint that
+        # CLAP scorers load by itself (as laion/clap-htsat-unfused on the hub).
+        tokenizer.save_pretrained(output_dir / "text_encoder")
+        feature_extractor.save_pretrained(output_dir / "text_encoder")
+        # The preference data come from the components exactly as saved and loaded.
+        model = ToyMusicModel.load(output_dir)
+        data_dir = output_dir / "data"
+        data_dir.mkdir(exist_ok=True)
+        quality: dict = {}
+        for offset, (split, per_prompt) in enumerate(
+            (("train", config.train_samples_per_prompt), ("heldout", config.heldout_samples_per_prompt))
+        ):
+            table, waveforms, prompts = build_preference_split(
+                model, music.load_prompts(split), per_prompt, config, generator(8 + offset)
+            )
+            pq.write_table(table, data_dir / f"{split}.parquet", compression="zstd")
+            quality[f"base_samples_{split}"] = sample_quality(waveforms, prompts)
+            log.info("[music] %s: %d pairs; base samples: %s", split, table.num_rows, quality[f"base_samples_{split}"])
 
-    sizes = {
-        name: _directory_size(output_dir / name)
-        for name in ("unet", "vae", "vocoder", "text_encoder", "tokenizer", "feature_extractor", "data", "exemplars")
-    }
+    with stages.stage("exemplars and quality"):
+        build_exemplars(output_dir / "exemplars", model, config.exemplars, generator(10))
+        write_prompt_files(output_dir / "prompts", music.load_prompts)
+        fresh = make_clips(config.quality_clips, generator(11))
+        quality["clap_retrieval"] = clap_retrieval_accuracy(
+            model.text_encoder, model.tokenizer, clap_features(model.feature_extractor, fresh.waveforms), fresh.specs
+        )
+        quality.update(vocoding_quality(model, fresh))
+        log.info("[music] quality: %s", quality)
+
     info = {
         "seed": seed,
         "config": asdict(config),
         "sampling": {"scheduler": "DDIM", "steps": config.sampling_steps, "guidance_scale": config.guidance_scale},
-        "seconds": timings,
-        "bytes": sizes,
+        "seconds": stages.timings,
+        "bytes": directory_sizes(
+            output_dir, ("unet", "vae", "vocoder", "text_encoder", "tokenizer", "feature_extractor", "data", "exemplars")
+        ),
         "quality": quality,
     }
     (output_dir / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")

@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import string
-import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -48,6 +47,7 @@ from transformers import (
 from diffalign.toy import t2i
 from diffalign.toy.bpe import train_bpe
 from diffalign.toy.prompts import write_prompt_files
+from diffalign.toy.stages import BuildStages, directory_sizes
 from diffalign.toy.t2i import COLOURS, RESOLUTION, SHAPES, SIZES, SceneBatch
 
 log = logging.getLogger(__name__)
@@ -550,10 +550,6 @@ def build_subject_set(directory: Path, count: int, generator: torch.Generator) -
 # ------------------------------------------------------------------------------------------------ build
 
 
-def _directory_size(path: Path) -> int:
-    return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
-
-
 def build_toy_t2i(output_dir: str | Path, seed: int = 0, config: T2IBuildConfig | None = None) -> dict:
     """Build everything into ``output_dir``; returns (and saves as ``build_info.json``) timings, sizes
     and the checker's accuracy on the pipeline's samples."""
@@ -561,95 +557,76 @@ def build_toy_t2i(output_dir: str | Path, seed: int = 0, config: T2IBuildConfig 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(config.threads)
-    timings: dict[str, float] = {}
+    stages = BuildStages("t2i", seed)
+    generator = stages.generator
 
-    def stage(name: str, start: float) -> None:
-        timings[name] = round(time.perf_counter() - start, 1)
-        log.info("[t2i] %s done in %.1fs", name, timings[name])
-
-    # Every stage draws from its own generator so that changing one stage's size leaves the others' data alone.
-    def generator(offset: int) -> torch.Generator:
-        return torch.Generator().manual_seed(seed * 1000 + offset)
-
-    start = time.perf_counter()
-    scenes = t2i.sample_scenes(config.scenes, generator(1))
-    autoencoder_scenes = t2i.sample_scenes(
-        config.autoencoder_scenes, generator(2), off_palette_fraction=0.2, two_tone_fraction=0.15
-    )
-    tokenizer = build_tokenizer(output_dir / "tokenizer")
-    stage("scenes and tokenizer", start)
-
-    start = time.perf_counter()
-    torch.manual_seed(seed)
-    clip = train_clip(tokenizer, scenes, config, generator(3))
-    save_clip(clip, tokenizer, output_dir / "clip")
-    text_encoder = text_encoder_from_clip(clip)
-    stage("clip", start)
-
-    start = time.perf_counter()
-    torch.manual_seed(seed + 1)
-    vae = train_vae(autoencoder_scenes, config, generator(4))
-    latent_means, latent_stds = encode_scenes(vae, scenes.images)
-    # As SD: scale latents to unit variance so that the noise schedule sees the signal it was designed for.
-    latent_sample = latent_means + latent_stds * torch.randn(latent_means.shape, generator=generator(5))
-    scaling_factor = round(1 / latent_sample.std().item(), 5)
-    vae.register_to_config(scaling_factor=scaling_factor)
-    stage("vae", start)
-
-    start = time.perf_counter()
-    torch.manual_seed(seed + 2)
-    unet = train_unet(
-        text_encoder,
-        tokenizer,
-        latent_means * scaling_factor,
-        latent_stds * scaling_factor,
-        _training_captions(scenes, config, generator(6)),
-        config,
-        generator(7),
-    )
-    stage("unet", start)
-
-    start = time.perf_counter()
-    StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=make_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    ).save_pretrained(output_dir)
-    # The preference data come from the pipeline exactly as saved and loaded.
-    pipeline = StableDiffusionPipeline.from_pretrained(output_dir)
-    pipeline.set_progress_bar_config(disable=True)
-    data_dir = output_dir / "data"
-    data_dir.mkdir(exist_ok=True)
-    quality = {}
-    for offset, (split, per_prompt) in enumerate(
-        (("train", config.train_images_per_prompt), ("heldout", config.heldout_images_per_prompt))
-    ):
-        table, images, prompts = build_preference_split(
-            pipeline, t2i.load_prompts(split), per_prompt, config, generator(8 + offset)
+    with stages.stage("scenes and tokenizer"):
+        scenes = t2i.sample_scenes(config.scenes, generator(1))
+        autoencoder_scenes = t2i.sample_scenes(
+            config.autoencoder_scenes, generator(2), off_palette_fraction=0.2, two_tone_fraction=0.15
         )
-        pq.write_table(table, data_dir / f"{split}.parquet")
-        quality[split] = sample_quality(images, prompts)
-        log.info("[t2i] %s: %d pairs; checker on the samples: %s", split, table.num_rows, quality[split])
-    stage("preference data", start)
+        tokenizer = build_tokenizer(output_dir / "tokenizer")
+
+    with stages.stage("clip", init_seed=0):
+        clip = train_clip(tokenizer, scenes, config, generator(3))
+        save_clip(clip, tokenizer, output_dir / "clip")
+        text_encoder = text_encoder_from_clip(clip)
+
+    with stages.stage("vae", init_seed=1):
+        vae = train_vae(autoencoder_scenes, config, generator(4))
+        latent_means, latent_stds = encode_scenes(vae, scenes.images)
+        # As SD: scale latents to unit variance so that the noise schedule sees the signal it was designed for.
+        latent_sample = latent_means + latent_stds * torch.randn(latent_means.shape, generator=generator(5))
+        scaling_factor = round(1 / latent_sample.std().item(), 5)
+        vae.register_to_config(scaling_factor=scaling_factor)
+
+    with stages.stage("unet", init_seed=2):
+        unet = train_unet(
+            text_encoder,
+            tokenizer,
+            latent_means * scaling_factor,
+            latent_stds * scaling_factor,
+            _training_captions(scenes, config, generator(6)),
+            config,
+            generator(7),
+        )
+
+    with stages.stage("preference data"):
+        StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=make_scheduler(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        ).save_pretrained(output_dir)
+        # The preference data come from the pipeline exactly as saved and loaded.
+        pipeline = StableDiffusionPipeline.from_pretrained(output_dir)
+        pipeline.set_progress_bar_config(disable=True)
+        data_dir = output_dir / "data"
+        data_dir.mkdir(exist_ok=True)
+        quality = {}
+        for offset, (split, per_prompt) in enumerate(
+            (("train", config.train_images_per_prompt), ("heldout", config.heldout_images_per_prompt))
+        ):
+            table, images, prompts = build_preference_split(
+                pipeline, t2i.load_prompts(split), per_prompt, config, generator(8 + offset)
+            )
+            pq.write_table(table, data_dir / f"{split}.parquet")
+            quality[split] = sample_quality(images, prompts)
+            log.info("[t2i] %s: %d pairs; checker on the samples: %s", split, table.num_rows, quality[split])
 
     build_subject_set(output_dir / "subject", config.subject_images, generator(10))
     write_prompt_files(output_dir / "prompts", t2i.load_prompts)
 
-    sizes = {
-        name: _directory_size(output_dir / name)
-        for name in ("unet", "vae", "text_encoder", "tokenizer", "clip", "data", "subject")
-    }
     info = {
         "seed": seed,
         "config": asdict(config),
         "sampling": {"scheduler": "DDIM", "steps": config.sampling_steps, "guidance_scale": config.guidance_scale},
-        "seconds": timings,
-        "bytes": sizes,
+        "seconds": stages.timings,
+        "bytes": directory_sizes(output_dir, ("unet", "vae", "text_encoder", "tokenizer", "clip", "data", "subject")),
         "quality": quality,
         "torch_threads": torch.get_num_threads(),
     }

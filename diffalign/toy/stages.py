@@ -1,0 +1,45 @@
+"""What the toy builders share: timed stages, a random stream per stage, and folder sizes."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class BuildStages:
+    """The stages of one toy build: their timings (``timings``) and their random generators."""
+
+    def __init__(self, label: str, seed: int) -> None:
+        self.label = label
+        self.seed = seed
+        self.timings: dict[str, float] = {}
+
+    def generator(self, offset: int) -> torch.Generator:
+        """Stream ``offset`` of this build: every stage draws from its own, so that changing one stage's size
+        leaves the other stages' data alone."""
+        return torch.Generator().manual_seed(self.seed * 1000 + offset)
+
+    @contextmanager
+    def stage(self, name: str, init_seed: int | None = None) -> Iterator[None]:
+        """Time the block as stage ``name``. ``init_seed`` seeds torch's global generator with seed + init_seed
+        first, for the modules the stage creates (their initialisation draws from it)."""
+        start = time.perf_counter()
+        if init_seed is not None:
+            torch.manual_seed(self.seed + init_seed)
+        yield
+        self.timings[name] = round(time.perf_counter() - start, 1)
+        log.info("[%s] %s done in %.1fs", self.label, name, self.timings[name])
+
+
+def directory_sizes(root: Path, names: Iterable[str]) -> dict[str, int]:
+    """Bytes of every file under each folder ``root / name``."""
+    return {
+        name: sum(file.stat().st_size for file in (root / name).rglob("*") if file.is_file()) for name in names
+    }
