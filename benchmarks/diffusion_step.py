@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -346,13 +347,24 @@ def run(args: argparse.Namespace, trainable: str) -> list[dict]:
     variants = [
         v for v in VARIANTS if (args.compile or not v.compile) and (not args.only or v.name in args.only)
     ]
-    best_flops = None
+    # A compiled row reports the FLOPs of its eager twin (the same switches without compile).
+    eager_flops: dict[Variant, int | None] = {}
     for variant in variants:
+        eager_twin = dataclasses.replace(variant, name="", compile=False)
         seconds, peak, flops = measure_variant(
-            variant, unet, family, parameters, trainable, weight_dtype, batch, autocast, args, best_flops
+            variant,
+            unet,
+            family,
+            parameters,
+            trainable,
+            weight_dtype,
+            batch,
+            autocast,
+            args,
+            eager_flops.get(eager_twin),
         )
-        if variant.name == "best":
-            best_flops = flops
+        if not variant.compile:
+            eager_flops[eager_twin] = flops
         print(f"  {trainable} {variant.name}: {1000 * seconds:.1f} ms/step", flush=True)
         rows.append(
             {"step": variant.name, "trainable": trainable, "seconds": seconds, "peak": peak, "flops": flops}
