@@ -31,13 +31,7 @@ from diffalign.rewards import Audio, build_scorer
 PROMPTS = ["a red circle", "a blue square", "a small green circle"]
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    # Tiny models: starting threads costs more than it saves, and the test machines are shared.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- statistics ---------------------------------------------------------------------------------------------------

@@ -21,13 +21,7 @@ PROMPTS = ["a red dog", "photo of a blue square", "a"]
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    # Tiny models: starting threads costs more than it saves, and the test machines are shared.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- tiny models, saved like real checkpoints -------------------------------------------------------------------
