@@ -332,16 +332,12 @@ def _mel_filters() -> Tensor:
     return torch.from_numpy(filters.astype(np.float32))  # [freq, mel]
 
 
-def waveform_to_mel(waveforms: Tensor) -> Tensor:
-    """Log-mel spectrogram ``[B, T // 160, 64]`` (time, mel) of 16 kHz waveforms ``[B, T]`` (or ``[T]``).
+def mel_magnitude(waveforms: Tensor) -> Tensor:
+    """Mel-band magnitude ``[B, T // 160, 64]`` (time, mel) of 16 kHz waveforms ``[B, T]``, before the log.
 
-    The input layout of ``SpeechT5HifiGan`` (``vae.decode(...).sample.squeeze(1)``); add a channel axis
-    (``unsqueeze(1)``) for the VAE. As HiFi-GAN: reflect-pad (n_fft − hop)/2 on both sides, STFT without
-    centring, magnitude, mel, ``log(clamp(·, 1e-5))``. Differentiable.
+    As HiFi-GAN: reflect-pad (n_fft − hop)/2 on both sides, STFT without centring, magnitude, Slaney mel
+    filters. Differentiable.
     """
-    single = waveforms.ndim == 1
-    if single:
-        waveforms = waveforms[None]
     if waveforms.ndim != 2:
         raise ValueError(f"expected waveforms [B, T] or [T], got shape {tuple(waveforms.shape)}")
     padding = (N_FFT - HOP_LENGTH) // 2
@@ -355,8 +351,17 @@ def waveform_to_mel(waveforms: Tensor) -> Tensor:
         return_complex=True,
     )
     magnitude = torch.sqrt(spectrum.real**2 + spectrum.imag**2 + 1e-9)  # [B, freq, frames]
-    mel = torch.einsum("bft,fm->btm", magnitude, _mel_filters().to(waveforms.device))
-    log_mel = torch.log(mel.clamp(min=LOG_MEL_FLOOR))
+    return torch.einsum("bft,fm->btm", magnitude, _mel_filters().to(waveforms.device))
+
+
+def waveform_to_mel(waveforms: Tensor) -> Tensor:
+    """Log-mel spectrogram ``[B, T // 160, 64]`` (time, mel) of 16 kHz waveforms ``[B, T]`` (or ``[T]``).
+
+    The input layout of ``SpeechT5HifiGan`` (``vae.decode(...).sample.squeeze(1)``); add a channel axis
+    (``unsqueeze(1)``) for the VAE. ``log(clamp(mel_magnitude, 1e-5))`` as HiFi-GAN. Differentiable.
+    """
+    single = waveforms.ndim == 1
+    log_mel = torch.log(mel_magnitude(waveforms[None] if single else waveforms).clamp(min=LOG_MEL_FLOOR))
     return log_mel[0] if single else log_mel
 
 
