@@ -339,7 +339,7 @@ def mel_magnitude(waveforms: Tensor) -> Tensor:
     filters. Differentiable.
     """
     if waveforms.ndim != 2:
-        raise ValueError(f"expected waveforms [B, T] or [T], got shape {tuple(waveforms.shape)}")
+        raise ValueError(f"expected waveforms [B, T], got shape {tuple(waveforms.shape)}")
     padding = (N_FFT - HOP_LENGTH) // 2
     padded = F.pad(waveforms.float()[:, None], (padding, padding), mode="reflect")[:, 0]
     spectrum = torch.stft(
@@ -361,6 +361,8 @@ def waveform_to_mel(waveforms: Tensor) -> Tensor:
     (``unsqueeze(1)``) for the VAE. ``log(clamp(mel_magnitude, 1e-5))`` as HiFi-GAN. Differentiable.
     """
     single = waveforms.ndim == 1
+    if waveforms.ndim not in (1, 2):
+        raise ValueError(f"expected waveforms [B, T] or [T], got shape {tuple(waveforms.shape)}")
     log_mel = torch.log(mel_magnitude(waveforms[None] if single else waveforms).clamp(min=LOG_MEL_FLOOR))
     return log_mel[0] if single else log_mel
 

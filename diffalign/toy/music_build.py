@@ -422,7 +422,7 @@ STFT_RESOLUTIONS = ((256, 64), (512, 128), (1024, 256))  # (n_fft, hop) of the m
 
 # Where the vocoder loss's log stops resolving magnitude: log(magnitude + floor). A hard clamp at HiFi-GAN's
 # 1e-5 leaves no gradient below it and makes any faint artefact in an empty band cost as much as a missing
-# note, so the small vocoder learnt to stay silent on pure sine tones (4% of their level after 1600 steps, a
+# note, so the small vocoder learnt to stay silent on pure sine tones (2–4% of their level after 1600 steps, a
 # third of all clips silent); with this floor it renders them at 91% after 600 steps.
 VOCODER_LOSS_FLOOR = 0.1
 
