@@ -595,7 +595,8 @@ def build_preference_split(
     waveforms = model.generate(sample_prompts, config.sampling_steps, config.guidance_scale, generator)
     # Stored as 16-bit WAV: score exactly what a reader decodes (onset and peak picking are discontinuous, so
     # a requantised copy can score differently).
-    waveforms = torch.stack([music.read_wav(music.wav_bytes(waveform)) for waveform in waveforms])
+    stored = [music.wav_bytes(waveform) for waveform in waveforms]
+    waveforms = torch.stack([music.read_wav(data) for data in stored])
     rewards = music.toy_reward(waveforms, SAMPLE_RATE, sample_prompts)
     chosen, rejected, ties = preference_pairs(
         rewards, len(prompts), config.tie_fraction, config.label_flip_fraction, generator
@@ -603,8 +604,8 @@ def build_preference_split(
     table = pa.table(
         {
             "prompt": pa.array([sample_prompts[i] for i in chosen], pa.string()),
-            "chosen": pa.array([music.wav_bytes(waveforms[i]) for i in chosen], pa.binary()),
-            "rejected": pa.array([music.wav_bytes(waveforms[i]) for i in rejected], pa.binary()),
+            "chosen": pa.array([stored[i] for i in chosen], pa.binary()),
+            "rejected": pa.array([stored[i] for i in rejected], pa.binary()),
             "strategy": pa.array(["resample"] * len(chosen), pa.string()),
             "tie": pa.array(ties, pa.bool_()),
             "chosen_reward": pa.array(rewards[chosen].tolist(), pa.float64()),
