@@ -292,6 +292,21 @@ def test_preference_data_schema_labels_and_stored_rewards(split, build_info):
     assert 0.75 <= agreement <= 0.97, agreement  # 10% of labels flipped at random
 
 
+def test_train_labels_are_decided_by_fidelity_not_sustain():
+    """What the pairs teach (as ``toy_reward``'s docstring states): the chosen clip is the more faithful one in
+    most pairs, but rings longer in only about half of them, so alignment gains come through fidelity."""
+    rows = pq.read_table(ASSETS / "data" / "train.parquet").to_pylist()
+    prompts = [row["prompt"] for row in rows]
+    chosen = torch.stack([music.read_wav(row["chosen"]) for row in rows])
+    rejected = torch.stack([music.read_wav(row["rejected"]) for row in rows])
+    more_faithful = music.prompt_fidelity(chosen, music.SAMPLE_RATE, prompts) > music.prompt_fidelity(
+        rejected, music.SAMPLE_RATE, prompts
+    )
+    rings_longer = music.measure(chosen).sustain > music.measure(rejected).sustain
+    assert more_faithful.float().mean() >= 0.75, more_faithful.float().mean()
+    assert 0.4 <= rings_longer.float().mean() <= 0.6, rings_longer.float().mean()
+
+
 # ----------------------------------------------------------------------------------- online pairs
 
 

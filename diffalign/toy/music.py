@@ -13,7 +13,8 @@ Things a caption does not fix vary freely: the root within its register, major o
 pattern, the exact tempo and level, the start, and above all how fast each note decays (from a 30 ms pluck
 to a sustained note). The scripted preference (:func:`toy_reward`) asks for the register and tempo of the
 caption *and* sustained notes; the base model (``assets/toy-t2m``, built by
-:mod:`diffalign.toy.music_build`) decays notes at random, which leaves preference alignment a job to do.
+:mod:`diffalign.toy.music_build`) follows register and tempo only part of the time and decays notes at
+random, which leaves preference alignment a job to do.
 
 Everything here is plain torch: the mel front-end (:func:`waveform_to_mel`) is the one the VAE and the
 vocoder were trained on, and it is differentiable.
@@ -500,8 +501,9 @@ def toy_reward(waveforms: Tensor, sample_rate: int, prompts: Sequence[str]) -> T
     ``reward = presence · p(register) · p(tempo) · (1 + sustain) / 2``. The register comes from the
     lowest strong peak of the clip's spectrum, the tempo from the median interval between spectral-flux
     onsets, the sustain from the mean over the peak of the frame RMS. A faithful clip scores between 0.5
-    (plucked notes) and 1 (notes that ring); an unfaithful one scores near 0. The base model decays notes
-    at random, so sustain is what preference alignment can add.
+    (plucked notes) and 1 (notes that ring); an unfaithful one scores near 0, so fidelity dominates: in the
+    shipped preference pairs the chosen clip is the more faithful one in 81% of pairs but rings longer in
+    only 51%.
     """
     _check_prompts(waveforms, prompts)
     measured = measure(waveforms, sample_rate)

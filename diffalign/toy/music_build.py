@@ -75,6 +75,9 @@ class MusicBuildConfig:
     ``assets/README.md`` for their time and size); tiny values give a quick smoke build."""
 
     clips: int = 6_000  # synthesized captioned clips, shared by every stage
+    # 1000 CLAP steps retrieve 82% of captions (300: 14%; mid and high registers nearly share a text embedding)
+    # and lift base register accuracy from 50% to 71%, but the toy music configs then win less often against
+    # base: DPO 54%, DRAGON 48% (with 2000 U-Net steps too: 46%, 45%), against 60% and 58% with 300 steps.
     clap_steps: int = 300
     clap_batch_size: int = 128
     vae_steps: int = 250
