@@ -294,7 +294,7 @@ def test_preference_data_schema_labels_and_stored_rewards(split, build_info):
 
 def test_train_labels_are_decided_by_fidelity_not_sustain():
     """What the pairs teach (as ``toy_reward``'s docstring states): the chosen clip is the more faithful one in
-    most pairs, but rings longer in only about half of them, so alignment gains come through fidelity."""
+    most pairs, but rings longer in only about half of them: the pairs teach prompt fidelity, hardly sustain."""
     rows = pq.read_table(ASSETS / "data" / "train.parquet").to_pylist()
     prompts = [row["prompt"] for row in rows]
     chosen = torch.stack([music.read_wav(row["chosen"]) for row in rows])
