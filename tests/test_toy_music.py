@@ -3,11 +3,13 @@ their recorded quality bars on a fresh sample, the preference data, and a Diffus
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import soxr
@@ -263,19 +265,25 @@ def test_exemplars_are_sustained_clips_with_their_clap_embeddings(model):
 # ------------------------------------------------------------------------------------- preference data
 
 
+@functools.cache
+def decoded_split(split: str) -> tuple[pa.Table, torch.Tensor, torch.Tensor]:
+    """A shipped preference split with its chosen and rejected clips decoded, once per test session."""
+    table = pq.read_table(ASSETS / "data" / f"{split}.parquet")
+    chosen = torch.stack([music.read_wav(data) for data in table.column("chosen").to_pylist()])
+    rejected = torch.stack([music.read_wav(data) for data in table.column("rejected").to_pylist()])
+    return table, chosen, rejected
+
+
 @pytest.mark.parametrize("split", ["train", "heldout"])
 def test_preference_data_schema_labels_and_stored_rewards(split, build_info):
-    table = pq.read_table(ASSETS / "data" / f"{split}.parquet")
+    table, chosen, rejected = decoded_split(split)
     assert table.column_names == ["prompt", "chosen", "rejected", "strategy", "tie", "chosen_reward", "rejected_reward"]
     per_prompt = build_info["config"][f"{split}_samples_per_prompt"]
     prompts = table.column("prompt").to_pylist()
     assert sorted(prompts) == sorted(p for p in music.load_prompts(split) for _ in range(per_prompt // 2))
     assert set(table.column("strategy").to_pylist()) == {"resample"}
 
-    rows = table.to_pylist()
-    chosen = torch.stack([music.read_wav(row["chosen"]) for row in rows])
-    rejected = torch.stack([music.read_wav(row["rejected"]) for row in rows])
-    assert chosen.shape == rejected.shape == (len(rows), music.CLIP_SAMPLES)
+    assert chosen.shape == rejected.shape == (table.num_rows, music.CLIP_SAMPLES)
     stored_chosen = torch.tensor(table.column("chosen_reward").to_pylist(), dtype=torch.float64)
     stored_rejected = torch.tensor(table.column("rejected_reward").to_pylist(), dtype=torch.float64)
     torch.testing.assert_close(music.toy_reward(chosen, music.SAMPLE_RATE, prompts).double(), stored_chosen, atol=2e-3, rtol=0)
@@ -284,7 +292,7 @@ def test_preference_data_schema_labels_and_stored_rewards(split, build_info):
     )
 
     ties = torch.tensor(table.column("tie").to_pylist())
-    assert ties.sum() == round(build_info["config"]["tie_fraction"] * len(rows))
+    assert ties.sum() == round(build_info["config"]["tie_fraction"] * table.num_rows)
     gap = stored_chosen - stored_rejected
     if ties.any():
         assert gap.abs()[ties].max() <= gap.abs()[~ties].median()  # ties are the close calls
@@ -295,10 +303,8 @@ def test_preference_data_schema_labels_and_stored_rewards(split, build_info):
 def test_train_labels_are_decided_by_fidelity_not_sustain():
     """What the pairs teach (as ``toy_reward``'s docstring states): the chosen clip is the more faithful one in
     most pairs, but rings longer in only about half of them: the pairs teach prompt fidelity, hardly sustain."""
-    rows = pq.read_table(ASSETS / "data" / "train.parquet").to_pylist()
-    prompts = [row["prompt"] for row in rows]
-    chosen = torch.stack([music.read_wav(row["chosen"]) for row in rows])
-    rejected = torch.stack([music.read_wav(row["rejected"]) for row in rows])
+    table, chosen, rejected = decoded_split("train")
+    prompts = table.column("prompt").to_pylist()
     more_faithful = music.prompt_fidelity(chosen, music.SAMPLE_RATE, prompts) > music.prompt_fidelity(
         rejected, music.SAMPLE_RATE, prompts
     )
