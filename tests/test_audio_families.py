@@ -455,6 +455,21 @@ def test_mel_families_decode_through_the_vae_and_the_vocoder(models):
     torch.testing.assert_close(audio.waveforms, expected)
 
 
+@pytest.mark.parametrize("family_name", ["musicldm", "stable_audio"])
+def test_reencoding_decodes_and_encodes_in_the_vaes_unbounded_space(models, family_name):
+    """Log-mel and waveforms are not clamped (images are: see test_seppo); the posterior draw follows each seed."""
+    family = load_family(str(models[family_name]))
+    config = family.denoiser.config
+    shape = (2, 4, 16, 32) if family_name == "musicldm" else (2, config.in_channels, config.sample_size)
+    latents = 3 * torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    scale = family.latent_scale
+    with torch.no_grad():
+        reencoded = family.reencode(latents, seeds=[5, 6])
+        posterior = family.vae.encode(family.vae.decode(latents / scale).sample).latent_dist
+    draws = torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(seed)) for seed in (5, 6)])
+    torch.testing.assert_close(reencoded, (posterior.mean + posterior.std * draws) * scale)
+
+
 def test_audioldm2_encodes_each_prompt_alone_through_the_whole_chain(models):
     family = load_family(str(models["audioldm2"]))
     pipeline = AudioLDM2Pipeline.from_pretrained(models["audioldm2"])

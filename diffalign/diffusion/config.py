@@ -103,8 +103,12 @@ class SeppoSettings:
     # uniform: a random past checkpoint each step (the paper's); latest / initial: its ablations.
     selection: Literal["uniform", "latest", "initial"] = "uniform"
     bank_dir: str | None = None  # None: CPU copies (saved in training checkpoints); a folder: safetensors files
-    # When the anchor criterion judges the reference sample a winner: pull towards it (μ = −1) or drop it (μ = 0).
-    likely_winner: Literal["pull", "no_push"] = "pull"
+    # When the anchor criterion judges the reference sample a winner: pull towards it (μ = −1) or drop it (μ = 0);
+    # push: ignore the criterion (μ = 1: every reference sample is a loser), its ablation.
+    likely_winner: Literal["pull", "no_push", "push"] = "pull"
+    # Decode each reference sample and encode it again, as the data path encodes a stored loser, so the pair's two
+    # members differ in content only, not in where their latents come from (family.reencode).
+    reencode_samples: bool = True
 
     def __post_init__(self) -> None:
         for name in ("num_inference_steps", "generation_batch_size", "snapshot_every", "bank_size"):

@@ -65,6 +65,7 @@ class DiffusionFamily(ABC):
     """Components of one pretrained model plus the family's maths. ``denoiser`` is what gets trained."""
 
     denoiser: nn.Module
+    vae: nn.Module  # latents of every family come from a VAE (AutoencoderKL, Oobleck)
     # Name of the denoiser's sub-folder in the pipeline directory ("unet" or "transformer").
     denoiser_subfolder: str = "unet"
     # The diffusers pipeline class whose `from_pretrained` reads this family.
@@ -109,6 +110,23 @@ class DiffusionFamily(ABC):
     @abstractmethod
     def latent_scale(self) -> float:
         """The factor that maps VAE latents to the unit-variance space the denoiser was trained in."""
+
+    # The range of stored media in the VAE's input space (pixels: [-1, 1]); None where unbounded (log-mel, waveform).
+    sample_range: tuple[float, float] | None = None
+
+    @torch.no_grad()
+    def reencode(self, latents: Tensor, seeds: list[int] | None = None) -> Tensor:
+        """Scaled latents as the data path makes them from the media that ``latents`` decode to: decoded by the
+        VAE into its input space (pixels, log-mel or waveform), clamped to the media's range, encoded again and
+        drawn from the posterior (sample ``i`` from a generator seeded ``seeds[i]``).
+
+        Generated latents lie off the encoder's outputs; re-encoding them lets a generated sample stand in for
+        stored media (SePPO's reference samples replace stored losers).
+        """
+        decoded = self.vae.decode(latents.to(self.vae.dtype) / self.latent_scale).sample.float()
+        if self.sample_range is not None:
+            decoded = decoded.clamp(*self.sample_range)
+        return self.encode(decoded).sample(seeds) * self.latent_scale
 
     # --- noising and targets ------------------------------------------------------------------------------------
     @abstractmethod
@@ -207,6 +225,7 @@ class ImageVAEFamily(DDPMFamily):
     """Latent image families with a diffusers ``AutoencoderKL``."""
 
     vae: nn.Module
+    sample_range = (-1.0, 1.0)
 
     def media_decoder(self, config: DiffusionDataConfig) -> MediaDecoder:
         return image_decoder(config)

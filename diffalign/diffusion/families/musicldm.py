@@ -42,6 +42,7 @@ class MelLatentFamily(ImageVAEFamily):
     component_names: tuple[str, ...]
     vae: AutoencoderKL
     vocoder: SpeechT5HifiGan
+    sample_range = None  # log-mel is unbounded
 
     def __init__(self, pretrained_path: str, vae_path: str | None = None) -> None:
         super().__init__(pretrained_path)
