@@ -98,9 +98,10 @@ class DiffusionFamily(ABC):
     def media_decoder(self, config: DiffusionDataConfig) -> MediaDecoder:
         """How stored pair members become the input of :meth:`encode` (image transforms, audio resampling)."""
 
-    @abstractmethod
     def encode(self, samples: Tensor) -> Posterior:
         """VAE posterior of raw samples (pixels in [-1, 1], or the family's audio features), unscaled."""
+        distribution = self.vae.encode(samples.to(self.vae.dtype)).latent_dist
+        return Posterior(mean=distribution.mean.float(), std=distribution.std.float())
 
     @abstractmethod
     def decode(self, latents: Tensor) -> Tensor | Audio:
@@ -224,7 +225,6 @@ class DDPMFamily(DiffusionFamily):
 class ImageVAEFamily(DDPMFamily):
     """Latent image families with a diffusers ``AutoencoderKL``."""
 
-    vae: nn.Module
     sample_range = (-1.0, 1.0)
 
     def media_decoder(self, config: DiffusionDataConfig) -> MediaDecoder:
@@ -233,10 +233,6 @@ class ImageVAEFamily(DDPMFamily):
     @property
     def latent_scale(self) -> float:
         return self.vae.config.scaling_factor
-
-    def encode(self, samples: Tensor) -> Posterior:
-        distribution = self.vae.encode(samples.to(self.vae.dtype)).latent_dist
-        return Posterior(mean=distribution.mean.float(), std=distribution.std.float())
 
     def decode(self, latents: Tensor) -> Tensor:
         images = self.vae.decode(latents.to(self.vae.dtype) / self.latent_scale).sample

@@ -43,7 +43,7 @@ from transformers import AutoTokenizer, T5EncoderModel
 
 from diffalign.diffusion.audio import AudioDecoder
 from diffalign.diffusion.data import DiffusionDataConfig
-from diffalign.diffusion.families.base import DiffusionFamily, Posterior, with_adapter_support
+from diffalign.diffusion.families.base import DiffusionFamily, with_adapter_support
 from diffalign.rewards.base import Audio
 
 
@@ -181,10 +181,6 @@ class StableAudioFamily(DiffusionFamily):
     @property
     def latent_scale(self) -> float:
         return 1.0
-
-    def encode(self, samples: Tensor) -> Posterior:
-        distribution = self.vae.encode(samples.to(self.vae.dtype)).latent_dist
-        return Posterior(mean=distribution.mean.float(), std=distribution.std.float())
 
     def decode(self, latents: Tensor) -> Audio:
         """Latents → the VAE's waveforms, mixed to mono (what audio rewards score). Differentiable."""
