@@ -79,9 +79,9 @@ class MusicBuildConfig:
     # cosine 0.92 on average, 0.59 with 1000 steps) and lift base register accuracy from 50% to 71%, but the toy
     # music configs then win less often against base: DPO 54%, DRAGON 48% (with 2000 U-Net steps too: 46%,
     # 45%), against 60% and 58% with 300 steps. DPO on that build leaves the register where it is (p(asked
-    # register) 0.644 → 0.638; with timesteps only in [500, 1000): 0.686, notes ring longer in 79% of the
-    # comparisons, still 54%): each clip's register and tempo change from base to aligned sample both ways, and
-    # those changes decide the reward's comparisons more than sustain does.
+    # register) 0.644 → 0.638; with a temporary patch drawing timesteps only from [500, 1000), on one thread:
+    # 0.686, notes ring longer in 79% of the comparisons, still 54%): each clip's register and tempo change from
+    # base to aligned sample both ways, and those changes decide the reward's comparisons more than sustain does.
     clap_steps: int = 300
     clap_batch_size: int = 128
     vae_steps: int = 250
