@@ -124,6 +124,35 @@ def test_lora_output_loads_into_a_stock_pipeline_and_changes_it(models, pairs_fi
         torch.testing.assert_close(value, saved[f"unet.{name}"])
 
 
+def test_lora_with_alpha_other_than_rank_loads_at_the_trained_strength(models, pairs_file, tmp_path):
+    """The exported file carries alpha: the loaded U-Net computes what the trained one did (scale alpha/rank = 16,
+    which a loader without the adapter's settings would replace by 1)."""
+    from peft import LoraConfig
+
+    model_dir = models[("sd", "epsilon")]
+    lora = {"rank": 4, "alpha": 64.0, "target_modules": ["to_k", "to_q", "to_v", "to_out.0"]}
+    train(config_for(model_dir, pairs_file, tmp_path, model={"lora": lora}, optim={"lr": 0.05}))
+
+    trained_unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+    trained_unet.add_adapter(LoraConfig(r=4, lora_alpha=64, target_modules=lora["target_modules"]))
+    missing = trained_unet.load_state_dict(trainable_snapshot(tmp_path), strict=False)
+    assert not missing.unexpected_keys
+    pipeline = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
+    base_unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+    pipeline.load_lora_weights(tmp_path / "final")
+
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 8, 8, generator=generator)
+    text = torch.randn(1, 16, trained_unet.config.cross_attention_dim, generator=generator)
+    timestep = torch.tensor([500])
+    with torch.no_grad():
+        base = base_unet(latents, timestep, text).sample
+        trained = trained_unet(latents, timestep, text).sample
+        loaded = pipeline.unet(latents, timestep, text).sample
+    assert (trained - base).abs().max() > 1e-3  # the adapter does change the U-Net
+    torch.testing.assert_close(loaded, trained, rtol=1e-5, atol=1e-6)
+
+
 def test_full_unet_output_loads_with_from_pretrained(models, pairs_file, tmp_path):
     model_dir = models[("sdxl", "epsilon")]
     train(config_for(model_dir, pairs_file, tmp_path, model={"trainable": "full"}))

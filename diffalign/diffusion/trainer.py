@@ -17,11 +17,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
 from torch import nn
 
 from diffalign.diffusion.config import DiffusionTrainConfig
 from diffalign.diffusion.data import build_pair_dataset
+from diffalign.diffusion.export import save_lora
 from diffalign.diffusion.families import DiffusionFamily, load_family
 from diffalign.diffusion.methods import METHODS, LatentPairBatch, TrainingContext
 from diffalign.diffusion.reference import ReferenceDenoiser
@@ -296,27 +296,10 @@ class DiffusionRecipe:
 
     # --- export -------------------------------------------------------------------------------------------------
     def save_final(self, model: nn.Module, output_dir: Path) -> None:
-        """LoRA in diffusers format or the full denoiser (``from_pretrained``).
-
-        The LoRA file is the one diffusers' LoRA loaders write (``pytorch_lora_weights.safetensors``, keys
-        ``<denoiser subfolder>.<module>.lora_A/lora_B.weight``): ``pipeline.load_lora_weights`` reads it where the
-        pipeline has a LoRA loader, ``denoiser.load_lora_adapter(folder, prefix=<subfolder>)`` everywhere else.
-        The keys stay in PEFT's naming: converted to the old diffusers naming (``lora.down``), diffusers 0.42's
-        loader silently drops the attention projections' adapters.
-        """
+        """LoRA in diffusers format with its adapter settings, or the full denoiser (``from_pretrained``)."""
         output_dir.mkdir(parents=True, exist_ok=True)
         if self.config.model.trainable == "lora":
-            from diffusers.loaders.lora_base import LoraBaseMixin
-
-            lora_layers = get_peft_model_state_dict(model)
-            LoraBaseMixin.write_lora_layers(
-                LoraBaseMixin.pack_weights(lora_layers, self.family.denoiser_subfolder),
-                output_dir,
-                is_main_process=True,
-                weight_name="pytorch_lora_weights.safetensors",
-                save_function=None,
-                safe_serialization=True,
-            )
+            save_lora(model, self.family.denoiser_subfolder, output_dir)
         else:
             model.save_pretrained(output_dir / self.family.denoiser_subfolder)
 
