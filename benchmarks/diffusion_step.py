@@ -163,7 +163,7 @@ def baseline_step(
 ) -> torch.Tensor:
     family, unet = models.family, models.family.denoiser
     with torch.no_grad(), autocast():
-        latents = family.vae.encode(pixels.to(family.vae.dtype)).latent_dist.sample() * family.latent_scale
+        latents = family.to_latents(family.vae.encode(pixels.to(family.vae.dtype)).latent_dist.sample())
         prompt_embeds = encode_text(models, token_ids)
     batch_size = latents.shape[0] // 2
     noise = torch.randn_like(latents[:batch_size]).repeat(2, 1, 1, 1)
@@ -335,7 +335,7 @@ def run(args: argparse.Namespace, trainable: str) -> list[dict]:
 
     # diffalign reads latents and embeddings from its cache: encoded once here, outside the timed steps.
     with torch.no_grad(), autocast():
-        latents = family.vae.encode(pixels.to(family.vae.dtype)).latent_dist.sample() * family.latent_scale
+        latents = family.to_latents(family.vae.encode(pixels.to(family.vae.dtype)).latent_dist.sample())
         prompt_embeds = encode_text(models, token_ids)
     assert latents.shape[-1] == args.resolution // vae_factor
     batch = LatentPairBatch(

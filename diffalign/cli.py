@@ -51,7 +51,7 @@ def command_demo(args: argparse.Namespace) -> int:
 
 def command_eval(args: argparse.Namespace) -> int:
     from diffalign.config import ConfigError, load_config
-    from diffalign.eval import evaluate
+    from diffalign.eval.run import evaluate
 
     config = load_config(args.config, args.overrides)
     if config.kind != "eval":

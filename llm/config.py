@@ -7,21 +7,17 @@ from typing import Literal
 
 from diffalign.losses import LOSSES, LossConfig
 from diffalign.training.config import OptimConfig, RunConfig
+from diffalign.training.lora import LoraSettings
 
 
 @dataclass
-class LoraSettings:
-    rank: int = 16
-    alpha: float | None = None  # None: alpha = 2·rank
-    dropout: float = 0.0
-    # "all-linear" is peft's shorthand for every linear layer except the output head.
-    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+class LLMLoraSettings(LoraSettings):
+    """LoRA for a causal LM: rank 16, alpha 32, on every linear layer, with peft's default initialisation."""
 
-    def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"model.lora.rank must be >= 1, got {self.rank}")
-        if not self.target_modules:
-            raise ValueError("model.lora.target_modules is empty; give module names or [all-linear]")
+    rank: int = 16
+    alpha: float | None = 32.0
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    init: Literal["gaussian", "default"] = "default"
 
 
 @dataclass
@@ -29,7 +25,7 @@ class LLMModelConfig:
     pretrained: str = "assets/toy-llm"  # a local directory or a hub id
     revision: str | None = None
     trainable: Literal["lora", "full"] = "lora"
-    lora: LoraSettings = field(default_factory=LoraSettings)
+    lora: LLMLoraSettings = field(default_factory=LLMLoraSettings)
     # Dtype of the frozen weights (and of full fine-tunes' forward under autocast). auto: bf16 when
     # run.mixed_precision is bf16 on a GPU, fp32 otherwise. Trainable weights are always fp32 masters.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

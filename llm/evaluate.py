@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffalign.diffusion.sampling import win_rate
+from diffalign.eval.statistics import win_rate
 from diffalign.llm.batching import pad
 from diffalign.llm.config import LLMEvalConfig
 from diffalign.llm.data import Text, read_rows, tokenize_prompt

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from diffalign.llm.config import LLMModelConfig
+from diffalign.training.precision import mixed_precision_dtype, upcast_trainable
 
 logger = logging.getLogger("diffalign")
 
@@ -24,7 +25,7 @@ def weight_dtype(config: LLMModelConfig, mixed_precision: str) -> torch.dtype:
         return DTYPES[config.dtype]
     if not torch.cuda.is_available():
         return torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+    return mixed_precision_dtype(mixed_precision)
 
 
 def load_tokenizer(config: LLMModelConfig) -> Any:
@@ -66,24 +67,11 @@ def make_trainable(model: nn.Module, config: LLMModelConfig, gradient_checkpoint
     if config.trainable == "full":
         model = model.float().requires_grad_(True)
     else:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        lora = config.lora
-        target_modules = "all-linear" if lora.target_modules == ["all-linear"] else lora.target_modules
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=lora.rank,
-                lora_alpha=lora.alpha if lora.alpha is not None else 2 * lora.rank,
-                lora_dropout=lora.dropout,
-                target_modules=target_modules,
-                task_type="CAUSAL_LM",
-            ),
-        )
+        model = get_peft_model(model, config.lora.peft_config(task_type="CAUSAL_LM"))
         # Low-precision frozen base weights, fp32 LoRA weights (the optimizer's masters).
-        for parameter in model.parameters():
-            if parameter.requires_grad:
-                parameter.data = parameter.data.float()
+        upcast_trainable(model)
     if gradient_checkpointing:
         # Non-reentrant checkpointing needs no input gradients, so it works with a frozen embedding (LoRA).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -57,10 +57,11 @@ from transformers import (
 
 from diffalign.config import from_dict
 from diffalign.diffusion.config import DiffusionTrainConfig
-from diffalign.diffusion.data import DiffusionDataConfig, build_pair_dataset
+from diffalign.diffusion.data import DiffusionDataConfig
 from diffalign.diffusion.families import load_family
 from diffalign.diffusion.families.base import with_adapter_support
 from diffalign.diffusion.trainer import train
+from diffalign.diffusion.training_data import build_pair_dataset
 from diffalign.rewards import Audio, Scorer, register_scorer
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -462,7 +463,8 @@ def test_reencoding_decodes_and_encodes_in_the_vaes_unbounded_space(models, fami
     config = family.denoiser.config
     shape = (2, 4, 16, 32) if family_name == "musicldm" else (2, config.in_channels, config.sample_size)
     latents = 3 * torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    scale = family.latent_scale
+    scale = family.latent_normalization.scale
+    assert family.latent_normalization.shift == 0.0
     with torch.no_grad():
         reencoded = family.reencode(latents, seeds=[5, 6])
         posterior = family.vae.encode(family.vae.decode(latents / scale).sample).latent_dist

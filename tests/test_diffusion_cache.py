@@ -17,16 +17,17 @@ from diffalign.diffusion.cache import (
     CachedPairDataset,
     build_pair_cache,
     model_fingerprint,
-    sample_latents,
+    posterior_draw,
     vae_posterior,
 )
 from diffalign.diffusion.data import (
     PreferencePairDataset,
-    build_pair_dataset,
     collate_pairs,
     image_decoder,
     load_preference_pairs,
 )
+from diffalign.diffusion.families import LatentNormalization
+from diffalign.diffusion.training_data import build_pair_dataset
 from diffalign.diffusion.transforms import ImageDecoder, draw_pair_randomness
 
 
@@ -77,6 +78,7 @@ def build(pairs, decoder, cache_dir, vae, text_encoder=None, **options):
         decoder,
         cache_dir,
         vae=vae,
+        normalization=LatentNormalization.of_vae(vae),
         encode_prompts=text_encoder or FakeTextEncoder(),
         text_encoder_id=options.pop("text_encoder_id", "fake-text-encoder"),
         **options,
@@ -128,14 +130,12 @@ def test_cache_stores_the_vae_posterior_of_every_view(tmp_path, source):
     }
 
 
-def test_sample_latents_is_the_reparameterised_scaled_sample():
+def test_posterior_draw_is_the_reparameterised_normalised_sample():
     mean, std = torch.randn(4, 8, 8), torch.rand(4, 8, 8)
     noise = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(11))
-    latents = sample_latents(mean, std, scaling_factor=0.18215, generator=torch.Generator().manual_seed(11))
+    latents = posterior_draw(mean, std, LatentNormalization(0.18215), torch.Generator().manual_seed(11))
     torch.testing.assert_close(latents, (mean + std * noise) * 0.18215, atol=0, rtol=0)
-    shifted = sample_latents(
-        mean, std, scaling_factor=1.5, shift_factor=0.25, generator=torch.Generator().manual_seed(11)
-    )
+    shifted = posterior_draw(mean, std, LatentNormalization(1.5, 0.25), torch.Generator().manual_seed(11))
     torch.testing.assert_close(shifted, (mean + std * noise - 0.25) * 1.5, atol=1e-6, rtol=0)
 
 
@@ -174,9 +174,7 @@ def test_cached_and_decoded_datasets_draw_the_same_dropout_and_flips(tmp_path):
         generator, _, _ = draw_pair_randomness(9, index // 12, index % 12, 0.5, decoder)
         for role in ("chosen", "rejected"):
             mean, std = vae_posterior(vae, pixels_item[f"{role}_pixels"][None])
-            expected = sample_latents(
-                mean[0], std[0], scaling_factor=vae.config.scaling_factor, generator=generator
-            )
+            expected = posterior_draw(mean[0], std[0], LatentNormalization.of_vae(vae), generator)
             torch.testing.assert_close(latents_item[f"{role}_latents"], expected, atol=1e-5, rtol=1e-5)
             assert latents_item[f"{role}_crop_top_left"] == pixels_item[f"{role}_crop_top_left"]
     batch = collate_pairs([cached[0], cached[1]])
@@ -247,7 +245,7 @@ def test_a_changed_vae_or_transform_never_reads_stale_entries(tmp_path, source, 
     torch.testing.assert_close(
         cache.posterior(cache.image_keys[0][0], view)["mean"], mean[0], atol=1e-5, rtol=1e-5
     )
-    assert cache.scaling_factor == vae.config.scaling_factor
+    assert cache.normalization.scale == vae.config.scaling_factor
 
 
 def test_a_changed_text_encoder_encodes_every_caption_again(tmp_path, source):
@@ -379,6 +377,7 @@ def test_bad_encode_prompts_output_is_reported(tmp_path, source):
             decoder,
             tmp_path / "cache",
             vae=tiny_vae(),
+            normalization=LatentNormalization(1.0),
             encode_prompts=lambda captions: {"hidden": torch.zeros(3, 4)},
             text_encoder_id="broken",
         )
@@ -392,6 +391,7 @@ def test_build_pair_dataset_with_a_cache_dir(tmp_path, source):
     text_encoder = FakeTextEncoder()
     family = SimpleNamespace(
         vae=vae,
+        latent_normalization=LatentNormalization.of_vae(vae),
         encode_prompts=text_encoder,
         frozen_modules=lambda: {"vae": vae, "text_encoder": nn.Linear(3, 3)},
     )

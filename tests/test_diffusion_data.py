@@ -19,11 +19,11 @@ from PIL import Image
 from diffalign.diffusion.data import (
     DiffusionDataConfig,
     PreferencePairDataset,
-    build_pair_dataset,
     collate_pairs,
     image_decoder,
     load_preference_pairs,
 )
+from diffalign.diffusion.training_data import build_pair_dataset
 
 RESOLUTION = 16
 

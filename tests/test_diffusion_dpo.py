@@ -12,9 +12,10 @@ from tiny_pipelines import build_tiny_sd, build_tiny_sdxl
 from diffalign.diffusion.config import DiffusionTrainConfig
 from diffalign.diffusion.families import load_family
 from diffalign.diffusion.families.stable_diffusion import StableDiffusionFamily
-from diffalign.diffusion.methods import DiffusionDPO, LatentPairBatch
+from diffalign.diffusion.methods import LatentPairBatch
+from diffalign.diffusion.methods.dpo import DiffusionDPO
+from diffalign.diffusion.models import make_trainable
 from diffalign.diffusion.reference import ReferenceDenoiser
-from diffalign.diffusion.trainer import make_trainable
 from diffalign.losses import LossConfig, compute_loss
 
 MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
@@ -42,9 +43,9 @@ def random_pair_batch(family, batch_size=3, seed=0):
 
 
 def lora_config(**model):
-    config = DiffusionTrainConfig()
+    config = DiffusionTrainConfig().model
     for key, value in model.items():
-        setattr(config.model, key, value)
+        setattr(config, key, value)
     return config
 
 

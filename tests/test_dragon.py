@@ -17,11 +17,19 @@ from tiny_pipelines import build_tiny_sd
 from diffalign.config import ConfigError, from_dict
 from diffalign.diffusion.config import DiffusionTrainConfig, MethodConfig
 from diffalign.diffusion.families import load_family
-from diffalign.diffusion.methods import DistributionalRewardOptimization, TrainingContext
-from diffalign.diffusion.methods.dragon import GENERATION_STREAM, PAIR_STREAM, load_exemplars, split_sets
+from diffalign.diffusion.methods import TrainingContext
+from diffalign.diffusion.methods.dragon import (
+    GENERATION_STREAM,
+    PAIR_STREAM,
+    DistributionalRewardOptimization,
+    DragonSettings,
+    load_exemplars,
+    split_sets,
+)
 from diffalign.diffusion.methods.online import decode_samples, derived_seed, sample_latents
+from diffalign.diffusion.models import make_trainable
 from diffalign.diffusion.reference import ReferenceDenoiser
-from diffalign.diffusion.trainer import make_trainable, train
+from diffalign.diffusion.trainer import train
 from diffalign.losses import LossConfig, compute_loss
 from diffalign.rewards import Audio, Encoder, Scorer, register_scorer
 from diffalign.rewards.distribution import FrechetScorer, VendiScorer
@@ -65,9 +73,9 @@ def sd_dir(tmp_path_factory) -> Path:
     return build_tiny_sd(tmp_path_factory.mktemp("sd"))
 
 
-def dragon_config(**settings) -> MethodConfig:
+def dragon_config(**settings) -> DragonSettings:
     defaults = {"num_inference_steps": 3, "reward": "test_mean_red", "prompts": PROMPTS}
-    return from_dict(MethodConfig, {"name": "dragon", "dragon": {**defaults, **settings}})
+    return from_dict(MethodConfig, {"name": "dragon", "dragon": {**defaults, **settings}}).dragon
 
 
 def solid(colours: list[tuple[float, float, float]]) -> torch.Tensor:
@@ -155,7 +163,7 @@ def test_distribution_reward_is_attributed_by_leave_one_out(sd_dir):
 
 def lora_policy(family) -> torch.nn.Module:
     policy = family.denoiser
-    make_trainable(policy, DiffusionTrainConfig())
+    make_trainable(policy, DiffusionTrainConfig().model)
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, parameter in policy.named_parameters():

@@ -24,8 +24,15 @@ from tiny_pipelines import build_tiny_sd
 
 from diffalign.cli import main
 from diffalign.config import ConfigError, from_dict, load_config
-from diffalign.eval import EvalConfig, PromptSetConfig, load_prompt_set, mean_interval, win_rate_interval
-from diffalign.eval.prompts import PROMPT_PRESETS, dreambench_prompts, read_prompts
+from diffalign.eval.config import EvalConfig
+from diffalign.eval.prompts import (
+    PROMPT_PRESETS,
+    PromptSetConfig,
+    dreambench_prompts,
+    load_prompt_set,
+    read_prompts,
+)
+from diffalign.eval.statistics import mean_interval, win_rate_interval
 from diffalign.rewards import Audio, build_scorer
 
 PROMPTS = ["a red circle", "a blue square", "a small green circle"]

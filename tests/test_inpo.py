@@ -3,6 +3,7 @@
 
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -14,13 +15,14 @@ from diffusers import DDIMInverseScheduler, DDIMScheduler
 from PIL import Image
 from tiny_pipelines import build_tiny_sd, build_tiny_sdxl
 
-from diffalign.config import from_dict
+from diffalign.config import ConfigError, from_dict
 from diffalign.diffusion.config import DiffusionTrainConfig, MethodConfig
 from diffalign.diffusion.families import load_family
-from diffalign.diffusion.methods import DDIMInPO, LatentPairBatch, pair_noise
-from diffalign.diffusion.methods.inpo import JITTER_STREAM
+from diffalign.diffusion.methods import LatentPairBatch, pair_noise
+from diffalign.diffusion.methods.inpo import JITTER_STREAM, DDIMInPO
+from diffalign.diffusion.models import make_trainable
 from diffalign.diffusion.reference import ReferenceDenoiser
-from diffalign.diffusion.trainer import make_trainable, train
+from diffalign.diffusion.trainer import train
 from diffalign.losses import LossConfig, compute_loss
 
 BUILDERS = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl}
@@ -35,7 +37,7 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
 def lora_policy(family) -> torch.nn.Module:
     """The family's denoiser with LoRA adapters moved away from zero, so policy ≠ reference."""
     policy = family.denoiser
-    make_trainable(policy, DiffusionTrainConfig())
+    make_trainable(policy, DiffusionTrainConfig().model)
     generator = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for name, parameter in policy.named_parameters():
@@ -56,8 +58,9 @@ def pair_batch(family, seeds=(101, 202, 303)) -> LatentPairBatch:
     )
 
 
-def method_config(name: str, **settings) -> MethodConfig:
-    return from_dict(MethodConfig, {"name": name, name: settings})
+def method_config(name: str, **settings) -> Any:
+    """The settings section ``method.<name>`` built from ``settings``."""
+    return getattr(from_dict(MethodConfig, {"name": name, name: settings}), name)
 
 
 def official_inverted_pair(family, model, batch, pair, timestep, *, eta, exact_timestep):
@@ -156,8 +159,8 @@ class AdaptersDisabled(torch.nn.Module):
 
 def test_reference_free_losses_need_the_policy_to_invert(model_dirs):
     family = load_family(str(model_dirs["sd"]))
-    with pytest.raises(ValueError, match="inversion_model: policy"):
-        DDIMInPO(family, None, method_config("inpo"))
+    with pytest.raises(ConfigError, match="inversion_model: policy"):
+        from_dict(DiffusionTrainConfig, {"method": {"name": "inpo"}, "loss": {"type": ["cpo"]}})
     method = DDIMInPO(family, None, method_config("inpo", inversion_model="policy"))
     scores, _ = method.pair_scores(family.denoiser, pair_batch(family))
     assert not scores.has_reference

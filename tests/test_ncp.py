@@ -22,10 +22,11 @@ from test_inpo import (  # noqa: F401
 from diffalign.config import ConfigError, from_dict
 from diffalign.diffusion.config import DiffusionTrainConfig, MethodConfig
 from diffalign.diffusion.families import load_family
-from diffalign.diffusion.methods import NoiseConditionedPerception, pair_noise
-from diffalign.diffusion.methods.ncp import STEP_STREAM, ddpm_step
+from diffalign.diffusion.methods import pair_noise
+from diffalign.diffusion.methods.ncp import STEP_STREAM, NoiseConditionedPerception, ddpm_step
+from diffalign.diffusion.models import make_trainable
 from diffalign.diffusion.reference import ReferenceDenoiser
-from diffalign.diffusion.trainer import make_trainable, train
+from diffalign.diffusion.trainer import train
 from diffalign.losses import LossConfig, compute_loss
 
 OFFICIAL_BETA = 2500.0  # the official scripts' β, written without the ½ of our −½·error scores
@@ -232,7 +233,7 @@ def test_the_encoder_is_the_frozen_pretrained_denoiser(model_dirs, trainable):  
     pretrained = UNet2DConditionModel.from_pretrained(model_dirs["sdxl"], subfolder="unet").eval()
     config = DiffusionTrainConfig()
     config.model.trainable = trainable
-    make_trainable(policy, config)
+    make_trainable(policy, config.model)
     method = NoiseConditionedPerception(family, None, method_config("ncp", encoded_latent="clean_at_zero"))
     with torch.no_grad():  # training moves the policy; the encoder must not follow
         for parameter in policy.parameters():

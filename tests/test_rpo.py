@@ -4,6 +4,7 @@ stopping keeping the best validated checkpoint."""
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,16 +18,18 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 from diffalign.config import from_dict
 from diffalign.diffusion.config import DiffusionTrainConfig, MethodConfig
 from diffalign.diffusion.families import load_family
-from diffalign.diffusion.methods import LatentPairBatch, RewardPreferenceOptimization
+from diffalign.diffusion.methods import LatentPairBatch
 from diffalign.diffusion.methods.online import derived_seed
 from diffalign.diffusion.methods.rpo import (
     NEGATIVE_STREAM,
     REJECTED_NOISE_STREAM,
+    RewardPreferenceOptimization,
     harmonic_reward,
     load_subject,
 )
+from diffalign.diffusion.models import make_trainable
 from diffalign.diffusion.reference import ReferenceDenoiser
-from diffalign.diffusion.trainer import make_trainable, train
+from diffalign.diffusion.trainer import train
 from diffalign.losses import LossConfig, compute_loss
 
 TEMPLATES = ["a [V] circle", "a red [V]"]
@@ -74,8 +77,8 @@ def rpo_settings(subject_dir: Path, clip_dir: Path, **settings) -> dict:
     return {**defaults, **settings}
 
 
-def rpo_config(subject_dir: Path, clip_dir: Path, **settings) -> MethodConfig:
-    return from_dict(MethodConfig, {"name": "rpo", "rpo": rpo_settings(subject_dir, clip_dir, **settings)})
+def rpo_config(subject_dir: Path, clip_dir: Path, **settings) -> Any:
+    return from_dict(MethodConfig, {"name": "rpo", "rpo": rpo_settings(subject_dir, clip_dir, **settings)}).rpo
 
 
 def cosines(clip_dir: Path, images: torch.Tensor, texts: list[str], reference: torch.Tensor):
@@ -165,8 +168,9 @@ def test_labels_are_bradley_terry_probabilities_of_the_harmonic_reward(
 ):
     config = training_config(sd_dir, clip_dir, subject_dir, tmp_path, label_lambda=0.4, label_sampling=label_sampling)
     family = load_family(str(sd_dir))
-    method = RewardPreferenceOptimization(family, ReferenceDenoiser(family.denoiser, frozen_copy=True), config.method)
-    dataset, _, stats = method.training_data(config, None)
+    method = RewardPreferenceOptimization(family, ReferenceDenoiser(family.denoiser, frozen_copy=True), config.method.rpo)
+    data = method.training_data(config, None)
+    dataset, stats = data.dataset, data.stats
     assert len(dataset) == 4 and stats["pairs"] == 4
 
     # The negatives: the stock pipeline (pretrained weights), two per template, seeded from the run's seed.
@@ -206,7 +210,7 @@ def test_loss_equals_the_official_formula(sd_dir, clip_dir, subject_dir, share_n
     """similar_loss + preference_loss of andrew-miao/RPO train.py, with soft labels, written out here."""
     family = load_family(str(sd_dir))
     policy = family.denoiser
-    make_trainable(policy, DiffusionTrainConfig())
+    make_trainable(policy, DiffusionTrainConfig().model)
     generator = torch.Generator().manual_seed(4)
     with torch.no_grad():
         for name, parameter in policy.named_parameters():
@@ -273,7 +277,7 @@ def test_early_stopping_keeps_the_best_validated_checkpoint(sd_dir, clip_dir, su
     family.denoiser.load_lora_adapter(
         str(tmp_path / "run" / "best"), prefix="unet", weight_name="pytorch_lora_weights.safetensors"
     )
-    method = RewardPreferenceOptimization(family, ReferenceDenoiser(family.denoiser, frozen_copy=False), config.method)
+    method = RewardPreferenceOptimization(family, ReferenceDenoiser(family.denoiser, frozen_copy=False), config.method.rpo)
     method.seed = config.run.seed
     best = method.validation_reward(family.denoiser)
     assert best == pytest.approx(max(validated.values()), rel=1e-5, abs=1e-6)

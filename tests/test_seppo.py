@@ -19,15 +19,18 @@ from tiny_pipelines import build_tiny_sd
 from diffalign.config import from_dict
 from diffalign.diffusion.config import DiffusionTrainConfig, MethodConfig
 from diffalign.diffusion.families import load_family
-from diffalign.diffusion.methods import LatentPairBatch, SemiPolicyPreferenceOptimization, TrainingContext
+from diffalign.diffusion.methods import LatentPairBatch, TrainingContext
 from diffalign.diffusion.methods.online import derived_seed
 from diffalign.diffusion.methods.seppo import (
     GENERATION_STREAM,
     REENCODE_STREAM,
     CheckpointBank,
+    SemiPolicyPreferenceOptimization,
+    SeppoSettings,
     anchor_weights,
 )
-from diffalign.diffusion.trainer import make_trainable, train
+from diffalign.diffusion.models import make_trainable
+from diffalign.diffusion.trainer import train
 from diffalign.losses import LossConfig, compute_loss
 
 CAPTIONS = ["a red circle", "a large blue square", "a small green circle", "a blue circle"]
@@ -58,8 +61,8 @@ def pairs_file(tmp_path_factory) -> Path:
     return path
 
 
-def seppo_config(**settings) -> MethodConfig:
-    return from_dict(MethodConfig, {"name": "seppo", "seppo": {"num_inference_steps": 3, **settings}})
+def seppo_config(**settings) -> SeppoSettings:
+    return from_dict(MethodConfig, {"name": "seppo", "seppo": {"num_inference_steps": 3, **settings}}).seppo
 
 
 def perturb_lora(model: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
@@ -149,7 +152,7 @@ def test_loss_equals_the_formula_with_a_past_checkpoint_as_reference(sd_dir, lik
     """−log σ(−½β[(e_θ^w − e_ref^w) − μ(e_θ^r − e_ref^r)]), x^r sampled by the reference checkpoint, written out here."""
     family = load_family(str(sd_dir))
     policy = family.denoiser
-    make_trainable(policy, DiffusionTrainConfig())
+    make_trainable(policy, DiffusionTrainConfig().model)
     perturb_lora(policy, seed=1)
     method = SemiPolicyPreferenceOptimization(
         family, None, seppo_config(selection="initial", likely_winner=likely_winner)
@@ -223,7 +226,7 @@ def live_tensor_count() -> int:
 def test_bank_and_generation_do_not_grow_memory_over_steps(sd_dir):
     family = load_family(str(sd_dir))
     policy = family.denoiser
-    make_trainable(policy, DiffusionTrainConfig())
+    make_trainable(policy, DiffusionTrainConfig().model)
     method = SemiPolicyPreferenceOptimization(family, None, seppo_config(snapshot_every=1, bank_size=2))
     optimizer = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
     counts = []

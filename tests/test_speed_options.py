@@ -15,10 +15,12 @@ from tiny_pipelines import build_tiny_sd
 
 from diffalign.diffusion.config import DiffusionTrainConfig
 from diffalign.diffusion.families import load_family
-from diffalign.diffusion.methods import DiffusionDPO, LatentPairBatch
+from diffalign.diffusion.methods import LatentPairBatch
+from diffalign.diffusion.methods.dpo import DiffusionDPO
+from diffalign.diffusion.models import make_trainable
 from diffalign.diffusion.reference import ReferenceDenoiser
 from diffalign.diffusion.reference_cache import ReferenceErrors, precompute_reference_errors
-from diffalign.diffusion.trainer import DiffusionRecipe, make_trainable, train
+from diffalign.diffusion.trainer import DiffusionRecipe, train
 from diffalign.losses import LossConfig, compute_loss
 from diffalign.training import make_accelerator
 from diffalign.training.sampler import collate_with_sample_ids
@@ -105,7 +107,7 @@ def cache_files(directory: Path) -> list[Path]:
 def test_cached_reference_errors_give_exactly_the_on_the_fly_loss(sd_dir):
     family = load_family(str(sd_dir))
     policy = family.denoiser
-    make_trainable(policy, DiffusionTrainConfig())
+    make_trainable(policy, DiffusionTrainConfig().model)
     move_policy_off_reference(policy)
     method = DiffusionDPO(family, ReferenceDenoiser(policy, frozen_copy=False))
     generator = torch.Generator().manual_seed(0)
@@ -209,7 +211,7 @@ def test_reference_cache_moves_a_frozen_copy_off_the_device_and_trains(sd_dir, p
 @pytest.mark.parametrize(
     ("sections", "message"),
     [
-        ({"method": {"name": "inpo"}}, "method.name: dpo only"),
+        ({"method": {"name": "inpo"}}, r"method.name: \['dpo'\] only"),
         ({"loss": {"type": ["simpo"]}}, "uses no reference"),
     ],
 )

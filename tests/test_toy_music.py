@@ -23,7 +23,8 @@ from transformers import ClapFeatureExtractor, ClapModel, RobertaTokenizer, Spee
 from diffalign.config import from_dict, load_config
 from diffalign.diffusion.config import MethodConfig
 from diffalign.diffusion.families import load_family
-from diffalign.diffusion.methods import DistributionalRewardOptimization, TrainingContext
+from diffalign.diffusion.methods import TrainingContext
+from diffalign.diffusion.methods.dragon import DistributionalRewardOptimization
 from diffalign.diffusion.trainer import train
 from diffalign.rewards import Audio, build_scorer
 from diffalign.toy import music
@@ -320,7 +321,7 @@ def test_dragon_generates_ranked_pairs_from_the_toy_model():
     """Online sampling through the MusicLDM pipeline (prompt embeddings) and best-vs-worst pairs."""
     family = load_family(str(ASSETS))
     settings = {"reward": "toy_t2m", "samples_per_prompt": 3, "pairing": "best_worst", "num_inference_steps": 2}
-    method = DistributionalRewardOptimization(family, None, from_dict(MethodConfig, {"name": "dragon", "dragon": settings}))
+    method = DistributionalRewardOptimization(family, None, from_dict(MethodConfig, {"name": "dragon", "dragon": settings}).dragon)
     prompts = ["a loud slow low sine tone", "a quiet fast high saw arpeggio"]
     context = TrainingContext(step=0, seed=0, noise_seeds=[1, 2], encode=None)
     pairs, metrics = method.make_pairs(family.denoiser, {"caption": prompts}, context)

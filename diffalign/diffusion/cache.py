@@ -5,7 +5,8 @@ models. The cache encodes each image and each caption once:
 
 * per image and per view a decoder can produce (plain and, with random flips, flipped), the VAE posterior's
   ``mean`` and ``std``, not a sample, so latents stay stochastic: every read draws
-  ``latent = (mean + std·z − shift)·scaling_factor`` with ``z`` from the item's own generator;
+  ``latent = family.to_latents(mean + std·z)`` (the family's scale and shift) with ``z`` from the item's own
+  generator;
 * per caption (and the empty caption, for caption dropout), whatever ``encode_prompts`` returns.
 
 Keys are content hashes: image bytes + the decoder's settings + the VAE's fingerprint (class, config, weights,
@@ -38,6 +39,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from diffalign.diffusion.data import SKIP_HINT, BadRowError, PreferencePairs, split_index
+from diffalign.diffusion.families.base import LatentNormalization
 from diffalign.diffusion.transforms import CorruptMediaError, MediaDecoder, draw_pair_randomness
 
 logger = logging.getLogger(__name__)
@@ -76,18 +78,12 @@ def vae_posterior(vae: nn.Module, pixels: Tensor) -> tuple[Tensor, Tensor]:
     return distribution.mean.float(), distribution.std.float()
 
 
-def sample_latents(
-    mean: Tensor,
-    std: Tensor,
-    *,
-    scaling_factor: float,
-    shift_factor: float = 0.0,
-    generator: torch.Generator | None = None,
+def posterior_draw(
+    mean: Tensor, std: Tensor, normalization: LatentNormalization, generator: torch.Generator | None = None
 ) -> Tensor:
-    """``(mean + std·z − shift_factor)·scaling_factor`` with ``z ~ N(0, I)``: a scaled latent, as diffusers
-    pipelines scale VAE samples (the shift is 0 for SD1.5 and SDXL)."""
+    """``normalization.to_latents(mean + std·z)`` with ``z ~ N(0, I)``: a posterior sample in the denoiser's space."""
     noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
-    return (mean + std * noise - shift_factor) * scaling_factor
+    return normalization.to_latents(mean + std * noise)
 
 
 class _ShardStore:
@@ -147,8 +143,7 @@ class PairCache:
     image_keys: list[tuple[str, str] | None]  # per pair: (chosen, rejected) entry keys
     pair_indices: list[int]
     text_encoder_id: str
-    scaling_factor: float
-    shift_factor: float
+    normalization: LatentNormalization
     images: _ShardStore
     texts: _ShardStore
     stats: dict[str, int]
@@ -194,6 +189,7 @@ def build_pair_cache(
     cache_dir: str | Path,
     *,
     vae: nn.Module,
+    normalization: LatentNormalization,
     encode_prompts: Callable[[list[str]], dict[str, Tensor]],
     text_encoder_id: str,
     batch_size: int = 8,
@@ -326,8 +322,7 @@ def build_pair_cache(
         image_keys=image_keys,
         pair_indices=pair_indices,
         text_encoder_id=text_encoder_id,
-        scaling_factor=float(vae.config.scaling_factor),
-        shift_factor=float(getattr(vae.config, "shift_factor", None) or 0.0),
+        normalization=normalization,
         images=images,
         texts=texts,
         stats=stats,
@@ -370,12 +365,8 @@ class CachedPairDataset(Dataset):
         }
         for role, key in zip(("chosen", "rejected"), cache.image_keys[pair]):
             entry = cache.posterior(key, view)
-            item[f"{role}_latents"] = sample_latents(
-                entry.pop("mean"),
-                entry.pop("std"),
-                scaling_factor=cache.scaling_factor,
-                shift_factor=cache.shift_factor,
-                generator=generator,
+            item[f"{role}_latents"] = posterior_draw(
+                entry.pop("mean"), entry.pop("std"), cache.normalization, generator
             )
             item.update({f"{role}_{name}": tuple(value.tolist()) for name, value in entry.items()})
         return item

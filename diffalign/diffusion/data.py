@@ -19,7 +19,7 @@ import json
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -499,49 +499,3 @@ def collate_pairs(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         else:
             raise TypeError(f"collate_pairs: cannot batch {key!r} of type {type(first).__name__}")
     return batch
-
-
-def build_pair_dataset(
-    config: DiffusionDataConfig,
-    *,
-    family: Any,
-    seed: int,
-    accelerator: Any | None = None,
-    decoder: MediaDecoder | None = None,
-) -> tuple[Dataset, Callable[[Sequence[dict[str, Any]]], dict[str, Any]], dict[str, int]]:
-    """The training dataset for ``config``, its collate function and the data statistics to log.
-
-    Without ``cache_dir`` items hold pixels (the trainer encodes them); with it, the cache is built (or completed)
-    first, on the main process while the others wait, and items hold sampled latents and prompt embeddings.
-    ``family`` provides ``vae``, ``encode_prompts`` and ``frozen_modules()``.
-    """
-    # cache.py builds on this module's pairs, so it is imported here rather than at the top.
-    from diffalign.diffusion.cache import CachedPairDataset, build_pair_cache, model_fingerprint
-
-    decoder = decoder or image_decoder(config)
-    pairs = load_preference_pairs(config, decoder)
-    if config.cache_dir is None:
-        dataset = PreferencePairDataset(pairs, decoder, caption_dropout=config.caption_dropout, seed=seed)
-        return dataset, collate_pairs, pairs.stats
-    text_encoders = [module for name, module in sorted(family.frozen_modules().items()) if name != "vae"]
-    text_encoder_id = f"{type(family).__name__}:{model_fingerprint(*text_encoders)}"
-
-    def build() -> Any:
-        return build_pair_cache(
-            pairs,
-            decoder,
-            config.cache_dir,
-            vae=family.vae,
-            encode_prompts=family.encode_prompts,
-            text_encoder_id=text_encoder_id,
-            batch_size=config.vae_encode_batch_size,
-            skip_bad_rows=config.skip_bad_rows,
-        )
-
-    if accelerator is None:
-        cache = build()
-    else:
-        with accelerator.main_process_first():
-            cache = build()
-    dataset = CachedPairDataset(cache, caption_dropout=config.caption_dropout, seed=seed)
-    return dataset, collate_pairs, {**pairs.stats, **cache.stats}

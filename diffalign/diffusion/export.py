@@ -14,10 +14,13 @@ silently drops the attention projections' adapters.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from peft.utils import get_peft_model_state_dict
 from torch import nn
+
+if TYPE_CHECKING:
+    from diffalign.diffusion.families import DiffusionFamily
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
@@ -34,6 +37,17 @@ def lora_adapter_metadata(model: nn.Module, adapter_name: str = "default") -> di
     if isinstance(metadata.get("target_modules"), set):
         metadata["target_modules"] = sorted(metadata["target_modules"])
     return metadata
+
+
+def save_denoiser(
+    model: nn.Module, family: DiffusionFamily, trainable: Literal["lora", "full"], output_dir: Path
+) -> None:
+    """A LoRA file with its adapter settings, or the full denoiser in its sub-folder (``from_pretrained``)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if trainable == "lora":
+        save_lora(model, family.denoiser_subfolder, output_dir)
+    else:
+        model.save_pretrained(output_dir / family.denoiser_subfolder)
 
 
 def save_lora(model: nn.Module, prefix: str, output_dir: Path) -> Path:

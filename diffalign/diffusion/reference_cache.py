@@ -141,7 +141,7 @@ def dataset_fingerprint(dataset: Dataset) -> str:
     digest = hashlib.sha256()
     if isinstance(dataset, CachedPairDataset):
         cache = dataset.cache
-        _feed(digest, cache.text_encoder_id, repr((cache.scaling_factor, cache.shift_factor)))
+        _feed(digest, cache.text_encoder_id, repr((cache.normalization.scale, cache.normalization.shift)))
         for index in cache.pair_indices:
             pair = [index, cache.image_keys[index], cache.pairs.captions[index], cache.pairs.labels[index]]
             _feed(digest, json.dumps(pair))

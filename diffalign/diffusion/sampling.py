@@ -90,9 +90,3 @@ def save_samples(rows: dict[str, Samples], path: Path) -> None:
     for name, audio in rows.items():
         for number, waveform in enumerate(audio.waveforms.float().cpu().clamp(-1, 1).numpy()):
             soundfile.write(folder / f"{name}-{number:03d}.wav", waveform, audio.sample_rate, subtype="PCM_16")
-
-
-def win_rate(aligned_scores: Tensor, base_scores: Tensor) -> float:
-    """Fraction of prompts where the aligned sample scores higher; ties count one half."""
-    wins = (aligned_scores > base_scores).float() + 0.5 * (aligned_scores == base_scores).float()
-    return wins.mean().item()

@@ -13,41 +13,8 @@ prompts with the same seeds, scores both with any scorers of :mod:`diffalign.rew
 ``diffalign relabel`` (:func:`relabel`) rewrites the labels of a Pick-a-Pic or audio-alpaca parquet dataset from
 a scorer's preferences (AI feedback).
 
-Modules: ``config`` (the ``kind: eval`` config), ``prompts`` (prompt files and benchmark presets), ``generation``
+The package imports nothing itself, so that its light parts (``statistics``, ``prompts``) serve the LLM trainer
+without loading diffusers. Modules: ``config`` (the ``kind: eval`` config), ``prompts`` (prompt files and benchmark presets), ``generation``
 (models and sampling), ``run`` (an evaluation from config to report), ``scoring``, ``statistics`` (intervals and win rates), ``report``, ``media``
 (images, audio, reference sets), ``relabel``.
 """
-
-from diffalign.eval.config import (
-    EvalConfig,
-    EvalModelConfig,
-    EvalScorerConfig,
-    GenerationConfig,
-    ReportConfig,
-)
-from diffalign.eval.prompts import PROMPT_PRESETS, PromptSetConfig, load_prompt_set, read_prompts
-from diffalign.eval.relabel import RelabelConfig, preference_labels, relabel
-from diffalign.eval.run import evaluate
-from diffalign.eval.scoring import ScoringConfig
-from diffalign.eval.statistics import Interval, WinRate, mean_interval, win_rate_interval
-
-__all__ = [
-    "PROMPT_PRESETS",
-    "EvalConfig",
-    "EvalModelConfig",
-    "EvalScorerConfig",
-    "GenerationConfig",
-    "Interval",
-    "PromptSetConfig",
-    "RelabelConfig",
-    "ReportConfig",
-    "ScoringConfig",
-    "WinRate",
-    "evaluate",
-    "load_prompt_set",
-    "mean_interval",
-    "preference_labels",
-    "read_prompts",
-    "relabel",
-    "win_rate_interval",
-]

@@ -108,15 +108,19 @@ def load_prompt_set(config: PromptSetConfig) -> list[str]:
     return prompts[: config.max_prompts] if config.max_prompts else prompts
 
 
-def read_prompts(path: Path, column: str = "prompt", skip_empty: bool = False) -> list[str]:
-    """Prompts of one local file; the format follows the suffix (see :data:`PROMPT_SUFFIXES`)."""
+def read_prompts(
+    path: Path, column: str = "prompt", skip_empty: bool = False, key: str = "prompts.source"
+) -> list[str]:
+    """Prompts of one local file; the format follows the suffix (see :data:`PROMPT_SUFFIXES`). ``key`` is the
+    config key that names the file, for error messages."""
+    path = Path(path)
     if path.suffix not in PROMPT_SUFFIXES:
-        raise ValueError(
-            f"prompts.source: {path} is neither a preset ({', '.join(PROMPT_PRESETS)}) nor a prompt file "
-            f"({', '.join(PROMPT_SUFFIXES)})"
-        )
+        formats = ", ".join(PROMPT_SUFFIXES)
+        if key == "prompts.source":
+            raise ValueError(f"{key}: {path} is neither a preset ({', '.join(PROMPT_PRESETS)}) nor a prompt file ({formats})")
+        raise ValueError(f"{key}: {path} is not a prompt file ({formats})")
     if not path.is_file():
-        raise FileNotFoundError(f"prompts.source: file {path} does not exist")
+        raise FileNotFoundError(f"{key}: file {path} does not exist")
     prompts, skipped = [], 0
     for location, value in _rows(path, column):
         if isinstance(value, str) and value.strip():

@@ -94,7 +94,7 @@ def sample_both_models(
     for module in [*family.frozen_modules().values(), family.denoiser]:
         module.requires_grad_(False).eval()
     # SDXL's stock VAE overflows in half precision; the family says when it must stay in fp32.
-    vae_dtype = torch.float32 if getattr(family, "vae_needs_fp32", False) else dtype
+    vae_dtype = torch.float32 if family.vae_needs_fp32 else dtype
     family.to(torch.device(device), dtype, vae_dtype=vae_dtype)
     family.denoiser.to(dtype=dtype)
 

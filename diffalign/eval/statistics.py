@@ -77,3 +77,9 @@ def win_rate_interval(
     # At p̂ = 0 or 1 a bound equals p̂ exactly; clamping keeps rounding from moving it outside [0, 1].
     low, high = max(0.0, centre - half_width), min(1.0, centre + half_width)
     return WinRate(rate, min(low, rate), max(high, rate), count, wins, ties, count - wins - ties)
+
+
+def win_rate(aligned_scores: Tensor, base_scores: Tensor) -> float:
+    """Fraction of prompts where the aligned sample scores higher; ties count one half."""
+    wins = (aligned_scores > base_scores).float() + 0.5 * (aligned_scores == base_scores).float()
+    return wins.mean().item()

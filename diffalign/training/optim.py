@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from diffusers.optimization import get_scheduler
 from torch import nn
 
 from diffalign.training.config import OptimConfig
@@ -42,6 +41,9 @@ def build_optimizer(parameters: list[nn.Parameter], config: OptimConfig, lr: flo
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, max_steps: int):
+    # transformers' schedules (diffusers' training examples use the same ones, copied from it).
+    from transformers import get_scheduler
+
     return get_scheduler(
         config.scheduler,
         optimizer=optimizer,

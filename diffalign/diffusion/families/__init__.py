@@ -5,10 +5,11 @@ from __future__ import annotations
 from diffusers import DiffusionPipeline
 
 from diffalign.diffusion.families.audioldm2 import AudioLDM2Family
-from diffalign.diffusion.families.base import DDPMFamily, DiffusionFamily, Posterior
+from diffalign.diffusion.families.base import DDPMFamily, DiffusionFamily, LatentNormalization, Posterior
 from diffalign.diffusion.families.musicldm import AudioLDMFamily, MusicLDMFamily
 from diffalign.diffusion.families.stable_audio import StableAudioFamily
 from diffalign.diffusion.families.stable_diffusion import StableDiffusionFamily, StableDiffusionXLFamily
+from diffalign.diffusion.timesteps import TimestepSettings
 
 # Pipeline class named in model_index.json → family class.
 FAMILIES: dict[str, type[DiffusionFamily]] = {
@@ -21,8 +22,8 @@ FAMILIES: dict[str, type[DiffusionFamily]] = {
 }
 
 
-def load_family(pretrained_path: str, vae_path: str | None = None) -> DiffusionFamily:
-    """Load every component of a diffusers pipeline directory (or hub id) into its family."""
+def family_class(pretrained_path: str) -> type[DiffusionFamily]:
+    """The family of a diffusers pipeline directory (or hub id), from its ``model_index.json`` alone."""
     try:
         pipeline_class = DiffusionPipeline.load_config(pretrained_path)["_class_name"]
     except OSError as error:
@@ -34,7 +35,22 @@ def load_family(pretrained_path: str, vae_path: str | None = None) -> DiffusionF
         raise ValueError(
             f"{pretrained_path}: pipeline class {pipeline_class!r} has no model family; supported: {sorted(FAMILIES)}"
         )
-    return FAMILIES[pipeline_class](pretrained_path, vae_path=vae_path)
+    return FAMILIES[pipeline_class]
 
 
-__all__ = ["FAMILIES", "DDPMFamily", "DiffusionFamily", "Posterior", "load_family"]
+def load_family(
+    pretrained_path: str, vae_path: str | None = None, timesteps: TimestepSettings | None = None
+) -> DiffusionFamily:
+    """Load every component of a diffusers pipeline directory (or hub id) into its family."""
+    return family_class(pretrained_path)(pretrained_path, vae_path=vae_path, timesteps=timesteps)
+
+
+__all__ = [
+    "FAMILIES",
+    "DDPMFamily",
+    "DiffusionFamily",
+    "LatentNormalization",
+    "Posterior",
+    "family_class",
+    "load_family",
+]

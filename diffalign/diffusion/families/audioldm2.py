@@ -21,6 +21,7 @@ from torch import Tensor
 from transformers import T5EncoderModel
 
 from diffalign.diffusion.families.musicldm import MelLatentFamily
+from diffalign.diffusion.timesteps import TimestepSettings
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +43,10 @@ class AudioLDM2Family(MelLatentFamily):
     # T5 states are padded to one length so that cached prompts batch together; longer prompts are cut there.
     max_text_tokens = 128
 
-    def __init__(self, pretrained_path: str, vae_path: str | None = None) -> None:
-        super().__init__(pretrained_path, vae_path)
+    def __init__(
+        self, pretrained_path: str, vae_path: str | None = None, timesteps: TimestepSettings | None = None
+    ) -> None:
+        super().__init__(pretrained_path, vae_path, timesteps)
         if not isinstance(self.text_encoder_2, T5EncoderModel):
             raise ValueError(
                 f"{pretrained_path}: text_encoder_2 is a {type(self.text_encoder_2).__name__}; only the text-to-audio "
@@ -93,7 +96,7 @@ class AudioLDM2Family(MelLatentFamily):
             "encoder_attention_mask_1": prompt_embeds["attention_mask"],
         }
 
-    def pipeline_inputs(self, prompt_embeds: dict[str, Tensor], negative_embeds: dict[str, Tensor]) -> dict[str, Tensor]:
+    def embedding_inputs(self, prompt_embeds: dict[str, Tensor], negative_embeds: dict[str, Tensor]) -> dict[str, Tensor]:
         return {
             "prompt_embeds": prompt_embeds["prompt_embeds"],
             "attention_mask": prompt_embeds["attention_mask"],

@@ -1,8 +1,10 @@
 """The narrow interface between a model family and everything else in the diffusion trainer.
 
-A family knows four things about its models: how to encode a prompt into conditioning, how to noise a clean
-latent, what the denoiser regresses (ε, v, flow velocity), and how to call the denoiser. Methods and the trainer
-talk to a family only through this interface and never ask which family they have.
+A family knows its models' maths: how to encode a prompt into conditioning, how VAE latents map to the
+denoiser's space and back (scale and shift), which noise levels training draws and how it weights them, how to
+noise a clean latent, what the denoiser regresses (ε, v, flow velocity), how to call the denoiser, and how to
+sample. Methods, the trainer, the latent cache and evaluation talk to a family only through this interface and
+never ask which family they have; what some methods need beyond it, a family declares in ``capabilities``.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from diffusers import DDPMScheduler
@@ -18,10 +20,31 @@ from diffusers.loaders.peft import PeftAdapterMixin
 from torch import Tensor, nn
 
 from diffalign.diffusion.data import DiffusionDataConfig, image_decoder
+from diffalign.diffusion.timesteps import TimestepSettings, draw_fractions, min_snr_weights
 from diffalign.diffusion.transforms import MediaDecoder
 
 if TYPE_CHECKING:
     from diffalign.rewards.base import Audio
+
+
+@dataclass(frozen=True)
+class LatentNormalization:
+    """VAE latents x ↔ the denoiser's latents z = (x − shift)·scale: diffusers' ``scaling_factor`` and
+    ``shift_factor`` (the shift is 0 for SD1.5, SDXL and the audio VAEs; SD3 and FLUX VAEs have one)."""
+
+    scale: float
+    shift: float = 0.0
+
+    @classmethod
+    def of_vae(cls, vae: nn.Module) -> LatentNormalization:
+        """The factors a diffusers VAE's config states (an absent or null shift is 0)."""
+        return cls(float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0))
+
+    def to_latents(self, vae_latents: Tensor) -> Tensor:
+        return (vae_latents - self.shift) * self.scale
+
+    def from_latents(self, latents: Tensor) -> Tensor:
+        return latents / self.scale + self.shift
 
 
 @dataclass
@@ -62,7 +85,13 @@ def with_adapter_support(model_class: type[nn.Module]) -> type[nn.Module]:
 
 
 class DiffusionFamily(ABC):
-    """Components of one pretrained model plus the family's maths. ``denoiser`` is what gets trained."""
+    """Components of one pretrained model plus the family's maths. ``denoiser`` is what gets trained.
+
+    ``capabilities`` declares what some methods and settings need beyond this interface (the config refuses a
+    method whose ``requires`` a family lacks, before any model loads): ``ddpm_schedule`` (a discrete ᾱ schedule:
+    DDIM inversion, DDPM steps, SNR), ``unet_encoder`` (a U-Net's ``conv_in``/``down_blocks``/``mid_block``: NCP's
+    feature space), ``flow_matching`` (rectified-flow noising, σ-weighted losses, SDE sampling with log-probs).
+    """
 
     denoiser: nn.Module
     vae: nn.Module  # latents of every family come from a VAE (AutoencoderKL, Oobleck)
@@ -70,16 +99,27 @@ class DiffusionFamily(ABC):
     denoiser_subfolder: str = "unet"
     # The diffusers pipeline class whose `from_pretrained` reads this family.
     pipeline_class: Any
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+    # The timestep density that `timesteps.density: auto` means for this family.
+    default_density: ClassVar[str] = "uniform"
+    # The range of stored media in the VAE's input space (pixels: [-1, 1]); None where unbounded (log-mel, waveform).
+    sample_range: tuple[float, float] | None = None
+    # A VAE that overflows below fp32 (SDXL's stock VAE) runs in fp32 whatever the mixed precision.
+    vae_needs_fp32: bool = False
 
-    def __init__(self, pretrained_path: str) -> None:
+    def __init__(self, pretrained_path: str, timesteps: TimestepSettings | None = None) -> None:
         self.pretrained_path = pretrained_path
+        self.timesteps = timesteps or TimestepSettings()
 
     @classmethod
-    def from_modules(cls, pretrained_path: str = "in-memory", **components: Any) -> DiffusionFamily:
+    def from_modules(
+        cls, pretrained_path: str = "in-memory", timesteps: TimestepSettings | None = None, **components: Any
+    ) -> DiffusionFamily:
         """The family around components already in memory (``denoiser=``, ``vae=``, ``noise_scheduler=``, ...),
         for benchmarks and tests that build models from a config instead of reading a pipeline directory."""
         family = cls.__new__(cls)
         family.pretrained_path = pretrained_path
+        family.timesteps = timesteps or TimestepSettings()
         for name, component in components.items():
             setattr(family, name, component)
         return family
@@ -99,41 +139,51 @@ class DiffusionFamily(ABC):
         """How stored pair members become the input of :meth:`encode` (image transforms, audio resampling)."""
 
     def encode(self, samples: Tensor) -> Posterior:
-        """VAE posterior of raw samples (pixels in [-1, 1], or the family's audio features), unscaled."""
-        distribution = self.vae.encode(samples.to(self.vae.dtype)).latent_dist
+        """VAE posterior of raw samples (pixels in [-1, 1], or the family's audio features), in the VAE's space."""
+        distribution = self.vae.encode(samples.to(self.vae.device, self.vae.dtype)).latent_dist
         return Posterior(mean=distribution.mean.float(), std=distribution.std.float())
-
-    @abstractmethod
-    def decode(self, latents: Tensor) -> Tensor | Audio:
-        """Scaled latents back to what rewards score: images ``[B, 3, H, W]`` in [0, 1], or :class:`Audio`."""
 
     @property
     @abstractmethod
-    def latent_scale(self) -> float:
-        """The factor that maps VAE latents to the unit-variance space the denoiser was trained in."""
+    def latent_normalization(self) -> LatentNormalization:
+        """How VAE latents map to the unit-variance space the denoiser was trained in (scale and shift)."""
 
-    # The range of stored media in the VAE's input space (pixels: [-1, 1]); None where unbounded (log-mel, waveform).
-    sample_range: tuple[float, float] | None = None
+    def to_latents(self, vae_latents: Tensor) -> Tensor:
+        """VAE latents (a posterior sample) → the denoiser's space: what training, the cache and sampling use."""
+        return self.latent_normalization.to_latents(vae_latents)
+
+    def from_latents(self, latents: Tensor) -> Tensor:
+        """The denoiser's latents → the VAE's space, ready for its decoder."""
+        return self.latent_normalization.from_latents(latents)
+
+    def decode_to_vae_input(self, latents: Tensor) -> Tensor:
+        """The denoiser's latents through the VAE decoder, in its input space (pixels, log-mel, waveform), fp32."""
+        return self.vae.decode(self.from_latents(latents).to(self.vae.dtype)).sample.float()
+
+    @abstractmethod
+    def decode(self, latents: Tensor) -> Tensor | Audio:
+        """Latents back to what rewards score: images ``[B, 3, H, W]`` in [0, 1], or :class:`Audio`."""
 
     @torch.no_grad()
     def reencode(self, latents: Tensor, seeds: list[int] | None = None) -> Tensor:
-        """Scaled latents as the data path makes them from the media that ``latents`` decode to: decoded by the
-        VAE into its input space (pixels, log-mel or waveform), clamped to the media's range, encoded again and
-        drawn from the posterior (sample ``i`` from a generator seeded ``seeds[i]``).
+        """Latents as the data path makes them from the media that ``latents`` decode to: decoded by the VAE into
+        its input space (pixels, log-mel or waveform), clamped to the media's range, encoded again and drawn from
+        the posterior (sample ``i`` from a generator seeded ``seeds[i]``).
 
         Generated latents lie off the encoder's outputs; re-encoding them lets a generated sample stand in for
         stored media (SePPO's reference samples replace stored losers).
         """
-        decoded = self.vae.decode(latents.to(self.vae.dtype) / self.latent_scale).sample.float()
+        decoded = self.decode_to_vae_input(latents)
         if self.sample_range is not None:
             decoded = decoded.clamp(*self.sample_range)
-        return self.encode(decoded).sample(seeds) * self.latent_scale
+        return self.to_latents(self.encode(decoded).sample(seeds))
 
     # --- noising and targets ------------------------------------------------------------------------------------
     @abstractmethod
     def sample_timesteps(
         self, batch_size: int, device: torch.device, generator: torch.Generator | None = None
-    ) -> Tensor: ...
+    ) -> Tensor:
+        """Training noise levels ``[B]`` drawn as ``self.timesteps`` says (see diffusion/timesteps.py)."""
 
     @abstractmethod
     def add_noise(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor: ...
@@ -141,14 +191,51 @@ class DiffusionFamily(ABC):
     @abstractmethod
     def target(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor: ...
 
+    def error_weights(self, timesteps: Tensor) -> Tensor | None:
+        """Per-sample weights ``[B]`` of the denoising error (``timesteps.weighting``); None: unweighted."""
+        if self.timesteps.weighting != "none":
+            raise ValueError(
+                f"timesteps.weighting: {self.timesteps.weighting!r} is not defined for {type(self).__name__}"
+            )
+        return None
+
     def predict(
         self, denoiser: nn.Module, noisy_latents: Tensor, timesteps: Tensor, inputs: dict[str, Any]
     ) -> Tensor:
         return denoiser(noisy_latents, timesteps, **inputs).sample
 
+    # --- sampling -----------------------------------------------------------------------------------------------
     @abstractmethod
     def build_pipeline(self, denoiser: nn.Module) -> Any:
-        """The family's diffusers pipeline around ``denoiser`` (DDIM sampler), for sampling and export."""
+        """The family's diffusers pipeline around ``denoiser``, for sampling and export."""
+
+    def pipeline_prompt_inputs(self, prompts: list[str]) -> dict[str, Any]:
+        """The pipeline's keyword arguments for ``prompts`` (text by default; families whose pipelines take
+        precomputed embeddings override this)."""
+        return {"prompt": prompts}
+
+    @torch.no_grad()
+    def sample(
+        self,
+        denoiser: nn.Module,
+        prompts: list[str],
+        generators: list[torch.Generator],
+        *,
+        num_inference_steps: int,
+        guidance_scale: float,
+    ) -> Tensor:
+        """Clean latents ``[N, ...]`` in the denoiser's space, one per prompt, prompt ``i`` drawn with
+        ``generators[i]``. By default the family's diffusers pipeline with ``output_type="latent"``."""
+        pipeline = self.build_pipeline(denoiser)
+        pipeline.set_progress_bar_config(disable=True)
+        output = pipeline(
+            **self.pipeline_prompt_inputs(prompts),
+            generator=generators,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            output_type="latent",
+        )
+        return output[0]  # `images` or `audios`: with output_type="latent" the latents themselves
 
     @torch.no_grad()
     def generate(
@@ -160,18 +247,14 @@ class DiffusionFamily(ABC):
         num_inference_steps: int,
         guidance_scale: float,
     ) -> Tensor | Audio:
-        """One sample per prompt, prompt ``i`` drawn with ``generators[i]``: images ``[N, 3, H, W]`` in [0, 1]
-        (CPU, fp32) by default; audio families return :class:`Audio`."""
-        pipeline = self.build_pipeline(denoiser)
-        pipeline.set_progress_bar_config(disable=True)
-        output = pipeline(
-            prompts,
-            generator=generators,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            output_type="pt",
+        """Decoded samples on the CPU: images ``[N, 3, H, W]`` in [0, 1] (fp32), or :class:`Audio`."""
+        latents = self.sample(
+            denoiser, prompts, generators, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale
         )
-        return output.images.float().cpu()
+        decoded = self.decode(latents)
+        if isinstance(decoded, Tensor):
+            return decoded.float().cpu()
+        return type(decoded)(decoded.waveforms.float().cpu(), decoded.sample_rate)
 
     # --- models the trainer moves, casts and freezes -------------------------------------------------------------
     @abstractmethod
@@ -187,8 +270,10 @@ class DiffusionFamily(ABC):
 class DDPMFamily(DiffusionFamily):
     """Families trained with a discrete DDPM schedule (SD1.5, SDXL, MusicLDM, AudioLDM2): ε or v targets."""
 
-    def __init__(self, pretrained_path: str) -> None:
-        super().__init__(pretrained_path)
+    capabilities = frozenset({"ddpm_schedule", "unet_encoder"})
+
+    def __init__(self, pretrained_path: str, timesteps: TimestepSettings | None = None) -> None:
+        super().__init__(pretrained_path, timesteps)
         # Whatever sampler the pipeline ships (DDIM, Euler, ...), training noise follows its DDPM schedule.
         self.noise_scheduler = DDPMScheduler.from_pretrained(pretrained_path, subfolder="scheduler")
 
@@ -203,7 +288,16 @@ class DDPMFamily(DiffusionFamily):
     def sample_timesteps(
         self, batch_size: int, device: torch.device, generator: torch.Generator | None = None
     ) -> Tensor:
-        return torch.randint(0, self.num_train_timesteps, (batch_size,), device=device, generator=generator)
+        """Integer timesteps ``[B]``: ``floor(u·T)`` for ``u`` from the configured density and range."""
+        count = self.num_train_timesteps
+        if self.timesteps.density in ("auto", "uniform"):
+            low, high = self.timesteps.noise_range
+            return torch.randint(
+                round(low * count), max(round(high * count), round(low * count) + 1), (batch_size,),
+                device=device, generator=generator,
+            )
+        fractions = draw_fractions(self.timesteps, batch_size, device, generator, self.default_density)
+        return (fractions * count).long()
 
     def add_noise(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         return self.noise_scheduler.add_noise(latents, noise, timesteps)
@@ -218,6 +312,14 @@ class DDPMFamily(DiffusionFamily):
             "expected 'epsilon' or 'v_prediction'"
         )
 
+    def error_weights(self, timesteps: Tensor) -> Tensor | None:
+        if self.timesteps.weighting != "min_snr":
+            return super().error_weights(timesteps)
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(self.noise_scheduler, timesteps)
+        return min_snr_weights(snr, self.timesteps.snr_gamma, self.prediction_type)
+
     def alphas_cumprod(self, timesteps: Tensor) -> Tensor:
         return self.noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
 
@@ -231,9 +333,8 @@ class ImageVAEFamily(DDPMFamily):
         return image_decoder(config)
 
     @property
-    def latent_scale(self) -> float:
-        return self.vae.config.scaling_factor
+    def latent_normalization(self) -> LatentNormalization:
+        return LatentNormalization.of_vae(self.vae)
 
     def decode(self, latents: Tensor) -> Tensor:
-        images = self.vae.decode(latents.to(self.vae.dtype) / self.latent_scale).sample
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return (self.decode_to_vae_input(latents) / 2 + 0.5).clamp(0, 1)

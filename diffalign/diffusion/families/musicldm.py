@@ -27,6 +27,7 @@ from transformers import ClapModel, SpeechT5HifiGan
 from diffalign.diffusion.audio import AudioDecoder, MelSettings
 from diffalign.diffusion.data import DiffusionDataConfig
 from diffalign.diffusion.families.base import ImageVAEFamily, with_adapter_support
+from diffalign.diffusion.timesteps import TimestepSettings
 from diffalign.rewards.base import Audio
 
 
@@ -44,8 +45,10 @@ class MelLatentFamily(ImageVAEFamily):
     vocoder: SpeechT5HifiGan
     sample_range = None  # log-mel is unbounded
 
-    def __init__(self, pretrained_path: str, vae_path: str | None = None) -> None:
-        super().__init__(pretrained_path)
+    def __init__(
+        self, pretrained_path: str, vae_path: str | None = None, timesteps: TimestepSettings | None = None
+    ) -> None:
+        super().__init__(pretrained_path, timesteps)
         overrides: dict[str, Any] = {
             "unet": with_adapter_support(self.denoiser_class).from_pretrained(pretrained_path, subfolder="unet")
         }
@@ -86,35 +89,16 @@ class MelLatentFamily(ImageVAEFamily):
 
     def decode(self, latents: Tensor) -> Audio:
         """Scaled latents → log-mel (VAE) → waveforms (vocoder). Differentiable."""
-        mel = self.vae.decode(latents.to(self.vae.dtype) / self.latent_scale).sample
+        mel = self.decode_to_vae_input(latents)
         waveforms = self.vocoder(mel.squeeze(1).to(self.vocoder.dtype))
         return Audio(waveforms.float(), self.sample_rate)
 
     @abstractmethod
-    def pipeline_inputs(self, prompt_embeds: dict[str, Tensor], negative_embeds: dict[str, Tensor]) -> dict[str, Tensor]:
+    def embedding_inputs(self, prompt_embeds: dict[str, Tensor], negative_embeds: dict[str, Tensor]) -> dict[str, Tensor]:
         """The pipeline's keyword arguments for prompts and the negative (empty) prompts, from encode_prompts."""
 
-    @torch.no_grad()
-    def generate(
-        self,
-        denoiser: nn.Module,
-        prompts: list[str],
-        generators: list[torch.Generator],
-        *,
-        num_inference_steps: int,
-        guidance_scale: float,
-    ) -> Audio:
-        pipeline = self.build_pipeline(denoiser)
-        pipeline.set_progress_bar_config(disable=True)
-        inputs = self.pipeline_inputs(self.encode_prompts(prompts), self.encode_prompts([""] * len(prompts)))
-        output = pipeline(
-            **inputs,
-            generator=generators,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            output_type="pt",
-        )
-        return Audio(output.audios.float().cpu(), self.sample_rate)
+    def pipeline_prompt_inputs(self, prompts: list[str]) -> dict[str, Tensor]:
+        return self.embedding_inputs(self.encode_prompts(prompts), self.encode_prompts([""] * len(prompts)))
 
 
 class MusicLDMFamily(MelLatentFamily):
@@ -144,7 +128,7 @@ class MusicLDMFamily(MelLatentFamily):
     def denoiser_inputs(self, prompt_embeds: dict[str, Tensor], batch: dict[str, Any]) -> dict[str, Any]:
         return {"encoder_hidden_states": None, "class_labels": prompt_embeds["class_labels"]}
 
-    def pipeline_inputs(self, prompt_embeds: dict[str, Tensor], negative_embeds: dict[str, Tensor]) -> dict[str, Tensor]:
+    def embedding_inputs(self, prompt_embeds: dict[str, Tensor], negative_embeds: dict[str, Tensor]) -> dict[str, Tensor]:
         return {
             "prompt_embeds": prompt_embeds["class_labels"],
             "negative_prompt_embeds": negative_embeds["class_labels"],

@@ -14,7 +14,7 @@ Ho (2022)::
 Training draws ``log σ`` uniformly between the scheduler's σ_min and σ_max: the continuous form of the
 scheduler's training grid, which spaces its σ evenly in log between the same bounds.
 
-Sampling is our own deterministic DDIM (first-order probability-flow ODE) on the scheduler's inference σ grid:
+Sampling (``sample``) is our own deterministic DDIM (first-order probability-flow ODE) on the scheduler's inference σ grid:
 the scheduler's own SDE-DPM-Solver needs ``torchsde``, which is not a dependency.
 
 Conditioning follows ``StableAudioPipeline``: T5 states through the projection model and masked, then the clip's
@@ -43,7 +43,8 @@ from transformers import AutoTokenizer, T5EncoderModel
 
 from diffalign.diffusion.audio import AudioDecoder
 from diffalign.diffusion.data import DiffusionDataConfig
-from diffalign.diffusion.families.base import DiffusionFamily, with_adapter_support
+from diffalign.diffusion.families.base import DiffusionFamily, LatentNormalization, with_adapter_support
+from diffalign.diffusion.timesteps import TimestepSettings, draw_fractions
 from diffalign.rewards.base import Audio
 
 
@@ -94,8 +95,10 @@ class StableAudioFamily(DiffusionFamily):
     pipeline_class = StableAudioPipeline
     denoiser_subfolder = "transformer"
 
-    def __init__(self, pretrained_path: str, vae_path: str | None = None) -> None:
-        super().__init__(pretrained_path)
+    def __init__(
+        self, pretrained_path: str, vae_path: str | None = None, timesteps: TimestepSettings | None = None
+    ) -> None:
+        super().__init__(pretrained_path, timesteps)
         # Any scheduler class reads scheduler_config.json; the cosine scheduler's own class imports only with torchsde.
         scheduler_config = DDPMScheduler.load_config(pretrained_path, subfolder="scheduler")
         self.schedule = SigmaSchedule.from_scheduler_config(scheduler_config, f"{pretrained_path}/scheduler")
@@ -103,9 +106,6 @@ class StableAudioFamily(DiffusionFamily):
         self.text_encoder = T5EncoderModel.from_pretrained(pretrained_path, subfolder="text_encoder")
         self.projection_model = StableAudioProjectionModel.from_pretrained(pretrained_path, subfolder="projection_model")
         self.vae = AutoencoderOobleck.from_pretrained(vae_path or pretrained_path, subfolder=None if vae_path else "vae")
-        # The pipeline decodes latents unscaled. The latent cache reads every VAE's scaling factor from its config,
-        # where the Oobleck VAE has none: state the factor it implies.
-        self.vae.register_to_config(scaling_factor=1.0)
         self.denoiser = with_adapter_support(StableAudioDiTModel).from_pretrained(
             pretrained_path, subfolder="transformer"
         )
@@ -179,22 +179,23 @@ class StableAudioFamily(DiffusionFamily):
         )
 
     @property
-    def latent_scale(self) -> float:
-        return 1.0
+    def latent_normalization(self) -> LatentNormalization:
+        """The pipeline decodes the DiT's latents as they are: the Oobleck VAE has no scaling factor."""
+        return LatentNormalization(scale=1.0)
 
     def decode(self, latents: Tensor) -> Audio:
         """Latents → the VAE's waveforms, mixed to mono (what audio rewards score). Differentiable."""
-        waveforms = self.vae.decode(latents.to(self.vae.dtype)).sample
-        return Audio(waveforms.float().mean(dim=1), self.sample_rate)
+        return Audio(self.decode_to_vae_input(latents).mean(dim=1), self.sample_rate)
 
     # --- noising and targets ------------------------------------------------------------------------------------
     def sample_timesteps(
         self, batch_size: int, device: torch.device, generator: torch.Generator | None = None
     ) -> Tensor:
-        """Noise levels σ ``[B]`` (fp32), log-uniform on [σ_min, σ_max]; they play the role of timesteps."""
+        """Noise levels σ ``[B]`` (fp32): ``log σ`` at fraction ``u`` of [log σ_min, log σ_max], with ``u``
+        uniform by default (log-uniform σ); they play the role of timesteps."""
         log_min, log_max = math.log(self.schedule.sigma_min), math.log(self.schedule.sigma_max)
-        uniform = torch.rand(batch_size, device=device, generator=generator)
-        return torch.exp(log_min + (log_max - log_min) * uniform)
+        fractions = draw_fractions(self.timesteps, batch_size, device, generator, self.default_density)
+        return torch.exp(log_min + (log_max - log_min) * fractions)
 
     def add_noise(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """``x_σ = x₀ + σ·ε`` (``timesteps`` are σ)."""
@@ -224,7 +225,7 @@ class StableAudioFamily(DiffusionFamily):
 
     # --- sampling -----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(
+    def sample(
         self,
         denoiser: nn.Module,
         prompts: list[str],
@@ -232,7 +233,7 @@ class StableAudioFamily(DiffusionFamily):
         *,
         num_inference_steps: int,
         guidance_scale: float,
-    ) -> Audio:
+    ) -> Tensor:
         """Deterministic DDIM from ``σ_max·ε``: ``x ← x̂₀ + (σ_next/σ)·(x − x̂₀)`` over the inference σ grid.
 
         Classifier-free guidance as the pipeline without a negative prompt: the unconditional pass sees zeros in
@@ -264,5 +265,4 @@ class StableAudioFamily(DiffusionFamily):
                 prediction = self.predict(denoiser, latents.to(dtype), batch_sigmas, inputs)
             denoised = self.denoised(latents, prediction, batch_sigmas)
             latents = denoised + (next_sigma / sigma) * (latents - denoised)
-        audio = self.decode(latents)
-        return Audio(audio.waveforms.cpu(), audio.sample_rate)
+        return latents

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from diffalign.diffusion.families.base import ImageVAEFamily
+from diffalign.diffusion.timesteps import TimestepSettings
 
 
 def _tokenize(tokenizer: CLIPTokenizer, prompts: list[str], device: torch.device) -> Tensor:
@@ -27,8 +28,10 @@ def _tokenize(tokenizer: CLIPTokenizer, prompts: list[str], device: torch.device
 class StableDiffusionFamily(ImageVAEFamily):
     pipeline_class = StableDiffusionPipeline
 
-    def __init__(self, pretrained_path: str, vae_path: str | None = None) -> None:
-        super().__init__(pretrained_path)
+    def __init__(
+        self, pretrained_path: str, vae_path: str | None = None, timesteps: TimestepSettings | None = None
+    ) -> None:
+        super().__init__(pretrained_path, timesteps)
         self.tokenizer = CLIPTokenizer.from_pretrained(pretrained_path, subfolder="tokenizer")
         self.text_encoder = CLIPTextModel.from_pretrained(pretrained_path, subfolder="text_encoder")
         self.vae = AutoencoderKL.from_pretrained(vae_path or pretrained_path, subfolder=None if vae_path else "vae")
@@ -61,8 +64,10 @@ class StableDiffusionFamily(ImageVAEFamily):
 class StableDiffusionXLFamily(ImageVAEFamily):
     pipeline_class = StableDiffusionXLPipeline
 
-    def __init__(self, pretrained_path: str, vae_path: str | None = None) -> None:
-        super().__init__(pretrained_path)
+    def __init__(
+        self, pretrained_path: str, vae_path: str | None = None, timesteps: TimestepSettings | None = None
+    ) -> None:
+        super().__init__(pretrained_path, timesteps)
         self.tokenizer = CLIPTokenizer.from_pretrained(pretrained_path, subfolder="tokenizer")
         self.tokenizer_2 = CLIPTokenizer.from_pretrained(pretrained_path, subfolder="tokenizer_2")
         self.text_encoder = CLIPTextModel.from_pretrained(pretrained_path, subfolder="text_encoder")

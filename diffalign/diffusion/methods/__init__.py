@@ -1,39 +1,35 @@
 """Diffusion methods: each turns a latent pair batch into the loss core's ``PairScores``.
 
-Online methods (SePPO, DRAGON, RPO) also generate samples during training through the hooks of
-:mod:`diffalign.diffusion.methods.online`.
+Every module of this package is imported here, so a method registers itself (``@register_method``) by being a
+module in this folder: adding one needs no edit elsewhere.
 """
 
-from diffalign.diffusion.methods.base import LatentPairBatch, denoising_error, pair_noise, per_sample_mse
-from diffalign.diffusion.methods.dpo import DiffusionDPO, scores_from_errors
-from diffalign.diffusion.methods.dragon import DistributionalRewardOptimization
-from diffalign.diffusion.methods.inpo import DDIMInPO
-from diffalign.diffusion.methods.ncp import NoiseConditionedPerception
-from diffalign.diffusion.methods.online import TrainingContext
-from diffalign.diffusion.methods.rpo import RewardPreferenceOptimization
-from diffalign.diffusion.methods.seppo import SemiPolicyPreferenceOptimization
+import importlib
+import pkgutil
 
-METHODS = {
-    "dpo": DiffusionDPO,
-    "inpo": DDIMInPO,
-    "ncp": NoiseConditionedPerception,
-    "seppo": SemiPolicyPreferenceOptimization,
-    "dragon": DistributionalRewardOptimization,
-    "rpo": RewardPreferenceOptimization,
-}
+from diffalign.diffusion.methods.base import (
+    METHODS,
+    DiffusionMethod,
+    LatentPairBatch,
+    TrainingContext,
+    TrainingData,
+    denoising_error,
+    pair_noise,
+    per_sample_mse,
+    register_method,
+)
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "METHODS",
-    "DDIMInPO",
-    "DiffusionDPO",
-    "DistributionalRewardOptimization",
+    "DiffusionMethod",
     "LatentPairBatch",
-    "NoiseConditionedPerception",
-    "RewardPreferenceOptimization",
-    "SemiPolicyPreferenceOptimization",
     "TrainingContext",
+    "TrainingData",
     "denoising_error",
     "pair_noise",
     "per_sample_mse",
-    "scores_from_errors",
+    "register_method",
 ]

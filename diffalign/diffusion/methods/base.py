@@ -1,14 +1,29 @@
-"""What every diffusion method shares: a latent pair batch and the per-sample denoising error."""
+"""What every diffusion method shares: the method interface and its registry, a latent pair batch, and the
+per-sample denoising error.
+
+A method is one module: a settings dataclass (its ``method.<name>:`` config section) and a
+:class:`DiffusionMethod` subclass registered with ``@register_method("<name>", settings=<Settings>)``. The config's
+``method.name`` choices and sections derive from the registry; the trainer calls only the hooks declared on
+:class:`DiffusionMethod`, whose defaults are those of an offline method that reads the ``data:`` pairs.
+"""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from diffalign.diffusion.families import DiffusionFamily
+from diffalign.diffusion.reference import ReferenceDenoiser
+from diffalign.losses import PairScores
+
+if TYPE_CHECKING:
+    from diffalign.diffusion.config import DiffusionTrainConfig
 
 
 @dataclass
@@ -35,6 +50,95 @@ class LatentPairBatch:
         return {name: torch.cat([value, value]) for name, value in self.prompt_embeds.items()}
 
 
+@dataclass
+class TrainingContext:
+    """What the recipe tells ``make_pairs`` about the micro-batch at hand."""
+
+    step: int  # optimizer steps taken before this micro-batch
+    seed: int  # the run's seed, for draws shared by every item and process (e.g. which checkpoint)
+    noise_seeds: list[int]  # one per batch item: the root of every random stream of that item
+    encode: Callable[[dict], LatentPairBatch]  # the offline path: stored media or cached latents → latents
+
+
+@dataclass
+class TrainingData:
+    """A method's own training data (online methods): the dataset, its collate function, statistics to log."""
+
+    dataset: Dataset
+    collate: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    stats: dict[str, Any]
+
+
+class DiffusionMethod(ABC):
+    """Turns a batch into the loss core's :class:`PairScores`, with the family, the policy and the reference.
+
+    Class attributes declare what the method needs, checked when the config loads (before any model):
+    ``requires`` the family capabilities it uses (see :class:`DiffusionFamily`), ``supports_reference_cache``
+    whether its reference errors are a fixed function of the pair (``model.reference_cache``). ``selection_metric``
+    names an :meth:`evaluate` metric whose best value the training loop keeps in ``output_dir/best``.
+    """
+
+    name: ClassVar[str]  # set by register_method
+    settings_class: ClassVar[type | None] = None
+    requires: ClassVar[frozenset[str]] = frozenset()
+    supports_reference_cache: ClassVar[bool] = False
+    selection_metric: ClassVar[str | None] = None
+
+    def __init__(self, family: DiffusionFamily, reference: ReferenceDenoiser | None, settings: Any = None) -> None:
+        self.family = family
+        self.reference = reference
+        self.settings = settings
+
+    @classmethod  # noqa: B027 (a hook: most methods accept any config)
+    def check_config(cls, config: DiffusionTrainConfig) -> None:
+        """Refuse settings this method cannot train with (raise ``ValueError`` naming the key and the fix)."""
+
+    def training_data(self, config: DiffusionTrainConfig, accelerator: Any) -> TrainingData | None:
+        """The method's own training data (prompts, subject images); None: the ``data:`` preference pairs."""
+        return None
+
+    def make_pairs(
+        self, denoiser: nn.Module, batch: dict[str, Any], context: TrainingContext
+    ) -> tuple[LatentPairBatch, dict[str, Tensor]]:
+        """A collated batch → latent pairs; online methods generate (part of) them with the current policy."""
+        return context.encode(batch), {}
+
+    @abstractmethod
+    def pair_scores(
+        self, denoiser: nn.Module, batch: LatentPairBatch, reference_errors: Tensor | None = None
+    ) -> tuple[PairScores, dict[str, Tensor]]:
+        """The core's scores for a batch of pairs, and diagnostics. ``reference_errors`` (``[2B]``, only for
+        methods with ``supports_reference_cache``) replaces the reference's forward."""
+
+    def evaluate(self, denoiser: nn.Module, step: int) -> dict[str, float]:
+        """The method's own validation metrics (e.g. RPO's validation reward); the recipe adds eval samples."""
+        return {}
+
+    def extra_state(self) -> dict[str, Any]:
+        """Method state a resumed run needs (e.g. a checkpoint bank), saved with every training checkpoint."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:  # noqa: B027 (a hook: most methods have no state)
+        """Restore what :meth:`extra_state` returned."""
+
+
+METHODS: dict[str, type[DiffusionMethod]] = {}
+
+
+def register_method(name: str, settings: type | None = None) -> Callable[[type[DiffusionMethod]], type[DiffusionMethod]]:
+    """Register a method class under ``method.name: <name>``; ``settings`` is its ``method.<name>:`` dataclass."""
+
+    def register(method_class: type[DiffusionMethod]) -> type[DiffusionMethod]:
+        if name in METHODS:
+            raise ValueError(f"method {name!r} is registered twice ({METHODS[name].__name__}, {method_class.__name__})")
+        method_class.name = name
+        method_class.settings_class = settings
+        METHODS[name] = method_class
+        return method_class
+
+    return register
+
+
 def per_sample_mse(prediction: Tensor, target: Tensor) -> Tensor:
     """Mean over every non-batch dimension of the squared error, in fp32: one value per sample."""
     return (prediction.float() - target.float()).pow(2).mean(dim=tuple(range(1, prediction.ndim)))
@@ -48,8 +152,11 @@ def denoising_error(
     target: Tensor,
     inputs: dict[str, Any],
 ) -> Tensor:
+    """Per-sample squared error of the denoiser's prediction, weighted by the family's ``timesteps.weighting``."""
     prediction = family.predict(denoiser, noisy_latents, timesteps, inputs)
-    return per_sample_mse(prediction, target)
+    errors = per_sample_mse(prediction, target)
+    weights = family.error_weights(timesteps)
+    return errors if weights is None else errors * weights.to(errors.device).float()
 
 
 def pair_noise(family: DiffusionFamily, batch: LatentPairBatch) -> tuple[Tensor, Tensor]:

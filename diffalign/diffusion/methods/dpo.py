@@ -8,6 +8,14 @@ batch, and the per-sample error ``L = mean_{C,H,W} (prediction − target)²`` b
 
 (SalesforceAIResearch/DiffusionDPO, train.py). The diffusers research example writes the same loss as
 ``−log σ(β'·(ref_diff − model_diff))`` with β'=2500: its β' is our β/2.
+
+The same code is flow-matching DPO on the rectified-flow families (SD3, FLUX, ACE-Step): there the family noises
+``x_σ = (1 − σ)·x0 + σ·ε`` and the target is the velocity ``v = ε − x0``, so ``L = mean (v̂ − v)²`` and the loss
+is that of flow-model DPO as the flow-RL peers train it (flow_grpo ``train_sd3_dpo.py``, Flow-Factory's DPO
+trainer: shared ε and σ per pair, per-sample means, the same ½β). Since ``ε̂ − ε = (1 − σ)(v̂ − v)``, velocity-space
+DPO with β equals ε-space DPO with ``β_ε(σ) = β/(1 − σ)²``: the two agree near clean data and the velocity form
+weighs high-noise errors more, so β does not transfer between the two (peers use β ≈ 100–2000 on SD3.5/FLUX
+LoRA where SD1.5 uses 5000).
 """
 
 from __future__ import annotations
@@ -17,9 +25,13 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from diffalign.diffusion.families import DiffusionFamily
-from diffalign.diffusion.methods.base import LatentPairBatch, denoising_error, pair_noise
-from diffalign.diffusion.reference import ReferenceDenoiser
+from diffalign.diffusion.methods.base import (
+    DiffusionMethod,
+    LatentPairBatch,
+    denoising_error,
+    pair_noise,
+    register_method,
+)
 from diffalign.losses import PairScores
 
 
@@ -55,12 +67,11 @@ def scores_from_errors(
     return scores, metrics
 
 
-class DiffusionDPO:
+@register_method("dpo")
+class DiffusionDPO(DiffusionMethod):
     """Denoising errors on freshly noised latents: shared ε and t per pair, one policy forward for both."""
 
-    def __init__(self, family: DiffusionFamily, reference: ReferenceDenoiser | None, settings: object = None) -> None:
-        self.family = family
-        self.reference = reference
+    supports_reference_cache = True
 
     def noised(self, batch: LatentPairBatch) -> NoisedPairs:
         """The denoiser's inputs and targets for ``[chosen; rejected]``: one ε and t per pair, shared by both."""

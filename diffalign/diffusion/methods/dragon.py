@@ -36,8 +36,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import soundfile
 import torch
@@ -45,16 +46,25 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from diffalign.diffusion.config import DiffusionTrainConfig, MethodConfig
 from diffalign.diffusion.data import collate_pairs
 from diffalign.diffusion.families import DiffusionFamily
-from diffalign.diffusion.methods.base import LatentPairBatch
+from diffalign.diffusion.methods.base import (
+    DiffusionMethod,
+    LatentPairBatch,
+    TrainingContext,
+    TrainingData,
+    register_method,
+)
 from diffalign.diffusion.methods.dpo import DiffusionDPO
-from diffalign.diffusion.methods.online import TrainingContext, decode_samples, derived_seed, sample_latents
+from diffalign.diffusion.methods.online import decode_samples, derived_seed, sample_latents
 from diffalign.diffusion.reference import ReferenceDenoiser
+from diffalign.eval.prompts import read_prompts
 from diffalign.losses import PairScores
 from diffalign.rewards import Audio, Samples, build_scorer
 from diffalign.training.distributed import mean_over_processes
+
+if TYPE_CHECKING:
+    from diffalign.diffusion.config import DiffusionTrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -66,13 +76,10 @@ AUDIO_SUFFIXES = {".wav", ".flac", ".ogg"}
 
 
 def load_prompts(path: str | None, prompts: Sequence[str]) -> list[str]:
-    """``prompts`` plus the non-empty lines of the text file ``path``."""
+    """``prompts`` plus those of the prompt file ``path`` (one per line in a .txt; see eval/prompts.py)."""
     loaded = list(prompts)
     if path is not None:
-        file = Path(path)
-        if not file.is_file():
-            raise FileNotFoundError(f"method.dragon.prompts_file: {file} does not exist; give a text file, one prompt per line")
-        loaded += [line.strip() for line in file.read_text().splitlines() if line.strip()]
+        loaded += read_prompts(Path(path), key="method.dragon.prompts_file")
     if not loaded:
         raise ValueError(
             "method.dragon has no prompts; set method.dragon.prompts_file (one prompt per line) or method.dragon.prompts"
@@ -146,14 +153,45 @@ def split_sets(rewards: Tensor, pairing: str = "halves") -> tuple[Tensor, Tensor
     return order[:, :count], order.flip(1)[:, :count]
 
 
-class DistributionalRewardOptimization:
+@dataclass
+class DragonSettings:
+    """DRAGON (methods/dragon.py): on-policy generations scored by a reward, contrasted as positive/negative sets."""
+
+    prompts_file: str | None = None  # training prompts, one per line
+    prompts: list[str] = field(default_factory=list)
+    samples_per_prompt: int = 2  # K generations per prompt, ranked by the reward
+    # halves: the best ⌊K/2⌋ are positives and the worst ⌊K/2⌋ negatives, i-th best paired with i-th worst;
+    # best_worst: one pair per prompt, its best vs its worst sample (TangoFlux's CRPO pairs, K = 5 there).
+    pairing: Literal["halves", "best_worst"] = "halves"
+    num_inference_steps: int = 20
+    guidance_scale: float = 5.0
+    generation_batch_size: int = 16
+    reward: str = "clip_score"  # a scorer of diffalign.rewards (clip_score, clap_score, fad, vendi, toy_t2i, ...)
+    reward_options: dict[str, Any] = field(default_factory=dict)  # the scorer's options (model, reduction, ...)
+    # The reward's reference set: a text file (one exemplar per line) or a folder of images or audio files.
+    exemplars: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.samples_per_prompt < 2:
+            raise ValueError(
+                f"method.dragon.samples_per_prompt must be >= 2 (a positive and a negative per prompt), "
+                f"got {self.samples_per_prompt}"
+            )
+        for name in ("num_inference_steps", "generation_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"method.dragon.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@register_method("dragon", settings=DragonSettings)
+class DistributionalRewardOptimization(DiffusionMethod):
     """Online generations, scored by a (distributional) reward, contrasted as positive vs negative sets."""
 
+    settings: DragonSettings
+
     def __init__(
-        self, family: DiffusionFamily, reference: ReferenceDenoiser | None, settings: MethodConfig
+        self, family: DiffusionFamily, reference: ReferenceDenoiser | None, settings: DragonSettings
     ) -> None:
-        self.family = family
-        self.settings = settings.dragon
+        super().__init__(family, reference, settings)
         self.dpo = DiffusionDPO(family, reference)
         self.scorer = build_scorer(self.settings.reward, **self.settings.reward_options).eval()
         if self.scorer.set_level:
@@ -166,9 +204,9 @@ class DistributionalRewardOptimization:
             # Embedded (or summarised as a Gaussian) once: the set does not change during training.
             self.exemplars = self.scorer.prepare_reference(load_exemplars(self.settings.exemplars))
 
-    def training_data(self, config: DiffusionTrainConfig, accelerator: Any) -> tuple[Dataset, Any, dict[str, int]]:
+    def training_data(self, config: DiffusionTrainConfig, accelerator: Any) -> TrainingData:
         prompts = load_prompts(self.settings.prompts_file, self.settings.prompts)
-        return PromptDataset(prompts), collate_pairs, {"prompts": len(prompts)}
+        return TrainingData(PromptDataset(prompts), collate_pairs, {"prompts": len(prompts)})
 
     @torch.no_grad()
     def rewards(self, samples: Samples, prompts: list[str]) -> Tensor:
@@ -218,7 +256,9 @@ class DistributionalRewardOptimization:
         }
         return pairs, metrics
 
-    def pair_scores(self, denoiser: nn.Module, batch: LatentPairBatch) -> tuple[PairScores, dict[str, Tensor]]:
+    def pair_scores(
+        self, denoiser: nn.Module, batch: LatentPairBatch, reference_errors: Tensor | None = None
+    ) -> tuple[PairScores, dict[str, Tensor]]:
         scores, metrics = self.dpo.pair_scores(denoiser, batch)
         if scores.has_reference:
             # KTO's reference point: the batch's mean log-ratio, an estimate of KL(π‖π_ref) (≥ 0 in expectation),

@@ -21,17 +21,27 @@ timestep are those of t itself; ε* absorbs the mismatch. That is the default he
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
 
-from diffalign.diffusion.config import MethodConfig
 from diffalign.diffusion.families import DiffusionFamily
 from diffalign.diffusion.inversion import ddim_invert, inversion_grid
-from diffalign.diffusion.methods.base import LatentPairBatch, denoising_error, pair_noise
+from diffalign.diffusion.methods.base import (
+    DiffusionMethod,
+    LatentPairBatch,
+    denoising_error,
+    pair_noise,
+    register_method,
+)
 from diffalign.diffusion.methods.dpo import scores_from_errors
 from diffalign.diffusion.reference import ReferenceDenoiser
 from diffalign.losses import PairScores
+
+if TYPE_CHECKING:
+    from diffalign.diffusion.config import DiffusionTrainConfig
 
 # The inversion jitter of a pair draws from its own stream, apart from its diffusion noise and timestep.
 JITTER_STREAM = 1 << 62
@@ -43,21 +53,44 @@ def reparametrised_noise(inverted: Tensor, latents: Tensor, alphas: Tensor) -> T
     return (inverted.float() - alphas.sqrt() * latents.float()) / (1 - alphas).sqrt()
 
 
-class DDIMInPO:
+@dataclass
+class InpoSettings:
+    """DDIM-InPO (methods/inpo.py): how x_t* is obtained by DDIM inversion. Defaults: the official code."""
+
+    inversion_steps: int = 10  # points of the DDIM inference grid (spacing T / steps)
+    inversion_eta: float = 0.1  # jitter η·σ·N(0, I) after each inversion step; 0 = deterministic inversion
+    # reference: the frozen pretrained model inverts; policy: the model being trained (the official code).
+    inversion_model: Literal["reference", "policy"] = "reference"
+    # false (official): x_t* lands on the largest grid point below t; true: one more step to t itself.
+    invert_to_exact_timestep: bool = False
+
+    def __post_init__(self) -> None:
+        if self.inversion_steps < 1:
+            raise ValueError(f"method.inpo.inversion_steps must be >= 1, got {self.inversion_steps}")
+        if self.inversion_eta < 0:
+            raise ValueError(f"method.inpo.inversion_eta must be >= 0, got {self.inversion_eta}")
+
+
+@register_method("inpo", settings=InpoSettings)
+class DDIMInPO(DiffusionMethod):
     """Preference scores on DDIM-inverted latents x_t* with reparametrised noise ε*; shared t within a pair."""
 
+    requires = frozenset({"ddpm_schedule"})
+    settings: InpoSettings
+
     def __init__(
-        self, family: DiffusionFamily, reference: ReferenceDenoiser | None, settings: MethodConfig
+        self, family: DiffusionFamily, reference: ReferenceDenoiser | None, settings: InpoSettings
     ) -> None:
-        self.family = family
-        self.reference = reference
-        self.settings = settings.inpo
-        if self.settings.inversion_model == "reference" and reference is None:
-            raise ValueError(
-                "method.inpo.inversion_model: 'reference' needs a reference model, but the configured loss.type "
-                "is reference-free so none was built; set method.inpo.inversion_model: policy"
-            )
+        super().__init__(family, reference, settings)
         self.grid = inversion_grid(family.noise_scheduler.config, self.settings.inversion_steps)
+
+    @classmethod
+    def check_config(cls, config: DiffusionTrainConfig) -> None:
+        if config.method.inpo.inversion_model == "reference" and not config.uses_reference:
+            raise ValueError(
+                "method.inpo.inversion_model: 'reference' needs a reference model, but loss.type "
+                f"{config.loss.type} is reference-free so none is built; set method.inpo.inversion_model: policy"
+            )
 
     def inversion_model(self, denoiser: nn.Module, device: torch.device) -> AbstractContextManager[nn.Module]:
         if self.settings.inversion_model == "policy":
@@ -89,7 +122,7 @@ class DDIMInPO:
             )
 
     def pair_scores(
-        self, denoiser: nn.Module, batch: LatentPairBatch
+        self, denoiser: nn.Module, batch: LatentPairBatch, reference_errors: Tensor | None = None
     ) -> tuple[PairScores, dict[str, Tensor]]:
         family = self.family
         latents = batch.both_latents()

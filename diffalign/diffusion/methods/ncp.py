@@ -29,15 +29,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from diffalign.diffusion.config import MethodConfig
 from diffalign.diffusion.families import DiffusionFamily
 from diffalign.diffusion.inversion import alpha_at, split_prediction
-from diffalign.diffusion.methods.base import LatentPairBatch, pair_noise, per_sample_mse
+from diffalign.diffusion.methods.base import (
+    DiffusionMethod,
+    LatentPairBatch,
+    pair_noise,
+    per_sample_mse,
+    register_method,
+)
 from diffalign.diffusion.methods.dpo import scores_from_errors
 from diffalign.diffusion.reference import ReferenceDenoiser
 from diffalign.losses import PairScores
@@ -134,15 +140,43 @@ def ddpm_step(
     return mean + variance.sqrt() * noise.float()
 
 
-class NoiseConditionedPerception:
-    """Preference scores from errors in the frozen pretrained denoiser's feature space."""
+@dataclass
+class NcpSettings:
+    """NCP (methods/ncp.py): errors in the frozen pretrained U-Net's feature space. Defaults: the official code."""
+
+    encoder_output: Literal["down", "mid"] = "down"  # the last down block's output, or the mid block's
+    concatenate_states: bool = False  # every state from conv_in on, concatenated
+    normalize_states: bool = False  # scale concatenated states by (size of the last)/(own size)
+    # The latent encoded for a prediction: one DDPM step to t−1 (encoded at t−1), or x̂0 at t=0 / a random t.
+    encoded_latent: Literal["previous_step", "clean_at_zero", "clean_at_random_t"] = "previous_step"
+    feature_error_weight: float = 1.0
+    add_latent_error: bool = False  # error = latent MSE + weighted feature MSE (the official `--method both`)
+
+    def __post_init__(self) -> None:
+        if self.normalize_states and not self.concatenate_states:
+            raise ValueError(
+                "method.ncp.normalize_states: true only applies to concatenated states; "
+                "set method.ncp.concatenate_states: true or normalize_states: false"
+            )
+        if not self.feature_error_weight > 0:
+            raise ValueError(f"method.ncp.feature_error_weight must be > 0, got {self.feature_error_weight}")
+
+
+@register_method("ncp", settings=NcpSettings)
+class NoiseConditionedPerception(DiffusionMethod):
+    """Preference scores from errors in the frozen pretrained denoiser's feature space.
+
+    The feature space is the U-Net encoder's: a transformer denoiser has no such half (no published analogue), so
+    the method requires a U-Net family.
+    """
+
+    requires = frozenset({"ddpm_schedule", "unet_encoder"})
+    settings: NcpSettings
 
     def __init__(
-        self, family: DiffusionFamily, reference: ReferenceDenoiser | None, settings: MethodConfig
+        self, family: DiffusionFamily, reference: ReferenceDenoiser | None, settings: NcpSettings
     ) -> None:
-        self.family = family
-        self.reference = reference
-        self.settings = settings.ncp
+        super().__init__(family, reference, settings)
         self.encoder = DenoiserFeatures(
             family.denoiser,
             output=self.settings.encoder_output,
@@ -165,7 +199,7 @@ class NoiseConditionedPerception:
         return clean.to(noisy.dtype)
 
     def pair_scores(
-        self, denoiser: nn.Module, batch: LatentPairBatch
+        self, denoiser: nn.Module, batch: LatentPairBatch, reference_errors: Tensor | None = None
     ) -> tuple[PairScores, dict[str, Tensor]]:
         family = self.family
         latents = batch.both_latents()

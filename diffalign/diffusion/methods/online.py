@@ -1,33 +1,15 @@
-"""What the online methods (SePPO, DRAGON, RPO) share: the recipe hooks they implement, and sampling from a
-denoiser during training.
+"""What the online methods (SePPO, DRAGON, RPO) share: seeded sampling from a denoiser during training, its
+decoding for rewards, and swapping a past checkpoint's weights into the policy.
 
-Offline methods turn a batch of stored pairs into scores with ``pair_scores`` alone. A method may also define
-any of these, and the diffusion recipe then calls them instead of its offline default:
-
-``training_data(config, accelerator) -> (dataset, collate, stats)``
-    the method's own training data (prompts, subject images and their generated negatives); default: the
-    preference pairs of ``data:``.
-``make_pairs(denoiser, batch, context) -> (LatentPairBatch, metrics)``
-    turns a collated batch into latent pairs, generating with the current policy or a past checkpoint where the
-    method needs to; ``context.encode(batch)`` is the offline path (pixels or cache → latents). Default:
-    ``context.encode(batch)``.
-``evaluate(denoiser, step) -> metrics`` and ``selection_metric``
-    the method's validation; the training loop keeps the checkpoint with the highest ``selection_metric`` in
-    ``output_dir/best`` (early stopping).
-``extra_state() -> dict`` / ``load_extra_state(state)``
-    method state that a resumed run needs (e.g. a checkpoint bank), saved with every training checkpoint.
-
-Sampling goes through the family's own pipeline (``family.build_pipeline``) with ``output_type="latent"``, so
-it works for image and audio families alike and returns latents in the denoiser's space, ready for the loss.
-Every sample has its own generator, seeded from the batch item it belongs to: a resumed or multi-process run
-generates exactly the same samples as an uninterrupted one.
+Sampling goes through the family (``family.sample``), which returns clean latents in the denoiser's space for
+every family, ready for the loss. Every sample has its own generator, seeded from the batch item it belongs to:
+a resumed or multi-process run generates exactly the same samples as an uninterrupted one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -35,18 +17,7 @@ from accelerate.utils import extract_model_from_parallel
 from torch import Tensor, nn
 
 from diffalign.diffusion.families import DiffusionFamily
-from diffalign.diffusion.methods.base import LatentPairBatch
 from diffalign.rewards import Audio, Samples
-
-
-@dataclass
-class TrainingContext:
-    """What the recipe tells ``make_pairs`` about the micro-batch at hand."""
-
-    step: int  # optimizer steps taken before this micro-batch
-    seed: int  # the run's seed, for draws shared by every item and process (e.g. which checkpoint)
-    noise_seeds: list[int]  # one per batch item: the root of every random stream of that item
-    encode: Callable[[dict], LatentPairBatch]  # the offline path: stored pixels or cached latents → latents
 
 
 def derived_seed(*numbers: int) -> int:
@@ -105,33 +76,24 @@ def sample_latents(
     guidance_scale: float,
     batch_size: int = 16,
 ) -> Tensor:
-    """Clean latents ``[N, ...]`` (scaled, in the denoiser's space) from the family's DDIM pipeline around
-    ``denoiser``, one per prompt; sample ``i`` draws its initial noise from a generator seeded ``seeds[i]``."""
+    """Clean latents ``[N, ...]`` in the denoiser's space from ``family.sample``, one per prompt, in batches of
+    ``batch_size``; sample ``i`` draws its initial noise from a generator seeded ``seeds[i]``."""
     if len(seeds) != len(prompts):
         raise ValueError(f"sample_latents needs one seed per prompt, got {len(seeds)} for {len(prompts)}")
     denoiser = extract_model_from_parallel(denoiser)
-    pipeline = family.build_pipeline(denoiser)
-    pipeline.set_progress_bar_config(disable=True)
     device = next(denoiser.parameters()).device
     latents = []
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
         generators = [torch.Generator(device).manual_seed(seed) for seed in seeds[start : start + batch_size]]
-        # Mel families hand their pipeline prompt embeddings, as their `generate` does: MusicLDM's own prompt
-        # path fails under transformers 5 (see families/musicldm.py).
-        pipeline_inputs = getattr(family, "pipeline_inputs", None)
-        if pipeline_inputs is not None:
-            inputs = pipeline_inputs(family.encode_prompts(chunk), family.encode_prompts([""] * len(chunk)))
-        else:
-            inputs = {"prompt": chunk}
-        output = pipeline(
-            **inputs,
-            generator=generators,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            output_type="latent",
+        latents.append(
+            family.sample(
+                denoiser,
+                prompts[start : start + batch_size],
+                generators,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+            )
         )
-        latents.append(output[0])  # `images` or `audios`: with output_type="latent" the latents themselves
     return torch.cat(latents)
 
 

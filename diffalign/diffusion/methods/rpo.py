@@ -41,26 +41,36 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from diffalign.diffusion.config import DiffusionTrainConfig, MethodConfig
 from diffalign.diffusion.data import collate_pairs, image_decoder, split_index
 from diffalign.diffusion.families import DiffusionFamily
-from diffalign.diffusion.methods.base import LatentPairBatch, denoising_error, pair_noise
+from diffalign.diffusion.methods.base import (
+    DiffusionMethod,
+    LatentPairBatch,
+    TrainingContext,
+    TrainingData,
+    denoising_error,
+    pair_noise,
+    register_method,
+)
 from diffalign.diffusion.methods.dpo import scores_from_errors
-from diffalign.diffusion.methods.online import TrainingContext, decode_samples, derived_seed, sample_latents
+from diffalign.diffusion.methods.online import decode_samples, derived_seed, sample_latents
 from diffalign.diffusion.reference import ReferenceDenoiser
 from diffalign.diffusion.transforms import MediaDecoder, draw_pair_randomness
 from diffalign.losses import PairScores
 from diffalign.rewards import Encoder, Images, build_scorer, lambda_harmonic_reward, mean_cosine_to_reference
 from diffalign.rewards.inputs import to_pil
+
+if TYPE_CHECKING:
+    from diffalign.diffusion.config import DiffusionTrainConfig
 
 PLACEHOLDER = "[V]"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -180,23 +190,51 @@ class SubjectPairDataset(Dataset):
         return item
 
 
-class RewardPreferenceOptimization:
+@dataclass
+class RpoSettings:
+    """λ-Harmonic RPO (methods/rpo.py): subject images preferred over the pretrained model's generations."""
+
+    subject_dir: str = ""  # subject images, optionally with prompts.json ("templates", "identifier", "images")
+    templates: list[str] = field(default_factory=list)  # prompts with a [V] placeholder; default: prompts.json's
+    identifier: str | None = None  # what replaces [V]; default: prompts.json's
+    # The condition of the subject images; None: their pair's prompt. The official train.py: "a photo of [V] dog".
+    reference_prompt: str | None = None
+    negatives_per_prompt: int = 16
+    sampling_steps: int = 50  # DDIM steps for the negatives and for validation
+    guidance_scale: float = 7.5
+    generation_batch_size: int = 16
+    label_lambda: float = 0.0  # λ of the training labels (official: 0, text similarity only)
+    label_sampling: Literal["soft", "bernoulli"] = "soft"  # bernoulli: hard labels ~ Bernoulli(p), as the official
+    validation_lambda: float = 0.5  # λ_val of the early-stopping reward
+    validation_images: int = 4  # per template
+    reward_model: str = "kakaobrain/align-base"
+    reward_encoder: Literal["clip", "open_clip"] = "clip"
+    reward_options: dict[str, Any] = field(default_factory=dict)  # device, dtype, processor, checkpoint
+    rescale_similarity: bool = True  # cosines mapped to (s + 1)/2 before the harmonic mean, as the official
+    share_noise: bool = True  # one ε and t per pair; false: per image, as the official train.py
+
+    def __post_init__(self) -> None:
+        for name in ("label_lambda", "validation_lambda"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"method.rpo.{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("negatives_per_prompt", "sampling_steps", "generation_batch_size", "validation_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"method.rpo.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@register_method("rpo", settings=RpoSettings)
+class RewardPreferenceOptimization(DiffusionMethod):
     """Soft-label preference loss of subject images over the pretrained model's generations, plus their
     denoising loss; validated with the λ-Harmonic reward (early stopping)."""
 
     selection_metric = "rpo/validation_reward"
+    settings: RpoSettings
+    reference: ReferenceDenoiser
 
     def __init__(
-        self, family: DiffusionFamily, reference: ReferenceDenoiser | None, settings: MethodConfig
+        self, family: DiffusionFamily, reference: ReferenceDenoiser | None, settings: RpoSettings
     ) -> None:
-        if reference is None:
-            raise ValueError(
-                "method.name: rpo contrasts the policy with the frozen pretrained model, but loss.type has no "
-                "reference loss so none was built; use loss.type: [sigmoid, sft]"
-            )
-        self.family = family
-        self.reference = reference
-        self.settings = settings.rpo
+        super().__init__(family, reference, settings)
         self.subject = load_subject(self.settings.subject_dir, self.settings.templates, self.settings.identifier)
         scorer = build_scorer(
             "lambda_harmonic",
@@ -236,7 +274,15 @@ class RewardPreferenceOptimization:
         )
         return decode_samples(self.family, latents, self.settings.generation_batch_size)
 
-    def training_data(self, config: DiffusionTrainConfig, accelerator: Any) -> tuple[Dataset, Any, dict[str, Any]]:
+    @classmethod
+    def check_config(cls, config: DiffusionTrainConfig) -> None:
+        if not config.uses_reference:
+            raise ValueError(
+                "method.name: rpo contrasts the policy with the frozen pretrained model, but loss.type "
+                f"{config.loss.type} has no reference loss; use loss.type: [sigmoid, sft]"
+            )
+
+    def training_data(self, config: DiffusionTrainConfig, accelerator: Any) -> TrainingData:
         """Generate the negatives with the pretrained model and label every (subject, negative) pair."""
         self.seed = config.run.seed
         count = self.settings.negatives_per_prompt
@@ -274,7 +320,7 @@ class RewardPreferenceOptimization:
             "pairs": len(pairs),
             "mean_label": round(probabilities.mean().item(), 4),
         }
-        return dataset, collate_pairs, stats
+        return TrainingData(dataset, collate_pairs, stats)
 
     def make_pairs(
         self, denoiser: nn.Module, batch: dict[str, Any], context: TrainingContext
@@ -283,7 +329,9 @@ class RewardPreferenceOptimization:
         label = batch["label"].float()
         return dataclasses.replace(pairs, label=label), {"rpo/label": label.mean()}
 
-    def pair_scores(self, denoiser: nn.Module, batch: LatentPairBatch) -> tuple[PairScores, dict[str, Tensor]]:
+    def pair_scores(
+        self, denoiser: nn.Module, batch: LatentPairBatch, reference_errors: Tensor | None = None
+    ) -> tuple[PairScores, dict[str, Tensor]]:
         family = self.family
         latents = batch.both_latents()
         noise, timesteps = pair_noise(family, batch)

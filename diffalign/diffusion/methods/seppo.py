@@ -41,6 +41,7 @@ training checkpoint, so a resumed run draws the same references.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,12 +49,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from diffalign.diffusion.config import MethodConfig
 from diffalign.diffusion.families import DiffusionFamily
-from diffalign.diffusion.methods.base import LatentPairBatch, denoising_error, pair_noise
+from diffalign.diffusion.methods.base import (
+    DiffusionMethod,
+    LatentPairBatch,
+    TrainingContext,
+    denoising_error,
+    pair_noise,
+    register_method,
+)
 from diffalign.diffusion.methods.dpo import scores_from_errors
 from diffalign.diffusion.methods.online import (
-    TrainingContext,
     derived_seed,
     sample_latents,
     swapped_weights,
@@ -181,14 +187,42 @@ def anchor_weights(
     return torch.where(likely_loser, 1.0, winner_weight).to(policy_winner_errors.dtype)
 
 
-class SemiPolicyPreferenceOptimization:
+@dataclass
+class SeppoSettings:
+    """SePPO/SSPO (methods/seppo.py): winners from the data, losers sampled by a past checkpoint."""
+
+    num_inference_steps: int = 20  # DDIM steps of the reference samples
+    guidance_scale: float = 7.5
+    generation_batch_size: int = 16
+    snapshot_every: int = 50  # the policy joins the checkpoint bank every N optimizer steps (and at step 0)
+    bank_size: int = 8  # checkpoints kept (a uniform sample of all past ones)
+    # uniform: a random past checkpoint each step (the paper's); latest / initial: its ablations.
+    selection: Literal["uniform", "latest", "initial"] = "uniform"
+    bank_dir: str | None = None  # None: CPU copies (saved in training checkpoints); a folder: safetensors files
+    # When the anchor criterion judges the reference sample a winner: pull towards it (μ = −1) or drop it (μ = 0);
+    # push: ignore the criterion (μ = 1: every reference sample is a loser), its ablation.
+    likely_winner: Literal["pull", "no_push", "push"] = "pull"
+    # Decode each reference sample and encode it again, as the data path encodes a stored loser, so the pair's two
+    # members differ in content only, not in where their latents come from (family.reencode).
+    reencode_samples: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("num_inference_steps", "generation_batch_size", "snapshot_every", "bank_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"method.seppo.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@register_method("seppo", settings=SeppoSettings)
+class SemiPolicyPreferenceOptimization(DiffusionMethod):
     """Winners from the data, losers sampled by a past checkpoint that is also the reference."""
 
+    settings: SeppoSettings
+
     def __init__(
-        self, family: DiffusionFamily, reference: ReferenceDenoiser | None, settings: MethodConfig
+        self, family: DiffusionFamily, reference: ReferenceDenoiser | None, settings: SeppoSettings
     ) -> None:
-        self.family = family
-        self.settings = settings.seppo
+        # The bank's past checkpoints are the references; the pretrained model is only its first entry.
+        super().__init__(family, None, settings)
         admission: Admission = {"uniform": "reservoir", "latest": "newest", "initial": "first"}[
             self.settings.selection
         ]
@@ -233,7 +267,9 @@ class SemiPolicyPreferenceOptimization:
         }
         return pairs, metrics
 
-    def pair_scores(self, denoiser: nn.Module, batch: LatentPairBatch) -> tuple[PairScores, dict[str, Tensor]]:
+    def pair_scores(
+        self, denoiser: nn.Module, batch: LatentPairBatch, reference_errors: Tensor | None = None
+    ) -> tuple[PairScores, dict[str, Tensor]]:
         if self.reference_step is None:
             raise RuntimeError("SePPO scores pairs made by its make_pairs, which draws the step's reference")
         family = self.family

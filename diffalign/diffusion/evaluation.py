@@ -1,0 +1,85 @@
+"""Evaluation during and after training: the base and the trained model sample the same prompts with the same
+seeds, a before/after grid is written, and with a reward the held-out win rate and mean rewards are returned."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from diffalign.diffusion.config import DiffusionEvalConfig
+from diffalign.diffusion.families import DiffusionFamily
+from diffalign.diffusion.reference import ReferenceDenoiser
+from diffalign.diffusion.sampling import Samples, generate_samples, save_samples
+from diffalign.eval.prompts import read_prompts
+from diffalign.eval.statistics import win_rate
+
+
+def eval_prompts(config: DiffusionEvalConfig) -> list[str]:
+    """``eval.prompts`` plus those of ``eval.prompts_file``, cut to ``max_prompts``, each ``samples_per_prompt``
+    times (sampled with consecutive seeds)."""
+    prompts = list(config.prompts)
+    if config.prompts_file:
+        prompts += read_prompts(Path(config.prompts_file), key="eval.prompts_file")
+    if config.max_prompts:
+        prompts = prompts[: config.max_prompts]
+    return prompts * config.samples_per_prompt
+
+
+class SampleEvaluation:
+    """Base-vs-trained samples of fixed prompts; the base model's samples and scores are computed once."""
+
+    def __init__(
+        self, config: DiffusionEvalConfig, family: DiffusionFamily, base_model: ReferenceDenoiser, output_dir: Path
+    ) -> None:
+        self.config = config
+        self.family = family
+        self.base_model = base_model
+        self.output_dir = output_dir
+        self.prompts = eval_prompts(config)
+        self._base: tuple[Samples, Tensor | None] | None = None
+        self._scorer = None
+
+    def _generate(self, denoiser: nn.Module) -> Samples:
+        return generate_samples(
+            self.family,
+            denoiser,
+            self.prompts,
+            seed=self.config.seed,
+            num_inference_steps=self.config.num_inference_steps,
+            guidance_scale=self.config.guidance_scale,
+        )
+
+    def _score(self, samples: Samples) -> Tensor | None:
+        if not self.config.reward:
+            return None
+        if self._scorer is None:
+            from diffalign.rewards import build_scorer
+
+            self._scorer = build_scorer(self.config.reward)
+        return self._scorer(samples, self.prompts).float().cpu()
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module, step: int) -> dict[str, float]:
+        if not self.prompts:
+            return {}
+        if self._base is None:
+            # The evaluated model's adapters off (under FSDP/ZeRO-3 it is a gathered copy: the sharded policy
+            # cannot run on the main process alone).
+            with self.base_model.use(next(model.parameters()).device, policy=model) as base:
+                base_samples = self._generate(base)
+            self._base = (base_samples, self._score(base_samples))
+        base_samples, base_scores = self._base
+        aligned_samples = self._generate(model)
+        count = self.config.grid_prompts
+        grid_path = self.output_dir / "samples" / f"step-{step:07d}.png"
+        save_samples({"base": base_samples[:count], "aligned": aligned_samples[:count]}, grid_path)
+        aligned_scores = self._score(aligned_samples)
+        if aligned_scores is None:
+            return {}
+        return {
+            "win_rate": win_rate(aligned_scores, base_scores),
+            "reward_aligned": aligned_scores.mean().item(),
+            "reward_base": base_scores.mean().item(),
+        }
