@@ -39,6 +39,7 @@ from diffusers import (
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 from scipy import stats
+from tiny_pipelines import t5_tokenizer
 from transformers import (
     ClapConfig,
     ClapFeatureExtractor,
@@ -52,7 +53,6 @@ from transformers import (
     SpeechT5HifiGanConfig,
     T5Config,
     T5EncoderModel,
-    T5Tokenizer,
 )
 
 from diffalign.config import from_dict
@@ -79,12 +79,6 @@ def roberta_tokenizer() -> RobertaTokenizer:
         vocab[letter] = len(vocab)
         vocab[f"Ġ{letter}"] = len(vocab)
     return RobertaTokenizer(vocab=vocab, merges=[], model_max_length=32)
-
-
-def t5_tokenizer() -> T5Tokenizer:
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    pieces += [(f"▁{letter}", -1.0) for letter in LETTERS] + [(letter, -1.0) for letter in LETTERS]
-    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=24)
 
 
 def clap_text_config(projection_dim: int) -> dict:

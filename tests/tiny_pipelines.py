@@ -1,4 +1,5 @@
-"""Tiny SD1.5-like and SDXL-like pipelines with random weights, saved as real diffusers directories."""
+"""Tiny pipelines with random weights, saved as real diffusers directories: SD1.5-like, SDXL-like, and the
+flow-matching SD3 and FLUX.1 layouts (16-channel VAEs with their published scale and shift)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,24 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
 
 WORDS = ["a", "red", "blue", "green", "circle", "square", "small", "large", "on", "white"]
 
@@ -50,14 +64,31 @@ def text_config(hidden_size: int, vocab_size: int, projection_dim: int = 8) -> C
     )
 
 
-def tiny_vae() -> AutoencoderKL:
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def t5_tokenizer(model_max_length: int = 24) -> T5Tokenizer:
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [(f"▁{letter}", -1.0) for letter in LETTERS] + [(letter, -1.0) for letter in LETTERS]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+
+
+def tiny_t5(d_model: int) -> T5EncoderModel:
+    return T5EncoderModel(
+        T5Config(vocab_size=len(t5_tokenizer()), d_model=d_model, d_kv=8, d_ff=37, num_layers=1, num_heads=2)
+    )
+
+
+def tiny_vae(latent_channels: int = 4, **factors: float) -> AutoencoderKL:
+    """An 2×-downsampling KL VAE; ``factors``: its ``scaling_factor`` and ``shift_factor``."""
     return AutoencoderKL(
         block_out_channels=(8, 16),
         down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=8,
         sample_size=16,
+        **factors,
     )
 
 
@@ -132,6 +163,71 @@ def build_tiny_sdxl(directory: Path, prediction_type: str = "epsilon") -> Path:
         tokenizer_2=tokenizer_2,
         unet=unet,
         scheduler=scheduler(prediction_type),
+    )
+    pipeline.save_pretrained(directory)
+    return directory
+
+
+def build_tiny_sd3(directory: Path, drop_t5: bool = False) -> Path:
+    """SD3 layout: CLIP-L (8) and CLIP-G (16) with projections, T5 of width 32 (the joint attention width),
+    pooled 8 + 8, a 16-channel VAE with SD3's factors, the published scheduler shift 3.0; 16 px → 8×8 latents."""
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer(directory / "tokenizer")
+    pipeline = StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(
+            sample_size=8,
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            caption_projection_dim=16,
+            pooled_projection_dim=16,
+            pos_embed_max_size=16,
+            dual_attention_layers=(0,),
+            qk_norm="rms_norm",
+        ),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=tiny_vae(16, scaling_factor=1.5305, shift_factor=0.0609),
+        text_encoder=CLIPTextModelWithProjection(text_config(8, len(tokenizer), projection_dim=8)),
+        tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(text_config(16, len(tokenizer), projection_dim=8)),
+        tokenizer_2=tiny_tokenizer(directory / "tokenizer_2"),
+        text_encoder_3=None if drop_t5 else tiny_t5(32),
+        tokenizer_3=None if drop_t5 else t5_tokenizer(),
+    )
+    pipeline.save_pretrained(directory)
+    return directory
+
+
+def build_tiny_flux(directory: Path, guidance_embeds: bool = True) -> Path:
+    """FLUX.1 layout: CLIP-L pooled (8), T5 of width 32, a 16-channel VAE with FLUX's factors packed 2×2 into 64
+    input channels, rotary axes (2, 2, 4) over head width 8, the published dynamically shifted scheduler."""
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer(directory / "tokenizer")
+    pipeline = FluxPipeline(
+        transformer=FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=64,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=8,
+            guidance_embeds=guidance_embeds,
+            axes_dims_rope=(2, 2, 4),
+        ),
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15
+        ),
+        vae=tiny_vae(16, scaling_factor=0.3611, shift_factor=0.1159),
+        text_encoder=CLIPTextModel(text_config(8, len(tokenizer))),
+        tokenizer=tokenizer,
+        text_encoder_2=tiny_t5(32),
+        tokenizer_2=t5_tokenizer(),
     )
     pipeline.save_pretrained(directory)
     return directory

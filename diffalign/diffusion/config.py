@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from diffalign.diffusion.data import DiffusionDataConfig
-from diffalign.diffusion.families import DiffusionFamily, family_class
+from diffalign.diffusion.families import DiffusionFamily, FamilyOptions, family_class
 from diffalign.diffusion.methods import METHODS
 from diffalign.diffusion.timesteps import TimestepSettings
 from diffalign.losses import LOSSES, LossConfig
@@ -41,8 +41,24 @@ class DiffusionModelConfig:
     # each pair keeps the noise, timestep, latent sample, caption dropout and flip of its first visit for the
     # whole run instead of fresh draws per epoch (see diffusion/reference_cache.py). null: reference every step.
     reference_cache: str | None = None
+    # Settings some families take (see families/base.py FamilyOptions); refused where the family ignores them.
+    sample_resolution: int | None = None  # px of generated images; null: the model's native size
+    max_text_length: int | None = None  # tokens of T5-style text encoders; null: the pipeline's default
+    drop_text_encoders: list[str] = field(default_factory=list)  # e.g. [text_encoder_3]: SD3 without T5
+    guidance: float = 3.5  # the guidance embedding of guidance-distilled models (FLUX.1-dev) in training
+
+    def family_options(self) -> FamilyOptions:
+        return FamilyOptions(
+            sample_resolution=self.sample_resolution,
+            max_text_length=self.max_text_length,
+            drop_text_encoders=tuple(self.drop_text_encoders),
+            guidance=self.guidance,
+        )
 
     def __post_init__(self) -> None:
+        for name in ("sample_resolution", "max_text_length"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1 or null, got {getattr(self, name)}")
         if self.trainable == "full" and self.reference == "adapter_disabled":
             raise ValueError(
                 "model.reference: adapter_disabled needs model.trainable: lora; use frozen_copy (or auto) for full"
@@ -144,6 +160,19 @@ def check_family_support(config: DiffusionTrainConfig, family: type[DiffusionFam
             f"method.name: {config.method.name!r} needs {' and '.join(CAPABILITY_NEEDS[c] for c in missing)}, "
             f"which {family.__name__} (model.pretrained: {config.model.pretrained}) does not have; choose a "
             f"method that runs on it ({', '.join(runnable)})"
+        )
+    options = config.model.family_options()
+    unsupported = sorted(options.non_default() - family.supported_options)
+    if unsupported:
+        raise ValueError(
+            f"model.{unsupported[0]} is set, but {family.__name__} (model.pretrained: {config.model.pretrained}) "
+            f"does not use it; remove it (it takes: {sorted(family.supported_options) or 'none of these'})"
+        )
+    dropped = sorted(set(options.drop_text_encoders) - set(family.optional_text_encoders))
+    if dropped:
+        raise ValueError(
+            f"model.drop_text_encoders: {family.__name__} cannot do without {dropped}; it can drop "
+            f"{list(family.optional_text_encoders) or 'none of its text encoders'}"
         )
     needed = WEIGHTING_NEEDS.get(config.timesteps.weighting)
     if needed is not None and needed not in family.capabilities:

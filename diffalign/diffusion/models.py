@@ -30,7 +30,7 @@ def build_models(config: DiffusionTrainConfig, accelerator: Accelerator) -> tupl
     """
     model = config.model
     device, weight_dtype = accelerator.device, mixed_precision_dtype(accelerator.mixed_precision)
-    family = load_family(model.pretrained, model.vae, config.timesteps)
+    family = load_family(model.pretrained, model.vae, config.timesteps, model.family_options())
     for module in family.frozen_modules().values():
         module.requires_grad_(False).eval()
     vae_dtype = torch.float32 if family.vae_needs_fp32 else weight_dtype

@@ -60,8 +60,11 @@ def draw_fractions(
     device: torch.device,
     generator: torch.Generator | None,
     default_density: str,
+    noisy_first: bool = False,
 ) -> Tensor:
-    """``u`` ``[batch_size]`` in [0, 1) from the configured density, squeezed into ``noise_range`` (fp32)."""
+    """Noise fractions ``[batch_size]`` in [low, high) (fp32): ``low + (high − low)·u`` for ``u`` from the configured
+    density, or with ``noisy_first`` ``high − (high − low)·u`` (the flow scripts index a descending schedule with
+    u, so small u means much noise)."""
     from diffusers.training_utils import compute_density_for_timestep_sampling
 
     density = default_density if settings.density == "auto" else settings.density
@@ -75,8 +78,9 @@ def draw_fractions(
         generator=generator,
     )
     low, high = settings.noise_range
+    fractions = high - (high - low) * u.float() if noisy_first else low + (high - low) * u.float()
     # Strictly below 1, so that a fraction times the schedule length is a valid index.
-    return (low + (high - low) * u.float()).clamp(0.0, 1.0 - 1e-7)
+    return fractions.clamp(0.0, 1.0 - 1e-7)
 
 
 def min_snr_weights(snr: Tensor, gamma: float, prediction_type: str) -> Tensor:

@@ -5,8 +5,16 @@ from __future__ import annotations
 from diffusers import DiffusionPipeline
 
 from diffalign.diffusion.families.audioldm2 import AudioLDM2Family
-from diffalign.diffusion.families.base import DDPMFamily, DiffusionFamily, LatentNormalization, Posterior
+from diffalign.diffusion.families.base import (
+    DDPMFamily,
+    DiffusionFamily,
+    FamilyOptions,
+    LatentNormalization,
+    Posterior,
+)
+from diffalign.diffusion.families.flux import FluxFamily
 from diffalign.diffusion.families.musicldm import AudioLDMFamily, MusicLDMFamily
+from diffalign.diffusion.families.sd3 import StableDiffusion3Family
 from diffalign.diffusion.families.stable_audio import StableAudioFamily
 from diffalign.diffusion.families.stable_diffusion import StableDiffusionFamily, StableDiffusionXLFamily
 from diffalign.diffusion.timesteps import TimestepSettings
@@ -19,6 +27,8 @@ FAMILIES: dict[str, type[DiffusionFamily]] = {
     "AudioLDMPipeline": AudioLDMFamily,
     "AudioLDM2Pipeline": AudioLDM2Family,
     "StableAudioPipeline": StableAudioFamily,
+    "StableDiffusion3Pipeline": StableDiffusion3Family,
+    "FluxPipeline": FluxFamily,
 }
 
 
@@ -39,16 +49,21 @@ def family_class(pretrained_path: str) -> type[DiffusionFamily]:
 
 
 def load_family(
-    pretrained_path: str, vae_path: str | None = None, timesteps: TimestepSettings | None = None
+    pretrained_path: str,
+    vae_path: str | None = None,
+    timesteps: TimestepSettings | None = None,
+    options: FamilyOptions | None = None,
 ) -> DiffusionFamily:
     """Load every component of a diffusers pipeline directory (or hub id) into its family."""
-    return family_class(pretrained_path)(pretrained_path, vae_path=vae_path, timesteps=timesteps)
+    family = family_class(pretrained_path)
+    return family(pretrained_path, vae_path=vae_path, timesteps=timesteps, options=options)
 
 
 __all__ = [
     "FAMILIES",
     "DDPMFamily",
     "DiffusionFamily",
+    "FamilyOptions",
     "LatentNormalization",
     "Posterior",
     "family_class",

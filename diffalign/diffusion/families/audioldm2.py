@@ -20,6 +20,7 @@ from diffusers import AudioLDM2Pipeline, AudioLDM2UNet2DConditionModel
 from torch import Tensor
 from transformers import T5EncoderModel
 
+from diffalign.diffusion.families.base import FamilyOptions
 from diffalign.diffusion.families.musicldm import MelLatentFamily
 from diffalign.diffusion.timesteps import TimestepSettings
 
@@ -44,9 +45,13 @@ class AudioLDM2Family(MelLatentFamily):
     max_text_tokens = 128
 
     def __init__(
-        self, pretrained_path: str, vae_path: str | None = None, timesteps: TimestepSettings | None = None
+        self,
+        pretrained_path: str,
+        vae_path: str | None = None,
+        timesteps: TimestepSettings | None = None,
+        options: FamilyOptions | None = None,
     ) -> None:
-        super().__init__(pretrained_path, vae_path, timesteps)
+        super().__init__(pretrained_path, vae_path, timesteps, options)
         if not isinstance(self.text_encoder_2, T5EncoderModel):
             raise ValueError(
                 f"{pretrained_path}: text_encoder_2 is a {type(self.text_encoder_2).__name__}; only the text-to-audio "

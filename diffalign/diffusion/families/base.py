@@ -47,6 +47,27 @@ class LatentNormalization:
         return latents / self.scale + self.shift
 
 
+@dataclass(frozen=True)
+class FamilyOptions:
+    """Model settings some families take (``model:`` keys of the same names); a family refuses the ones it cannot
+    honour (``supported_options``) when the config loads.
+
+    ``sample_resolution``: pixels of generated images (online methods, evaluation); None: the model's native size.
+    ``max_text_length``: tokens of sequence text encoders (T5); None: the pipeline's default.
+    ``drop_text_encoders``: optional text encoders left out (SD3's T5: its states become zeros, as diffusers does).
+    ``guidance``: the guidance-embedding value of guidance-distilled models (FLUX.1-dev) during training.
+    """
+
+    sample_resolution: int | None = None
+    max_text_length: int | None = None
+    drop_text_encoders: tuple[str, ...] = ()
+    guidance: float = 3.5
+
+    def non_default(self) -> set[str]:
+        defaults = FamilyOptions()
+        return {name for name in self.__dataclass_fields__ if getattr(self, name) != getattr(defaults, name)}
+
+
 @dataclass
 class Posterior:
     """A diagonal-Gaussian VAE posterior; sampling keeps latents stochastic even when cached."""
@@ -106,20 +127,31 @@ class DiffusionFamily(ABC):
     sample_range: tuple[float, float] | None = None
     # A VAE that overflows below fp32 (SDXL's stock VAE) runs in fp32 whatever the mixed precision.
     vae_needs_fp32: bool = False
+    # The FamilyOptions this family honours; the text encoders it can do without.
+    supported_options: ClassVar[frozenset[str]] = frozenset()
+    optional_text_encoders: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, pretrained_path: str, timesteps: TimestepSettings | None = None) -> None:
+    def __init__(
+        self, pretrained_path: str, timesteps: TimestepSettings | None = None, options: FamilyOptions | None = None
+    ) -> None:
         self.pretrained_path = pretrained_path
         self.timesteps = timesteps or TimestepSettings()
+        self.options = options or FamilyOptions()
 
     @classmethod
     def from_modules(
-        cls, pretrained_path: str = "in-memory", timesteps: TimestepSettings | None = None, **components: Any
+        cls,
+        pretrained_path: str = "in-memory",
+        timesteps: TimestepSettings | None = None,
+        options: FamilyOptions | None = None,
+        **components: Any,
     ) -> DiffusionFamily:
         """The family around components already in memory (``denoiser=``, ``vae=``, ``noise_scheduler=``, ...),
         for benchmarks and tests that build models from a config instead of reading a pipeline directory."""
         family = cls.__new__(cls)
         family.pretrained_path = pretrained_path
         family.timesteps = timesteps or TimestepSettings()
+        family.options = options or FamilyOptions()
         for name, component in components.items():
             setattr(family, name, component)
         return family
@@ -272,8 +304,10 @@ class DDPMFamily(DiffusionFamily):
 
     capabilities = frozenset({"ddpm_schedule", "unet_encoder"})
 
-    def __init__(self, pretrained_path: str, timesteps: TimestepSettings | None = None) -> None:
-        super().__init__(pretrained_path, timesteps)
+    def __init__(
+        self, pretrained_path: str, timesteps: TimestepSettings | None = None, options: FamilyOptions | None = None
+    ) -> None:
+        super().__init__(pretrained_path, timesteps, options)
         # Whatever sampler the pipeline ships (DDIM, Euler, ...), training noise follows its DDPM schedule.
         self.noise_scheduler = DDPMScheduler.from_pretrained(pretrained_path, subfolder="scheduler")
 
@@ -324,12 +358,25 @@ class DDPMFamily(DiffusionFamily):
         return self.noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
 
 
-class ImageVAEFamily(DDPMFamily):
-    """Latent image families with a diffusers ``AutoencoderKL``."""
+class ImageLatents:
+    """What latent image families share: a diffusers ``AutoencoderKL`` over pixels in [-1, 1]."""
 
     sample_range = (-1.0, 1.0)
+    vae: nn.Module
+    # Pixels per latent position the denoiser sees along each side (the VAE's factor times any patching).
+    resolution_multiple: ClassVar[int] = 8
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def media_decoder(self, config: DiffusionDataConfig) -> MediaDecoder:
+        multiple = self.vae_scale_factor * self.resolution_multiple // 8
+        if config.resolution % multiple:
+            raise ValueError(
+                f"data.resolution: {config.resolution} px is not a multiple of {multiple}, which "
+                f"{type(self).__name__} needs (the VAE's factor {self.vae_scale_factor} times its patching)"
+            )
         return image_decoder(config)
 
     @property
@@ -338,3 +385,13 @@ class ImageVAEFamily(DDPMFamily):
 
     def decode(self, latents: Tensor) -> Tensor:
         return (self.decode_to_vae_input(latents) / 2 + 0.5).clamp(0, 1)
+
+
+class ImageVAEFamily(ImageLatents, DDPMFamily):
+    """Latent image families with a DDPM schedule (SD1.5, SDXL)."""
+
+    supported_options = frozenset({"sample_resolution"})
+
+    def pipeline_prompt_inputs(self, prompts: list[str]) -> dict[str, Any]:
+        size = self.options.sample_resolution
+        return {"prompt": prompts} if size is None else {"prompt": prompts, "height": size, "width": size}

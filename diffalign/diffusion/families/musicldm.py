@@ -26,7 +26,7 @@ from transformers import ClapModel, SpeechT5HifiGan
 
 from diffalign.diffusion.audio import AudioDecoder, MelSettings
 from diffalign.diffusion.data import DiffusionDataConfig
-from diffalign.diffusion.families.base import ImageVAEFamily, with_adapter_support
+from diffalign.diffusion.families.base import FamilyOptions, ImageVAEFamily, with_adapter_support
 from diffalign.diffusion.timesteps import TimestepSettings
 from diffalign.rewards.base import Audio
 
@@ -44,11 +44,16 @@ class MelLatentFamily(ImageVAEFamily):
     vae: AutoencoderKL
     vocoder: SpeechT5HifiGan
     sample_range = None  # log-mel is unbounded
+    supported_options = frozenset()
 
     def __init__(
-        self, pretrained_path: str, vae_path: str | None = None, timesteps: TimestepSettings | None = None
+        self,
+        pretrained_path: str,
+        vae_path: str | None = None,
+        timesteps: TimestepSettings | None = None,
+        options: FamilyOptions | None = None,
     ) -> None:
-        super().__init__(pretrained_path, timesteps)
+        super().__init__(pretrained_path, timesteps, options)
         overrides: dict[str, Any] = {
             "unet": with_adapter_support(self.denoiser_class).from_pretrained(pretrained_path, subfolder="unet")
         }

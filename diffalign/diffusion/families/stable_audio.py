@@ -43,7 +43,12 @@ from transformers import AutoTokenizer, T5EncoderModel
 
 from diffalign.diffusion.audio import AudioDecoder
 from diffalign.diffusion.data import DiffusionDataConfig
-from diffalign.diffusion.families.base import DiffusionFamily, LatentNormalization, with_adapter_support
+from diffalign.diffusion.families.base import (
+    DiffusionFamily,
+    FamilyOptions,
+    LatentNormalization,
+    with_adapter_support,
+)
 from diffalign.diffusion.timesteps import TimestepSettings, draw_fractions
 from diffalign.rewards.base import Audio
 
@@ -96,9 +101,13 @@ class StableAudioFamily(DiffusionFamily):
     denoiser_subfolder = "transformer"
 
     def __init__(
-        self, pretrained_path: str, vae_path: str | None = None, timesteps: TimestepSettings | None = None
+        self,
+        pretrained_path: str,
+        vae_path: str | None = None,
+        timesteps: TimestepSettings | None = None,
+        options: FamilyOptions | None = None,
     ) -> None:
-        super().__init__(pretrained_path, timesteps)
+        super().__init__(pretrained_path, timesteps, options)
         # Any scheduler class reads scheduler_config.json; the cosine scheduler's own class imports only with torchsde.
         scheduler_config = DDPMScheduler.load_config(pretrained_path, subfolder="scheduler")
         self.schedule = SigmaSchedule.from_scheduler_config(scheduler_config, f"{pretrained_path}/scheduler")

@@ -15,7 +15,7 @@ from diffusers import (
 from torch import Tensor, nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from diffalign.diffusion.families.base import ImageVAEFamily
+from diffalign.diffusion.families.base import FamilyOptions, ImageVAEFamily
 from diffalign.diffusion.timesteps import TimestepSettings
 
 
@@ -29,9 +29,13 @@ class StableDiffusionFamily(ImageVAEFamily):
     pipeline_class = StableDiffusionPipeline
 
     def __init__(
-        self, pretrained_path: str, vae_path: str | None = None, timesteps: TimestepSettings | None = None
+        self,
+        pretrained_path: str,
+        vae_path: str | None = None,
+        timesteps: TimestepSettings | None = None,
+        options: FamilyOptions | None = None,
     ) -> None:
-        super().__init__(pretrained_path, timesteps)
+        super().__init__(pretrained_path, timesteps, options)
         self.tokenizer = CLIPTokenizer.from_pretrained(pretrained_path, subfolder="tokenizer")
         self.text_encoder = CLIPTextModel.from_pretrained(pretrained_path, subfolder="text_encoder")
         self.vae = AutoencoderKL.from_pretrained(vae_path or pretrained_path, subfolder=None if vae_path else "vae")
@@ -65,9 +69,13 @@ class StableDiffusionXLFamily(ImageVAEFamily):
     pipeline_class = StableDiffusionXLPipeline
 
     def __init__(
-        self, pretrained_path: str, vae_path: str | None = None, timesteps: TimestepSettings | None = None
+        self,
+        pretrained_path: str,
+        vae_path: str | None = None,
+        timesteps: TimestepSettings | None = None,
+        options: FamilyOptions | None = None,
     ) -> None:
-        super().__init__(pretrained_path, timesteps)
+        super().__init__(pretrained_path, timesteps, options)
         self.tokenizer = CLIPTokenizer.from_pretrained(pretrained_path, subfolder="tokenizer")
         self.tokenizer_2 = CLIPTokenizer.from_pretrained(pretrained_path, subfolder="tokenizer_2")
         self.text_encoder = CLIPTextModel.from_pretrained(pretrained_path, subfolder="text_encoder")

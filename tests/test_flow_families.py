@@ -1,0 +1,373 @@
+"""The flow-matching families (SD3, FLUX.1) on tiny random pipelines and on the published transformer configs:
+sampling against the stock pipelines, training σ against diffusers' training examples, flow-matching DPO against
+its formula written out here, the VAE shift in every latent path, training steps and the exported files."""
+
+import copy
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import test_dragon  # noqa: F401 (registers the test_mean_red scorer)
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from peft import LoraConfig
+from PIL import Image
+from safetensors.torch import load_file
+from tiny_pipelines import build_tiny_flux, build_tiny_sd3
+
+from diffalign.config import from_dict
+from diffalign.diffusion.config import DiffusionTrainConfig
+from diffalign.diffusion.families import FamilyOptions, load_family
+from diffalign.diffusion.families.flux import FluxFamily
+from diffalign.diffusion.families.sd3 import StableDiffusion3Family
+from diffalign.diffusion.methods import LatentPairBatch, pair_noise
+from diffalign.diffusion.methods.dpo import DiffusionDPO
+from diffalign.diffusion.reference import ReferenceDenoiser
+from diffalign.diffusion.trainer import DiffusionRecipe, train
+from diffalign.losses import LossConfig, compute_loss
+from diffalign.training import make_accelerator
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+OPTIONS = FamilyOptions(sample_resolution=16, max_text_length=8)
+PROMPTS = ["a red circle", "a blue square"]
+PIPELINES = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}
+REAL_CONFIGS = Path(__file__).parents[1] / "configs" / "models"
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("flow-models")
+    return {
+        "sd3": build_tiny_sd3(root / "sd3"),
+        "sd3_without_t5": build_tiny_sd3(root / "sd3-no-t5", drop_t5=True),
+        "flux": build_tiny_flux(root / "flux"),
+    }
+
+
+def png(rng: np.random.Generator) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (18, 20, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("data") / "pairs.parquet"
+    table = {
+        "caption": ["a red circle", "a blue square", "a small green circle", "a large red square"] * 2,
+        "jpg_0": [png(rng) for _ in range(8)],
+        "jpg_1": [png(rng) for _ in range(8)],
+        "label_0": [1.0, 0.0] * 4,
+    }
+    pq.write_table(pa.table(table), path)
+    return path
+
+
+def config_for(model_dir: Path, pairs: Path, output: Path, **sections) -> DiffusionTrainConfig:
+    raw = {
+        "model": {
+            "pretrained": str(model_dir),
+            "trainable": "lora",
+            "lora": {"rank": 4, "alpha": 16.0, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]},
+            "sample_resolution": 16,
+            "max_text_length": 8,
+        },
+        "data": {"source": str(pairs), "resolution": 16, "caption_dropout": 0.25},
+        "loss": {"type": ["sigmoid"], "beta": 500.0},
+        "optim": {"lr": 1e-3, "warmup_steps": 0, "scheduler": "constant"},
+        "run": {
+            "output_dir": str(output),
+            "max_steps": 1,
+            "batch_size": 2,
+            "log_every": 1,
+            "checkpoint_every": 1,
+            "trackers": [],
+            "progress_bar": False,
+            "mixed_precision": "no",
+        },
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return from_dict(DiffusionTrainConfig, raw)
+
+
+def random_lora(denoiser: torch.nn.Module) -> None:
+    """A LoRA adapter with random B (the zero init leaves the policy equal to the reference)."""
+    denoiser.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with torch.no_grad():
+        for name, parameter in denoiser.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.05)
+
+
+# --- sampling and training σ ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_sampling_equals_the_stock_pipeline(model_dirs, name):
+    family = load_family(str(model_dirs[name]), options=OPTIONS)
+    generators = [torch.Generator().manual_seed(seed) for seed in (0, 1)]
+    ours = family.sample(family.denoiser, PROMPTS, generators, num_inference_steps=4, guidance_scale=4.0)
+
+    pipeline = PIPELINES[name].from_pretrained(model_dirs[name])
+    pipeline.set_progress_bar_config(disable=True)
+    generators = [torch.Generator().manual_seed(seed) for seed in (0, 1)]
+    stock = pipeline(
+        PROMPTS,
+        generator=generators,
+        num_inference_steps=4,
+        guidance_scale=4.0,
+        height=16,
+        width=16,
+        max_sequence_length=8,
+        output_type="latent",
+    ).images
+    if name == "flux":  # the pipeline returns packed tokens
+        stock = FluxPipeline._unpack_latents(stock, 16, 16, family.vae_scale_factor)
+    torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-6)
+    images = family.generate(family.denoiser, PROMPTS[:1], generators[:1], num_inference_steps=2, guidance_scale=4.0)
+    assert images.shape == (1, 3, 16, 16) and images.min() >= 0 and images.max() <= 1
+
+
+def test_sd3_training_sigmas_are_the_training_examples_logit_normal_draw(model_dirs):
+    """train_dreambooth_lora_sd3.py: u = sigmoid(N(0, 1)), index floor(u·1000) into the descending shifted grid
+    σ_i = 3s/(1 + 2s), s = (1000 − i)/1000."""
+    family = load_family(str(model_dirs["sd3"]), options=OPTIONS)
+    drawn = family.sample_timesteps(512, torch.device("cpu"), torch.Generator().manual_seed(5))
+    u = torch.sigmoid(torch.normal(0.0, 1.0, (512,), generator=torch.Generator().manual_seed(5)))
+    s = (1000 - (u * 1000).long()).double() / 1000
+    torch.testing.assert_close(drawn.double(), 3 * s / (1 + 2 * s), rtol=1e-6, atol=1e-6)
+
+
+def test_flux_training_sigmas_are_uniform_on_the_unshifted_grid(model_dirs):
+    """With dynamic shifting the training grid is unshifted (σ = s), and the FLUX example's default is uniform."""
+    family = load_family(str(model_dirs["flux"]), options=OPTIONS)
+    drawn = family.sample_timesteps(512, torch.device("cpu"), torch.Generator().manual_seed(5))
+    u = torch.rand(512, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(drawn.double(), (1000 - (u * 1000).long()).double() / 1000, rtol=1e-6, atol=1e-6)
+
+
+# --- flow-matching DPO -------------------------------------------------------------------------------------------------
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """FLUX's 2×2 patch tokens ``[B, h/2·w/2, 4C]``, channel-major within a patch."""
+    batch, channels, height, width = latents.shape
+    patches = latents.view(batch, channels, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(batch, (height // 2) * (width // 2), channels * 4)
+
+
+def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    batch, _, features = tokens.shape
+    patches = tokens.view(batch, height // 2, width // 2, features // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return patches.reshape(batch, features // 4, height, width)
+
+
+def velocity_by_hand(name: str, transformer, noisy, sigmas, embeds) -> torch.Tensor:
+    if name == "sd3":
+        return transformer(
+            hidden_states=noisy,
+            timestep=sigmas * 1000,
+            encoder_hidden_states=embeds["prompt_embeds"],
+            pooled_projections=embeds["pooled_prompt_embeds"],
+        ).sample
+    height, width = noisy.shape[-2:]
+    rows, columns = torch.meshgrid(torch.arange(height // 2), torch.arange(width // 2), indexing="ij")
+    image_ids = torch.stack([torch.zeros_like(rows), rows, columns], dim=-1).reshape(-1, 3).float()
+    output = transformer(
+        hidden_states=pack(noisy),
+        timestep=sigmas,
+        guidance=torch.full((noisy.shape[0],), 3.5),
+        encoder_hidden_states=embeds["prompt_embeds"],
+        pooled_projections=embeds["pooled_prompt_embeds"],
+        txt_ids=torch.zeros(embeds["prompt_embeds"].shape[1], 3),
+        img_ids=image_ids,
+    ).sample
+    return unpack(output, height, width)
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_flow_dpo_loss_equals_the_formula(model_dirs, name):
+    """L = −log σ(−½β[(e_θ^w − e_ref^w) − (e_θ^l − e_ref^l)]), e = mean (v̂ − (ε − x0))², x_σ = (1 − σ)x0 + σε,
+    one ε and σ per pair (flow_grpo train_sd3_dpo.py, Flow-Factory's DPO trainer)."""
+    family = load_family(str(model_dirs[name]), options=OPTIONS)
+    policy = family.denoiser
+    random_lora(policy)
+    generator = torch.Generator().manual_seed(0)
+    chosen, rejected = torch.randn(2, 16, 8, 8, generator=generator), torch.randn(2, 16, 8, 8, generator=generator)
+    embeds = family.encode_prompts(PROMPTS)
+    batch = LatentPairBatch(chosen, rejected, embeds, noise_seeds=[11, 12])
+    beta = 500.0
+    scores, _ = DiffusionDPO(family, ReferenceDenoiser(policy, frozen_copy=False)).pair_scores(policy, batch)
+    loss = compute_loss(scores, LossConfig(type=["sigmoid"], beta=beta)).loss
+
+    noise, sigmas = pair_noise(family, batch)  # the pair's own draws, shared by both members
+    both_embeds = {key: torch.cat([value, value]) for key, value in embeds.items()}
+
+    def errors(model) -> torch.Tensor:
+        latents = torch.cat([chosen, rejected])
+        sigma = sigmas.repeat(2).view(-1, 1, 1, 1)
+        noisy = (1 - sigma) * latents + sigma * torch.cat([noise, noise])
+        velocity = velocity_by_hand(name, model, noisy, sigmas.repeat(2), both_embeds)
+        return (velocity - (torch.cat([noise, noise]) - latents)).pow(2).mean(dim=(1, 2, 3))
+
+    with torch.no_grad():
+        policy_errors = errors(policy)
+        policy.disable_adapters()
+        reference_errors = errors(policy)
+        policy.enable_adapters()
+    inside = -0.5 * beta * ((policy_errors[:2] - reference_errors[:2]) - (policy_errors[2:] - reference_errors[2:]))
+    expected = -F.logsigmoid(inside).mean()
+    assert abs(expected.item() - math.log(2)) > 1e-3  # the adapter moved the policy away from the reference
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
+
+
+# --- latents -----------------------------------------------------------------------------------------------------------
+
+
+def test_the_trainer_encodes_pixels_with_the_vae_scale_and_shift(model_dirs, pairs_file, tmp_path):
+    """Latents on the fly are (posterior sample − shift)·scale, as the cache draws them (test_diffusion_cache)."""
+    config = config_for(model_dirs["sd3"], pairs_file, tmp_path)
+    recipe = DiffusionRecipe(config, make_accelerator(config.run))
+    items = [recipe.train_dataset[index] for index in range(2)]
+    batch = recipe.collate(items)
+    batch["sample_ids"] = [0, 1]
+    latents = recipe.latent_batch(batch)
+    vae = recipe.family.vae
+    with torch.no_grad():
+        posterior = vae.encode(torch.cat([batch["chosen_pixels"], batch["rejected_pixels"]])).latent_dist
+    seeds = recipe.noise_seeds(batch)
+    draws = [torch.randn(posterior.mean.shape[1:], generator=torch.Generator().manual_seed(2 * s + 1)) for s in seeds]
+    chosen = (posterior.mean[:2] + posterior.std[:2] * torch.stack(draws) - 0.0609) * 1.5305
+    torch.testing.assert_close(latents.chosen_latents, chosen, rtol=1e-5, atol=1e-5)
+    images = recipe.family.decode(latents.chosen_latents)
+    decoded = vae.decode(latents.chosen_latents / 1.5305 + 0.0609).sample
+    torch.testing.assert_close(images, (decoded / 2 + 0.5).clamp(0, 1))
+
+
+def test_sd3_without_t5_conditions_on_zeros_in_place_of_its_states(model_dirs):
+    family = load_family(
+        str(model_dirs["sd3"]), options=FamilyOptions(max_text_length=8, drop_text_encoders=("text_encoder_3",))
+    )
+    assert family.text_encoder_3 is None and "text_encoder_3" not in family.frozen_modules()
+    embeds = family.encode_prompts(PROMPTS)["prompt_embeds"]
+    clip_tokens = family.tokenizer.model_max_length
+    assert embeds.shape == (2, clip_tokens + 8, 32)
+    assert embeds[:, clip_tokens:].abs().max() == 0 and embeds[:, :clip_tokens].abs().max() > 0
+
+
+# --- training steps and outputs ------------------------------------------------------------------------------------------
+
+
+def trained_denoiser(output: Path, base: Path, denoiser_class) -> torch.nn.Module:
+    """The denoiser as it was in training: base weights plus the checkpoint's trainable tensors."""
+    denoiser = denoiser_class.from_pretrained(base, subfolder="transformer")
+    denoiser.add_adapter(LoraConfig(r=4, lora_alpha=16, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    snapshot = load_file(sorted((output / "checkpoints").iterdir())[-1] / "trainable.safetensors")
+    assert not denoiser.load_state_dict(snapshot, strict=False).unexpected_keys
+    return denoiser
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_a_lora_step_trains_and_the_file_loads_at_the_trained_strength(model_dirs, pairs_file, tmp_path, name):
+    metrics = train(config_for(model_dirs[name], pairs_file, tmp_path, optim={"lr": 0.05}))
+    assert metrics["loss"] == pytest.approx(math.log(2), abs=1e-3) and metrics["grad_norm"] > 0
+    denoiser_class = SD3Transformer2DModel if name == "sd3" else FluxTransformer2DModel
+    trained = trained_denoiser(tmp_path, model_dirs[name], denoiser_class)
+    pipeline = PIPELINES[name].from_pretrained(model_dirs[name])
+    pipeline.load_lora_weights(tmp_path / "final")
+
+    family = load_family(str(model_dirs[name]), options=OPTIONS)
+    embeds = family.encode_prompts(PROMPTS)
+    latents = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigmas = torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        base = velocity_by_hand(name, family.denoiser, latents, sigmas, embeds)
+        expected = velocity_by_hand(name, trained, latents, sigmas, embeds)
+        loaded = velocity_by_hand(name, pipeline.transformer, latents, sigmas, embeds)
+    assert (expected - base).abs().max() > 1e-3
+    torch.testing.assert_close(loaded, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_a_full_step_writes_a_transformer_that_loads_with_from_pretrained(model_dirs, pairs_file, tmp_path, name):
+    metrics = train(config_for(model_dirs[name], pairs_file, tmp_path, model={"trainable": "full"}))
+    assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
+    denoiser_class = SD3Transformer2DModel if name == "sd3" else FluxTransformer2DModel
+    loaded = denoiser_class.from_pretrained(tmp_path / "final" / "transformer")
+    saved = loaded.state_dict()
+    snapshot = load_file(sorted((tmp_path / "checkpoints").iterdir())[-1] / "trainable.safetensors")
+    assert set(snapshot) == {name for name, _ in loaded.named_parameters()}  # every parameter, no buffer
+    assert all(torch.equal(saved[key], value) for key, value in snapshot.items())
+    base = denoiser_class.from_pretrained(model_dirs[name], subfolder="transformer").state_dict()
+    assert any(not torch.equal(base[key], value) for key, value in snapshot.items())
+
+
+@pytest.mark.parametrize(
+    ("method", "settings"),
+    [
+        ("seppo", {"num_inference_steps": 2, "generation_batch_size": 2}),
+        ("dragon", {"num_inference_steps": 2, "reward": "test_mean_red", "prompts": PROMPTS}),
+    ],
+)
+def test_online_methods_sample_through_the_flow_family(model_dirs, pairs_file, tmp_path, method, settings):
+    config = config_for(model_dirs["sd3"], pairs_file, tmp_path, method={"name": method, method: settings})
+    metrics = train(config)
+    assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
+
+
+@pytest.mark.parametrize("method", ["inpo", "ncp"])
+def test_ddpm_methods_are_refused_on_flow_families(model_dirs, pairs_file, tmp_path, method):
+    from diffalign.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"'{method}' needs a discrete DDPM noise schedule"):
+        config_for(model_dirs["flux"], pairs_file, tmp_path, method={"name": method})
+
+
+# --- the published transformer configs at full width ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["sd35-medium", "flux1-dev"])
+def test_the_published_transformer_at_full_width_runs_a_lora_dpo_step(model):
+    """One transformer block at the published width (SD3.5 Medium: 1536, FLUX.1-dev: 3072) with its scheduler and
+    VAE configs; conditioning of the published widths, random."""
+    config = json.loads((REAL_CONFIGS / model / "transformer.json").read_text())
+    if model == "sd35-medium":
+        config.update(num_layers=1, dual_attention_layers=(0,))
+        family_class, denoiser_class = StableDiffusion3Family, SD3Transformer2DModel
+        embeds = {"prompt_embeds": torch.randn(1, 12, 4096), "pooled_prompt_embeds": torch.randn(1, 2048)}
+    else:
+        config.update(num_layers=1, num_single_layers=1)
+        family_class, denoiser_class = FluxFamily, FluxTransformer2DModel
+        embeds = {"prompt_embeds": torch.randn(1, 12, 4096), "pooled_prompt_embeds": torch.randn(1, 768)}
+    torch.manual_seed(0)
+    denoiser = denoiser_class.from_config(config)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(json.loads((REAL_CONFIGS / model / "scheduler.json").read_text()))
+    vae = AutoencoderKL.from_config(json.loads((REAL_CONFIGS / model / "vae.json").read_text()))
+    family = family_class.from_modules(model, denoiser=denoiser, noise_scheduler=scheduler, vae=vae)
+    denoiser.requires_grad_(False)
+    denoiser.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    latents = torch.randn(2, 16, 8, 8)  # 64 px
+    batch = LatentPairBatch(latents[:1], latents[1:], embeds, noise_seeds=[3])
+    method = DiffusionDPO(family, ReferenceDenoiser(denoiser, frozen_copy=False))
+    loss = compute_loss(method.pair_scores(denoiser, batch)[0], LossConfig(type=["sigmoid"], beta=500.0)).loss
+    loss.backward()
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-4)
+    gradients = [p.grad for name, p in denoiser.named_parameters() if "lora" in name]
+    assert gradients and all(g is not None for g in gradients) and any(g.abs().sum() > 0 for g in gradients)
+    assert copy.deepcopy(family.latent_normalization).shift == vae.config.shift_factor != 0
