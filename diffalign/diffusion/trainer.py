@@ -27,7 +27,6 @@ from diffalign.diffusion.models import build_models
 from diffalign.diffusion.reference_cache import FixedDraws, ReferenceErrors, load_or_build_reference_errors
 from diffalign.diffusion.training_data import build_pair_dataset
 from diffalign.training import StepOutput, make_accelerator, run_training
-from diffalign.training.distributed import compute_loss_on_global_batch
 from diffalign.training.precision import mixed_precision_dtype
 
 logger = logging.getLogger("diffalign")
@@ -135,18 +134,11 @@ class DiffusionRecipe:
             seed=self.config.run.seed,
             noise_seeds=self.noise_seeds(batch),
             encode=self.latent_batch,
+            loss=self.config.loss,
+            reference_errors=None if self.reference_errors is None else self.reference_errors.lookup(batch["index"]),
         )
-        pair_batch, pair_metrics = self.method.make_pairs(model, batch, context)
         self.micro_batches += 1
-        cached = None if self.reference_errors is None else self.reference_errors.lookup(batch["index"])
-        scores, method_metrics = self.method.pair_scores(model, pair_batch, reference_errors=cached)
-        # Batch-level losses (AOT) sort the scores of every process's pairs, not just this process's.
-        output = compute_loss_on_global_batch(scores, self.config.loss)
-        return StepOutput(
-            loss=output.loss,
-            metrics={**output.metrics, **pair_metrics, **method_metrics},
-            counts={"pairs": pair_batch.size},
-        )
+        return self.method.training_loss(model, batch, context)
 
     # --- evaluation, resumption, export -------------------------------------------------------------------------
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:

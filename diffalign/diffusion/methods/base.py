@@ -4,14 +4,16 @@ per-sample denoising error.
 A method is one module: a settings dataclass (its ``method.<name>:`` config section) and a
 :class:`DiffusionMethod` subclass registered with ``@register_method("<name>", settings=<Settings>)``. The config's
 ``method.name`` choices and sections derive from the registry; the trainer calls only the hooks declared on
-:class:`DiffusionMethod`, whose defaults are those of an offline method that reads the ``data:`` pairs.
+:class:`DiffusionMethod`. Preference methods (:class:`PreferenceMethod`) turn each batch into pairs and the pairs
+into the loss core's :class:`PairScores`, which ``loss:`` turns into the loss; a policy-gradient method computes
+its loss from rollouts itself (``training_loss``).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -20,7 +22,9 @@ from torch.utils.data import Dataset
 
 from diffalign.diffusion.families import DiffusionFamily
 from diffalign.diffusion.reference import ReferenceDenoiser
-from diffalign.losses import PairScores
+from diffalign.losses import LossConfig, PairScores
+from diffalign.training import StepOutput
+from diffalign.training.distributed import compute_loss_on_global_batch
 
 if TYPE_CHECKING:
     from diffalign.diffusion.config import DiffusionTrainConfig
@@ -58,6 +62,8 @@ class TrainingContext:
     seed: int  # the run's seed, for draws shared by every item and process (e.g. which checkpoint)
     noise_seeds: list[int]  # one per batch item: the root of every random stream of that item
     encode: Callable[[dict], LatentPairBatch]  # the offline path: stored media or cached latents → latents
+    loss: LossConfig = field(default_factory=LossConfig)  # the run's `loss:` section
+    reference_errors: Tensor | None = None  # the batch's precomputed reference errors (model.reference_cache)
 
 
 @dataclass
@@ -70,7 +76,7 @@ class TrainingData:
 
 
 class DiffusionMethod(ABC):
-    """Turns a batch into the loss core's :class:`PairScores`, with the family, the policy and the reference.
+    """Turns a training batch into a loss, with the family, the policy and the reference.
 
     Class attributes declare what the method needs, checked when the config loads (before any model):
     ``requires`` the family capabilities it uses (see :class:`DiffusionFamily`), ``supports_reference_cache``
@@ -97,6 +103,25 @@ class DiffusionMethod(ABC):
         """The method's own training data (prompts, subject images); None: the ``data:`` preference pairs."""
         return None
 
+    @abstractmethod
+    def training_loss(self, denoiser: nn.Module, batch: dict[str, Any], context: TrainingContext) -> StepOutput:
+        """The loss of one micro-batch (differentiable), its metrics and counts."""
+
+    def evaluate(self, denoiser: nn.Module, step: int) -> dict[str, float]:
+        """The method's own validation metrics (e.g. RPO's validation reward); the recipe adds eval samples."""
+        return {}
+
+    def extra_state(self) -> dict[str, Any]:
+        """Method state a resumed run needs (e.g. a checkpoint bank), saved with every training checkpoint."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:  # noqa: B027 (a hook: most methods have no state)
+        """Restore what :meth:`extra_state` returned."""
+
+
+class PreferenceMethod(DiffusionMethod):
+    """A method whose loss is a preference loss of the core (``loss:``) on scores of chosen/rejected pairs."""
+
     def make_pairs(
         self, denoiser: nn.Module, batch: dict[str, Any], context: TrainingContext
     ) -> tuple[LatentPairBatch, dict[str, Tensor]]:
@@ -110,16 +135,14 @@ class DiffusionMethod(ABC):
         """The core's scores for a batch of pairs, and diagnostics. ``reference_errors`` (``[2B]``, only for
         methods with ``supports_reference_cache``) replaces the reference's forward."""
 
-    def evaluate(self, denoiser: nn.Module, step: int) -> dict[str, float]:
-        """The method's own validation metrics (e.g. RPO's validation reward); the recipe adds eval samples."""
-        return {}
-
-    def extra_state(self) -> dict[str, Any]:
-        """Method state a resumed run needs (e.g. a checkpoint bank), saved with every training checkpoint."""
-        return {}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:  # noqa: B027 (a hook: most methods have no state)
-        """Restore what :meth:`extra_state` returned."""
+    def training_loss(self, denoiser: nn.Module, batch: dict[str, Any], context: TrainingContext) -> StepOutput:
+        pairs, pair_metrics = self.make_pairs(denoiser, batch, context)
+        scores, metrics = self.pair_scores(denoiser, pairs, reference_errors=context.reference_errors)
+        # Batch-level losses (AOT) sort the scores of every process's pairs, not just this process's.
+        output = compute_loss_on_global_batch(scores, context.loss)
+        return StepOutput(
+            loss=output.loss, metrics={**output.metrics, **pair_metrics, **metrics}, counts={"pairs": pairs.size}
+        )
 
 
 METHODS: dict[str, type[DiffusionMethod]] = {}

@@ -26,8 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from diffalign.diffusion.methods.base import (
-    DiffusionMethod,
     LatentPairBatch,
+    PreferenceMethod,
     denoising_error,
     pair_noise,
     register_method,
@@ -68,7 +68,7 @@ def scores_from_errors(
 
 
 @register_method("dpo")
-class DiffusionDPO(DiffusionMethod):
+class DiffusionDPO(PreferenceMethod):
     """Denoising errors on freshly noised latents: shared ε and t per pair, one policy forward for both."""
 
     supports_reference_cache = True

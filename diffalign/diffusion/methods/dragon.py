@@ -49,8 +49,8 @@ from torch.utils.data import Dataset
 from diffalign.diffusion.data import collate_pairs
 from diffalign.diffusion.families import DiffusionFamily
 from diffalign.diffusion.methods.base import (
-    DiffusionMethod,
     LatentPairBatch,
+    PreferenceMethod,
     TrainingContext,
     TrainingData,
     register_method,
@@ -183,7 +183,7 @@ class DragonSettings:
 
 
 @register_method("dragon", settings=DragonSettings)
-class DistributionalRewardOptimization(DiffusionMethod):
+class DistributionalRewardOptimization(PreferenceMethod):
     """Online generations, scored by a (distributional) reward, contrasted as positive vs negative sets."""
 
     settings: DragonSettings

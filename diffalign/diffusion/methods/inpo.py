@@ -30,8 +30,8 @@ from torch import Tensor, nn
 from diffalign.diffusion.families import DiffusionFamily
 from diffalign.diffusion.inversion import ddim_invert, inversion_grid
 from diffalign.diffusion.methods.base import (
-    DiffusionMethod,
     LatentPairBatch,
+    PreferenceMethod,
     denoising_error,
     pair_noise,
     register_method,
@@ -72,7 +72,7 @@ class InpoSettings:
 
 
 @register_method("inpo", settings=InpoSettings)
-class DDIMInPO(DiffusionMethod):
+class DDIMInPO(PreferenceMethod):
     """Preference scores on DDIM-inverted latents x_t* with reparametrised noise ε*; shared t within a pair."""
 
     requires = frozenset({"ddpm_schedule"})

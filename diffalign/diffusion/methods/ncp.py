@@ -38,8 +38,8 @@ from torch import Tensor, nn
 from diffalign.diffusion.families import DiffusionFamily
 from diffalign.diffusion.inversion import alpha_at, split_prediction
 from diffalign.diffusion.methods.base import (
-    DiffusionMethod,
     LatentPairBatch,
+    PreferenceMethod,
     pair_noise,
     per_sample_mse,
     register_method,
@@ -163,7 +163,7 @@ class NcpSettings:
 
 
 @register_method("ncp", settings=NcpSettings)
-class NoiseConditionedPerception(DiffusionMethod):
+class NoiseConditionedPerception(PreferenceMethod):
     """Preference scores from errors in the frozen pretrained denoiser's feature space.
 
     The feature space is the U-Net encoder's: a transformer denoiser has no such half (no published analogue), so

@@ -53,8 +53,8 @@ from torch.utils.data import Dataset
 from diffalign.diffusion.data import collate_pairs, image_decoder, split_index
 from diffalign.diffusion.families import DiffusionFamily
 from diffalign.diffusion.methods.base import (
-    DiffusionMethod,
     LatentPairBatch,
+    PreferenceMethod,
     TrainingContext,
     TrainingData,
     denoising_error,
@@ -223,7 +223,7 @@ class RpoSettings:
 
 
 @register_method("rpo", settings=RpoSettings)
-class RewardPreferenceOptimization(DiffusionMethod):
+class RewardPreferenceOptimization(PreferenceMethod):
     """Soft-label preference loss of subject images over the pretrained model's generations, plus their
     denoising loss; validated with the λ-Harmonic reward (early stopping)."""
 

@@ -51,8 +51,8 @@ from torch import Tensor, nn
 
 from diffalign.diffusion.families import DiffusionFamily
 from diffalign.diffusion.methods.base import (
-    DiffusionMethod,
     LatentPairBatch,
+    PreferenceMethod,
     TrainingContext,
     denoising_error,
     pair_noise,
@@ -213,7 +213,7 @@ class SeppoSettings:
 
 
 @register_method("seppo", settings=SeppoSettings)
-class SemiPolicyPreferenceOptimization(DiffusionMethod):
+class SemiPolicyPreferenceOptimization(PreferenceMethod):
     """Winners from the data, losers sampled by a past checkpoint that is also the reference."""
 
     settings: SeppoSettings
