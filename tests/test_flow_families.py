@@ -371,3 +371,67 @@ def test_the_published_transformer_at_full_width_runs_a_lora_dpo_step(model):
     gradients = [p.grad for name, p in denoiser.named_parameters() if "lora" in name]
     assert gradients and all(g is not None for g in gradients) and any(g.abs().sum() > 0 for g in gradients)
     assert copy.deepcopy(family.latent_normalization).shift == vae.config.shift_factor != 0
+
+
+# --- SDE sampling for policy-gradient methods --------------------------------------------------------------------------
+
+
+def test_the_sde_step_is_flow_grpos_gaussian():
+    """μ = x(1 + σ_t²Δ/(2σ)) + v(1 + σ_t²(1−σ)/(2σ))Δ, s = σ_t√(−Δ), σ_t = a√(σ/(1−σ)); log-prob = the mean over
+    elements of the Gaussian log-density (torch.distributions here)."""
+    from diffalign.diffusion.families.flow import gaussian_log_prob, sde_step_distribution
+
+    generator = torch.Generator().manual_seed(0)
+    x, v = torch.randn(3, 4, 2, 2, generator=generator), torch.randn(3, 4, 2, 2, generator=generator)
+    sigma, next_sigma, level = torch.tensor([1.0, 0.6, 0.2]), torch.tensor([0.8, 0.4, 0.1]), 0.7
+    mean, std = sde_step_distribution(x, v, sigma, next_sigma, level, torch.tensor([0.8]))
+    for i in range(3):
+        s, delta = sigma[i].item(), (next_sigma[i] - sigma[i]).item()
+        std_t = level * math.sqrt(s / (1 - (0.8 if s == 1 else s)))
+        expected_mean = x[i] * (1 + std_t**2 * delta / (2 * s)) + v[i] * (1 + std_t**2 * (1 - s) / (2 * s)) * delta
+        torch.testing.assert_close(mean[i], expected_mean)
+        assert std[i].flatten()[0].item() == pytest.approx(std_t * math.sqrt(-delta), rel=1e-6)
+    sample = mean + std * torch.randn(3, 4, 2, 2, generator=generator)
+    density = torch.distributions.Normal(mean, std.expand_as(mean)).log_prob(sample).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(gaussian_log_prob(sample, mean, std), density)
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_trajectory_log_probs_are_recomputed_exactly_with_unchanged_weights(model_dirs, name):
+    """The on-policy check: with no update between sampling and training the ratio is exactly 1."""
+    family = load_family(str(model_dirs[name]), options=OPTIONS)
+    random_lora(family.denoiser)
+    sde_steps = torch.tensor([True, False, True, True])
+    generators = [torch.Generator().manual_seed(seed) for seed in (0, 1)]
+    trajectory = family.sample_trajectory(
+        family.denoiser, PROMPTS, generators, num_inference_steps=4, guidance_scale=4.0, noise_level=0.7,
+        sde_steps=sde_steps,
+    )
+    assert trajectory.latents.shape == (2, 5, 16, 8, 8)
+    assert (trajectory.log_probs[:, ~sde_steps] == 0).all() and (trajectory.log_probs[:, sde_steps] != 0).all()
+    inputs, guided = family.sampling_inputs(PROMPTS, 4.0)
+    sigmas = trajectory.sigmas
+    for step in sde_steps.nonzero().flatten().tolist():
+        log_prob, _ = family.transition_log_prob(
+            family.denoiser,
+            trajectory.latents[:, step],
+            trajectory.latents[:, step + 1],
+            sigmas[step].expand(2),
+            sigmas[step + 1].expand(2),
+            sigmas[1].expand(1),
+            inputs,
+            guided,
+            4.0,
+            0.7,
+        )
+        assert torch.exp(log_prob - trajectory.log_probs[:, step]).sub(1).abs().max() < 1e-5
+    # Without stochastic steps the chain is the ODE sampler's.
+    ode = family.sample_trajectory(
+        family.denoiser, PROMPTS, [torch.Generator().manual_seed(s) for s in (0, 1)], num_inference_steps=4,
+        guidance_scale=4.0,
+    )
+    sampled = family.sample(
+        family.denoiser, PROMPTS, [torch.Generator().manual_seed(s) for s in (0, 1)], num_inference_steps=4,
+        guidance_scale=4.0,
+    )
+    assert torch.equal(ode.samples, sampled) and not torch.equal(trajectory.samples, sampled)

@@ -11,13 +11,26 @@ Sampling is our own loop, so that online methods and evaluation see the same vel
 pipeline's σ schedule (``scheduler.set_timesteps``, with the resolution-dependent shift μ where the scheduler
 shifts dynamically), classifier-free guidance ``v_u + w·(v_c − v_u)`` where the family has an unconditional input,
 and the scheduler's Euler step ``x ← x + (σ_next − σ)·v`` in fp32.
+
+For policy-gradient methods :meth:`FlowMatchFamily.sample_trajectory` turns chosen steps of that ODE into the SDE
+with the same marginals of Flow-GRPO (Liu et al., arXiv 2505.05470, eq. 9 and ``sde_step_with_logprob``), with
+``σ_t = a·√(σ/(1 − σ))`` (``a`` = noise level; at σ = 1 the denominator takes the next grid point) and
+Δ = σ_next − σ < 0:
+
+    μ = x·(1 + σ_t²·Δ/(2σ)) + v·(1 + σ_t²·(1 − σ)/(2σ))·Δ,   s = σ_t·√(−Δ),   x_next = μ + s·z
+
+and records each step's Gaussian log-density, averaged over the latent's elements as Flow-GRPO does (which keeps
+ratios near 1). :meth:`FlowMatchFamily.transition_log_prob` recomputes it for a stored transition with the same
+code, so with unchanged weights the training ratio is exactly 1.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+import math
 from abc import abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -31,6 +44,44 @@ from diffalign.diffusion.timesteps import TimestepSettings, draw_fractions, flow
 def per_sample(values: Tensor, like: Tensor) -> Tensor:
     """``[B]`` → ``[B, 1, ...]`` broadcastable against ``like``, in fp32."""
     return values.float().reshape(-1, *[1] * (like.ndim - 1))
+
+
+def sde_step_distribution(
+    latents: Tensor, velocity: Tensor, sigma: Tensor, next_sigma: Tensor, noise_level: float, sigma_cap: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Mean and standard deviation (fp32; std ``[B, 1, ...]``) of Flow-GRPO's SDE step from σ to σ_next.
+
+    ``sigma``, ``next_sigma`` ``[B]``; ``sigma_cap`` replaces σ in ``1 − σ`` where σ = 1 (the grid's next point).
+    """
+    x, v = latents.float(), velocity.float()
+    s, s_next = per_sample(sigma, x), per_sample(next_sigma, x)
+    delta = s_next - s
+    bounded = torch.where(s >= 1, per_sample(sigma_cap, x), s)
+    std_t = noise_level * torch.sqrt(s / (1 - bounded))
+    mean = x * (1 + std_t**2 * delta / (2 * s)) + v * (1 + std_t**2 * (1 - s) / (2 * s)) * delta
+    return mean, std_t * torch.sqrt(-delta)
+
+
+def gaussian_log_prob(sample: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """log N(sample; mean, std²) per element, averaged over each sample's elements: ``[B]`` (fp32)."""
+    log_density = -((sample.float() - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return log_density.mean(dim=tuple(range(1, sample.ndim)))
+
+
+@dataclass
+class Trajectory:
+    """A sampled denoising chain: ``latents`` ``[N, S + 1, ...]`` from the initial noise to the sample, the
+    schedule ``sigmas`` ``[S + 1]``, which of the S steps were stochastic (``sde_steps`` ``[S]``) and the log-prob
+    of each stochastic transition under the sampling policy (``log_probs`` ``[N, S]``, 0 on ODE steps)."""
+
+    latents: Tensor
+    sigmas: Tensor
+    sde_steps: Tensor
+    log_probs: Tensor
+
+    @property
+    def samples(self) -> Tensor:
+        return self.latents[:, -1]
 
 
 class FlowMatchFamily(DiffusionFamily):
@@ -115,14 +166,66 @@ class FlowMatchFamily(DiffusionFamily):
         num_inference_steps: int,
         guidance_scale: float,
     ) -> Tensor:
+        trajectory = self.sample_trajectory(
+            denoiser, prompts, generators, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale
+        )
+        return trajectory.samples
+
+    @torch.no_grad()
+    def sample_trajectory(
+        self,
+        denoiser: nn.Module,
+        prompts: list[str],
+        generators: list[torch.Generator],
+        *,
+        num_inference_steps: int,
+        guidance_scale: float,
+        noise_level: float = 0.0,
+        sde_steps: Tensor | None = None,
+    ) -> Trajectory:
+        """The chain of ``sample`` with the steps marked in ``sde_steps`` (``[S]`` bool; default: none)
+        stochastic at ``noise_level``; each sample's step noise comes from its own generator, after its
+        initial noise."""
         device = next(denoiser.parameters()).device
         dtype = next(denoiser.parameters()).dtype
         inputs, guided = self.sampling_inputs(prompts, guidance_scale)
+        shape = self.latent_shape()
         # Each sample's initial noise from its own generator, as diffusers' randn_tensor draws it.
-        noise = [torch.randn(self.latent_shape(), generator=g, device=g.device, dtype=dtype) for g in generators]
+        noise = [torch.randn(shape, generator=g, device=g.device, dtype=dtype) for g in generators]
         latents = torch.stack(noise).to(device)
         sigmas = self.inference_sigmas(num_inference_steps, device)
-        for sigma, next_sigma in itertools.pairwise(sigmas):
-            velocity = self.velocity(denoiser, latents, sigma.expand(len(prompts)), inputs, guided, guidance_scale)
-            latents = (latents.float() + (next_sigma - sigma) * velocity).to(dtype)
-        return latents
+        stochastic = torch.zeros(len(sigmas) - 1, dtype=torch.bool) if sde_steps is None else sde_steps.cpu()
+        chain, log_probs = [latents], torch.zeros(len(prompts), len(stochastic), device=device)
+        for step, (sigma, next_sigma) in enumerate(itertools.pairwise(sigmas)):
+            batch_sigma = sigma.expand(len(prompts))
+            velocity = self.velocity(denoiser, latents, batch_sigma, inputs, guided, guidance_scale)
+            if stochastic[step]:
+                mean, std = sde_step_distribution(
+                    latents, velocity, batch_sigma, next_sigma.expand(len(prompts)), noise_level, sigmas[1].expand(1)
+                )
+                step_noise = torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generators])
+                latents = (mean + std * step_noise.to(device)).to(dtype)
+                log_probs[:, step] = gaussian_log_prob(latents, mean, std)
+            else:
+                latents = (latents.float() + (next_sigma - sigma) * velocity).to(dtype)
+            chain.append(latents)
+        return Trajectory(torch.stack(chain, dim=1), sigmas, stochastic, log_probs)
+
+    def transition_log_prob(
+        self,
+        denoiser: nn.Module,
+        latents: Tensor,
+        next_latents: Tensor,
+        sigma: Tensor,
+        next_sigma: Tensor,
+        sigma_cap: Tensor,
+        inputs: dict[str, Any],
+        guided: bool,
+        guidance_scale: float,
+        noise_level: float,
+    ) -> tuple[Tensor, Tensor]:
+        """``log p(next_latents | latents)`` ``[B]`` of one SDE step under ``denoiser`` (differentiable), and the
+        step's mean (for a KL to the reference); the same maths as :meth:`sample_trajectory`."""
+        velocity = self.velocity(denoiser, latents, sigma, inputs, guided, guidance_scale)
+        mean, std = sde_step_distribution(latents, velocity, sigma, next_sigma, noise_level, sigma_cap)
+        return gaussian_log_prob(next_latents, mean, std), mean
