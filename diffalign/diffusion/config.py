@@ -46,6 +46,7 @@ class DiffusionModelConfig:
     max_text_length: int | None = None  # tokens of T5-style text encoders; null: the pipeline's default
     drop_text_encoders: list[str] = field(default_factory=list)  # e.g. [text_encoder_3]: SD3 without T5
     guidance: float = 3.5  # the guidance embedding of guidance-distilled models (FLUX.1-dev) in training
+    audio_seconds: float | None = None  # clip length of training audio and samples (ACE-Step); null: the default
 
     def family_options(self) -> FamilyOptions:
         return FamilyOptions(
@@ -53,12 +54,15 @@ class DiffusionModelConfig:
             max_text_length=self.max_text_length,
             drop_text_encoders=tuple(self.drop_text_encoders),
             guidance=self.guidance,
+            audio_seconds=self.audio_seconds,
         )
 
     def __post_init__(self) -> None:
         for name in ("sample_resolution", "max_text_length"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1 or null, got {getattr(self, name)}")
+        if self.audio_seconds is not None and not self.audio_seconds > 0:
+            raise ValueError(f"model.audio_seconds must be > 0 or null, got {self.audio_seconds}")
         if self.trainable == "full" and self.reference == "adapter_disabled":
             raise ValueError(
                 "model.reference: adapter_disabled needs model.trainable: lora; use frozen_copy (or auto) for full"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from diffusers import DiffusionPipeline
 
+from diffalign.diffusion.families.ace_step import AceStepFamily
 from diffalign.diffusion.families.audioldm2 import AudioLDM2Family
 from diffalign.diffusion.families.base import (
     DDPMFamily,
@@ -29,6 +30,7 @@ FAMILIES: dict[str, type[DiffusionFamily]] = {
     "StableAudioPipeline": StableAudioFamily,
     "StableDiffusion3Pipeline": StableDiffusion3Family,
     "FluxPipeline": FluxFamily,
+    "AceStepPipeline": AceStepFamily,
 }
 
 
