@@ -258,6 +258,31 @@ def test_turbo_checkpoints_sample_unguided_as_the_pipeline(tmp_path):
     torch.testing.assert_close(guided, unguided, rtol=0, atol=0)
 
 
+def test_unguided_trajectory_log_probs_are_recomputed_exactly_and_guided_ones_are_refused(family):
+    """Flow-GRPO's on-policy check (ratio exactly 1); APG's momentum ties each guided step to the earlier ones."""
+    sde_steps = torch.tensor([True, False, True])
+    generators = [torch.Generator().manual_seed(seed) for seed in (0, 1)]
+    trajectory = family.sample_trajectory(
+        family.denoiser, PROMPTS, generators, num_inference_steps=3, guidance_scale=1.0, noise_level=0.7,
+        sde_steps=sde_steps,
+    )
+    assert trajectory.latents.shape == (2, 4, 16, 8)
+    sigmas = trajectory.sigmas
+    for guidance_scale in (1.0, 3.0):
+        inputs, guided = family.sampling_inputs(PROMPTS, guidance_scale)
+        for step in sde_steps.nonzero().flatten().tolist():
+            arguments = (
+                family.denoiser, trajectory.latents[:, step], trajectory.latents[:, step + 1], sigmas[step].expand(2),
+                sigmas[step + 1].expand(2), sigmas[1].expand(1), inputs, guided, guidance_scale, 0.7,
+            )
+            if guided:
+                with pytest.raises(ValueError, match="APG guidance carries momentum"):
+                    family.transition_log_prob(*arguments)
+                continue
+            log_prob, _ = family.transition_log_prob(*arguments)
+            assert torch.exp(log_prob - trajectory.log_probs[:, step]).sub(1).abs().max() < 1e-5
+
+
 # --- training draws and flow-matching DPO ---------------------------------------------------------------------------
 
 

@@ -26,7 +26,9 @@ pipeline's conditioning of the same batch. An empty caption (caption dropout) be
 Sampling equals the stock pipeline on the same seeds: its schedule (``_get_timestep_schedule``, shift 3.0), Euler
 steps, and for ``guidance_scale > 1`` on non-turbo checkpoints its APG guidance (diffusers' ``normalized_guidance``
 with the pipeline's momentum −0.75, norm threshold 2.5, time-only norm, the null embedding as unconditional, over
-all steps); turbo (guidance-distilled) checkpoints sample unguided, as the pipeline does. :meth:`decode` returns
+all steps); turbo (guidance-distilled) checkpoints sample unguided, as the pipeline does. APG's momentum makes a
+step's velocity depend on every earlier step, so a guided transition's log-prob cannot be recomputed on its own:
+:meth:`transition_log_prob` (policy-gradient training) needs unguided trajectories. :meth:`decode` returns
 the VAE's waveforms mixed to mono, without the pipeline's −1 dBFS peak normalisation (a playback level; rewards see
 the model's own level, as for Stable Audio). Not supported: lyrics, reference audio, the cover/repaint/extract
 tasks and audio codes.
@@ -235,4 +237,27 @@ class AceStepFamily(FlowMatchFamily):
             norm_threshold=2.5,
             use_original_formulation=True,
             norm_dim=(1,),
+        )
+
+    def transition_log_prob(
+        self,
+        denoiser: nn.Module,
+        latents: Tensor,
+        next_latents: Tensor,
+        sigma: Tensor,
+        next_sigma: Tensor,
+        sigma_cap: Tensor,
+        inputs: dict[str, Any],
+        guided: bool,
+        guidance_scale: float,
+        noise_level: float,
+    ) -> tuple[Tensor, Tensor]:
+        if guided:
+            raise ValueError(
+                f"{self.pretrained_path}: ACE-Step's APG guidance carries momentum across the sampler's steps, so a "
+                "single transition's log-prob cannot be recomputed; sample policy-gradient trajectories with "
+                "guidance_scale <= 1 (or from a turbo checkpoint)"
+            )
+        return super().transition_log_prob(
+            denoiser, latents, next_latents, sigma, next_sigma, sigma_cap, inputs, guided, guidance_scale, noise_level
         )
