@@ -9,14 +9,16 @@ from hypothesis import strategies as st
 
 from diffalign.losses import LOSSES, LossConfig, PairScores, compute_loss
 
-ALL_LOSSES = sorted(LOSSES)
+# Losses on sequence scores alone (the token-level ones have their own tests in test_losses_token_level.py).
+ALL_LOSSES = sorted(name for name, spec in LOSSES.items() if not spec.needs_token_kl)
 # Losses whose value never rises when the chosen (resp. rejected) log-likelihood rises (resp. falls).
-# The others aim at a target (squared losses, EXO's KL to 1 − ε, NCA's and APO-down's chosen anchor) or,
-# like DiscoPOP, are non-monotone near a zero margin by design.
-NOT_MONOTONE_IN_CHOSEN = {"ipo", "sppo_hard", "exo_pair", "discopop", "nca_pair", "apo_down"}
-NOT_MONOTONE_IN_REJECTED = {"ipo", "sppo_hard", "exo_pair", "discopop"}
+# The others aim at a target (squared losses, EXO's KL to 1 − ε, NCA's and APO-down's chosen anchor, Cal-DPO's
+# calibration) or, like DiscoPOP, are non-monotone near a zero margin by design.
+NOT_MONOTONE_IN_CHOSEN = {"ipo", "sppo_hard", "exo_pair", "discopop", "nca_pair", "apo_down", "cal_dpo"}
+NOT_MONOTONE_IN_REJECTED = {"ipo", "sppo_hard", "exo_pair", "discopop", "cal_dpo"}
 F_DIVERGENCE_LOSSES = sorted(name for name, spec in LOSSES.items() if spec.uses_f_divergence)
-PER_PAIR_LOSSES = sorted(name for name, spec in LOSSES.items() if not spec.batch_level)
+# β-DPO is batch-level through one batch mean, which a permutation keeps: its losses follow the pairs too.
+PER_PAIR_LOSSES = sorted(name for name in ALL_LOSSES if name not in ("aot", "aot_unpaired"))
 
 
 def config_for(name: str, **overrides) -> LossConfig:

@@ -1,15 +1,17 @@
-"""The preference-loss core shared by the diffusion and LLM trainers (see ``core.py``).
+"""The loss core shared by the diffusion and LLM trainers: preference losses on pair scores (``core.py``) and
+policy-gradient losses on per-element log-probs (``policy_gradient.py``, advantages in ``advantages.py``).
 
-Importing this package registers every loss in ``LOSSES``.
+Importing this package registers every preference loss in ``LOSSES``.
 """
 
-from diffalign.losses.batch import aot_loss
+from diffalign.losses.batch import aot_loss, beta_dpo_loss
 from diffalign.losses.core import (
     LOSSES,
     LossConfig,
     LossOutput,
     LossSpec,
     PairScores,
+    TokenScores,
     compute_loss,
     list_losses,
     log_ratios,
@@ -25,11 +27,26 @@ from diffalign.losses.margin import (
     sigmoid_norm_loss,
     soft_bradley_terry_loss,
 )
-from diffalign.losses.pair import apo_down_loss, apo_zero_loss, bco_pair_loss, nca_pair_loss, sppo_hard_loss
-from diffalign.losses.reference_free import log1mexp, orpo_odds_ratio_loss, simpo_loss
+from diffalign.losses.pair import (
+    apo_down_loss,
+    apo_zero_loss,
+    bco_pair_loss,
+    cal_dpo_loss,
+    dpo_positive_loss,
+    nca_pair_loss,
+    sppo_hard_loss,
+)
+from diffalign.losses.reference_free import (
+    asft_alignment_loss,
+    log1mexp,
+    orpo_odds_ratio_loss,
+    simper_loss,
+    simpo_loss,
+)
 from diffalign.losses.sft import sft_loss
+from diffalign.losses.token_level import tdpo_loss
 from diffalign.losses.transforms import divergence_scores, f_divergence_score
-from diffalign.losses.unpaired import kto_loss, npo_loss
+from diffalign.losses.unpaired import apo_zero_unpaired_loss, kto_loss, npo_loss
 
 __all__ = [
     "LOSSES",
@@ -37,13 +54,19 @@ __all__ = [
     "LossOutput",
     "LossSpec",
     "PairScores",
+    "TokenScores",
     "aot_loss",
     "apo_down_loss",
     "apo_zero_loss",
+    "apo_zero_unpaired_loss",
+    "asft_alignment_loss",
     "bco_pair_loss",
+    "beta_dpo_loss",
+    "cal_dpo_loss",
     "compute_loss",
     "discopop_loss",
     "divergence_scores",
+    "dpo_positive_loss",
     "dpo_sigmoid_loss",
     "exo_pair_loss",
     "f_divergence_score",
@@ -60,7 +83,9 @@ __all__ = [
     "robust_dpo_loss",
     "sft_loss",
     "sigmoid_norm_loss",
+    "simper_loss",
     "simpo_loss",
     "soft_bradley_terry_loss",
     "sppo_hard_loss",
+    "tdpo_loss",
 ]

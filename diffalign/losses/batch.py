@@ -1,13 +1,15 @@
-"""Batch-level losses: they sort scores across the batch, so one pair's loss depends on the others.
+"""Batch-level losses: one pair's loss depends on the others (AOT sorts the batch's scores, β-DPO sets β from
+the batch's mean margin).
 
 Under data parallelism each process holds only its own shard: the trainers gather every process's scores
-first (``diffalign.training.distributed.compute_loss_on_global_batch``), as the paper's behaviour needs (larger
-batches give a better transport plan). This module itself stays pure.
+first (``diffalign.training.distributed.compute_loss_on_global_batch``), as the papers' behaviour needs (larger
+batches give a better transport plan, a better estimate of the batch's margin). This module itself stays pure.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from diffalign.losses.core import LossConfig, PairScores, log_ratios, register_loss
@@ -51,3 +53,35 @@ def _aot(scores: PairScores, config: LossConfig) -> Tensor:
 )
 def _aot_unpaired(scores: PairScores, config: LossConfig) -> Tensor:
     return aot_loss(*log_ratios(scores), config.beta, config.label_smoothing)
+
+
+def beta_dpo_loss(
+    chosen_logratios: Tensor,
+    rejected_logratios: Tensor,
+    beta: float,
+    alpha: float,
+    margin_baseline: Tensor | float = 0.0,
+) -> Tensor:
+    """β-DPO: DPO with a batch-adaptive β that grows with how informative the batch's pairs are.
+
+        M_i = h_w,i − h_l,i,   β_batch = max(β·[1 + α·(mean_i M_i − M0)], 10⁻³)   (detached)
+        L_i = −log σ(β_batch·M_i)
+
+    M0 is the running mean of the margins, kept by the caller (``diffalign.training.loss_state.MarginBaseline``). Wu et al., "β-DPO: Direct
+    Preference Optimization with Dynamic β", NeurIPS 2024, arXiv 2407.08639 (official code
+    junkangwu/beta-DPO, trainers.py). The paper's β-guided data filtering (a Gaussian-weighted random subset of
+    the pairs) is not included: every pair of the batch is trained.
+    """
+    margins = chosen_logratios - rejected_logratios
+    batch_beta = (beta * (1.0 + alpha * (margins.detach().mean() - margin_baseline))).clamp(min=1e-3)
+    return -F.logsigmoid(batch_beta.detach() * margins)
+
+
+@register_loss(
+    "beta_dpo",
+    "β-DPO: DPO with β_batch = β(1 + α(mean margin − M0)), M0 a running mean of the margins",
+    batch_level=True,
+)
+def _beta_dpo(scores: PairScores, config: LossConfig) -> Tensor:
+    baseline = scores.margin_baseline if scores.margin_baseline is not None else 0.0
+    return beta_dpo_loss(*log_ratios(scores), config.beta, config.beta_dpo_alpha, baseline)

@@ -105,3 +105,44 @@ def _apo_zero(scores: PairScores, config: LossConfig) -> Tensor:
 @register_loss("apo_down", "APO-down: σ(βh_w) + 1 − σ(βΔ), both down, rejected more", uses_f_divergence=True)
 def _apo_down(scores: PairScores, config: LossConfig) -> Tensor:
     return apo_down_loss(*log_ratios(scores), *divergence_scores(scores, config), config.beta)
+
+
+def dpo_positive_loss(
+    chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float, penalty: float
+) -> Tensor:
+    """DPO-Positive: DPO with a penalty whenever the chosen likelihood falls below the reference's.
+
+        L = −log σ( β·[ h_w − h_l − λ·max(0, −h_w) ] )     (−h_w = log πref(y_w)/πθ(y_w))
+
+    Pal et al., "Smaug: Fixing Failure Modes of Preference Optimisation with DPO-Positive", arXiv 2402.13228,
+    Eq. 3 (λ = 50 there).
+    """
+    shortfall = torch.relu(-chosen_logratios)
+    return -F.logsigmoid(beta * (chosen_logratios - rejected_logratios - penalty * shortfall))
+
+
+def cal_dpo_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float) -> Tensor:
+    """Cal-DPO: a contrastive term on the raw log-ratios plus their calibration to the reward scale ±1/(2β).
+
+        L = −log σ(h_w − h_l) + ½·[ (h_w − 1/(2β))² + (h_l + 1/(2β))² ]
+
+    Xiao et al., "Cal-DPO: Calibrated Direct Preference Optimization for Language Model Alignment", NeurIPS
+    2024, arXiv 2412.14516; the ½ and the unscaled margin are those of the official code (tengxiao1/Cal-DPO,
+    scripts/dpo_trainer.py), whose batch-mean squared errors average to the per-pair form here.
+    """
+    target = 1.0 / (2.0 * beta)
+    calibration = (chosen_logratios - target) ** 2 + (rejected_logratios + target) ** 2
+    return -F.logsigmoid(chosen_logratios - rejected_logratios) + 0.5 * calibration
+
+
+@register_loss(
+    "dpop",
+    "DPO-Positive: −log σ(β(Δ − λ·max(0, −h_w))), penalising a chosen likelihood below the reference's",
+)
+def _dpop(scores: PairScores, config: LossConfig) -> Tensor:
+    return dpo_positive_loss(*log_ratios(scores), config.beta, config.dpop_lambda)
+
+
+@register_loss("cal_dpo", "Cal-DPO: −log σ(h_w − h_l) + ½[(h_w − 1/(2β))² + (h_l + 1/(2β))²]")
+def _cal_dpo(scores: PairScores, config: LossConfig) -> Tensor:
+    return cal_dpo_loss(*log_ratios(scores), config.beta)

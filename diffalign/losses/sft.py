@@ -29,6 +29,7 @@ def sft_loss(policy_chosen: Tensor, chosen_lengths: Tensor | None = None) -> Ten
     "NLL on the chosen sample (token-mean with lengths; ½·MSE for diffusion)",
     needs_reference=False,
     paired=False,
+    reads_sequence_scores=False,
 )
 def _sft(scores: PairScores, config: LossConfig) -> Tensor:
     return sft_loss(scores.policy_chosen, scores.chosen_lengths)

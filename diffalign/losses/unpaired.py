@@ -35,6 +35,25 @@ def kto_loss(
     return torch.cat([desirable, undesirable])
 
 
+def apo_zero_unpaired_loss(
+    chosen_logratios: Tensor,
+    rejected_logratios: Tensor,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> Tensor:
+    """APO-zero on unpaired samples: raise each desirable likelihood, lower each undesirable one.
+
+        desirable:    λ_D·(1 − σ(β·h)),     undesirable:  λ_U·σ(β·h)
+
+    D'Oosterlinck et al., arXiv 2408.06266, Eq. 7 unpaired; TRL's KTOTrainer ``loss_type="apo_zero_unpaired"``
+    (no reference point z0).
+    """
+    desirable = desirable_weight * (1.0 - torch.sigmoid(beta * chosen_logratios))
+    undesirable = undesirable_weight * torch.sigmoid(beta * rejected_logratios)
+    return torch.cat([desirable, undesirable])
+
+
 def npo_loss(rejected_logratios: Tensor, beta: float) -> Tensor:
     """Negative preference optimisation: push down the likelihood of undesirable samples, boundedly.
 
@@ -66,3 +85,14 @@ def _kto(scores: PairScores, config: LossConfig) -> Tensor:
 def _npo(scores: PairScores, config: LossConfig) -> Tensor:
     _, rejected_logratios = log_ratios(scores)
     return npo_loss(rejected_logratios, config.beta)
+
+
+@register_loss(
+    "apo_zero_unpaired",
+    "APO-zero unpaired: 1 − σ(βh) on desirable, σ(βh) on undesirable samples (KTO's class weights)",
+    paired=False,
+)
+def _apo_zero_unpaired(scores: PairScores, config: LossConfig) -> Tensor:
+    return apo_zero_unpaired_loss(
+        *log_ratios(scores), config.beta, config.kto_desirable_weight, config.kto_undesirable_weight
+    )
