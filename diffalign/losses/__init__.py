@@ -4,6 +4,7 @@ policy-gradient losses on per-element log-probs (``policy_gradient.py``, advanta
 Importing this package registers every preference loss in ``LOSSES``.
 """
 
+from diffalign.losses.advantages import AdvantageConfig, compute_advantages, kl_penalised_rewards
 from diffalign.losses.batch import aot_loss, beta_dpo_loss
 from diffalign.losses.core import (
     LOSSES,
@@ -36,6 +37,11 @@ from diffalign.losses.pair import (
     nca_pair_loss,
     sppo_hard_loss,
 )
+from diffalign.losses.policy_gradient import (
+    PolicyGradientConfig,
+    PolicyGradientOutput,
+    policy_gradient_loss,
+)
 from diffalign.losses.reference_free import (
     asft_alignment_loss,
     log1mexp,
@@ -50,10 +56,13 @@ from diffalign.losses.unpaired import apo_zero_unpaired_loss, kto_loss, npo_loss
 
 __all__ = [
     "LOSSES",
+    "AdvantageConfig",
     "LossConfig",
     "LossOutput",
     "LossSpec",
     "PairScores",
+    "PolicyGradientConfig",
+    "PolicyGradientOutput",
     "TokenScores",
     "aot_loss",
     "apo_down_loss",
@@ -63,6 +72,7 @@ __all__ = [
     "bco_pair_loss",
     "beta_dpo_loss",
     "cal_dpo_loss",
+    "compute_advantages",
     "compute_loss",
     "discopop_loss",
     "divergence_scores",
@@ -72,6 +82,7 @@ __all__ = [
     "f_divergence_score",
     "hinge_loss",
     "ipo_loss",
+    "kl_penalised_rewards",
     "kto_loss",
     "list_losses",
     "log1mexp",
@@ -79,6 +90,7 @@ __all__ = [
     "nca_pair_loss",
     "npo_loss",
     "orpo_odds_ratio_loss",
+    "policy_gradient_loss",
     "register_loss",
     "robust_dpo_loss",
     "sft_loss",
