@@ -63,17 +63,22 @@ def method_config(name: str, **settings) -> Any:
     return getattr(from_dict(MethodConfig, {"name": name, name: settings}), name)
 
 
-def official_inverted_pair(family, model, batch, pair, timestep, *, eta, exact_timestep):
+def official_inverted_pair(
+    family, model, batch, pair, timestep, *, eta, exact_timestep, start_alpha="scheduler"
+):
     """x_t* of pair ``pair`` (chosen, rejected) as the official code computes it, member by member in lockstep.
 
-    diffusers' DDIMInverseScheduler over the 10-step grid below t, then η·√(DDIM variance between the level
-    reached and 100 above)·z, z drawn chosen-then-rejected from the pair's jitter generator. Two deliberate
-    differences from the official script: the clean level has ᾱ = 1 (``set_alpha_to_one``), and the level above
-    901 is capped at 999 where the script indexes past the schedule. With ``exact_timestep`` one more DDIM step
-    goes to t itself, the model evaluated at t.
+    diffusers' DDIMInverseScheduler built from the model's scheduler config (``set_alpha_to_one: false`` in the
+    tiny pipelines as in SD1.5, so the first step starts from ᾱ = alphas_cumprod[0]; ``start_alpha="one"``
+    overrides it to 1) over the 10-step grid below t, then η·√(DDIM variance between the level reached and 100
+    above)·z, z drawn chosen-then-rejected from the pair's jitter generator. One deliberate difference from the
+    official script: the level above 901 is capped at 999 where the script indexes past the schedule. With
+    ``exact_timestep`` one more DDIM step goes to t itself, the model evaluated at t.
     """
     config = family.noise_scheduler.config
-    inverse = DDIMInverseScheduler.from_config(config, set_alpha_to_one=True)
+    assert config.set_alpha_to_one is False
+    overrides = {"set_alpha_to_one": True} if start_alpha == "one" else {}
+    inverse = DDIMInverseScheduler.from_config(config, **overrides)
     inverse.set_timesteps(10)
     variance_of = DDIMScheduler.from_config(config)._get_variance
     alphas = family.noise_scheduler.alphas_cumprod
@@ -90,7 +95,7 @@ def official_inverted_pair(family, model, batch, pair, timestep, *, eta, exact_t
         return eta * sigma * torch.cat([torch.randn((1, 4, 8, 8), generator=generator) for _ in range(2)])
 
     x = latents.clone()
-    alpha_previous = torch.tensor(1.0)
+    alpha_previous = inverse.initial_alpha_cumprod
     with torch.no_grad():
         for level in inverse.timesteps[inverse.timesteps < timestep]:
             noise = model(x, level.repeat(2), **inputs).sample
@@ -104,14 +109,24 @@ def official_inverted_pair(family, model, batch, pair, timestep, *, eta, exact_t
 
 
 @pytest.mark.parametrize("family_name", ["sd", "sdxl"])
-@pytest.mark.parametrize(("inversion_model", "exact_timestep"), [("reference", False), ("policy", True)])
-def test_inpo_loss_equals_the_official_procedure(model_dirs, family_name, inversion_model, exact_timestep):
+@pytest.mark.parametrize(
+    ("inversion_model", "exact_timestep", "start_alpha"),
+    [("reference", False, "scheduler"), ("policy", True, "scheduler"), ("policy", False, "one")],
+)
+def test_inpo_loss_equals_the_official_procedure(
+    model_dirs, family_name, inversion_model, exact_timestep, start_alpha
+):
     """L = −log σ(−½β[(Lθ_w − Lθ_l) − (Lref_w − Lref_l)]), L = mean (ε_model(x_t*, t) − ε*)², β = 2000,
     ε* = (x_t* − √ᾱ_t·x0)/√(1−ᾱ_t), written out here per pair."""
     family = load_family(str(model_dirs[family_name]))
     policy = lora_policy(family)
     batch = pair_batch(family)
-    settings = method_config("inpo", inversion_model=inversion_model, invert_to_exact_timestep=exact_timestep)
+    settings = method_config(
+        "inpo",
+        inversion_model=inversion_model,
+        invert_to_exact_timestep=exact_timestep,
+        inversion_start_alpha=start_alpha,
+    )
     method = DDIMInPO(family, ReferenceDenoiser(policy, frozen_copy=False), settings)
     scores, _ = method.pair_scores(policy, batch)
     loss = compute_loss(scores, LossConfig(type=["sigmoid"], beta=2000.0)).loss
@@ -123,7 +138,14 @@ def test_inpo_loss_equals_the_official_procedure(model_dirs, family_name, invers
     inside = []
     for pair, timestep in enumerate(timesteps.tolist()):
         latents, inverted, inputs = official_inverted_pair(
-            family, inverter, batch, pair, timestep, eta=0.1, exact_timestep=exact_timestep
+            family,
+            inverter,
+            batch,
+            pair,
+            timestep,
+            eta=0.1,
+            exact_timestep=exact_timestep,
+            start_alpha=start_alpha,
         )
         alpha = alphas[timestep]
         noise = (inverted - alpha.sqrt() * latents) / (1 - alpha).sqrt()
@@ -155,6 +177,17 @@ class AdaptersDisabled(torch.nn.Module):
             return self.model(*args, **kwargs)
         finally:
             self.model.enable_adapters()
+
+
+def test_inversion_starts_where_the_scheduler_config_says_by_default(model_dirs):
+    """The tiny pipelines' config (as SD1.5's) has set_alpha_to_one: false: the default start is
+    alphas_cumprod[0], as the official code's inverse scheduler; ``one`` keeps ᾱ = 1."""
+    family = load_family(str(model_dirs["sd"]))
+    default = DDIMInPO(family, None, method_config("inpo", inversion_model="policy"))
+    assert default.start_alpha == pytest.approx(family.noise_scheduler.alphas_cumprod[0].item())
+    assert default.start_alpha < 1.0
+    one = DDIMInPO(family, None, method_config("inpo", inversion_model="policy", inversion_start_alpha="one"))
+    assert one.start_alpha == 1.0
 
 
 def test_reference_free_losses_need_the_policy_to_invert(model_dirs):

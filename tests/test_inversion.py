@@ -1,11 +1,20 @@
 """DDIM inversion: exact round trips in worlds where the model is exact, parity with diffusers' inverse
 scheduler, and a step-by-step re-derivation (with jitter) on a tiny U-Net."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from diffusers import DDIMInverseScheduler, DDPMScheduler, UNet2DConditionModel
 
-from diffalign.diffusion.inversion import ddim_invert, ddim_sample, inversion_grid, split_prediction
+from diffalign.diffusion.inversion import (
+    ddim_invert,
+    ddim_sample,
+    inversion_grid,
+    inversion_start_alpha,
+    split_prediction,
+)
 
 SD_SCHEDULER = {
     "_class_name": "DDPMScheduler",
@@ -111,11 +120,14 @@ def tiny_unet() -> UNet2DConditionModel:
     ).eval()
 
 
-def test_eta_zero_matches_diffusers_inverse_scheduler(tiny_unet):
-    """η = 0 and one t for the batch: diffusers' DDIMInverseScheduler (clean level ᾱ = 1) over the grid below t."""
+@pytest.mark.parametrize("set_alpha_to_one", [False, True])
+def test_eta_zero_matches_diffusers_inverse_scheduler(tiny_unet, set_alpha_to_one):
+    """η = 0 and one t for the batch: diffusers' DDIMInverseScheduler over the grid below t, its clean level
+    ᾱ_start taken from the config as diffusers does (alphas_cumprod[0] without set_alpha_to_one)."""
     torch.manual_seed(3)
     latents, context = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16)
-    inverse = DDIMInverseScheduler.from_config(SD_SCHEDULER, set_alpha_to_one=True)
+    config = {**SD_SCHEDULER, "set_alpha_to_one": set_alpha_to_one}
+    inverse = DDIMInverseScheduler.from_config(config)
     inverse.set_timesteps(10)
     expected = latents.clone()
     with torch.no_grad():
@@ -126,10 +138,35 @@ def test_eta_zero_matches_diffusers_inverse_scheduler(tiny_unet):
     def predict(sample, levels):
         return tiny_unet(sample, levels, context).sample
 
-    ours = ddim_invert(
-        latents, predict, alphas_cumprod(), inversion_grid(SD_SCHEDULER, 10), torch.tensor([640, 640])
-    )
+    grid = inversion_grid(config, 10)
+    start = inversion_start_alpha(config)
+    ours = ddim_invert(latents, predict, alphas_cumprod(), grid, torch.tensor([640, 640]), start_alpha=start)
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_sd15_inversion_starts_from_the_first_alphas_cumprod():
+    """SD1.5's scheduler config (set_alpha_to_one: false): ᾱ_start = alphas_cumprod[0] = 0.99915, and the first
+    step is x_1 = √ᾱ_1·(x_0 − √(1−ᾱ_start)·ε̂)/√ᾱ_start + √(1−ᾱ_1)·ε̂, written out here."""
+    config = json.loads((Path(__file__).parents[1] / "configs/models/sd15/scheduler.json").read_text())
+    alphas = DDPMScheduler.from_config(config).alphas_cumprod
+    start = inversion_start_alpha(config)
+    assert start == pytest.approx(alphas[0].item()) and start == pytest.approx(0.99915, abs=1e-5)
+    assert inversion_start_alpha({**config, "set_alpha_to_one": True}) == 1.0
+
+    torch.manual_seed(5)
+    latents, noise = torch.randn(1, 4, 6, 6), torch.randn(1, 4, 6, 6)
+    grid = inversion_grid(config, 10)
+    inverted = ddim_invert(
+        latents, lambda sample, levels: noise, alphas, grid, torch.tensor([50]), start_alpha=start
+    )
+    first = alphas[1].double()
+    start = torch.tensor(start, dtype=torch.float64)
+    clean = (latents.double() - (1 - start).sqrt() * noise.double()) / start.sqrt()
+    expected = first.sqrt() * clean + (1 - first).sqrt() * noise.double()
+    torch.testing.assert_close(inverted, expected.float(), atol=1e-6, rtol=1e-6)
+    # ᾱ_start = 1 lands elsewhere: the two starts differ by about 1% of the latent.
+    from_one = ddim_invert(latents, lambda sample, levels: noise, alphas, grid, torch.tensor([50]))
+    assert ((inverted - from_one).norm() / inverted.norm()).item() > 1e-3
 
 
 @pytest.mark.parametrize("exact_timestep", [False, True])

@@ -6,9 +6,15 @@ latent between noise levels ᾱ_a and ᾱ_b through the model's estimates of the
     x̂0 = (x_a − √(1−ᾱ_a)·ε̂) / √ᾱ_a,      x_b = √ᾱ_b·x̂0 + √(1−ᾱ_b)·ε̂
 
 Sampling walks the inference grid down (ᾱ_b > ᾱ_a, ε̂ = ε_θ(x_a, a)); inversion walks it up from the clean
-latent (level −1, ᾱ = 1), evaluating the model at the level it is heading to, ε̂ = ε_θ(x_a, b), as diffusers'
+latent (level −1), evaluating the model at the level it is heading to, ε̂ = ε_θ(x_a, b), as diffusers'
 ``DDIMInverseScheduler`` and the InPO code do (the usual approximation: x_b is not known yet). With a model
 whose ε̂ does not depend on its input the two walks are exact inverses.
+
+The first inversion step reads the clean latent as a sample at ᾱ_start. diffusers' ``DDIMInverseScheduler``
+takes it from the scheduler config: ᾱ_start = 1 with ``set_alpha_to_one: true`` (its default), and
+ᾱ_start = alphas_cumprod[0] with ``set_alpha_to_one: false``, which is Stable Diffusion's config (0.99915 for
+SD1.5) and so what the official InPO code, building its inverse scheduler from SD1.5's, starts from
+(:func:`inversion_start_alpha`). ᾱ_start = 1, the DDIM paper's clean level, is the other choice.
 
 Every function is batched with a timestep per sample, so one call inverts latents to different levels.
 """
@@ -18,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMInverseScheduler, DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
@@ -37,6 +43,12 @@ def inversion_grid(scheduler_config: dict, num_steps: int) -> Tensor:
     scheduler = DDIMScheduler.from_config(scheduler_config)
     scheduler.set_timesteps(num_steps)
     return scheduler.timesteps.flip(0).long()
+
+
+def inversion_start_alpha(scheduler_config: dict) -> float:
+    """ᾱ of the clean latent at the first inversion step, as diffusers' ``DDIMInverseScheduler`` built from
+    ``scheduler_config`` has it: alphas_cumprod[0] when the config sets ``set_alpha_to_one: false``, else 1."""
+    return float(DDIMInverseScheduler.from_config(scheduler_config).initial_alpha_cumprod)
 
 
 def alpha_at(alphas_cumprod: Tensor, levels: Tensor) -> Tensor:
@@ -121,13 +133,16 @@ def ddim_invert(
     exact_timestep: bool = False,
     eta: float = 0.0,
     generator: torch.Generator | list[torch.Generator] | None = None,
+    start_alpha: float = 1.0,
 ) -> Tensor:
     """Invert clean ``latents`` ``[N, …]`` up the DDIM ``grid`` (ascending timesteps) towards ``timesteps`` ``[N]``.
 
     Each sample takes one step per grid point strictly below its timestep, so it lands on the largest such
     point (and stays clean if there is none); with ``exact_timestep`` a last step takes it from there to its
-    timestep itself. After every step, ``eta > 0`` adds η·σ·N(0, I) (σ from :func:`jitter_std`), drawn from
-    ``generator`` (one per sample for per-sample reproducibility, as in diffusers pipelines).
+    timestep itself. The first step reads the clean latent as a sample at ᾱ = ``start_alpha`` (module
+    docstring; :func:`inversion_start_alpha` gives diffusers' value for a scheduler config). After every step,
+    ``eta > 0`` adds η·σ·N(0, I) (σ from :func:`jitter_std`), drawn from ``generator`` (one per sample for
+    per-sample reproducibility, as in diffusers pipelines).
 
     The model sees latents in the caller's dtype; the DDIM arithmetic runs in fp32. Returns the caller's dtype.
     """
@@ -139,7 +154,10 @@ def ddim_invert(
         if not step_active.any():
             break
         model_output = predict(sample.to(latents.dtype), step_levels)
-        alpha_from = _per_sample(alpha_at(alphas_cumprod, current), sample)
+        alpha_from = alpha_at(alphas_cumprod, current)
+        alpha_from = _per_sample(
+            torch.where(current < 0, torch.full_like(alpha_from, start_alpha), alpha_from), sample
+        )
         alpha_to = _per_sample(alpha_at(alphas_cumprod, step_levels), sample)
         stepped = ddim_step(sample, model_output, alpha_from, alpha_to, prediction_type)
         if eta > 0:

@@ -7,7 +7,9 @@ model as a one-step generator of x0 from a latent that DDIM inversion ties to th
 1. x_t* = DDIM inversion of x0 along the scheduler's inference grid (``inpo.inversion_steps``, 10 as the
    official code) with jitter η·σ·N(0, I) after each step (``inpo.inversion_eta``, official 0.1), by the
    reference (default) or by the policy itself (``inpo.inversion_model: policy``, the official code), under
-   ``no_grad``, for both members of every pair in one batch;
+   ``no_grad``, for both members of every pair in one batch. The first step starts from the ᾱ that diffusers'
+   ``DDIMInverseScheduler`` takes from the model's scheduler config, alphas_cumprod[0] for SD1.5 as in the
+   official code (``inpo.inversion_start_alpha: scheduler``; ``one`` starts from ᾱ = 1);
 2. ε* = (x_t* − √ᾱ_t·x0) / √(1−ᾱ_t), so that x_t* reads as a forward-process sample with noise ε*;
 3. policy and reference errors on (x_t*, ε*) (or the v target built from ε*), scored ``−½·error`` as in
    Diffusion-DPO: with ``loss.type: [sigmoid]`` the official loss −log σ(−½β[(Lθ_w − Lref_w) − (Lθ_l − Lref_l)]).
@@ -28,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from diffalign.diffusion.families import DiffusionFamily
-from diffalign.diffusion.inversion import ddim_invert, inversion_grid
+from diffalign.diffusion.inversion import ddim_invert, inversion_grid, inversion_start_alpha
 from diffalign.diffusion.methods.base import (
     LatentPairBatch,
     PreferenceMethod,
@@ -63,6 +65,10 @@ class InpoSettings:
     inversion_model: Literal["reference", "policy"] = "reference"
     # false (official): x_t* lands on the largest grid point below t; true: one more step to t itself.
     invert_to_exact_timestep: bool = False
+    # ᾱ of the clean latent at the first inversion step. scheduler (official): diffusers' DDIMInverseScheduler
+    # built from the model's scheduler config, alphas_cumprod[0] where it sets set_alpha_to_one: false (SD1.5,
+    # SDXL); one: ᾱ = 1.
+    inversion_start_alpha: Literal["scheduler", "one"] = "scheduler"
 
     def __post_init__(self) -> None:
         if self.inversion_steps < 1:
@@ -83,6 +89,9 @@ class DDIMInPO(PreferenceMethod):
     ) -> None:
         super().__init__(family, reference, settings)
         self.grid = inversion_grid(family.noise_scheduler.config, self.settings.inversion_steps)
+        self.start_alpha = 1.0
+        if self.settings.inversion_start_alpha == "scheduler":
+            self.start_alpha = inversion_start_alpha(family.noise_scheduler.config)
 
     @classmethod
     def check_config(cls, config: DiffusionTrainConfig) -> None:
@@ -119,6 +128,7 @@ class DDIMInPO(PreferenceMethod):
                 exact_timestep=self.settings.invert_to_exact_timestep,
                 eta=self.settings.inversion_eta,
                 generator=generator,
+                start_alpha=self.start_alpha,
             )
 
     def pair_scores(
