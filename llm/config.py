@@ -84,10 +84,18 @@ class ReferenceConfig:
     strategy: Literal["auto", "frozen_copy", "adapter_disabled", "precomputed"] = "auto"
     cache_dir: str = ".cache/diffalign/reference_logps"
     batch_size: int = 8  # pairs per forward when precomputing
+    # TR-DPO (TRL's sync_ref_model): every sync_steps optimizer steps π_ref ← mixup_alpha·πθ + (1 − α)·π_ref.
+    # null: a fixed reference. Needs a frozen copy of a full fine-tune.
+    sync_steps: int | None = None
+    mixup_alpha: float = 0.6
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"reference.batch_size must be >= 1, got {self.batch_size}")
+        if self.sync_steps is not None and self.sync_steps < 1:
+            raise ValueError(f"reference.sync_steps must be >= 1 or null, got {self.sync_steps}")
+        if not 0.0 < self.mixup_alpha <= 1.0:
+            raise ValueError(f"reference.mixup_alpha must be in (0, 1], got {self.mixup_alpha}")
 
 
 @dataclass
@@ -144,6 +152,7 @@ class LLMTrainConfig:
                 "reference.strategy: adapter_disabled needs model.trainable: lora; use frozen_copy or "
                 "precomputed (or auto) for a full fine-tune"
             )
+        self._check_reference_needs()
         if self.data.schema == "unpaired":
             paired = [name for name in self.loss.type if LOSSES[name].paired]
             if paired:
@@ -151,6 +160,24 @@ class LLMTrainConfig:
                     f"data.schema: unpaired has no chosen/rejected pairs, but loss.type has paired losses {paired}; "
                     f"use an unpaired loss ({[s.name for s in LOSSES.values() if not s.paired]}) or paired data"
                 )
+
+    def _check_reference_needs(self) -> None:
+        strategy = self.reference_strategy
+        token_inputs = self.loss.needed_inputs() & {"token_logps", "token_kl", "token_vocab"}
+        if token_inputs and strategy == "precomputed":
+            raise ValueError(
+                f"loss.type={self.loss.type} (ld_alpha={self.loss.ld_alpha}) needs the reference's per-token "
+                "log-probs, but reference.strategy: precomputed stores summed ones; use frozen_copy or "
+                "adapter_disabled (or auto)"
+            )
+        if self.reference.sync_steps is not None and (
+            strategy != "frozen_copy" or self.model.trainable != "full"
+        ):
+            raise ValueError(
+                f"reference.sync_steps (TR-DPO) moves a frozen copy of the model towards the policy, but the "
+                f"reference is {strategy!r} with model.trainable: {self.model.trainable}; use model.trainable: full "
+                "with reference.strategy: frozen_copy (or auto), or set reference.sync_steps: null"
+            )
 
     @property
     def needs_reference(self) -> bool:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from diffalign.llm.batching import PreferenceDataset
-from diffalign.llm.logprobs import completion_logps
+from diffalign.llm.logprobs import TokenLogps, completion_logps, completion_token_logps
 
 logger = logging.getLogger("diffalign")
 
@@ -32,14 +32,28 @@ class ModelReference:
         self.model = model
         self.adapter_disabled = adapter_disabled
 
+    def _context(self) -> contextlib.AbstractContextManager:
+        return self.model.disable_adapter() if self.adapter_disabled else contextlib.nullcontext()
+
     @torch.no_grad()
     def __call__(self, batch: dict[str, Tensor]) -> Tensor:
-        context = self.model.disable_adapter() if self.adapter_disabled else contextlib.nullcontext()
-        with context:
+        with self._context():
             logps, _ = completion_logps(
                 self.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
             )
         return logps
+
+    @torch.no_grad()
+    def tokens(self, batch: dict[str, Tensor], *, keep_logits: bool = False) -> TokenLogps:
+        """Per-token reference log-probs of the batch's rows (and the logits, for TDPO's KL)."""
+        with self._context():
+            return completion_token_logps(
+                self.model,
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["completion_mask"],
+                keep_logits=keep_logits,
+            )
 
 
 def precomputed_reference(batch: dict[str, Tensor]) -> Tensor:

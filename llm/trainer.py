@@ -1,8 +1,9 @@
 """The LLM preference trainer: a recipe for the shared training loop.
 
 It loads the policy and tokenizer, tokenizes the preference data, sets up the reference (frozen copy, adapter
-disabled, or precomputed log-probs), and in each step turns a batch into summed completion log-probs, the
-core's ``PairScores`` and the loss. Evaluation samples held-out prompts from the base model (once, before
+disabled, or precomputed log-probs; moved towards the policy every few steps with TR-DPO's
+``reference.sync_steps``), and in each step turns a batch into summed completion log-probs (per-token ones too
+when a token-level loss or option is configured), the core's ``PairScores`` and the loss. Evaluation samples held-out prompts from the base model (once, before
 training) and from the aligned model with the same seeds, and reports the win rate under a reward.
 """
 
@@ -29,7 +30,7 @@ from diffalign.llm.evaluate import (
     score,
     win_rate,
 )
-from diffalign.llm.logprobs import completion_logps
+from diffalign.llm.logprobs import completion_logps, completion_token_logps, token_kl
 from diffalign.llm.model import (
     frozen_copy,
     load_model,
@@ -39,9 +40,12 @@ from diffalign.llm.model import (
     weight_dtype,
 )
 from diffalign.llm.reference import ModelReference, load_or_precompute, precomputed_reference
-from diffalign.losses import LOSSES, PairScores
+from diffalign.losses import LOSSES, PairScores, TokenScores
 from diffalign.training import StepOutput, make_accelerator, run_training
 from diffalign.training.distributed import compute_loss_on_global_batch, mean_over_processes
+from diffalign.training.engines import shards_parameters
+from diffalign.training.loss_state import MarginBaseline
+from diffalign.training.reference_sync import ReferenceSync
 
 logger = logging.getLogger("diffalign")
 
@@ -100,6 +104,22 @@ class LLMRecipe:
         if strategy == "adapter_disabled":
             self.reference = ModelReference(self.model, adapter_disabled=True)
         logger.info("reference: %s", strategy)
+        self.token_inputs = config.loss.needed_inputs()
+        self.reference_sync = None
+        if config.reference.sync_steps is not None:
+            if shards_parameters(accelerator):
+                raise ValueError(
+                    "reference.sync_steps (TR-DPO) is not supported under FSDP or ZeRO-3, where the policy's "
+                    "parameters are sharded; use DDP or ZeRO-2, or set reference.sync_steps: null"
+                )
+            self.reference_sync = ReferenceSync(
+                self.reference.model,
+                every=config.reference.sync_steps,
+                alpha=config.reference.mixup_alpha,
+                accumulation_steps=config.run.gradient_accumulation_steps,
+            )
+        self.margin_baseline = MarginBaseline() if "beta_dpo" in config.loss.type else None
+        self.micro_batches = 0  # seen by training_step, for the reference's sync steps
 
     def _build_dataset(self) -> PreferenceDataset:
         config = self.config
@@ -125,8 +145,11 @@ class LLMRecipe:
 
     # --- training -----------------------------------------------------------------------------------------------
     def pair_scores(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[PairScores, dict[str, Tensor]]:
-        """The core's inputs for a batch: summed completion log-probs of policy and reference, and lengths."""
+        """The core's inputs for a batch: summed completion log-probs of policy and reference, and lengths
+        (and the per-token values when a configured loss or option needs them)."""
         size = len(batch["index"])
+        if self.train_dataset.paired and "token_logps" in self.token_inputs:
+            return self.token_pair_scores(model, batch), {}
         reference = self.reference(batch) if self.reference is not None else None
         if self.train_dataset.paired:
             logps, lengths = completion_logps(model, **select_rows(batch, slice(None)))
@@ -163,9 +186,50 @@ class LLMRecipe:
         )
         return scores, metrics
 
+    def token_pair_scores(self, model: nn.Module, batch: dict[str, Tensor]) -> PairScores:
+        """Paired scores with per-token inputs: the policy's (and the reference's) per-token log-probs, with the
+        per-token KL between them for TDPO and WPO's log Σ p² when configured."""
+        size = len(batch["index"])
+        rows = select_rows(batch, slice(None))
+        with_kl = "token_kl" in self.token_inputs
+        policy = completion_token_logps(
+            model, **rows, keep_logits=with_kl, with_log_sum_sq_probs="token_vocab" in self.token_inputs
+        )
+        reference = self.reference.tokens(rows, keep_logits=with_kl) if self.reference is not None else None
+        kl = token_kl(reference.logits, policy.logits) if with_kl else None
+
+        def side(part: slice) -> TokenScores:
+            return TokenScores(
+                policy=policy.token_logps[part],
+                mask=policy.mask[part],
+                reference=reference.token_logps[part] if reference is not None else None,
+                kl=kl[part] if kl is not None else None,
+                log_sum_sq_probs=policy.log_sum_sq_probs[part]
+                if policy.log_sum_sq_probs is not None
+                else None,
+            )
+
+        chosen, rejected = slice(0, size), slice(size, None)
+        sums, lengths = policy.sums, policy.lengths
+        return PairScores(
+            policy_chosen=sums[chosen],
+            policy_rejected=sums[rejected],
+            ref_chosen=reference.sums[chosen] if reference is not None else None,
+            ref_rejected=reference.sums[rejected] if reference is not None else None,
+            chosen_lengths=lengths[chosen],
+            rejected_lengths=lengths[rejected],
+            chosen_tokens=side(chosen),
+            rejected_tokens=side(rejected),
+        )
+
     def training_step(self, model: nn.Module, batch: dict[str, Tensor]) -> StepOutput:
+        if self.reference_sync is not None:
+            self.reference_sync.before_micro_batch(self.micro_batches, model)
+        self.micro_batches += 1
         scores, metrics = self.pair_scores(model, batch)
-        # Batch-level losses (AOT) sort the scores of every process's pairs, not just this process's.
+        if self.margin_baseline is not None:
+            scores = self.margin_baseline.update(scores)
+        # Batch-level losses (AOT, β-DPO) see the scores of every process's pairs, not just this process's.
         output = compute_loss_on_global_batch(scores, self.config.loss)
         return StepOutput(
             loss=output.loss,
@@ -206,6 +270,22 @@ class LLMRecipe:
                     "aligned_reward": scores[i].item(),
                 }
                 out.write(json.dumps(row) + "\n")
+
+    # --- resumption ---------------------------------------------------------------------------------------------
+    def extra_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"micro_batches": self.micro_batches}
+        if self.reference_sync is not None:  # the moved reference, not the initial model
+            state["reference"] = self.reference_sync.state_dict()
+        if self.margin_baseline is not None:
+            state["margin_baseline"] = self.margin_baseline.state_dict()
+        return state
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.micro_batches = state.get("micro_batches", 0)
+        if self.reference_sync is not None and "reference" in state:
+            self.reference_sync.load_state_dict(state["reference"])
+        if self.margin_baseline is not None and "margin_baseline" in state:
+            self.margin_baseline.load_state_dict(state["margin_baseline"])
 
     # --- export -------------------------------------------------------------------------------------------------
     def save_final(self, model: nn.Module, output_dir: Path) -> None:

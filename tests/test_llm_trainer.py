@@ -130,15 +130,18 @@ STRATEGIES = {"frozen_copy": "full", "adapter_disabled": "lora", "precomputed": 
 @pytest.mark.parametrize("loss", REFERENCE_LOSSES)
 def test_every_loss_trains_one_step_with_each_reference(loss, strategy, tiny_dir, tmp_path):
     trainable = STRATEGIES[strategy]
-    config = tiny_config(
-        tiny_dir,
-        tmp_path,
+    sections = dict(
         model={"trainable": trainable},
         data=data_for(loss),
         reference={"strategy": strategy},
         loss=loss_settings(loss),
     )
-    metrics = train(config)
+    if LOSSES[loss].needs_token_kl and strategy == "precomputed":
+        # Precomputed references are summed log-probs; TDPO needs the reference's per-token distributions.
+        with pytest.raises(ValueError, match="per-token log-probs, but reference.strategy: precomputed"):
+            tiny_config(tiny_dir, tmp_path, **sections)
+        return
+    metrics = train(tiny_config(tiny_dir, tmp_path, **sections))
     assert math.isfinite(metrics["loss"]) and metrics["tokens_per_s"] > 0
     assert_trained_weights_moved(tiny_dir, tmp_path / "final", trainable)
     if strategy == "precomputed":

@@ -25,6 +25,7 @@ from accelerate.utils import gather, pad_across_processes
 from torch import Tensor
 
 from diffalign.losses import LOSSES, LossConfig, LossOutput, PairScores, compute_loss
+from diffalign.losses.core import SCALAR_FIELDS
 
 
 class _ScaleGradient(torch.autograd.Function):
@@ -74,12 +75,17 @@ def mean_over_processes(values: Tensor) -> Tensor:
 
 
 def gather_pair_scores(scores: PairScores) -> PairScores:
-    """The global batch's scores: every tensor field gathered across processes (``kl_reference_point``, already
-    a global scalar, is kept)."""
+    """The global batch's scores: every per-sample field gathered across processes (``kl_reference_point`` and
+    ``margin_baseline``, already global scalars, are kept)."""
+    if scores.has_tokens:
+        raise ValueError(
+            "a batch-level loss (aot, aot_unpaired, beta_dpo) with per-token inputs (ld_alpha, use_weighting, "
+            "tdpo) is not supported across processes; drop one of them or train on one process"
+        )
     updates = {
         field.name: gather_across_processes(value)
         for field in dataclasses.fields(scores)
-        if (value := getattr(scores, field.name)) is not None and field.name != "kl_reference_point"
+        if (value := getattr(scores, field.name)) is not None and field.name not in SCALAR_FIELDS
     }
     return dataclasses.replace(scores, **updates)
 
