@@ -47,6 +47,11 @@ class DiffusionModelConfig:
     drop_text_encoders: list[str] = field(default_factory=list)  # e.g. [text_encoder_3]: SD3 without T5
     guidance: float = 3.5  # the guidance embedding of guidance-distilled models (FLUX.1-dev) in training
     audio_seconds: float | None = None  # clip length of training audio and samples (ACE-Step); null: the default
+    # TR-DPO (TRL's sync_ref_model): every reference_sync_steps optimizer steps the loss's reference moves to
+    # mixup_alpha·policy + (1 − mixup_alpha)·reference. It is a frozen copy of its own (the base model for
+    # evaluation stays the initial one), so a full fine-tune holds three copies of the denoiser. null: fixed.
+    reference_sync_steps: int | None = None
+    reference_mixup_alpha: float = 0.6
 
     def family_options(self) -> FamilyOptions:
         return FamilyOptions(
@@ -67,6 +72,17 @@ class DiffusionModelConfig:
             raise ValueError(
                 "model.reference: adapter_disabled needs model.trainable: lora; use frozen_copy (or auto) for full"
             )
+        if self.reference_sync_steps is not None:
+            if self.trainable != "full" or self.reference_cache is not None:
+                raise ValueError(
+                    "model.reference_sync_steps (TR-DPO) moves a frozen copy of the denoiser towards the policy: "
+                    "it needs model.trainable: full and no model.reference_cache; or set it to null"
+                )
+            if self.reference_sync_steps < 1 or not 0.0 < self.reference_mixup_alpha <= 1.0:
+                raise ValueError(
+                    f"model.reference_sync_steps={self.reference_sync_steps} must be >= 1 and "
+                    f"model.reference_mixup_alpha={self.reference_mixup_alpha} in (0, 1]"
+                )
 
 
 def _method_config_class() -> type:
@@ -116,6 +132,13 @@ class DiffusionTrainConfig:
 
     def __post_init__(self) -> None:
         method = METHODS[self.method.name]
+        token_inputs = self.loss.needed_inputs() & {"token_logps", "token_kl", "token_vocab"}
+        if token_inputs:
+            raise ValueError(
+                f"loss.type={self.loss.type} with ld_alpha={self.loss.ld_alpha}, use_weighting="
+                f"{self.loss.use_weighting} needs per-token log-probs, which diffusion scores do not have (one "
+                "denoising error per sample); use a loss on per-sample scores and leave the token options unset"
+            )
         if self.model.reference_cache is not None:
             # Other methods' reference inputs are no fixed function of the pair (DDIM inversion by the policy,
             # generated losers), so only theirs can be stored.

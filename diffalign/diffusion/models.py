@@ -22,8 +22,11 @@ def make_trainable(denoiser: nn.Module, config: DiffusionModelConfig) -> None:
         denoiser.add_adapter(config.lora.peft_config())
 
 
-def build_models(config: DiffusionTrainConfig, accelerator: Accelerator) -> tuple[DiffusionFamily, ReferenceDenoiser]:
-    """The family (denoiser trainable, everything else frozen, on the device) and the reference.
+def build_models(
+    config: DiffusionTrainConfig, accelerator: Accelerator
+) -> tuple[DiffusionFamily, ReferenceDenoiser, ReferenceDenoiser | None]:
+    """The family (denoiser trainable, everything else frozen, on the device), the reference and, with TR-DPO's
+    ``model.reference_sync_steps``, a second frozen copy for the loss that moves towards the policy.
 
     The reference is built even for reference-free losses: evaluation samples the base model through it. With
     LoRA it is the policy with its adapters off; a full fine-tune gets a frozen copy (``model.reference``).
@@ -52,13 +55,17 @@ def build_models(config: DiffusionTrainConfig, accelerator: Accelerator) -> tupl
     reference = ReferenceDenoiser(
         denoiser, frozen_copy=reference_mode == "frozen_copy", offload_to_cpu=model.offload_reference
     )
-    if reference.copy is not None:
-        reference.copy.to(dtype=weight_dtype)
+    synced = None
+    if model.reference_sync_steps is not None:
+        synced = ReferenceDenoiser(denoiser, frozen_copy=True, offload_to_cpu=model.offload_reference)
+    frozen_copies = [ref.copy for ref in (reference, synced) if ref is not None and ref.copy is not None]
+    for frozen in frozen_copies:
+        frozen.to(dtype=weight_dtype)
     if model.compile:
-        # After the frozen copy is made: a deep copy of a compiled module would call the original's forward.
+        # After the frozen copies are made: a deep copy of a compiled module would call the original's forward.
         # Compiled in place, so parameter names, checkpoints and exported files stay those of the module.
         settings = {"mode": model.compile_mode, "backend": model.compile_backend}
         denoiser.compile(**settings)
-        if reference.copy is not None:
-            reference.copy.compile(**settings)
-    return family, reference
+        for frozen in frozen_copies:
+            frozen.compile(**settings)
+    return family, reference, synced

@@ -27,7 +27,10 @@ from diffalign.diffusion.models import build_models
 from diffalign.diffusion.reference_cache import FixedDraws, ReferenceErrors, load_or_build_reference_errors
 from diffalign.diffusion.training_data import build_pair_dataset
 from diffalign.training import StepOutput, make_accelerator, run_training
+from diffalign.training.engines import shards_parameters
+from diffalign.training.loss_state import MarginBaseline
 from diffalign.training.precision import mixed_precision_dtype
+from diffalign.training.reference_sync import ReferenceSync
 
 logger = logging.getLogger("diffalign")
 
@@ -37,10 +40,26 @@ class DiffusionRecipe:
         self.config = config
         self.accelerator = accelerator
         self.output_dir = Path(config.run.output_dir)
-        self.family, self.base_model = build_models(config, accelerator)
+        self.family, self.base_model, synced_reference = build_models(config, accelerator)
         self.model = self.family.denoiser
         method_class = METHODS[config.method.name]
         reference = self.base_model if config.uses_reference else None
+        self.reference_sync = None
+        if synced_reference is not None and config.uses_reference:
+            # TR-DPO: the loss's reference is a frozen copy of its own that moves towards the policy; the base
+            # model that evaluation samples stays the initial one.
+            if shards_parameters(accelerator):
+                raise ValueError(
+                    "model.reference_sync_steps (TR-DPO) is not supported under FSDP or ZeRO-3, where the policy's "
+                    "parameters are sharded; use DDP or ZeRO-2, or set model.reference_sync_steps: null"
+                )
+            reference = synced_reference
+            self.reference_sync = ReferenceSync(
+                synced_reference.copy,
+                every=config.model.reference_sync_steps,
+                alpha=config.model.reference_mixup_alpha,
+                accumulation_steps=config.run.gradient_accumulation_steps,
+            )
         self.method = method_class(self.family, reference, config.method.settings())
         # The loop keeps the model that maximises this evaluation metric (early stopping), if the method has one.
         self.selection_metric = method_class.selection_metric
@@ -48,7 +67,11 @@ class DiffusionRecipe:
         self.decoder = self.family.media_decoder(config.data)
         data = self.method.training_data(config, accelerator) or TrainingData(
             *build_pair_dataset(
-                config.data, family=self.family, seed=config.run.seed, accelerator=accelerator, decoder=self.decoder
+                config.data,
+                family=self.family,
+                seed=config.run.seed,
+                accelerator=accelerator,
+                decoder=self.decoder,
             )
         )
         self.train_dataset, self.collate, self.data_stats = data.dataset, data.collate, data.stats
@@ -62,6 +85,7 @@ class DiffusionRecipe:
             self.reference_errors = self._reference_errors()
         self.sample_evaluation = SampleEvaluation(config.eval, self.family, self.base_model, self.output_dir)
         self.micro_batches = 0  # seen by training_step, so online methods know the optimizer step
+        self.margin_baseline = MarginBaseline() if "beta_dpo" in config.loss.type else None
 
     def _reference_errors(self) -> ReferenceErrors:
         config = self.config
@@ -82,7 +106,9 @@ class DiffusionRecipe:
             },
             accelerator=self.accelerator,
         )
-        self.data_stats.update(reference_cache_pairs=errors.num_pairs, reference_cache_built=int(errors.built))
+        self.data_stats.update(
+            reference_cache_pairs=errors.num_pairs, reference_cache_built=int(errors.built)
+        )
         # Training never calls the reference again; only base-model samples for evaluation do.
         self.base_model.offload()
         return errors
@@ -100,20 +126,28 @@ class DiffusionRecipe:
         family = self.family
         noise_seeds = self.noise_seeds(batch)
         if "chosen_latents" in batch:
-            chosen, rejected, prompt_embeds = batch["chosen_latents"], batch["rejected_latents"], batch["prompt_embeds"]
+            chosen, rejected, prompt_embeds = (
+                batch["chosen_latents"],
+                batch["rejected_latents"],
+                batch["prompt_embeds"],
+            )
         else:
             with torch.no_grad():
                 media = self.decoder.name
                 both = torch.cat([batch[f"chosen_{media}"], batch[f"rejected_{media}"]])
                 # Posterior samples draw from their own streams (odd seeds), apart from the diffusion noise.
-                posterior_seeds = [2 * seed + 1 for seed in noise_seeds] + [2 * seed + 2 for seed in noise_seeds]
+                posterior_seeds = [2 * seed + 1 for seed in noise_seeds] + [
+                    2 * seed + 2 for seed in noise_seeds
+                ]
                 chosen, rejected = family.to_latents(family.encode(both).sample(posterior_seeds)).chunk(2)
                 prompt_embeds = family.encode_prompts(batch["caption"])
         # Per-sample conditioning of the decoded media (SDXL sizes, audio spans), laid out like the latents:
         # [chosen; rejected].
         media_keys = {f"chosen_{self.decoder.name}", "chosen_latents"}
         extras = {
-            key.removeprefix("chosen_"): torch.cat([batch[key], batch["rejected_" + key.removeprefix("chosen_")]])
+            key.removeprefix("chosen_"): torch.cat(
+                [batch[key], batch["rejected_" + key.removeprefix("chosen_")]]
+            )
             for key in batch
             if key.startswith("chosen_") and key not in media_keys
         }
@@ -129,6 +163,8 @@ class DiffusionRecipe:
         )
 
     def training_step(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
+        if self.reference_sync is not None:
+            self.reference_sync.before_micro_batch(self.micro_batches, model)
         context = TrainingContext(
             step=self.micro_batches // self.config.run.gradient_accumulation_steps,
             seed=self.config.run.seed,
@@ -136,6 +172,7 @@ class DiffusionRecipe:
             encode=self.latent_batch,
             loss=self.config.loss,
             reference_errors=None if self.reference_errors is None else self.reference_errors.lookup(batch["index"]),
+            margin_baseline=self.margin_baseline,
         )
         self.micro_batches += 1
         return self.method.training_loss(model, batch, context)
@@ -147,11 +184,20 @@ class DiffusionRecipe:
         return {**self.method.evaluate(model, step), **self.sample_evaluation(model, step)}
 
     def extra_state(self) -> dict[str, Any]:
-        return {"micro_batches": self.micro_batches, "method": self.method.extra_state()}
+        state: dict[str, Any] = {"micro_batches": self.micro_batches, "method": self.method.extra_state()}
+        if self.reference_sync is not None:  # the moved reference, not the initial model
+            state["reference"] = self.reference_sync.state_dict()
+        if self.margin_baseline is not None:
+            state["margin_baseline"] = self.margin_baseline.state_dict()
+        return state
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.micro_batches = state.get("micro_batches", 0)
         self.method.load_extra_state(state.get("method", {}))
+        if self.reference_sync is not None and "reference" in state:
+            self.reference_sync.load_state_dict(state["reference"])
+        if self.margin_baseline is not None and "margin_baseline" in state:
+            self.margin_baseline.load_state_dict(state["margin_baseline"])
 
     def save_final(self, model: nn.Module, output_dir: Path) -> None:
         save_denoiser(model, self.family, self.config.model.trainable, output_dir)

@@ -25,6 +25,7 @@ from diffalign.diffusion.reference import ReferenceDenoiser
 from diffalign.losses import LossConfig, PairScores
 from diffalign.training import StepOutput
 from diffalign.training.distributed import compute_loss_on_global_batch
+from diffalign.training.loss_state import MarginBaseline
 
 if TYPE_CHECKING:
     from diffalign.diffusion.config import DiffusionTrainConfig
@@ -64,6 +65,7 @@ class TrainingContext:
     encode: Callable[[dict], LatentPairBatch]  # the offline path: stored media or cached latents → latents
     loss: LossConfig = field(default_factory=LossConfig)  # the run's `loss:` section
     reference_errors: Tensor | None = None  # the batch's precomputed reference errors (model.reference_cache)
+    margin_baseline: MarginBaseline | None = None  # β-DPO's running margin, kept by the recipe
 
 
 @dataclass
@@ -138,7 +140,9 @@ class PreferenceMethod(DiffusionMethod):
     def training_loss(self, denoiser: nn.Module, batch: dict[str, Any], context: TrainingContext) -> StepOutput:
         pairs, pair_metrics = self.make_pairs(denoiser, batch, context)
         scores, metrics = self.pair_scores(denoiser, pairs, reference_errors=context.reference_errors)
-        # Batch-level losses (AOT) sort the scores of every process's pairs, not just this process's.
+        if context.margin_baseline is not None:
+            scores = context.margin_baseline.update(scores)
+        # Batch-level losses (AOT, β-DPO) see the scores of every process's pairs, not just this process's.
         output = compute_loss_on_global_batch(scores, context.loss)
         return StepOutput(
             loss=output.loss, metrics={**output.metrics, **pair_metrics, **metrics}, counts={"pairs": pairs.size}
