@@ -1,5 +1,6 @@
-"""Every loss (and every sequence-score option) of the core on every model family there is: ε- and
-v-prediction diffusion (tiny SD pipelines), text-to-music (the toy MusicLDM) and the toy LLM. One step each: a
+"""Every loss (and every sequence-score option) of the core on every kind of model there is: ε- and
+v-prediction diffusion (tiny SD pipelines), flow matching (a tiny SD3), text-to-music (the toy MusicLDM) and the
+toy LLM. One step each: a
 finite loss and a non-zero gradient on the trained weights, or a clear config error where the loss needs what
 the modality lacks (per-token log-probs for diffusion)."""
 
@@ -10,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_pipelines import build_tiny_sd
+from tiny_pipelines import build_tiny_sd, build_tiny_sd3
 
 from diffalign.config import ConfigError, from_dict
 from diffalign.diffusion.config import DiffusionTrainConfig
 from diffalign.diffusion.families import load_family
-from diffalign.diffusion.methods import DiffusionDPO, LatentPairBatch
+from diffalign.diffusion.methods import LatentPairBatch
+from diffalign.diffusion.methods.dpo import DiffusionDPO
 from diffalign.diffusion.reference import ReferenceDenoiser
 from diffalign.llm.config import LLMTrainConfig
 from diffalign.llm.trainer import LLMRecipe
@@ -33,9 +35,8 @@ CASES = [(name, {}) for name in LOSSES] + [
     ("simpo", {"alphapo_alpha": 0.25}),
 ]
 CASE_IDS = [name + "".join(f"-{key}" for key in options) for name, options in CASES]
-DIFFUSION_FAMILIES = ["sd_epsilon", "sd_v_prediction", "music"]
-# latent shape and prompts per family
-LATENTS = {"sd_epsilon": (4, 8, 8), "sd_v_prediction": (4, 8, 8), "music": (8, 16, 8)}
+DIFFUSION_FAMILIES = ["sd_epsilon", "sd_v_prediction", "flow_sd3", "music"]
+LATENTS = {"sd_epsilon": (4, 8, 8), "sd_v_prediction": (4, 8, 8), "flow_sd3": (16, 8, 8), "music": (8, 16, 8)}
 
 
 def loss_section(name: str, options: dict) -> dict:
@@ -48,6 +49,7 @@ def family_dirs(tmp_path_factory) -> dict[str, Path]:
     return {
         "sd_epsilon": build_tiny_sd(root / "eps"),
         "sd_v_prediction": build_tiny_sd(root / "v", prediction_type="v_prediction"),
+        "flow_sd3": build_tiny_sd3(root / "sd3"),
         "music": ASSETS / "toy-t2m",
     }
 

@@ -47,11 +47,7 @@ class NoisedPairs(NamedTuple):
 def scores_from_errors(
     policy_errors: Tensor, reference_errors: Tensor | None, label: Tensor | None
 ) -> tuple[PairScores, dict[str, Tensor]]:
-    """Per-sample errors of ``[chosen; rejected]`` → the core's scores ``−½·error`` and MSE diagnostics.
-
-    A diffusion sample is one unit, so its length is 1: length-normalised losses (SimPO, ORPO, ...) read the
-    plain per-sample scores.
-    """
+    """Per-sample errors of ``[chosen; rejected]`` → the core's scores ``−½·error`` and MSE diagnostics."""
     batch_size = policy_errors.shape[0] // 2
     policy_chosen, policy_rejected = policy_errors[:batch_size], policy_errors[batch_size:]
     metrics = {"mse/policy_chosen": policy_chosen.detach().mean(), "mse/policy_rejected": policy_rejected.detach().mean()}
@@ -61,14 +57,11 @@ def scores_from_errors(
         metrics["mse/ref_chosen"] = ref_chosen.mean()
         metrics["mse/ref_rejected"] = ref_rejected.mean()
         ref_chosen, ref_rejected = -0.5 * ref_chosen, -0.5 * ref_rejected
-    ones = torch.ones_like(policy_chosen)
     scores = PairScores(
         policy_chosen=-0.5 * policy_chosen,
         policy_rejected=-0.5 * policy_rejected,
         ref_chosen=ref_chosen,
         ref_rejected=ref_rejected,
-        chosen_lengths=ones,
-        rejected_lengths=ones,
         label=label,
     )
     return scores, metrics

@@ -241,4 +241,7 @@ class NoiseConditionedPerception(PreferenceMethod):
                 reference_errors = errors(
                     family.predict(reference, noisy, timesteps, inputs), target_features
                 )
-        return scores_from_errors(policy_errors, reference_errors, batch.label)
+        scores, metrics = scores_from_errors(policy_errors, reference_errors, batch.label)
+        # A diffusion sample is one unit, so length-normalised losses (orpo) read the plain per-sample scores.
+        ones = torch.ones_like(scores.policy_chosen)
+        return dataclasses.replace(scores, chosen_lengths=ones, rejected_lengths=ones), metrics
