@@ -2,7 +2,7 @@
 v-prediction diffusion (tiny SD pipelines), flow matching (a tiny SD3), text-to-music (the toy MusicLDM) and the
 toy LLM. One step each: a
 finite loss and a non-zero gradient on the trained weights, or a clear config error where the loss needs what
-the modality lacks (per-token log-probs for diffusion)."""
+the modality lacks (per-token log-probs, and lengths for Diffusion-DPO's per-sample scores)."""
 
 from __future__ import annotations
 
@@ -95,6 +95,10 @@ def test_every_loss_on_every_diffusion_family(families, family_dirs, family_name
         with pytest.raises(
             ConfigError, match="needs per-token log-probs, which diffusion scores do not have"
         ):
+            from_dict(DiffusionTrainConfig, raw)
+        return
+    if LOSSES[name].needs_lengths:  # Diffusion-DPO's scores have none (NCP's count one unit per sample)
+        with pytest.raises(ConfigError, match="which need completion lengths; method.name: dpo"):
             from_dict(DiffusionTrainConfig, raw)
         return
     config = from_dict(DiffusionTrainConfig, raw)

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from diffalign.diffusion.data import DiffusionDataConfig
 from diffalign.diffusion.families import DiffusionFamily, FamilyOptions, family_class
-from diffalign.diffusion.methods import METHODS
+from diffalign.diffusion.methods import METHODS, DiffusionMethod
 from diffalign.diffusion.timesteps import TimestepSettings
 from diffalign.losses import LOSSES, LossConfig
 from diffalign.training.config import OptimConfig, RunConfig
@@ -34,8 +34,12 @@ class DiffusionModelConfig:
     # torch.compile of the denoiser (and of a frozen-copy reference), in place: parameter names, checkpoints and
     # exported files are unchanged. The first steps pay for the compilation (minutes for SDXL).
     compile: bool = False
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
-    compile_backend: str = "inductor"  # any torch.compile backend; aot_eager traces without generating kernels
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = (
+        "default"
+    )
+    compile_backend: str = (
+        "inductor"  # any torch.compile backend; aot_eager traces without generating kernels
+    )
     # Diffusion-DPO only: a folder where the reference errors of every pair are precomputed once (keyed by the
     # reference weights, data, seed and settings), so steps run no reference forward. This CHANGES THE ESTIMATOR:
     # each pair keeps the noise, timestep, latent sample, caption dropout and flip of its first visit for the
@@ -96,7 +100,9 @@ def _method_config_class() -> type:
         """The settings section of the chosen method (None for a method without settings)."""
         return getattr(self, self.name, None)
 
-    return dataclasses.make_dataclass("MethodConfig", fields, namespace={"settings": settings, "__module__": __name__})
+    return dataclasses.make_dataclass(
+        "MethodConfig", fields, namespace={"settings": settings, "__module__": __name__}
+    )
 
 
 MethodConfig = _method_config_class()
@@ -132,18 +138,13 @@ class DiffusionTrainConfig:
 
     def __post_init__(self) -> None:
         method = METHODS[self.method.name]
-        token_inputs = self.loss.needed_inputs() & {"token_logps", "token_kl", "token_vocab"}
-        if token_inputs:
-            raise ValueError(
-                f"loss.type={self.loss.type} with ld_alpha={self.loss.ld_alpha}, use_weighting="
-                f"{self.loss.use_weighting} needs per-token log-probs, which diffusion scores do not have (one "
-                "denoising error per sample); use a loss on per-sample scores and leave the token options unset"
-            )
         if self.model.reference_cache is not None:
             # Other methods' reference inputs are no fixed function of the pair (DDIM inversion by the policy,
             # generated losers), so only theirs can be stored.
             if not method.supports_reference_cache:
-                cached = sorted(name for name, registered in METHODS.items() if registered.supports_reference_cache)
+                cached = sorted(
+                    name for name, registered in METHODS.items() if registered.supports_reference_cache
+                )
                 raise ValueError(
                     f"model.reference_cache works with method.name: {cached} only, got {self.method.name!r}; "
                     "remove model.reference_cache"
@@ -158,10 +159,29 @@ class DiffusionTrainConfig:
                 f"data.drop_ties is false, so ties (label 0.5) reach the loss, but loss.type {self.loss.type} "
                 "ignores soft labels; keep data.drop_ties: true or use a loss that takes labels (e.g. sigmoid)"
             )
+        self._check_score_inputs(method)
         method.check_config(self)
         # A local pipeline is checked now; a hub id once its model_index.json has been fetched (train()).
         if (Path(self.model.pretrained) / "model_index.json").is_file():
             check_family_support(self, family_class(self.model.pretrained))
+
+    def _check_score_inputs(self, method: type[DiffusionMethod]) -> None:
+        """Diffusion scores are one denoising error per sample: no per-token inputs, and lengths only where the
+        method counts one unit per sample."""
+        needed = self.loss.needed_inputs()
+        if needed & {"token_logps", "token_kl", "token_vocab"}:
+            raise ValueError(
+                f"loss.type={self.loss.type} with ld_alpha={self.loss.ld_alpha}, use_weighting="
+                f"{self.loss.use_weighting} needs per-token log-probs, which diffusion scores do not have (one "
+                "denoising error per sample); use a loss on per-sample scores and leave the token options unset"
+            )
+        if "lengths" in needed and not method.scores_lengths:
+            lengths = sorted(name for name in self.loss.type if LOSSES[name].needs_lengths)
+            with_lengths = sorted(name for name, registered in METHODS.items() if registered.scores_lengths)
+            raise ValueError(
+                f"loss.type has {lengths}, which need completion lengths; method.name: {self.method.name} scores one "
+                f"denoising error per sample without lengths (methods with lengths: {with_lengths}); use another loss"
+            )
 
     @property
     def uses_reference(self) -> bool:

@@ -82,7 +82,8 @@ class DiffusionMethod(ABC):
 
     Class attributes declare what the method needs, checked when the config loads (before any model):
     ``requires`` the family capabilities it uses (see :class:`DiffusionFamily`), ``supports_reference_cache``
-    whether its reference errors are a fixed function of the pair (``model.reference_cache``). ``selection_metric``
+    whether its reference errors are a fixed function of the pair (``model.reference_cache``), ``scores_lengths``
+    whether its scores carry lengths (one unit per sample), which length-normalised losses need. ``selection_metric``
     names an :meth:`evaluate` metric whose best value the training loop keeps in ``output_dir/best``.
     """
 
@@ -90,9 +91,12 @@ class DiffusionMethod(ABC):
     settings_class: ClassVar[type | None] = None
     requires: ClassVar[frozenset[str]] = frozenset()
     supports_reference_cache: ClassVar[bool] = False
+    scores_lengths: ClassVar[bool] = False
     selection_metric: ClassVar[str | None] = None
 
-    def __init__(self, family: DiffusionFamily, reference: ReferenceDenoiser | None, settings: Any = None) -> None:
+    def __init__(
+        self, family: DiffusionFamily, reference: ReferenceDenoiser | None, settings: Any = None
+    ) -> None:
         self.family = family
         self.reference = reference
         self.settings = settings
@@ -106,7 +110,9 @@ class DiffusionMethod(ABC):
         return None
 
     @abstractmethod
-    def training_loss(self, denoiser: nn.Module, batch: dict[str, Any], context: TrainingContext) -> StepOutput:
+    def training_loss(
+        self, denoiser: nn.Module, batch: dict[str, Any], context: TrainingContext
+    ) -> StepOutput:
         """The loss of one micro-batch (differentiable), its metrics and counts."""
 
     def evaluate(self, denoiser: nn.Module, step: int) -> dict[str, float]:
@@ -137,7 +143,9 @@ class PreferenceMethod(DiffusionMethod):
         """The core's scores for a batch of pairs, and diagnostics. ``reference_errors`` (``[2B]``, only for
         methods with ``supports_reference_cache``) replaces the reference's forward."""
 
-    def training_loss(self, denoiser: nn.Module, batch: dict[str, Any], context: TrainingContext) -> StepOutput:
+    def training_loss(
+        self, denoiser: nn.Module, batch: dict[str, Any], context: TrainingContext
+    ) -> StepOutput:
         pairs, pair_metrics = self.make_pairs(denoiser, batch, context)
         scores, metrics = self.pair_scores(denoiser, pairs, reference_errors=context.reference_errors)
         if context.margin_baseline is not None:
@@ -145,19 +153,25 @@ class PreferenceMethod(DiffusionMethod):
         # Batch-level losses (AOT, β-DPO) see the scores of every process's pairs, not just this process's.
         output = compute_loss_on_global_batch(scores, context.loss)
         return StepOutput(
-            loss=output.loss, metrics={**output.metrics, **pair_metrics, **metrics}, counts={"pairs": pairs.size}
+            loss=output.loss,
+            metrics={**output.metrics, **pair_metrics, **metrics},
+            counts={"pairs": pairs.size},
         )
 
 
 METHODS: dict[str, type[DiffusionMethod]] = {}
 
 
-def register_method(name: str, settings: type | None = None) -> Callable[[type[DiffusionMethod]], type[DiffusionMethod]]:
+def register_method(
+    name: str, settings: type | None = None
+) -> Callable[[type[DiffusionMethod]], type[DiffusionMethod]]:
     """Register a method class under ``method.name: <name>``; ``settings`` is its ``method.<name>:`` dataclass."""
 
     def register(method_class: type[DiffusionMethod]) -> type[DiffusionMethod]:
         if name in METHODS:
-            raise ValueError(f"method {name!r} is registered twice ({METHODS[name].__name__}, {method_class.__name__})")
+            raise ValueError(
+                f"method {name!r} is registered twice ({METHODS[name].__name__}, {method_class.__name__})"
+            )
         method_class.name = name
         method_class.settings_class = settings
         METHODS[name] = method_class
@@ -198,6 +212,8 @@ def pair_noise(family: DiffusionFamily, batch: LatentPairBatch) -> tuple[Tensor,
     noises, timesteps = [], []
     for seed in batch.noise_seeds:
         generator = torch.Generator(latents.device).manual_seed(seed)
-        noises.append(torch.randn(latents.shape[1:], generator=generator, device=latents.device, dtype=latents.dtype))
+        noises.append(
+            torch.randn(latents.shape[1:], generator=generator, device=latents.device, dtype=latents.dtype)
+        )
         timesteps.append(family.sample_timesteps(1, latents.device, generator=generator))
     return torch.stack(noises), torch.cat(timesteps)

@@ -171,6 +171,7 @@ class NoiseConditionedPerception(PreferenceMethod):
     """
 
     requires = frozenset({"ddpm_schedule", "unet_encoder"})
+    scores_lengths = True  # the official code's ORPO: one unit per sample
     settings: NcpSettings
 
     def __init__(
