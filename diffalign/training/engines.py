@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -98,6 +99,20 @@ def total_norm(norm: Tensor | float | None) -> Tensor | None:
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
     return torch.as_tensor(norm)
+
+
+def parameters_finite(model: nn.Module) -> bool:
+    """Whether every trained parameter of the prepared ``model`` is finite; one host sync.
+
+    The largest absolute value is NaN or inf exactly when some value is, and unlike a 2-norm it cannot
+    overflow. Under FSDP2 it spans every process's shards (every process calls this); ZeRO-3 keeps the
+    parameters inside DeepSpeed's partitions, which are not checked here (DeepSpeed's own overflow check is).
+    """
+    parameters = [p for p in model.parameters() if p.requires_grad and p.numel() > 0]
+    if not parameters:
+        return True
+    largest = total_norm(torch.nn.utils.get_total_norm(parameters, norm_type=math.inf))
+    return bool(torch.isfinite(largest).item())
 
 
 def model_state_for(
