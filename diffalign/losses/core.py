@@ -104,7 +104,7 @@ class LossConfig:
                 f"loss.weights={self.weights} must be finite and >= 0, with at least one > 0"
             )
         if not (self.beta > 0 and math.isfinite(self.beta)):
-            raise ValueError(f"loss.beta={self.beta} must be a finite number > 0")
+            raise ValueError(f"loss.beta={self.beta} must be > 0 and finite")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"loss.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
         if "exo_pair" in self.type and self.label_smoothing == 0:

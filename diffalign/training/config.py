@@ -25,11 +25,11 @@ class OptimConfig:
     def __post_init__(self) -> None:
         # Written so that NaN fails every check: NaN compares false with everything.
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"optim.lr must be a finite number > 0, got {self.lr}")
+            raise ValueError(f"optim.lr must be > 0 and finite, got {self.lr}")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
-            raise ValueError(f"optim.weight_decay must be a finite number >= 0, got {self.weight_decay}")
+            raise ValueError(f"optim.weight_decay must be >= 0 and finite, got {self.weight_decay}")
         if not (self.eps > 0 and math.isfinite(self.eps)):
-            raise ValueError(f"optim.eps must be a finite number > 0, got {self.eps}")
+            raise ValueError(f"optim.eps must be > 0 and finite, got {self.eps}")
         if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
             raise ValueError(f"optim.betas must be two values in [0, 1), got {self.betas}")
         # A negative norm clips every gradient to a negative multiple of itself (gradient ascent); 0 zeroes it.

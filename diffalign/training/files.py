@@ -1,10 +1,14 @@
-"""Run outputs on disk: ordinary file permissions and a readable disk-full message."""
+"""Files a run writes: ordinary permissions, the free space for disk-full errors, damaged cache files."""
 
 from __future__ import annotations
 
 import os
 import shutil
 from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor
 
 
 def current_umask() -> int:
@@ -40,3 +44,16 @@ def free_space(path: Path) -> str:
         if free >= size:
             return f"{free / size:.1f} {unit}"
     return f"{free} bytes"
+
+
+def damaged_cache(path: Path, error: Exception) -> ValueError:
+    """The error for a cache file that cannot be read: caches are rebuilt from the data, so deleting it is safe."""
+    return ValueError(f"cache file {path} is damaged ({error}); delete it and the next run computes it again")
+
+
+def read_cache_file(path: Path) -> dict[str, Tensor]:
+    """A safetensors cache file, or :func:`damaged_cache` naming it."""
+    try:
+        return load_file(str(path))
+    except SafetensorError as error:
+        raise damaged_cache(path, error) from None
