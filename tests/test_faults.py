@@ -34,6 +34,7 @@ from diffalign.training import OptimConfig, RunConfig, make_accelerator, run_tra
 from diffalign.training.checkpoint import CheckpointWriteError, CorruptCheckpointError, list_checkpoints
 from diffalign.training.files import current_umask
 from diffalign.training.loop import NonFiniteUpdateError
+from diffalign.training.resume import config_changes
 from diffalign.training.signals import TrainingInterrupted
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,7 +263,7 @@ def test_a_damaged_cache_shard_names_its_path(tmp_path):
 def test_resuming_under_a_changed_config_is_refused_unless_allowed_and_then_recorded(tmp_path):
     fit(loop_config(tmp_path, max_steps=3))
     changed = loop_config(tmp_path, resume="latest", batch_size=8)
-    with pytest.raises(ConfigError, match=r"run.batch_size: 4 -> 8.*run.allow_config_change: true"):
+    with pytest.raises(ConfigError, match=r"run.batch_size × processes: 4 -> 8.*run.allow_config_change: true"):
         fit(changed)
     # The run's length, paths and cadences may change freely.
     fit(loop_config(tmp_path, resume="latest", max_steps=4, log_every=2, checkpoint_every=4))
@@ -270,10 +271,18 @@ def test_resuming_under_a_changed_config_is_refused_unless_allowed_and_then_reco
     allowed = loop_config(tmp_path, resume="latest", max_steps=5, batch_size=8, allow_config_change=True)
     fit(allowed)
     (record,) = [json.loads(line) for line in (tmp_path / "config_changes.jsonl").read_text().splitlines()]
-    assert record["changes"] == {"run.batch_size": {"checkpoint": 4, "now": 8}}
+    assert record["changes"] == {"run.batch_size × processes": {"checkpoint": 4, "now": 8}}
     assert record["checkpoint"].endswith("step-0000004")
     stored = (tmp_path / "checkpoints" / "step-0000004" / "config.yaml").read_text()
     assert "batch_size: 4" in stored and "batch_size: 8" in (tmp_path / "config.yaml").read_text()
+
+
+def test_the_global_batch_may_be_split_over_another_number_of_processes():
+    two_processes, one_process = {"run": {"batch_size": 2}}, {"run": {"batch_size": 4}}
+    assert config_changes(two_processes, one_process, saved_processes=2, current_processes=1) == {}
+    assert config_changes(two_processes, one_process, saved_processes=1, current_processes=1) == {
+        "run.batch_size × processes": (2, 4)
+    }
 
 
 def test_outputs_follow_the_umask(tmp_path):

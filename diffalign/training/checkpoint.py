@@ -63,6 +63,7 @@ class LoopState:
     micro_step: int = 0  # batches consumed by this process's data stream
     nonfinite_steps: int = 0
     best_metric: float | None = None  # for recipes that keep the best checkpoint (early stopping)
+    num_processes: int = 1  # of the run that wrote the checkpoint
 
 
 def capture_rng_state() -> dict[str, Any]:

@@ -237,6 +237,7 @@ class TrainingLoop:
         self.checkpoint_root = self.output_dir / "checkpoints"
         self._prepare_model()
         self.state = self._resume()
+        self.state.num_processes = accelerator.num_processes
         self.batches = iter(self._data_loader())
         if config is not None and accelerator.is_main_process:
             save_config(config, self.output_dir / "config.yaml")
@@ -283,6 +284,7 @@ class TrainingLoop:
             verify_config(
                 path,
                 to_dict(self.config),
+                num_processes=self.accelerator.num_processes,
                 allow_change=self.run.allow_config_change,
                 output_dir=self.output_dir,
                 is_main_process=self.accelerator.is_main_process,

@@ -3,7 +3,7 @@
 ``run.resume: latest`` takes the newest complete checkpoint and, when one of its files cannot be read, falls back
 to the one before (logged); a checkpoint named by path is used as given. Before any state is loaded the run's
 config is compared with the one stored in the checkpoint: a change of anything but the run's length, paths and
-cadences (``RESUMABLE_CHANGES``) is refused unless ``run.allow_config_change`` is true, and then recorded in
+cadences (``RESUMABLE_CHANGES``) or the split of the global batch over processes is refused unless ``run.allow_config_change`` is true, and then recorded in
 ``<run.output_dir>/config_changes.jsonl`` (the checkpoint keeps the config that produced its steps).
 """
 
@@ -18,11 +18,18 @@ from typing import Any, TypeVar
 import yaml
 
 from diffalign.config import ConfigError
-from diffalign.training.checkpoint import CONFIG_FILE, CorruptCheckpointError, list_checkpoints
+from diffalign.training.checkpoint import (
+    CONFIG_FILE,
+    CorruptCheckpointError,
+    list_checkpoints,
+    read_loop_state,
+)
 
 logger = logging.getLogger("diffalign")
 
 T = TypeVar("T")
+
+GLOBAL_BATCH = "run.batch_size × processes"
 
 # Keys a resumed run may change freely: they change how long it runs, where it writes and how often it logs,
 # checkpoints or evaluates, never what a step computes.
@@ -83,9 +90,16 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+def config_changes(
+    saved: dict[str, Any], current: dict[str, Any], saved_processes: int = 1, current_processes: int = 1
+) -> dict[str, tuple[Any, Any]]:
     """``{key: (saved value, current value)}`` for every dotted key that differs, resumable ones aside."""
     old, new = flatten(saved), flatten(current)
+    # The batch per process may change with the number of processes as long as the global batch does not: the
+    # data stream is laid out in global batches (training/sampler.py), so the run continues exactly.
+    for flat, processes in ((old, saved_processes), (new, current_processes)):
+        if "run.batch_size" in flat:
+            flat[GLOBAL_BATCH] = flat.pop("run.batch_size") * processes
     return {
         key: (old.get(key), new.get(key))
         for key in sorted(old.keys() | new.keys())
@@ -94,7 +108,13 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, 
 
 
 def verify_config(
-    checkpoint: Path, current: dict[str, Any], *, allow_change: bool, output_dir: Path, is_main_process: bool
+    checkpoint: Path,
+    current: dict[str, Any],
+    *,
+    num_processes: int,
+    allow_change: bool,
+    output_dir: Path,
+    is_main_process: bool,
 ) -> None:
     """Refuse to resume ``checkpoint`` under a changed config (or record the change when it is allowed)."""
     saved_file = checkpoint / CONFIG_FILE
@@ -105,7 +125,7 @@ def verify_config(
         saved = yaml.safe_load(saved_file.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise CorruptCheckpointError(f"{saved_file} cannot be read, the checkpoint is damaged ({error})") from None
-    changes = config_changes(saved, current)
+    changes = config_changes(saved, current, read_loop_state(checkpoint).num_processes, num_processes)
     if not changes:
         return
     listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
