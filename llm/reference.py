@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from diffalign.files import read_cache_file, respect_umask
 from diffalign.llm.batching import PreferenceDataset
 from diffalign.llm.logprobs import completion_logps
-from diffalign.training.files import read_cache_file, respect_umask
 
 logger = logging.getLogger("diffalign")
 

@@ -28,11 +28,11 @@ from diffalign import cli
 from diffalign.config import ConfigError, load_config
 from diffalign.diffusion.cache import _ShardStore
 from diffalign.diffusion.data import DiffusionDataConfig, load_preference_pairs
+from diffalign.files import current_umask
 from diffalign.llm.config import LLMDataConfig
 from diffalign.llm.data import load_preference_items
 from diffalign.training import OptimConfig, RunConfig, make_accelerator, run_training
 from diffalign.training.checkpoint import CheckpointWriteError, CorruptCheckpointError, list_checkpoints
-from diffalign.training.files import current_umask
 from diffalign.training.loop import NonFiniteUpdateError
 from diffalign.training.resume import config_changes
 from diffalign.training.signals import TrainingInterrupted

@@ -41,7 +41,7 @@ from torch.utils.data import Dataset
 from diffalign.diffusion.data import SKIP_HINT, BadRowError, PreferencePairs, split_index
 from diffalign.diffusion.families.base import LatentNormalization
 from diffalign.diffusion.transforms import CorruptMediaError, MediaDecoder, draw_pair_randomness
-from diffalign.training.files import damaged_cache, respect_umask
+from diffalign.files import damaged_cache, respect_umask
 
 logger = logging.getLogger(__name__)
 

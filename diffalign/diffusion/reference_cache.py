@@ -45,7 +45,7 @@ from diffalign.diffusion.families import DiffusionFamily
 from diffalign.diffusion.methods.base import LatentPairBatch
 from diffalign.diffusion.methods.dpo import DiffusionDPO
 from diffalign.diffusion.reference import ReferenceDenoiser
-from diffalign.training.files import read_cache_file, respect_umask
+from diffalign.files import read_cache_file, respect_umask
 from diffalign.training.loop import move_to_device
 from diffalign.training.sampler import collate_with_sample_ids
 

@@ -43,7 +43,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from diffalign.training.files import free_space, respect_umask
+from diffalign.files import free_space, respect_umask
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
 CONFIG_FILE = "config.yaml"  # the resolved config of the run that wrote the checkpoint
@@ -321,8 +321,9 @@ def save_checkpoint(
             if config is not None:
                 write_text(yaml.safe_dump(config, sort_keys=False), staging / CONFIG_FILE)
             write_text(json.dumps(asdict(loop_state)), staging / "loop_state.json")
-            respect_umask(staging)
         wait_for_everyone()
+        if is_main_process:
+            respect_umask(staging)  # every process's files are complete now
     except BaseException:
         if is_main_process:
             shutil.rmtree(staging, ignore_errors=True)

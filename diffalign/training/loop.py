@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from diffalign.config import save_config, to_dict
+from diffalign.files import respect_umask
 from diffalign.training.checkpoint import (
     CheckpointWriteError,
     LoopState,
@@ -51,7 +52,6 @@ from diffalign.training.engines import (
     total_norm,
     uses_deepspeed,
 )
-from diffalign.training.files import respect_umask
 from diffalign.training.optim import build_lr_scheduler, build_optimizer
 from diffalign.training.resume import load_first_readable, resume_candidates, verify_config
 from diffalign.training.sampler import ResumableBatchSampler, SampleIdDataset, collate_with_sample_ids
