@@ -12,6 +12,7 @@ import signal
 import threading
 from pathlib import Path
 from types import FrameType, TracebackType
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -37,7 +38,7 @@ class StopRequests:
 
     def __init__(self) -> None:
         self.received = 0  # the last signal number received, 0 for none
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequests:
         # Python runs handlers in the main thread only, and installs them from there only.
@@ -53,7 +54,8 @@ class StopRequests:
         self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
     ) -> None:
         for number, handler in self._previous.items():
-            signal.signal(number, handler)
+            if handler is not None:  # None: a handler installed outside Python, which cannot be put back
+                signal.signal(number, handler)
         self._previous.clear()
 
     def requested(self, accelerator: Accelerator) -> int:
