@@ -57,7 +57,7 @@ REFUSED = [
     ("toy_llm_dpo", "model.lora.dropout=1.5", r"model.lora.dropout must be a probability in \[0, 1\)"),
     ("toy_llm_dpo", "model.lora.alpha=-4", "model.lora.alpha must be > 0"),
     ("toy_dpo", "model.lora.alpha=-4", "model.lora.alpha must be > 0"),
-    ("toy_dpo", "data.resolution=7", "data.resolution must be a multiple of 8"),
+    ("toy_dpo", "data.resolution=20", "data.resolution: 20 px is not a multiple of 8, which StableDiffusion"),
     ("toy_dpo", "data.max_aspect_ratio=0.5", "data.max_aspect_ratio must be >= 1"),
     # Refused before these checks existed, kept here so the table stays complete:
     ("toy_llm_dpo", "optim.lr=-1", "optim.lr must be > 0"),

@@ -70,11 +70,6 @@ class DiffusionDataConfig:
     def __post_init__(self) -> None:
         if self.resolution < 1:
             raise ValueError(f"data.resolution must be a positive number of pixels, got {self.resolution}")
-        # The image VAEs (SD1.5, SD2, SDXL) downsample by 8: other sizes give latents that decode to another size.
-        if self.resolution % 8:
-            raise ValueError(
-                f"data.resolution must be a multiple of 8 (the VAE downsamples by 8), got {self.resolution}"
-            )
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ValueError(
                 f"data.caption_dropout must be a probability in [0, 1], got {self.caption_dropout}"
