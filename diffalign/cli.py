@@ -26,7 +26,13 @@ def command_train(args: argparse.Namespace) -> int:
         from diffalign.diffusion.trainer import train
     else:
         from diffalign.llm.trainer import train
-    metrics = train(config)
+    from diffalign.training.signals import TrainingInterrupted
+
+    try:
+        metrics = train(config)
+    except TrainingInterrupted as stop:  # a scheduler's SIGTERM/SIGUSR1: checkpointed, exit as the signal would
+        print(stop, file=sys.stderr)
+        return 128 + stop.signal_number
     print_metrics(metrics)
     return 0
 

@@ -79,21 +79,26 @@ class DataStats:
 # --- reading ------------------------------------------------------------------------------------------------
 
 
-def read_rows(path: str, split: str = "train", subset: str | None = None) -> list[dict[str, Any]]:
-    """Rows of a JSONL/JSON/parquet file, a local dataset directory or a hub dataset, as plain dicts."""
+def read_rows(path: str, split: str = "train", subset: str | None = None) -> list[Any]:
+    """Rows of a JSONL/JSON/parquet file, a local dataset directory or a hub dataset, as plain values (dicts,
+    unless the file holds something else: callers check each row)."""
     local = Path(path)
     if local.is_file():
         if local.suffix == ".jsonl":
             return _read_jsonl(local)
         if local.suffix == ".json":
-            rows = json.loads(local.read_text())
+            rows = json.loads(_utf8_text(local.read_bytes(), local))
             if not isinstance(rows, list):
                 raise ValueError(f"{local}: a .json data file must hold a list of row objects")
             return rows
         if local.suffix == ".parquet":
+            import pyarrow as pa
             import pyarrow.parquet as pq
 
-            return pq.read_table(local).to_pylist()
+            try:
+                return pq.read_table(local).to_pylist()
+            except pa.ArrowException as error:
+                raise ValueError(f"{local} is not a readable parquet file ({error})") from None
         raise ValueError(
             f"{local}: unsupported data file type {local.suffix!r}; use .jsonl, .json or .parquet"
         )
@@ -112,10 +117,20 @@ def read_rows(path: str, split: str = "train", subset: str | None = None) -> lis
     return dataset.to_list()
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def _utf8_text(data: bytes, where: Path | str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{where}: not UTF-8 text (byte {error.start + 1} is {data[error.start]:#04x}); save the file as UTF-8"
+        ) from None
+
+
+def _read_jsonl(path: Path) -> list[Any]:
     rows = []
-    with path.open() as lines:
-        for number, line in enumerate(lines, start=1):
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            line = _utf8_text(raw, f"{path}, line {number}")
             if not line.strip():
                 continue
             try:
@@ -158,6 +173,11 @@ def _field(row: dict[str, Any], key: str, conversational: bool) -> Text:
         raise BadRowError(
             "wrong type", f"{key!r} must be a list of {{role, content}} messages, got {value!r:.80}"
         )
+    if conversational and not value:
+        raise BadRowError("empty messages", f"{key!r} holds no messages")
+    if conversational and any(message["content"] is None for message in value):
+        # A chat template renders null as the text "None".
+        raise BadRowError("empty messages", f"{key!r} has a message whose content is null")
     if not conversational and not isinstance(value, str):
         raise BadRowError("wrong type", f"{key!r} must be a string, got {type(value).__name__}")
     return value
@@ -188,8 +208,10 @@ def split_implicit_prompt(chosen: Text, rejected: Text) -> tuple[Text, Text, Tex
     return chosen[:shared], chosen[shared:], rejected[shared:]
 
 
-def parse_row(row: dict[str, Any], schema: str) -> tuple[Text, Text, Text | bool]:
+def parse_row(row: Any, schema: str) -> tuple[Text, Text, Text | bool]:
     """(prompt, chosen, rejected) for paired schemas, (prompt, completion, label) for unpaired; checked."""
+    if not isinstance(row, dict):
+        raise BadRowError("not an object", f"the row is {row!r:.40}, not an object with the schema's fields")
     if schema == "unpaired":
         conversational = _is_messages(row.get("prompt"))
         prompt = _field(row, "prompt", conversational)
@@ -283,9 +305,11 @@ def load_preference_items(
 ) -> tuple[list[PairItem] | list[UnpairedItem], DataStats]:
     """Read, check, tokenize and truncate the configured data; unpaired items get their mismatched completion."""
     rows = read_rows(config.path, config.split, config.subset)
-    if not rows:
-        raise ValueError(f"data.path={config.path!r} holds no rows")
-    schema = config.schema if config.schema != "auto" else detect_schema(rows[0])
+    objects = [row for row in rows if isinstance(row, dict)]
+    if not objects:
+        found = f"none of its {len(rows)} rows is an object" if rows else "it is empty"
+        raise ValueError(f"data.path={config.path!r} holds no rows ({found}); give a file of preference rows")
+    schema = config.schema if config.schema != "auto" else detect_schema(objects[0])
     stats = DataStats(source=config.path, schema=schema, rows=len(rows))
     items: list[Any] = []
     for number, row in enumerate(rows, start=1):

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from diffalign.files import read_cache_file, respect_umask
 from diffalign.llm.batching import PreferenceDataset
 from diffalign.llm.logprobs import TokenLogps, completion_logps, completion_token_logps
 
@@ -129,11 +130,12 @@ def load_or_precompute(
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = path.with_suffix(".tmp")
         save_file({"reference_logps": logps}, staging)
+        respect_umask(staging)
         staging.replace(path)
     accelerator.wait_for_everyone()
     if cached:
         logger.info("reference log-probs read from the cache %s", path)
-    logps = load_file(path)["reference_logps"]
+    logps = read_cache_file(path)["reference_logps"]
     if logps.shape[0] != len(dataset):
         raise ValueError(
             f"the reference cache {path} has {logps.shape[0]} rows but the data has {len(dataset)}; delete it"

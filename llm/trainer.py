@@ -41,7 +41,7 @@ from diffalign.llm.model import (
 )
 from diffalign.llm.reference import ModelReference, load_or_precompute, precomputed_reference
 from diffalign.losses import LOSSES, PairScores, TokenScores
-from diffalign.training import StepOutput, make_accelerator, run_training
+from diffalign.training import Recipe, StepOutput, make_accelerator, run_training
 from diffalign.training.distributed import compute_loss_on_global_batch, mean_over_processes
 from diffalign.training.engines import shards_parameters
 from diffalign.training.loss_state import MarginBaseline
@@ -66,7 +66,7 @@ def unpair(items: list[PairItem]) -> list[UnpairedItem]:
     return out
 
 
-class LLMRecipe:
+class LLMRecipe(Recipe):
     def __init__(self, config: LLMTrainConfig, accelerator: Accelerator) -> None:
         self.config = config
         self.accelerator = accelerator

@@ -25,7 +25,7 @@ from torch import nn
 from diffalign.losses import LossConfig, PairScores
 from diffalign.training.checkpoint import GatheredModelState
 from diffalign.training.distributed import compute_loss_on_global_batch
-from diffalign.training.engines import PlainModelView, total_norm
+from diffalign.training.engines import PlainModelView, parameters_finite, total_norm
 
 GLOBAL_BATCH = 8
 LOSS = LossConfig(type=["sigmoid", "aot"], beta=2.0)  # a per-pair and a batch-level (sorting) term
@@ -134,6 +134,14 @@ def main() -> None:
     # The plain copy is back to storage-less placeholders after the evaluation.
     if plain_view.shell is not None:
         assert all(parameter.is_meta for parameter in plain_view.shell.parameters())
+
+    # The loop's weight check spans the shards: a NaN in one process's shard is seen by every process.
+    finite = [parameters_finite(policy)]
+    if state.process_index == state.num_processes - 1:
+        with torch.no_grad():
+            next(policy.parameters()).to_local().view(-1)[-1] = float("nan")
+    finite.append(parameters_finite(policy))
+    (args.output / f"finite-{state.process_index}.json").write_text(json.dumps(finite))
 
 
 if __name__ == "__main__":

@@ -269,20 +269,20 @@ def test_audio_files_listed_by_path_in_a_jsonl_index(tmp_path):
 
 
 def bad_rows_table(tmp_path: Path) -> Path:
-    good = encoded(tone(300.0, 0.3, 16_000), 16_000)
+    good, other = encoded(tone(300.0, 0.3, 16_000), 16_000), encoded(tone(500.0, 0.3, 16_000), 16_000)
     silent = encoded(np.zeros(4_800, np.float32), 16_000)
     rows = [
-        ("a good pair", good, good, "a"),
+        ("a good pair", good, other, "a"),
         ("a silent loser", good, silent, "b"),
         ("a corrupt winner", b"RIFF\x00\x00garbage", good, "c"),
-        ("another good pair", good, good, "d"),
+        ("another good pair", other, good, "d"),
     ]
     return audio_alpaca_table(tmp_path / "bad.parquet", rows)
 
 
 def test_silent_or_corrupt_audio_names_the_file_and_row(tmp_path):
     source = bad_rows_table(tmp_path)
-    with pytest.raises(ValueError, match=r"bad\.parquet, row 1: .*silent.*skip_bad_rows"):
+    with pytest.raises(ValueError, match=r"bad\.parquet, row 2: .*silent.*skip_bad_rows"):
         load_preference_pairs(audio_alpaca_config(source), MEL_DECODER)
 
 

@@ -325,7 +325,7 @@ def test_a_corrupt_image_found_while_building_names_its_row_or_is_skipped(tmp_pa
     columns = pick_a_pic_columns(5)
     columns["jpg_1"][2] = b"not an image"
     pairs, decoder = pairs_and_decoder(write_parquet(tmp_path / "p.parquet", columns), verify_media=False)
-    with pytest.raises(ValueError, match=r"p\.parquet, row 2: cannot decode the image.*skip_bad_rows: true"):
+    with pytest.raises(ValueError, match=r"p\.parquet, row 3: cannot decode the image.*skip_bad_rows: true"):
         build(pairs, decoder, tmp_path / "cache", tiny_vae())
     cache = build(pairs, decoder, tmp_path / "cache", tiny_vae(), skip_bad_rows=True)
     assert cache.pair_indices == [0, 1, 3, 4]
@@ -344,7 +344,7 @@ def test_an_image_file_gone_before_the_build_names_its_row(tmp_path):
     (tmp_path / "index.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
     pairs, decoder = pairs_and_decoder(tmp_path / "index.jsonl")
     (tmp_path / "img" / "1a.png").unlink()
-    with pytest.raises(ValueError, match=r"index\.jsonl, row 1 \(line 2\): the image file .*1a\.png"):
+    with pytest.raises(ValueError, match=r"index\.jsonl, row 2 \(line 2\): the image file .*1a\.png"):
         build(pairs, decoder, tmp_path / "cache", tiny_vae())
     cache = build(pairs, decoder, tmp_path / "cache", tiny_vae(), skip_bad_rows=True)
     assert cache.pair_indices == [0, 2] and cache.stats["cache_skipped_missing_image"] == 1
@@ -357,7 +357,7 @@ def test_non_finite_latents_raise_with_the_fix(tmp_path, source):
         vae.encoder.conv_in.bias[0] = float("nan")
     with pytest.raises(
         ValueError,
-        match=r"pairs\.parquet, row 0: the VAE produced non-finite latents in torch\.float32.*fp16-fix",
+        match=r"pairs\.parquet, row 1: the VAE produced non-finite latents in torch\.float32.*fp16-fix",
     ):
         build(pairs, decoder, tmp_path / "cache", vae)
 

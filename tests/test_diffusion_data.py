@@ -119,8 +119,8 @@ def test_arrow_stream_and_file_formats_are_concatenated_with_their_own_rows(tmp_
         out.write_table(pa.table(second))
     pairs = load_preference_pairs(make_config(tmp_path))
     assert pairs.captions == first["caption"] + second["caption"]
-    assert pairs.location(1) == f"{tmp_path / 'a.arrow'}, row 1"
-    assert pairs.location(4) == f"{tmp_path / 'b.arrow'}, row 1"
+    assert pairs.location(1) == f"{tmp_path / 'a.arrow'}, row 2"
+    assert pairs.location(4) == f"{tmp_path / 'b.arrow'}, row 2"
 
 
 def test_directory_source_picks_the_split_files(tmp_path):
@@ -132,7 +132,7 @@ def test_directory_source_picks_the_split_files(tmp_path):
 
     train = load_preference_pairs(make_config(tmp_path))
     assert len(train) == 5
-    assert train.location(3) == f"{tmp_path / 'data' / 'train-00001-of-00002.parquet'}, row 1"
+    assert train.location(3) == f"{tmp_path / 'data' / 'train-00001-of-00002.parquet'}, row 2"
     assert load_preference_pairs(make_config(tmp_path, split="validation")).captions == validation["caption"]
     assert len(load_preference_pairs(make_config(tmp_path / "data" / "train-*.parquet"))) == 5
 
@@ -157,7 +157,7 @@ def test_jsonl_index_with_an_image_folder(tmp_path):
     )
     assert pairs.media_bytes(1)[0] == (tmp_path / "images/1_a.png").read_bytes()
     assert pairs.media_bytes(2)[0] == (tmp_path / "images/2_b.jpg").read_bytes()
-    assert pairs.location(2) == f"{tmp_path / 'index.jsonl'}, row 2 (line 3)"
+    assert pairs.location(2) == f"{tmp_path / 'index.jsonl'}, row 3 (line 3)"
 
 
 def test_image_feature_dicts_written_by_datasets(tmp_path):
@@ -186,7 +186,7 @@ def test_hub_dataset_is_read_as_its_raw_table(monkeypatch):
     pairs = load_preference_pairs(make_config("someone/pick-a-pic-mini", split="validation"))
     assert requested == [("someone/pick-a-pic-mini", "validation")]
     assert pairs.media_bytes(1) == (columns["jpg_1"][1], columns["jpg_0"][1])
-    assert pairs.location(2) == "someone/pick-a-pic-mini[validation], row 2"
+    assert pairs.location(2) == "someone/pick-a-pic-mini[validation], row 3"
 
 
 def test_unavailable_hub_dataset_names_the_local_alternatives(monkeypatch):
@@ -281,7 +281,7 @@ def test_bad_parquet_row_names_file_row_and_fix(tmp_path, column, value, reason,
     columns = pick_a_pic_columns(4)
     columns[column][2] = value
     source = write_parquet(tmp_path / "pairs.parquet", columns)
-    with pytest.raises(ValueError, match=rf"pairs\.parquet, row 2: {problem}.*data\.skip_bad_rows: true"):
+    with pytest.raises(ValueError, match=rf"pairs\.parquet, row 3: {problem}.*data\.skip_bad_rows: true"):
         load_preference_pairs(make_config(source))
 
     pairs = load_preference_pairs(make_config(source, skip_bad_rows=True))
@@ -311,12 +311,13 @@ def test_bad_jsonl_row_names_file_line_and_fix(tmp_path, change, reason, problem
     rows = []
     for i in range(3):
         (tmp_path / "images" / f"{i}.png").write_bytes(image_bytes(i))
+        (tmp_path / "images" / f"{i}b.png").write_bytes(image_bytes(100 + i))
         rows.append(
-            {"caption": f"caption {i}", "jpg_0": f"images/{i}.png", "jpg_1": f"images/{i}.png", "label_0": 1}
+            {"caption": f"caption {i}", "jpg_0": f"images/{i}.png", "jpg_1": f"images/{i}b.png", "label_0": 1}
         )
     rows[1].update(change)
     (tmp_path / "index.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
-    with pytest.raises(ValueError, match=rf"index\.jsonl, row 1 \(line 2\): {problem}.*skip_bad_rows"):
+    with pytest.raises(ValueError, match=rf"index\.jsonl, row 2 \(line 2\): {problem}.*skip_bad_rows"):
         load_preference_pairs(make_config(tmp_path / "index.jsonl"))
     pairs = load_preference_pairs(make_config(tmp_path / "index.jsonl", skip_bad_rows=True))
     assert pairs.captions == ["caption 0", "caption 2"]
@@ -325,10 +326,11 @@ def test_bad_jsonl_row_names_file_line_and_fix(tmp_path, change, reason, problem
 
 def test_jsonl_row_without_a_key_is_a_bad_row_and_a_broken_line_fails(tmp_path):
     (tmp_path / "a.png").write_bytes(image_bytes(0))
-    row = {"caption": "c", "jpg_0": "a.png", "jpg_1": "a.png", "label_0": 1}
+    (tmp_path / "b.png").write_bytes(image_bytes(1))
+    row = {"caption": "c", "jpg_0": "a.png", "jpg_1": "b.png", "label_0": 1}
     lines = [json.dumps(row), json.dumps({key: value for key, value in row.items() if key != "caption"})]
     (tmp_path / "index.jsonl").write_text("\n".join(lines))
-    with pytest.raises(ValueError, match=r"index\.jsonl, row 1 \(line 2\): the caption .* is missing"):
+    with pytest.raises(ValueError, match=r"index\.jsonl, row 2 \(line 2\): the caption .* is missing"):
         load_preference_pairs(make_config(tmp_path / "index.jsonl"))
 
     (tmp_path / "index.jsonl").write_text(lines[0] + "\n{not json\n")
@@ -378,7 +380,7 @@ def test_without_verification_a_corrupt_image_fails_when_read(tmp_path):
     config = make_config(write_parquet(tmp_path / "p.parquet", columns), verify_media=False)
     dataset = PreferencePairDataset(load_preference_pairs(config), image_decoder(config))
     dataset[0]
-    with pytest.raises(ValueError, match=r"p\.parquet, row 1: cannot decode the image"):
+    with pytest.raises(ValueError, match=r"p\.parquet, row 2: cannot decode the image"):
         dataset[1]
 
 
@@ -457,11 +459,11 @@ def test_random_crop_reports_where_it_cropped(tmp_path):
 @pytest.fixture(scope="module")
 def many_pairs(tmp_path_factory):
     count = 1500
-    tiny = image_bytes(0, 8, 8)
+    tiny, other = image_bytes(0, 8, 8), image_bytes(1, 8, 8)
     columns = {
         "caption": [f"caption {i}" for i in range(count)],
         "jpg_0": [tiny] * count,
-        "jpg_1": [tiny] * count,
+        "jpg_1": [other] * count,
         "label_0": [1.0] * count,
     }
     config = DiffusionDataConfig(

@@ -215,4 +215,9 @@ def test_fsdp2_matches_one_process_resumes_under_one_and_gathers_a_plain_copy(tm
     assert max(first_norms + second_norms) > 1.0
     # Evaluation and export see the full weights as a plain module on the main process.
     assert sharded["plain_parameter_types"] == ["Parameter"]
+    # A NaN in the last process's shard makes every process refuse the weights.
+    assert [json.loads((tmp_path / "sharded" / f"finite-{rank}.json").read_text()) for rank in (0, 1)] == [
+        [True, False],
+        [True, False],
+    ]
     torch.testing.assert_close(torch.tensor(sharded["probe_outputs"]), outputs_after_two, atol=1e-5, rtol=0)

@@ -140,9 +140,9 @@ def test_pickapic_pairs_get_new_labels_in_the_same_schema(tmp_path):
 def test_bad_rows_fail_with_their_location_or_are_skipped_and_counted(tmp_path):
     write_pickapic(tmp_path / "pairs.parquet", image_1_override={2: b"not an image", 4: None})
     config = RelabelConfig(source=str(tmp_path / "pairs.parquet"), output=str(tmp_path / "new.parquet"))
-    config.scorer.batch_size = 2  # row 2 opens the second batch: rows are counted across batches
+    config.scorer.batch_size = 2  # row 3 opens the second batch: rows are counted across batches
     with pytest.raises(
-        ValueError, match=r"pairs.parquet, row 2: column 'jpg_1'.*not a readable image.*skip_bad_rows"
+        ValueError, match=r"pairs.parquet, row 3: column 'jpg_1'.*not a readable image.*skip_bad_rows"
     ):
         relabel(config, scorer=Brightness())
 

@@ -285,5 +285,5 @@ def test_a_resumed_run_draws_the_same_references_and_ends_bit_identical(sd_dir, 
         for name in ("full", "split")
     }
     assert all(torch.equal(final["full"][key], final["split"][key]) for key in final["full"])
-    extra = torch.load(tmp_path / "split" / "checkpoints" / "step-0000004" / "extra.pt", weights_only=False)
+    extra = torch.load(tmp_path / "split" / "checkpoints" / "step-0000004" / "extra.pt", weights_only=True)
     assert len(extra["method"]["bank"]["weights"]) == 2  # the bank travels with the checkpoint, bounded

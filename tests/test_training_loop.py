@@ -7,12 +7,12 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from diffalign.training import OptimConfig, RunConfig, StepOutput, make_accelerator, run_training
+from diffalign.training import OptimConfig, Recipe, RunConfig, StepOutput, make_accelerator, run_training
 from diffalign.training.checkpoint import list_checkpoints
 from diffalign.training.loop import NonFiniteLossError
 
 
-class RegressionRecipe:
+class RegressionRecipe(Recipe):
     """y = w·x + noise, with fresh noise drawn from the global RNG every step (like diffusion noise)."""
 
     def __init__(self, output_dir: Path, poison_steps: set[int] = frozenset(), crash_at: int | None = None):
@@ -40,9 +40,6 @@ class RegressionRecipe:
             loss = loss * float("nan")
         self.losses.append(loss.item())
         return StepOutput(loss=loss, metrics={"noise": noise.abs().mean()}, counts={"pairs": len(noise)})
-
-    def evaluate(self, model, step):
-        return {}
 
     def save_final(self, model, output_dir):
         output_dir.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,8 @@
 A stored clip (WAV, FLAC, OGG, ... bytes, at any rate and with any number of channels) becomes what a model
 family's VAE encodes, through the :class:`~diffalign.diffusion.transforms.MediaDecoder` steps:
 
-* ``load`` decodes the bytes with soundfile and rejects clips that are empty, non-finite or silent;
+* ``load`` decodes the bytes with soundfile and rejects clips that are truncated (WAV), empty, non-finite or
+  silent;
 * ``transform`` mixes the channels to the model's count, resamples to the model's rate with soxr, trims or
   zero-pads to the model's length and, for latent-mel models (MusicLDM, AudioLDM, AudioLDM2), computes the
   log-mel spectrogram their VAE and vocoder were trained on; waveform models (Stable Audio) get the waveform.
@@ -96,6 +97,26 @@ def log_mel_spectrogram(waveforms: Tensor, settings: MelSettings) -> Tensor:
     return torch.log(mel.clamp(min=settings.log_floor))
 
 
+class CorruptAudioError(CorruptMediaError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason="corrupt_audio")
+
+
+def wav_truncation(data: bytes) -> tuple[int, int] | None:
+    """``(declared, present)`` sizes of a RIFF/WAVE file's ``data`` chunk when the file ends inside it; None
+    for a complete WAV file, another format, or a size a streaming writer left unset (0 or 0xFFFFFFFF)."""
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return None
+    offset = 12
+    while offset + 8 <= len(data):
+        chunk, size = data[offset : offset + 4], int.from_bytes(data[offset + 4 : offset + 8], "little")
+        if chunk == b"data":
+            present = len(data) - offset - 8
+            return (size, present) if present < size and size not in (0, 0xFFFFFFFF) else None
+        offset += 8 + size + size % 2  # chunks are padded to an even size
+    return None
+
+
 @dataclass(frozen=True)
 class Clip:
     """Decoded audio: float32 samples ``[channels, time]`` at ``sample_rate`` Hz."""
@@ -141,16 +162,23 @@ class AudioDecoder:
         try:
             samples, sample_rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
         except soundfile.LibsndfileError as error:
-            raise CorruptMediaError(f"cannot decode the audio ({error.error_string})") from None
+            raise CorruptAudioError(f"cannot decode the audio ({error.error_string})") from None
         except (RuntimeError, ValueError, TypeError) as error:
-            raise CorruptMediaError(f"cannot decode the audio ({type(error).__name__}: {error})") from None
+            raise CorruptAudioError(f"cannot decode the audio ({type(error).__name__}: {error})") from None
+        truncated = wav_truncation(data)
+        if truncated is not None:
+            # libsndfile reads what is there without complaint; the rest would be zero-padded and trained on.
+            declared, present = truncated
+            raise CorruptAudioError(
+                f"the WAV file is truncated: its data chunk declares {declared} bytes, {present} are present"
+            )
         if samples.size == 0:
-            raise CorruptMediaError("the audio has no samples")
+            raise CorruptAudioError("the audio has no samples")
         if not np.isfinite(samples).all():
-            raise CorruptMediaError("the audio holds NaN or infinite samples")
+            raise CorruptAudioError("the audio holds NaN or infinite samples")
         peak = float(np.abs(samples).max())
         if peak < self.silence_threshold:
-            raise CorruptMediaError(
+            raise CorruptAudioError(
                 f"the audio is silent (peak amplitude {peak:.3g} below the silence threshold "
                 f"{self.silence_threshold:g})"
             )

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import Dataset
@@ -41,6 +41,7 @@ from torch.utils.data import Dataset
 from diffalign.diffusion.data import SKIP_HINT, BadRowError, PreferencePairs, split_index
 from diffalign.diffusion.families.base import LatentNormalization
 from diffalign.diffusion.transforms import CorruptMediaError, MediaDecoder, draw_pair_randomness
+from diffalign.files import damaged_cache, respect_umask
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ class _ShardStore:
         self.shard_size = shard_size
         self.index: dict[str, Path] = {}
         for path in sorted(folder.glob("*.safetensors")):
-            with safe_open(str(path), framework="pt") as shard:
+            with _open_shard(path) as shard:
                 for name in shard.keys():  # noqa: SIM118 (a safetensors handle is not a dict)
                     self.index[name.split("/", 1)[0]] = path
         self._pending: dict[str, Tensor] = {}
@@ -118,15 +119,27 @@ class _ShardStore:
         path = self.folder / f"{uuid.uuid4().hex}.safetensors"
         temporary = self.folder / f".{path.name}.tmp"
         save_file(self._pending, str(temporary), metadata={"format": "pt"})
+        respect_umask(temporary)
         os.replace(temporary, path)
         self.index.update(dict.fromkeys(self._pending_keys, path))
         self._pending, self._pending_keys = {}, set()
 
     def read(self, prefix: str) -> dict[str, Tensor]:
         """The tensors named ``prefix...``, keyed by the rest of their name (``prefix`` starts with the key)."""
-        with safe_open(str(self.index[prefix.split("/", 1)[0]]), framework="pt") as shard:
+        path = self.index[prefix.split("/", 1)[0]]
+        with _open_shard(path) as shard:
             names = [name for name in shard.keys() if name.startswith(prefix)]  # noqa: SIM118
-            return {name[len(prefix) :]: shard.get_tensor(name) for name in names}
+            try:
+                return {name[len(prefix) :]: shard.get_tensor(name) for name in names}
+            except SafetensorError as error:
+                raise damaged_cache(path, error) from None
+
+
+def _open_shard(path: Path) -> Any:
+    try:
+        return safe_open(str(path), framework="pt")
+    except SafetensorError as error:
+        raise damaged_cache(path, error) from None
 
 
 @dataclass
@@ -211,7 +224,7 @@ def build_pair_cache(
     images = _ShardStore(root / "images", shard_size)
     texts = _ShardStore(root / "texts", shard_size)
     skipped: Counter[str] = Counter()
-    bad_keys: set[str] = set()
+    bad_keys: dict[str, str] = {}  # key → why it cannot be encoded (a skip reason)
     image_keys: list[tuple[str, str] | None] = []
     pending: dict[str, tuple[bytes, int]] = {}  # key → (stored bytes, pair index) of images to encode
     encoded = 0
@@ -228,7 +241,7 @@ def build_pair_cache(
             try:
                 media = decoder.load(data)
             except CorruptMediaError as error:
-                bad_keys.add(key)
+                bad_keys[key] = error.reason
                 if not skip_bad_rows:
                     raise ValueError(f"{pairs.location(index)}: {error}. {SKIP_HINT}") from None
                 continue
@@ -291,8 +304,9 @@ def build_pair_cache(
     for index, keys in enumerate(image_keys):
         if keys is None:
             continue
-        if bad_keys.intersection(keys):
-            skipped["corrupt_image"] += 1
+        reasons = [bad_keys[key] for key in keys if key in bad_keys]
+        if reasons:
+            skipped[reasons[0]] += 1
         else:
             pair_indices.append(index)
 

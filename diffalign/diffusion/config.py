@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from diffalign.diffusion.data import DiffusionDataConfig
 from diffalign.diffusion.families import DiffusionFamily, FamilyOptions, family_class
+from diffalign.diffusion.families.base import ImageLatents
 from diffalign.diffusion.methods import METHODS, DiffusionMethod
 from diffalign.diffusion.timesteps import TimestepSettings
 from diffalign.losses import LOSSES, LossConfig
@@ -198,7 +199,7 @@ WEIGHTING_NEEDS = {"min_snr": "ddpm_schedule", "sigma_sqrt": "flow_matching", "c
 
 
 def check_family_support(config: DiffusionTrainConfig, family: type[DiffusionFamily]) -> None:
-    """Refuse a method or ``timesteps.weighting`` that needs a capability ``family`` lacks, naming both."""
+    """Refuse a method, option, ``timesteps.weighting`` or ``data.resolution`` ``family`` cannot take, naming both."""
     method = METHODS[config.method.name]
     missing = sorted(method.requires - family.capabilities)
     if missing:
@@ -220,6 +221,12 @@ def check_family_support(config: DiffusionTrainConfig, family: type[DiffusionFam
         raise ValueError(
             f"model.drop_text_encoders: {family.__name__} cannot do without {dropped}; it can drop "
             f"{list(family.optional_text_encoders) or 'none of its text encoders'}"
+        )
+    # Audio families do not read data.resolution; the loaded VAE's own factor is checked again by media_decoder.
+    if issubclass(family, ImageLatents) and config.data.resolution % family.resolution_multiple:
+        raise ValueError(
+            f"data.resolution: {config.data.resolution} px is not a multiple of {family.resolution_multiple}, "
+            f"which {family.__name__} needs (8 pixels per latent times its patching)"
         )
     needed = WEIGHTING_NEEDS.get(config.timesteps.weighting)
     if needed is not None and needed not in family.capabilities:

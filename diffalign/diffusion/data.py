@@ -57,6 +57,9 @@ class DiffusionDataConfig:
     caption_dropout: float = 0.2  # probability of training on the empty prompt, as the official SD1.5 code
     drop_ties: bool = True
     skip_bad_rows: bool = False
+    # An image whose longer side is more than this many times its shorter side is a bad row: resizing its shorter
+    # side to data.resolution would make the longer one huge (a 1×3000 image: 1.5M pixels wide at 512).
+    max_aspect_ratio: float = 4.0
     # Decode every image once while loading, so that corrupt rows fail (or are skipped) before training. With a
     # cache_dir the cache build decodes every image anyway and takes this role. Off, a bad image raises when read.
     verify_media: bool = True
@@ -71,6 +74,8 @@ class DiffusionDataConfig:
             raise ValueError(
                 f"data.caption_dropout must be a probability in [0, 1], got {self.caption_dropout}"
             )
+        if not self.max_aspect_ratio >= 1:
+            raise ValueError(f"data.max_aspect_ratio must be >= 1 (longer side / shorter side), got {self.max_aspect_ratio}")
         if self.max_pairs is not None and self.max_pairs < 1:
             raise ValueError(f"data.max_pairs must be >= 1 or null (all pairs), got {self.max_pairs}")
         if self.vae_encode_batch_size < 1:
@@ -117,7 +122,7 @@ class _ArrowTable:
 
     def location(self, row: int) -> str:
         segment, local_row = self._segment(row)
-        return f"{self.segments[segment][0]}, row {local_row}"
+        return f"{self.segments[segment][0]}, row {local_row + 1}"
 
     def base_dir(self, row: int) -> Path | None:
         return self.segments[self._segment(row)[0]][1]
@@ -136,7 +141,14 @@ class _JsonlTable:
         self.name = str(path)
         self.rows: list[dict[str, Any]] = []
         self.line_numbers: list[int] = []
-        for line_number, line in enumerate(path.read_text().splitlines(), start=1):
+        for line_number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(
+                    f"{path}, line {line_number}: not UTF-8 text (byte {error.start + 1} is "
+                    f"{raw[error.start]:#04x}); save the index as UTF-8"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -152,12 +164,14 @@ class _JsonlTable:
                 )
             self.rows.append(row)
             self.line_numbers.append(line_number)
+        if not self.rows:
+            raise ValueError(f"data.source: {path} holds no rows; each line must be one JSON object (a pair)")
         self.num_rows = len(self.rows)
         self.column_names = sorted({key for row in self.rows for key in row})
         self.folder = path.parent
 
     def location(self, row: int) -> str:
-        return f"{self.name}, row {row} (line {self.line_numbers[row]})"
+        return f"{self.name}, row {row + 1} (line {self.line_numbers[row]})"
 
     def base_dir(self, row: int) -> Path | None:
         return self.folder
@@ -236,16 +250,33 @@ def _load_tables(config: DiffusionDataConfig) -> list[_Table]:
         return [_JsonlTable(path) for path in files]
     if kind == "arrow":
         tables = [_read_arrow_file(path) for path in files]
+        _require_rows(files, [table.num_rows for table in tables])
         segments = [(str(path), path.parent, table.num_rows) for path, table in zip(files, tables)]
         return [_ArrowTable(pa.concat_tables(tables, promote_options="default"), segments)]
     # Parquet is converted once to a memory-mapped arrow cache by `datasets`, so rows are read without loading
     # whole files into memory; the parquet footers give each file's row count for error messages.
     import datasets  # here, not at the top: it takes seconds to import, and every config load imports this module
 
-    counts = [pq.ParquetFile(path).metadata.num_rows for path in files]
+    counts = [_parquet_rows(path) for path in files]
+    _require_rows(files, counts)
+    # `datasets` fails on a file without rows, which has nothing to contribute anyway.
+    files, counts = zip(*[(path, count) for path, count in zip(files, counts) if count])
     dataset = datasets.Dataset.from_parquet([str(path) for path in files])
     segments = [(str(path), path.parent, count) for path, count in zip(files, counts)]
     return [_ArrowTable(dataset.data.table, segments)]
+
+
+def _parquet_rows(path: Path) -> int:
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except pa.ArrowException as error:
+        raise ValueError(f"data.source: {path} is not a readable parquet file ({error})") from None
+
+
+def _require_rows(files: Sequence[Path], counts: Sequence[int]) -> None:
+    if not sum(counts):
+        names = str(files[0]) if len(files) == 1 else f"the {len(files)} files of {files[0].parent}"
+        raise ValueError(f"data.source: {names} holds no rows; point data.source at a file of preference pairs")
 
 
 def _load_hub_table(dataset_id: str, split: str) -> _ArrowTable:
@@ -321,6 +352,16 @@ def _media_bytes(value: Any, base_dir: Path | None, column: str) -> bytes:
     )
 
 
+def _pair_bytes(table: _Table, row: int, columns: tuple[str, str]) -> tuple[bytes, bytes]:
+    """The stored bytes of a row's two pair members, which must differ."""
+    first, second = (_media_bytes(table.value(column, row), table.base_dir(row), column) for column in columns)
+    if first == second:
+        raise BadRowError(
+            "identical_pair", f"columns {columns[0]!r} and {columns[1]!r} hold identical data: nothing to prefer"
+        )
+    return first, second
+
+
 class PreferencePairs:
     """The validated pairs of a data source, winner first. Images stay in the source tables until read.
 
@@ -353,8 +394,7 @@ class PreferencePairs:
                         ties_dropped += 1
                         continue
                     if verify_media:
-                        for column in (config.image_0_column, config.image_1_column):
-                            data = _media_bytes(table.value(column, row), table.base_dir(row), column)
+                        for data in _pair_bytes(table, row, (config.image_0_column, config.image_1_column)):
                             self._decode(decoder, data)
                 except BadRowError as bad:
                     if not config.skip_bad_rows:
@@ -386,7 +426,7 @@ class PreferencePairs:
         try:
             return decoder.load(data)
         except CorruptMediaError as error:
-            raise BadRowError("corrupt_image", str(error)) from None
+            raise BadRowError(error.reason, str(error)) from None
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -401,9 +441,7 @@ class PreferencePairs:
         table = self.tables[table_index]
         columns = (self.config.image_0_column, self.config.image_1_column)
         try:
-            first, second = (
-                _media_bytes(table.value(column, row), table.base_dir(row), column) for column in columns
-            )
+            first, second = _pair_bytes(table, row, columns)
         except BadRowError as bad:
             raise BadRowError(bad.reason, f"{table.location(row)}: {bad}") from None
         return (second, first) if swapped else (first, second)
@@ -425,7 +463,12 @@ def load_preference_pairs(
 
 
 def image_decoder(config: DiffusionDataConfig) -> ImageDecoder:
-    return ImageDecoder(resolution=config.resolution, crop=config.crop, random_flip=config.random_flip)
+    return ImageDecoder(
+        resolution=config.resolution,
+        crop=config.crop,
+        random_flip=config.random_flip,
+        max_aspect_ratio=config.max_aspect_ratio,
+    )
 
 
 # --- datasets --------------------------------------------------------------------------------------------------

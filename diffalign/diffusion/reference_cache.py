@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
@@ -45,6 +45,7 @@ from diffalign.diffusion.families import DiffusionFamily
 from diffalign.diffusion.methods.base import LatentPairBatch
 from diffalign.diffusion.methods.dpo import DiffusionDPO
 from diffalign.diffusion.reference import ReferenceDenoiser
+from diffalign.files import read_cache_file, respect_umask
 from diffalign.training.loop import move_to_device
 from diffalign.training.sampler import collate_with_sample_ids
 
@@ -250,6 +251,7 @@ def load_or_build_reference_errors(
                 temporary = path.with_name(f".{path.name}.tmp")
                 metadata = {"format": "pt", "parts": json.dumps(parts, sort_keys=True, default=str)}
                 save_file({"pair_index": pair_index, "errors": errors}, str(temporary), metadata=metadata)
+                respect_umask(temporary)
                 os.replace(temporary, path)
             logger.info(
                 "reference cache: %d pairs computed in %.1f s -> %s",
@@ -258,7 +260,7 @@ def load_or_build_reference_errors(
                 path,
             )
         else:
-            stored = load_file(str(path))
+            stored = read_cache_file(path)
             pair_index, errors = stored["pair_index"], stored["errors"]
             logger.info("reference cache: %d pairs read from %s", len(pair_index), path)
     table = torch.full((int(pair_index.max()) + 1, 2), float("nan"))

@@ -26,7 +26,7 @@ from diffalign.diffusion.methods import METHODS, LatentPairBatch, TrainingContex
 from diffalign.diffusion.models import build_models
 from diffalign.diffusion.reference_cache import FixedDraws, ReferenceErrors, load_or_build_reference_errors
 from diffalign.diffusion.training_data import build_pair_dataset
-from diffalign.training import StepOutput, make_accelerator, run_training
+from diffalign.training import Recipe, StepOutput, make_accelerator, run_training
 from diffalign.training.engines import shards_parameters
 from diffalign.training.loss_state import MarginBaseline
 from diffalign.training.precision import mixed_precision_dtype
@@ -35,7 +35,7 @@ from diffalign.training.reference_sync import ReferenceSync
 logger = logging.getLogger("diffalign")
 
 
-class DiffusionRecipe:
+class DiffusionRecipe(Recipe):
     def __init__(self, config: DiffusionTrainConfig, accelerator: Accelerator) -> None:
         self.config = config
         self.accelerator = accelerator

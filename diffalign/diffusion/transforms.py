@@ -29,7 +29,18 @@ from torch import Tensor
 
 
 class CorruptMediaError(ValueError):
-    """Stored bytes that cannot be decoded (corrupt, truncated, or not an image)."""
+    """Stored bytes that cannot be decoded or used (corrupt, truncated, not an image, an extreme shape).
+
+    ``reason`` is the key a skipped pair is counted under (``corrupt_image``, ``corrupt_audio``, ...).
+    """
+
+    def __init__(self, message: str, reason: str = "corrupt_image") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+# PIL signals bad data with several exception types (a broken PNG chunk is a SyntaxError).
+PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 @dataclass(frozen=True)
@@ -82,6 +93,9 @@ class ImageDecoder:
     resolution: int
     crop: Literal["center", "random"] = "center"
     random_flip: bool = True
+    # Longer side / shorter side beyond which an image is refused rather than resized (it only decides what
+    # is accepted, so it is not among the settings that key a cache).
+    max_aspect_ratio: float = 4.0
     name: ClassVar[str] = "pixels"
 
     def settings(self) -> dict[str, Any]:
@@ -95,12 +109,22 @@ class ImageDecoder:
         }
 
     def load(self, data: bytes) -> Image.Image:
-        # PIL signals bad data with several exception types (a broken PNG chunk is a SyntaxError).
         try:
-            with Image.open(io.BytesIO(data)) as image:
-                return image.convert("RGB")
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            image = Image.open(io.BytesIO(data))  # reads the header only
+        except PIL_ERRORS as error:
             raise CorruptMediaError(f"cannot decode the image ({type(error).__name__}: {error})") from error
+        with image:
+            width, height = image.size
+            if max(width, height) > self.max_aspect_ratio * min(width, height):
+                raise CorruptMediaError(
+                    f"the image is {width}×{height} pixels, more elongated than data.max_aspect_ratio="
+                    f"{self.max_aspect_ratio:g}; crop it or raise data.max_aspect_ratio",
+                    reason="extreme_aspect_ratio",
+                )
+            try:
+                return image.convert("RGB")
+            except PIL_ERRORS as error:
+                raise CorruptMediaError(f"cannot decode the image ({type(error).__name__}: {error})") from error
 
     def draw_augmentation(self, generator: torch.Generator) -> ImageAugmentation:
         flip = self.random_flip and torch.rand((), generator=generator).item() < 0.5

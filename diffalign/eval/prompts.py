@@ -164,7 +164,7 @@ def _rows(path: Path, column: str) -> list[tuple[str, Any]]:
         if column not in names:
             raise _missing_column(path, column, names)
         values = pq.read_table(path, columns=[column]).column(column).to_pylist()
-        return [(f"row {index}", value) for index, value in enumerate(values)]
+        return [(f"row {index}", value) for index, value in enumerate(values, start=1)]
     with path.open(newline="") as handle:
         reader = csv.DictReader(handle, delimiter="\t" if path.suffix == ".tsv" else ",")
         if column not in (reader.fieldnames or []):

@@ -215,7 +215,7 @@ def _read_pairs(
     counted and dropped."""
     prompts, pairs, kept = [], [], []
     for offset, row in enumerate(table.select([schema.prompt, schema.first, schema.second]).to_pylist()):
-        where = f"{path}, row {first_row + offset}"
+        where = f"{path}, row {first_row + offset + 1}"
         try:
             prompt = row[schema.prompt]
             if not isinstance(prompt, str):

@@ -25,6 +25,7 @@ This module imports nothing from the rest of diffalign.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -166,8 +167,14 @@ class LossConfig:
                 f"loss.weights={self.weights} has {len(self.weights)} entries but loss.type={self.type} has "
                 f"{len(self.type)}; give one weight per loss or leave loss.weights unset (all 1)"
             )
-        if not self.beta > 0:
-            raise ValueError(f"loss.beta={self.beta} must be > 0")
+        if self.weights is not None and not (
+            all(weight >= 0 and math.isfinite(weight) for weight in self.weights) and sum(self.weights) > 0
+        ):
+            raise ValueError(
+                f"loss.weights={self.weights} must be finite and >= 0, with at least one > 0"
+            )
+        if not (self.beta > 0 and math.isfinite(self.beta)):
+            raise ValueError(f"loss.beta={self.beta} must be > 0 and finite")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"loss.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
         if "exo_pair" in self.type and self.label_smoothing == 0:

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from diffalign.files import respect_umask
 from diffalign.rewards.base import Audio
 from diffalign.rewards.embedding_metrics import GaussianStats, gaussian_stats
 from diffalign.rewards.encoders import Encoder, embed_reference
@@ -56,6 +57,7 @@ def save_stats(stats: GaussianStats, path: str | Path, encoder_identity: str = "
     )  # written then renamed: a crash never leaves a truncated cache file
     tensors = {"mean": stats.mean.detach().cpu().contiguous(), "cov": stats.cov.detach().cpu().contiguous()}
     save_file(tensors, partial, metadata={"count": str(stats.count), "encoder": encoder_identity})
+    respect_umask(partial)
     partial.replace(path)
 
 

@@ -15,12 +15,20 @@ How the parameters and the optimizer state are written depends on the engine (a 
 - ``DeepSpeedModelState`` (ZeRO-1/2/3): the optimizer state (and under ZeRO-3 the parameters) are partitioned
   inside DeepSpeed's engine, which writes its own per-process files (``deepspeed/``), frozen parameters
   excluded. DeepSpeed restores them on the same number of processes only.
+
+Every file is read back with ``torch.load(weights_only=True)`` or safetensors: tensors and plain Python
+values only, so a crafted checkpoint cannot run code (NumPy's RNG state is stored as a tensor for that). A file
+that cannot be read raises :class:`CorruptCheckpointError` naming it; a failed write (a full disk) raises
+:class:`CheckpointWriteError` naming the file and the free space, and leaves no staging folder behind. Each
+checkpoint also holds the run's resolved config (``config.yaml``), which a resume compares with its own.
+DeepSpeed's own files are read by DeepSpeed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -30,10 +38,23 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from diffalign.files import free_space, respect_umask
+
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
+CONFIG_FILE = "config.yaml"  # the resolved config of the run that wrote the checkpoint
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file that cannot be read: truncated, damaged, or holding more than tensors and plain values."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint file could not be written (a full disk, a quota); the staging folder was removed."""
 
 
 @dataclass
@@ -42,10 +63,14 @@ class LoopState:
     micro_step: int = 0  # batches consumed by this process's data stream
     nonfinite_steps: int = 0
     best_metric: float | None = None  # for recipes that keep the best checkpoint (early stopping)
+    num_processes: int = 1  # of the run that wrote the checkpoint
 
 
 def capture_rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every global RNG's state, as tensors and plain values (``torch.load(weights_only=True)`` reads them)."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian)
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -53,7 +78,8 @@ def capture_rng_state() -> dict[str, Any]:
 
 def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -67,9 +93,59 @@ def trainable_names(model: nn.Module) -> set[str]:
     return {name for name, p in model.named_parameters() if p.requires_grad}
 
 
+def read_torch(path: Path) -> Any:
+    """A ``torch.save`` file, read without running code: tensors and plain Python values only."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as error:
+        first_line = str(error).splitlines()[0]
+        raise CorruptCheckpointError(
+            f"{path} holds more than tensors and plain values, so it was not loaded (it may be damaged or crafted "
+            f"to run code; {first_line}); resume only from checkpoints this version of diffalign wrote"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise CorruptCheckpointError(f"{path} cannot be read, the checkpoint is damaged ({error})") from None
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except SafetensorError as error:
+        raise CorruptCheckpointError(f"{path} cannot be read, the checkpoint is damaged ({error})") from None
+
+
+def _write_failed(path: Path, error: BaseException) -> CheckpointWriteError:
+    return CheckpointWriteError(
+        f"could not write {path} ({error}); {free_space(path)} free on its disk. Free some space (fewer "
+        "checkpoints: run.keep_last_checkpoints) or point run.output_dir at another disk; the checkpoints "
+        "already written are intact"
+    )
+
+
+def write_torch(value: Any, path: Path) -> None:
+    try:
+        torch.save(value, path)
+    except (OSError, RuntimeError) as error:  # torch reports a full disk as a RuntimeError of its zip writer
+        raise _write_failed(path, error) from error
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    try:
+        save_file(tensors, path)
+    except (OSError, SafetensorError) as error:
+        raise _write_failed(path, error) from error
+
+
+def write_text(text: str, path: Path) -> None:
+    try:
+        path.write_text(text)
+    except OSError as error:
+        raise _write_failed(path, error) from error
+
+
 def read_trainable(directory: Path, model: nn.Module) -> dict[str, torch.Tensor]:
     """The checkpoint's trainable parameters, checked against the model's."""
-    trainable = load_file(directory / "trainable.safetensors")
+    trainable = read_safetensors(require_file(directory / "trainable.safetensors"))
     expected = trainable_names(model)
     if set(trainable) != expected:
         missing, unexpected = sorted(expected - set(trainable)), sorted(set(trainable) - expected)
@@ -80,9 +156,12 @@ def read_trainable(directory: Path, model: nn.Module) -> dict[str, torch.Tensor]
     return trainable
 
 
-def require_file(path: Path, engine: str) -> Path:
+def require_file(path: Path, engine: str | None = None) -> Path:
+    """``path``, which every checkpoint has (``engine`` None) or which one written under ``engine`` has."""
     if not path.exists():
         found = sorted(p.name for p in path.parent.iterdir())
+        if engine is None:
+            raise CorruptCheckpointError(f"checkpoint {path.parent} is incomplete: no {path.name} (has {found})")
         raise FileNotFoundError(
             f"checkpoint {path.parent} has no {path.name}, which a {engine} run needs (it has {found}); "
             "resume a run with the engine (accelerate config) that wrote the checkpoint"
@@ -109,8 +188,8 @@ class ReplicatedModelState:
 
     def save(self, directory: Path, is_main_process: bool) -> None:
         if is_main_process:
-            save_file(trainable_state_dict(self.model), directory / "trainable.safetensors")
-            torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+            write_safetensors(trainable_state_dict(self.model), directory / "trainable.safetensors")
+            write_torch(self.optimizer.state_dict(), directory / "optimizer.pt")
 
     def load(self, directory: Path) -> None:
         trainable = read_trainable(directory, self.model)
@@ -119,7 +198,7 @@ class ReplicatedModelState:
             for name, value in trainable.items():
                 parameters[name].copy_(value)
         optimizer_file = require_file(directory / "optimizer.pt", "single-process or DDP")
-        self.optimizer.load_state_dict(torch.load(optimizer_file, weights_only=False))
+        self.optimizer.load_state_dict(read_torch(optimizer_file))
 
 
 class GatheredModelState:
@@ -149,8 +228,8 @@ class GatheredModelState:
         if is_main_process:
             names = trainable_names(self.model)
             trainable = {name: value.contiguous() for name, value in model_state.items() if name in names}
-            save_file(trainable, directory / "trainable.safetensors")
-            torch.save(optimizer_state, directory / "optimizer_by_name.pt")
+            write_safetensors(trainable, directory / "trainable.safetensors")
+            write_torch(optimizer_state, directory / "optimizer_by_name.pt")
 
     def load(self, directory: Path) -> None:
         from torch.distributed.checkpoint.state_dict import (
@@ -161,7 +240,7 @@ class GatheredModelState:
 
         trainable = read_trainable(directory, self.model)
         optimizer_file = require_file(directory / "optimizer_by_name.pt", "FSDP")
-        optimizer_state = torch.load(optimizer_file, weights_only=False)
+        optimizer_state = read_torch(optimizer_file)
         # Every process reads the full tensors and keeps its own shards (strict=False: frozen weights are not
         # in the checkpoint and keep their pretrained values).
         options = StateDictOptions(full_state_dict=True, strict=False)
@@ -194,6 +273,10 @@ class DeepSpeedModelState:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint in {directory / self.TAG}")
 
 
+def checkpoint_dir(checkpoint_root: Path, step: int) -> Path:
+    return checkpoint_root / f"step-{step:07d}"
+
+
 def list_checkpoints(checkpoint_root: Path) -> list[Path]:
     if not checkpoint_root.is_dir():
         return []
@@ -213,25 +296,38 @@ def save_checkpoint(
     is_main_process: bool,
     wait_for_everyone: Any,
     extra_state: dict[str, Any] | None = None,
+    config: dict[str, Any] | None = None,
     keep_last: int | None = None,
 ) -> Path:
-    """Write ``checkpoint_root/step-N`` atomically; every process calls this (each saves its RNG state)."""
-    final = checkpoint_root / f"step-{loop_state.step:07d}"
-    staging = checkpoint_root / f"step-{loop_state.step:07d}.tmp"
-    if is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    wait_for_everyone()
-    torch.save(rng_state, staging / f"rng-{process_index}.pt")
-    model_state.save(staging, is_main_process)
-    if is_main_process:
-        torch.save(lr_scheduler.state_dict(), staging / "scheduler.pt")
-        if scaler is not None:
-            torch.save(scaler.state_dict(), staging / "scaler.pt")
-        if extra_state:
-            torch.save(extra_state, staging / "extra.pt")
-        (staging / "loop_state.json").write_text(json.dumps(asdict(loop_state)))
-    wait_for_everyone()
+    """Write ``checkpoint_root/step-N`` atomically; every process calls this (each saves its RNG state).
+
+    ``config`` is the run's resolved config as a plain dict. On any error the staging folder is removed.
+    """
+    final = checkpoint_dir(checkpoint_root, loop_state.step)
+    staging = final.with_name(final.name + ".tmp")
+    try:
+        if is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        wait_for_everyone()
+        write_torch(rng_state, staging / f"rng-{process_index}.pt")
+        model_state.save(staging, is_main_process)
+        if is_main_process:
+            write_torch(lr_scheduler.state_dict(), staging / "scheduler.pt")
+            if scaler is not None:
+                write_torch(scaler.state_dict(), staging / "scaler.pt")
+            if extra_state:
+                write_torch(extra_state, staging / "extra.pt")
+            if config is not None:
+                write_text(yaml.safe_dump(config, sort_keys=False), staging / CONFIG_FILE)
+            write_text(json.dumps(asdict(loop_state)), staging / "loop_state.json")
+        wait_for_everyone()
+        if is_main_process:
+            respect_umask(staging)  # every process's files are complete now
+    except BaseException:
+        if is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     if is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
@@ -240,22 +336,6 @@ def save_checkpoint(
                 shutil.rmtree(old, ignore_errors=True)
     wait_for_everyone()
     return final
-
-
-def resolve_resume(resume: str | None, checkpoint_root: Path) -> Path | None:
-    """``latest`` → newest complete checkpoint (or None for a fresh run); a path must exist."""
-    if resume is None:
-        return None
-    if resume == "latest":
-        found = list_checkpoints(checkpoint_root)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / "loop_state.json").is_file():
-        raise FileNotFoundError(
-            f"run.resume: {resume} is not a checkpoint (no loop_state.json); use 'latest' or a "
-            f"{checkpoint_root}/step-N directory"
-        )
-    return path
 
 
 def load_checkpoint(
@@ -268,16 +348,26 @@ def load_checkpoint(
 ) -> tuple[LoopState, dict[str, Any] | None]:
     """Restore everything written by ``save_checkpoint``; returns the loop state and the recipe's extra state.
 
-    Every process calls it (loading sharded or partitioned state is collective).
+    Every process calls it (loading sharded or partitioned state is collective). Raises
+    :class:`CorruptCheckpointError` naming the file that cannot be read; what was restored before it is
+    overwritten by the next complete load.
     """
+    loop_state = read_loop_state(path)
     model_state.load(path)
-    lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    lr_scheduler.load_state_dict(read_torch(require_file(path / "scheduler.pt")))
     if scaler is not None and (path / "scaler.pt").is_file():
-        scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=False))
+        scaler.load_state_dict(read_torch(path / "scaler.pt"))
     rng_file = path / f"rng-{process_index}.pt"
     if not rng_file.is_file():  # resuming on more processes than saved: fall back to rank 0's stream
-        rng_file = path / "rng-0.pt"
-    restore_rng_state(torch.load(rng_file, weights_only=False))
-    extra = torch.load(path / "extra.pt", weights_only=False) if (path / "extra.pt").is_file() else None
-    loop_state = LoopState(**json.loads((path / "loop_state.json").read_text()))
+        rng_file = require_file(path / "rng-0.pt")
+    restore_rng_state(read_torch(rng_file))
+    extra = read_torch(path / "extra.pt") if (path / "extra.pt").is_file() else None
     return loop_state, extra
+
+
+def read_loop_state(path: Path) -> LoopState:
+    state_file = require_file(path / "loop_state.json")
+    try:
+        return LoopState(**json.loads(state_file.read_text()))
+    except (ValueError, TypeError) as error:
+        raise CorruptCheckpointError(f"{state_file} cannot be read, the checkpoint is damaged ({error})") from None

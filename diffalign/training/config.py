@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -15,17 +16,27 @@ class OptimConfig:
     weight_decay: float = 1e-2
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float | None = 1.0  # null: no clipping
     scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
     warmup_steps: int = 0
     # Fused AdamW kernel; used only where the parameters live on a GPU.
     fused: bool = True
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
-        if len(self.betas) != 2:
-            raise ValueError(f"optim.betas must have two values, got {self.betas}")
+        # Written so that NaN fails every check: NaN compares false with everything.
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"optim.lr must be > 0 and finite, got {self.lr}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ValueError(f"optim.weight_decay must be >= 0 and finite, got {self.weight_decay}")
+        if not (self.eps > 0 and math.isfinite(self.eps)):
+            raise ValueError(f"optim.eps must be > 0 and finite, got {self.eps}")
+        if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
+            raise ValueError(f"optim.betas must be two values in [0, 1), got {self.betas}")
+        # A negative norm clips every gradient to a negative multiple of itself (gradient ascent); 0 zeroes it.
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(
+                f"optim.max_grad_norm must be > 0, got {self.max_grad_norm}; use null for no clipping"
+            )
         if self.warmup_steps < 0:
             raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
 
@@ -45,6 +56,9 @@ class RunConfig:
     keep_last_checkpoints: int = 3
     # "latest" resumes from the newest checkpoint in output_dir (if any); a path resumes from that checkpoint.
     resume: str | None = None
+    # A resumed run refuses a config that differs from its checkpoint's in anything but the run's length, paths
+    # and cadences (RESUMABLE_CHANGES); true resumes anyway and records the changes in config_changes.jsonl.
+    allow_config_change: bool = False
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
     # The NaN/inf guard skips a non-finite step; after this many skipped steps the run stops (with a checkpoint).
     max_nonfinite_steps: int = 10

@@ -1,16 +1,18 @@
 """The training loop shared by every trainer (diffusion and LLM).
 
-A trainer supplies a *recipe*: the model holding the trainable parameters, a dataset with its collate function
-and a ``training_step`` that turns a batch into a loss. The loop owns everything else: precision, gradient
-accumulation, clipping, the NaN/inf guard, logging and trackers, the progress bar, periodic evaluation, and
-atomic checkpoints that resume exactly (parameters, optimizer, scheduler, scaler, RNG states, data position).
+A trainer supplies a *recipe* (a :class:`Recipe`): the model holding the trainable parameters, a dataset with
+its collate function and a ``training_step`` that turns a batch into a loss. The loop owns everything else:
+precision, gradient accumulation, clipping, the NaN/inf guard (on the gradient before the step and on the
+weights after it), logging and trackers, the progress bar, periodic evaluation, and atomic checkpoints that
+resume exactly (parameters, optimizer, scheduler, scaler, RNG states, data position). An error, SIGINT, SIGTERM
+or SIGUSR1 ends the run with the last completed step saved, unless the weights are no longer finite.
 
 It runs under every accelerate engine: one process, DDP, FSDP2 and DeepSpeed ZeRO (configs/accelerate/); what
-differs per engine is in ``engines.py``. Only ``recipe.model`` is prepared; frozen modules stay outside.
-"""
+differs per engine is in ``engines.py``. Only ``recipe.model`` is prepared; frozen modules stay outside."""
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import json
 import logging
@@ -18,9 +20,10 @@ import math
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -28,12 +31,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from diffalign.config import save_config
+from diffalign.config import save_config, to_dict
+from diffalign.files import respect_umask
 from diffalign.training.checkpoint import (
+    CheckpointWriteError,
     LoopState,
     capture_rng_state,
+    checkpoint_dir,
     load_checkpoint,
-    resolve_resume,
     restore_rng_state,
     save_checkpoint,
 )
@@ -43,11 +48,14 @@ from diffalign.training.engines import (
     check_engine,
     configure_deepspeed,
     model_state_for,
+    parameters_finite,
     total_norm,
     uses_deepspeed,
 )
 from diffalign.training.optim import build_lr_scheduler, build_optimizer
+from diffalign.training.resume import load_first_readable, resume_candidates, verify_config
 from diffalign.training.sampler import ResumableBatchSampler, SampleIdDataset, collate_with_sample_ids
+from diffalign.training.signals import StopRequests, TrainingInterrupted
 
 logger = logging.getLogger("diffalign")
 
@@ -60,17 +68,40 @@ class StepOutput:
     counts: dict[str, float] = field(default_factory=dict)
 
 
-class Recipe(Protocol):
-    model: nn.Module  # the module whose parameters with requires_grad=True are trained
+class Recipe(abc.ABC):
+    """What a trainer gives the loop: every hook the loop calls, the optional ones with no-op defaults.
+
+    A recipe sets ``model`` (the module whose parameters with ``requires_grad=True`` are trained),
+    ``train_dataset`` and ``collate`` (a batch of its items → the dict ``training_step`` reads), and implements
+    ``training_step`` and ``save_final``.
+    """
+
+    model: nn.Module
     train_dataset: Dataset
+    collate: Callable[[list[Any]], dict[str, Any]]
+    # A key of ``evaluate``'s metrics whose best (largest) value keeps its model in ``<output_dir>/best``.
+    selection_metric: str | None = None
 
-    def collate(self, items: list[Any]) -> dict[str, Any]: ...
+    @abc.abstractmethod
+    def training_step(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
+        """The loss of one micro-batch (the loop does backward, accumulation and the optimizer step)."""
 
-    def training_step(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput: ...
+    @abc.abstractmethod
+    def save_final(self, model: nn.Module, output_dir: Path) -> None:
+        """Export the trained model (plain, unwrapped) into ``output_dir``."""
 
-    def evaluate(self, model: nn.Module, step: int) -> dict[str, float]: ...
+    def evaluate(self, model: nn.Module | None, step: int) -> dict[str, float]:
+        """Metrics of the model at ``step``, logged as ``eval/<name>``; ``model`` is None on the processes that
+        do not hold a plain copy under a sharding engine."""
+        return {}
 
-    def save_final(self, model: nn.Module, output_dir: Path) -> None: ...
+    def extra_state(self) -> dict[str, Any]:
+        """State of the recipe itself that a checkpoint must keep for an exact resume (tensors, plain values)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what ``extra_state`` returned."""
+        return None
 
 
 def make_accelerator(run: RunConfig) -> Accelerator:
@@ -155,6 +186,27 @@ class NonFiniteUpdateError(NonFiniteLossError):
     """A non-finite update was already applied (DeepSpeed steps inside backward): the weights are lost."""
 
 
+@dataclass
+class LogWindow:
+    """Metrics and counts summed over the micro-steps since the last log line."""
+
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+    counts: dict[str, float] = field(default_factory=dict)
+    micro_steps: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def add_metric(self, name: str, value: Tensor) -> None:
+        self.metrics[name] = self.metrics[name] + value if name in self.metrics else value
+
+    def add(self, output: StepOutput) -> None:
+        for name, value in output.metrics.items():
+            self.add_metric(name, value.detach().float())
+        self.add_metric("loss", output.loss.detach().float())
+        for name, count in output.counts.items():
+            self.counts[name] = self.counts.get(name, 0.0) + count
+        self.micro_steps += 1
+
+
 def run_training(
     recipe: Recipe,
     *,
@@ -163,203 +215,297 @@ def run_training(
     accelerator: Accelerator,
     config: Any = None,
 ) -> dict[str, float]:
-    """Train ``recipe.model`` for ``run.max_steps`` optimizer steps; returns the last logged metrics."""
-    output_dir = Path(run.output_dir)
-    checkpoint_root = output_dir / "checkpoints"
-    trainable = [p for p in recipe.model.parameters() if p.requires_grad]
-    if not trainable:
-        raise ValueError("the model has no trainable parameters (requires_grad=True); nothing to train")
-    lr = optim.lr
-    if optim.scale_lr:
-        lr *= run.batch_size * run.gradient_accumulation_steps * accelerator.num_processes
-    optimizer = build_optimizer(trainable, optim, lr)
-    lr_scheduler = build_lr_scheduler(optimizer, optim, run.max_steps)
-    if uses_deepspeed(accelerator):
-        configure_deepspeed(accelerator, run, optim)
-    # Made before prepare, which may shard the model: evaluation and export need its plain form.
-    plain_view = PlainModelView(accelerator, recipe.model)
-    # The scheduler and the data loader are deliberately not prepared: accelerate would step the scheduler once
-    # per process and re-seed the data order, and both must stay exactly reproducible on resume. (The scheduler
-    # changes the torch optimizer's learning rate, which DeepSpeed's and accelerate's wrappers read.)
-    model, optimizer = accelerator.prepare(recipe.model, optimizer)
-    model_state = model_state_for(accelerator, model, optimizer)
+    """Train ``recipe.model`` for ``run.max_steps`` optimizer steps; returns the last logged metrics.
 
-    state = LoopState()
-    resume_from = resolve_resume(run.resume, checkpoint_root)
-    if resume_from is not None:
-        state, extra_state = load_checkpoint(
-            resume_from,
-            model_state=model_state,
-            lr_scheduler=lr_scheduler,
-            scaler=accelerator.scaler,
-            process_index=accelerator.process_index,
+    ``config`` is the run's whole config (a dataclass): it is saved with the run and in every checkpoint, and a
+    resumed run is checked against the checkpoint's.
+    """
+    return TrainingLoop(recipe, run=run, optim=optim, accelerator=accelerator, config=config).train()
+
+
+class TrainingLoop:
+    """One run of the loop. Built: the optimizer and schedule made, the model prepared, a checkpoint restored,
+    the data stream positioned. ``train`` then repeats: accumulate a window of micro-batches, take the guarded
+    optimizer step, log, checkpoint and evaluate on their cadences; on the way out it saves what would be lost.
+    """
+
+    def __init__(
+        self, recipe: Recipe, *, run: RunConfig, optim: OptimConfig, accelerator: Accelerator, config: Any = None
+    ) -> None:
+        self.recipe, self.run, self.optim, self.accelerator, self.config = recipe, run, optim, accelerator, config
+        self.output_dir = Path(run.output_dir)
+        self.checkpoint_root = self.output_dir / "checkpoints"
+        self._prepare_model()
+        self.state = self._resume()
+        self.state.num_processes = accelerator.num_processes
+        self.batches = iter(self._data_loader())
+        if config is not None and accelerator.is_main_process:
+            save_config(config, self.output_dir / "config.yaml")
+        if accelerator.log_with:
+            accelerator.init_trackers("diffalign", config=flat_scalars(config) if config is not None else None)
+        self.window = LogWindow()
+        self.last_logged: dict[str, float] = {}
+        # The state after the last completed optimizer step: what an emergency checkpoint saves if the run crashes.
+        self.completed = (dataclasses.replace(self.state), capture_rng_state())
+        self.last_saved_step = self.state.step
+
+    def _prepare_model(self) -> None:
+        recipe, run, optim, accelerator = self.recipe, self.run, self.optim, self.accelerator
+        trainable = [p for p in recipe.model.parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError("the model has no trainable parameters (requires_grad=True); nothing to train")
+        lr = optim.lr
+        if optim.scale_lr:
+            lr *= run.batch_size * run.gradient_accumulation_steps * accelerator.num_processes
+        optimizer = build_optimizer(trainable, optim, lr)
+        self.lr_scheduler = build_lr_scheduler(optimizer, optim, run.max_steps)
+        if uses_deepspeed(accelerator):
+            configure_deepspeed(accelerator, run, optim)
+        # Made before prepare, which may shard the model: evaluation and export need its plain form.
+        self.plain_view = PlainModelView(accelerator, recipe.model)
+        # The scheduler and the data loader are deliberately not prepared: accelerate would step the scheduler
+        # once per process and re-seed the data order, and both must stay exactly reproducible on resume. (The
+        # scheduler changes the torch optimizer's learning rate, which DeepSpeed's and accelerate's wrappers read.)
+        self.model, self.optimizer = accelerator.prepare(recipe.model, optimizer)
+        self.model_state = model_state_for(accelerator, self.model, self.optimizer)
+
+    def _resume(self) -> LoopState:
+        candidates = resume_candidates(self.run.resume, self.checkpoint_root)
+        if not candidates:
+            return LoopState()
+        path, (state, extra_state) = load_first_readable(candidates, self._load_checkpoint)
+        if extra_state is not None:
+            self.recipe.load_extra_state(extra_state)
+        logger.info("resumed from %s at step %d", path, state.step)
+        return state
+
+    def _load_checkpoint(self, path: Path) -> tuple[LoopState, dict[str, Any] | None]:
+        if self.config is not None:
+            verify_config(
+                path,
+                to_dict(self.config),
+                num_processes=self.accelerator.num_processes,
+                allow_change=self.run.allow_config_change,
+                output_dir=self.output_dir,
+                is_main_process=self.accelerator.is_main_process,
+            )
+        return load_checkpoint(
+            path,
+            model_state=self.model_state,
+            lr_scheduler=self.lr_scheduler,
+            scaler=self.accelerator.scaler,
+            process_index=self.accelerator.process_index,
         )
-        if extra_state is not None and hasattr(recipe, "load_extra_state"):
-            recipe.load_extra_state(extra_state)
-        logger.info("resumed from %s at step %d", resume_from, state.step)
 
-    sampler = ResumableBatchSampler(
-        len(recipe.train_dataset),
-        run.batch_size,
-        seed=run.seed,
-        process_index=accelerator.process_index,
-        num_processes=accelerator.num_processes,
-        start_batch=state.micro_step,
-    )
-    loader = DataLoader(
-        SampleIdDataset(recipe.train_dataset),
-        batch_sampler=sampler,
-        collate_fn=collate_with_sample_ids(recipe.collate),
-        num_workers=run.dataloader_workers,
-        pin_memory=run.pin_memory and accelerator.device.type == "cuda",
-        # Its own generator: iter() would otherwise draw a worker seed from the global RNG, which a resumed run
-        # does at a different point of the noise stream than an uninterrupted one.
-        generator=torch.Generator().manual_seed(run.seed),
-    )
-    batches = iter(loader)
-
-    if config is not None and accelerator.is_main_process:
-        save_config(config, output_dir / "config.yaml")
-    if accelerator.log_with:
-        accelerator.init_trackers("diffalign", config=flat_scalars(config) if config is not None else None)
-
-    def checkpoint(at_state: LoopState, rng_state: dict[str, Any]) -> Path:
-        extra = recipe.extra_state() if hasattr(recipe, "extra_state") else None
-        return save_checkpoint(
-            checkpoint_root,
-            model_state=model_state,
-            lr_scheduler=lr_scheduler,
-            scaler=accelerator.scaler,
-            loop_state=at_state,
-            rng_state=rng_state,
+    def _data_loader(self) -> DataLoader:
+        run, accelerator, recipe = self.run, self.accelerator, self.recipe
+        sampler = ResumableBatchSampler(
+            len(recipe.train_dataset),
+            run.batch_size,
+            seed=run.seed,
             process_index=accelerator.process_index,
-            is_main_process=accelerator.is_main_process,
-            wait_for_everyone=accelerator.wait_for_everyone,
-            extra_state=extra,
-            keep_last=run.keep_last_checkpoints,
+            num_processes=accelerator.num_processes,
+            start_batch=self.state.micro_step,
+        )
+        return DataLoader(
+            SampleIdDataset(recipe.train_dataset),
+            batch_sampler=sampler,
+            collate_fn=collate_with_sample_ids(recipe.collate),
+            num_workers=run.dataloader_workers,
+            pin_memory=run.pin_memory and accelerator.device.type == "cuda",
+            # Its own generator: iter() would otherwise draw a worker seed from the global RNG, which a resumed
+            # run does at a different point of the noise stream than an uninterrupted one.
+            generator=torch.Generator().manual_seed(run.seed),
         )
 
-    progress = tqdm(
-        total=run.max_steps,
-        initial=state.step,
-        desc="train",
-        disable=not (run.progress_bar and accelerator.is_local_main_process),
-        file=sys.stdout,
-    )
-    window_metrics: dict[str, Tensor] = {}
-    window_counts: dict[str, float] = {}
-    window_micro_steps = 0
-    window_start = time.perf_counter()
-    last_logged: dict[str, float] = {}
-    # The state after the last completed optimizer step: what an emergency checkpoint saves if the run crashes.
-    completed = (dataclasses.replace(state), capture_rng_state())
-    last_saved_step = state.step
-    model.train()
-    try:
-        while state.step < run.max_steps:
-            for _ in range(run.gradient_accumulation_steps):
-                batch = move_to_device(next(batches), accelerator.device)
-                state.micro_step += 1
-                # Gradients are synchronised only on the last micro-batch of an accumulation window (accelerate
-                # counts the micro-batches; a resumed run starts at a window's start like its count).
-                with accelerator.accumulate(model):
-                    with accelerator.autocast():
-                        output = recipe.training_step(model, batch)
-                    accelerator.backward(output.loss)
-                for name, value in output.metrics.items():
-                    value = value.detach().float()
-                    window_metrics[name] = window_metrics[name] + value if name in window_metrics else value
-                window_metrics["loss"] = window_metrics.get("loss", 0.0) + output.loss.detach().float()
-                for name, count in output.counts.items():
-                    window_counts[name] = window_counts.get(name, 0.0) + count
-                window_micro_steps += 1
+    # --- the loop ---------------------------------------------------------------------------------------------
+    def train(self) -> dict[str, float]:
+        run = self.run
+        self.progress = tqdm(
+            total=run.max_steps,
+            initial=self.state.step,
+            desc="train",
+            disable=not (run.progress_bar and self.accelerator.is_local_main_process),
+            file=sys.stdout,
+        )
+        self.model.train()
+        with StopRequests() as stops:
+            try:
+                while self.state.step < run.max_steps:
+                    self._accumulate_window()
+                    if self._guarded_step():
+                        self._after_step()
+                    signal_number = stops.requested(self.accelerator)
+                    if signal_number:
+                        self._stop(signal_number)
+            except BaseException as error:
+                self._emergency_save(error)
+                raise
+            finally:
+                self.progress.close()
+        return self._finish()
 
-            max_norm = optim.max_grad_norm if optim.max_grad_norm is not None else math.inf
-            # The prepared model's parameters, not ``trainable``: FSDP2 and DeepSpeed replace the parameters while
-            # preparing, and accelerate's FSDP clipping computes the norm over every shard only when given exactly
-            # the model's parameters (frozen ones have no gradient and do not count). Under DeepSpeed the engine
-            # has already clipped and stepped inside the last backward; this returns the norm it measured.
-            measured = total_norm(accelerator.clip_grad_norm_(model.parameters(), max_norm))
-            grad_norm = measured if measured is not None else torch.tensor(math.nan, device=accelerator.device)
-            # One host sync per optimizer step: the guard needs to know whether this update is finite.
-            if measured is not None and not torch.isfinite(measured).item() and accelerator.mixed_precision != "fp16":
-                if uses_deepspeed(accelerator):
-                    raise NonFiniteUpdateError(
-                        f"non-finite gradient at step {state.step} under DeepSpeed, which applies the update "
-                        "inside backward, so it cannot be skipped; lower the learning rate or beta, or check the data"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                state.nonfinite_steps += 1
-                logger.warning(
-                    "non-finite gradient at step %d: update skipped (%d/%d)",
-                    state.step,
-                    state.nonfinite_steps,
-                    run.max_nonfinite_steps,
-                )
-                if state.nonfinite_steps > run.max_nonfinite_steps:
-                    raise NonFiniteLossError(
-                        f"{state.nonfinite_steps} non-finite steps (run.max_nonfinite_steps="
-                        f"{run.max_nonfinite_steps}); lower the learning rate or beta, or check the data"
-                    )
-                continue
-            # Under fp16 an overflow is routine: the loss scaler skips that update and lowers its scale.
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            completed = (dataclasses.replace(state), capture_rng_state())
-            progress.update(1)
-            # Summed per micro-step like the other metrics, so the window average is the mean norm per update.
-            window_metrics["grad_norm"] = (
-                window_metrics.get("grad_norm", 0.0)
-                + grad_norm.detach().float() * run.gradient_accumulation_steps
+    def _accumulate_window(self) -> None:
+        """Forward and backward ``gradient_accumulation_steps`` micro-batches into the gradients."""
+        accelerator = self.accelerator
+        for _ in range(self.run.gradient_accumulation_steps):
+            batch = move_to_device(next(self.batches), accelerator.device)
+            self.state.micro_step += 1
+            # Gradients are synchronised only on the last micro-batch of an accumulation window (accelerate
+            # counts the micro-batches; a resumed run starts at a window's start like its count).
+            with accelerator.accumulate(self.model):
+                with accelerator.autocast():
+                    output = self.recipe.training_step(self.model, batch)
+                accelerator.backward(output.loss)
+            self.window.add(output)
+
+    def _guarded_step(self) -> bool:
+        """Clip the window's gradient and apply it; False when the NaN/inf guard skipped it.
+
+        Raises :class:`NonFiniteUpdateError` when the applied update left a trained weight NaN or inf.
+        """
+        accelerator = self.accelerator
+        max_norm = self.optim.max_grad_norm if self.optim.max_grad_norm is not None else math.inf
+        # The prepared model's parameters, not the trainable list made before prepare: FSDP2 and DeepSpeed
+        # replace the parameters while preparing, and accelerate's FSDP clipping computes the norm over every
+        # shard only when given exactly the model's parameters (frozen ones have no gradient and do not count).
+        # Under DeepSpeed the engine has already clipped and stepped inside the last backward; this returns the
+        # norm it measured.
+        measured = total_norm(accelerator.clip_grad_norm_(self.model.parameters(), max_norm))
+        # One host sync per optimizer step: the guard needs to know whether this update is finite. Under fp16
+        # an overflow is routine: the loss scaler skips that update and lowers its scale.
+        if measured is not None and not torch.isfinite(measured).item() and accelerator.mixed_precision != "fp16":
+            self._skip_step()
+            return False
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        # A finite gradient can still make a non-finite update (an infinite learning rate, an overflowing
+        # optimizer state); those weights must never be trained on or saved.
+        if not parameters_finite(self.model):
+            raise NonFiniteUpdateError(
+                f"the update of step {self.state.step + 1} made trained weights NaN or inf; nothing of it is "
+                f"saved (the last checkpoint is step {self.last_saved_step}). Lower optim.lr (now "
+                f"{self.lr_scheduler.get_last_lr()[0]:g}) or loss.beta"
+            )
+        self.state.step += 1
+        self.completed = (dataclasses.replace(self.state), capture_rng_state())
+        self.progress.update(1)
+        grad_norm = measured if measured is not None else torch.tensor(math.nan, device=accelerator.device)
+        # Summed per micro-step like the other metrics, so the window average is the mean norm per update.
+        self.window.add_metric("grad_norm", grad_norm.detach().float() * self.run.gradient_accumulation_steps)
+        return True
+
+    def _skip_step(self) -> None:
+        if uses_deepspeed(self.accelerator):
+            raise NonFiniteUpdateError(
+                f"non-finite gradient at step {self.state.step} under DeepSpeed, which applies the update "
+                "inside backward, so it cannot be skipped; lower the learning rate or beta, or check the data"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        state, limit = self.state, self.run.max_nonfinite_steps
+        state.nonfinite_steps += 1
+        logger.warning(
+            "non-finite gradient at step %d: update skipped (%d/%d)", state.step, state.nonfinite_steps, limit
+        )
+        if state.nonfinite_steps > limit:
+            raise NonFiniteLossError(
+                f"{state.nonfinite_steps} non-finite steps (run.max_nonfinite_steps={limit}); lower the learning "
+                "rate or beta, or check the data"
             )
 
-            if state.step % run.log_every == 0 or state.step == run.max_steps:
-                elapsed = time.perf_counter() - window_start
-                last_logged = reduce_window(accelerator, window_metrics, window_micro_steps)
-                for name, count in window_counts.items():
-                    last_logged[f"{name}_per_s"] = count * accelerator.num_processes / max(elapsed, 1e-9)
-                last_logged["lr"] = lr_scheduler.get_last_lr()[0]
-                last_logged["peak_memory_gb"] = peak_memory_gb(accelerator.device)
-                last_logged["nonfinite_steps"] = state.nonfinite_steps
-                accelerator.log(last_logged, step=state.step)
-                if accelerator.is_main_process:
-                    append_jsonl(output_dir / "metrics.jsonl", {"step": state.step, **last_logged})
-                progress.set_postfix(loss=f"{last_logged['loss']:.4f}")
-                window_metrics, window_counts, window_micro_steps = {}, {}, 0
-                window_start = time.perf_counter()
+    def _after_step(self) -> None:
+        """Log, checkpoint and evaluate, each on its cadence."""
+        run, step = self.run, self.state.step
+        if step % run.log_every == 0 or step == run.max_steps:
+            self._log()
+        if step % run.checkpoint_every == 0:
+            self._save(self.state, self.completed[1])
+        if run.eval_every and step % run.eval_every == 0 and step < run.max_steps:
+            with self.plain_view.gathered(self.model) as plain_model:
+                evaluate_and_log(
+                    self.recipe, self.accelerator, plain_model, self.state, self.last_logged, self.output_dir
+                )
 
-            if state.step % run.checkpoint_every == 0:
-                checkpoint(state, completed[1])
-                last_saved_step = state.step
-
-            if run.eval_every and state.step % run.eval_every == 0 and state.step < run.max_steps:
-                with plain_view.gathered(model) as plain_model:
-                    evaluate_and_log(recipe, accelerator, plain_model, state, last_logged, output_dir)
-    except BaseException as error:
-        # Never lose progress: save the last completed step before the error propagates (unless the weights
-        # already hold a non-finite update).
-        completed_state, completed_rng = completed
-        weights_intact = not isinstance(error, NonFiniteUpdateError)
-        if completed_state.step > last_saved_step and accelerator.num_processes == 1 and weights_intact:
-            path = checkpoint(completed_state, completed_rng)
-            logger.error("training stopped by an error; progress saved to %s", path)
-        raise
-    finally:
-        progress.close()
-
-    if last_saved_step != state.step:
-        checkpoint(state, completed[1])
-    with plain_view.gathered(model) as plain_model:
-        final_metrics = evaluate_and_log(recipe, accelerator, plain_model, state, last_logged, output_dir)
+    def _log(self) -> None:
+        accelerator, window = self.accelerator, self.window
+        elapsed = time.perf_counter() - window.start
+        logged = reduce_window(accelerator, window.metrics, window.micro_steps)
+        for name, count in window.counts.items():
+            logged[f"{name}_per_s"] = count * accelerator.num_processes / max(elapsed, 1e-9)
+        logged["lr"] = self.lr_scheduler.get_last_lr()[0]
+        logged["peak_memory_gb"] = peak_memory_gb(accelerator.device)
+        logged["nonfinite_steps"] = self.state.nonfinite_steps
+        accelerator.log(logged, step=self.state.step)
         if accelerator.is_main_process:
-            recipe.save_final(plain_model, output_dir / "final")
-            if config is not None:  # the final model travels with the config that produced it
-                save_config(config, output_dir / "final" / "config.yaml")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return final_metrics
+            append_jsonl(self.output_dir / "metrics.jsonl", {"step": self.state.step, **logged})
+        self.progress.set_postfix(loss=f"{logged['loss']:.4f}")
+        self.last_logged = logged
+        self.window = LogWindow()
+
+    # --- checkpoints ------------------------------------------------------------------------------------------
+    def _save(self, state: LoopState, rng_state: dict[str, Any]) -> Path:
+        """Checkpoint ``state``; every process calls it. Non-finite weights are refused, never saved."""
+        if not parameters_finite(self.model):
+            raise NonFiniteUpdateError(f"the trained weights hold NaN or inf at step {state.step}; not saved")
+        path = save_checkpoint(
+            self.checkpoint_root,
+            model_state=self.model_state,
+            lr_scheduler=self.lr_scheduler,
+            scaler=self.accelerator.scaler,
+            loop_state=state,
+            rng_state=rng_state,
+            process_index=self.accelerator.process_index,
+            is_main_process=self.accelerator.is_main_process,
+            wait_for_everyone=self.accelerator.wait_for_everyone,
+            extra_state=self.recipe.extra_state(),
+            config=to_dict(self.config) if self.config is not None else None,
+            keep_last=self.run.keep_last_checkpoints,
+        )
+        self.last_saved_step = state.step
+        return path
+
+    def _stop(self, signal_number: int) -> None:
+        """Checkpoint the step just finished (every process is here: they agreed to stop) and stop."""
+        if self.last_saved_step != self.state.step:
+            self._save(self.state, capture_rng_state())
+        step = self.state.step
+        raise TrainingInterrupted(signal_number, step, checkpoint_dir(self.checkpoint_root, step))
+
+    def _emergency_save(self, error: BaseException) -> None:
+        """Save the last completed step when an error stops the run, where that can be done safely."""
+        completed_state, completed_rng = self.completed
+        if completed_state.step <= self.last_saved_step:
+            return
+        # Saving is collective, and the other processes may never reach it; weights holding a non-finite update
+        # are lost; a failed write would only fail again on the same disk and hide the first error.
+        if self.accelerator.num_processes > 1 or isinstance(error, (NonFiniteUpdateError, CheckpointWriteError)):
+            logger.error("training stopped by %s; no emergency checkpoint written", type(error).__name__)
+            return
+        try:
+            path = self._save(completed_state, completed_rng)
+        except Exception as save_error:
+            logger.error("the emergency checkpoint failed too (%s); the error that stopped training follows:", save_error)
+            return
+        logger.error("training stopped by %s; progress saved to %s", type(error).__name__, path)
+
+    def _finish(self) -> dict[str, float]:
+        """The last checkpoint, the final evaluation and the exported model."""
+        accelerator, output_dir = self.accelerator, self.output_dir
+        if self.last_saved_step != self.state.step:
+            self._save(self.state, self.completed[1])
+        with self.plain_view.gathered(self.model) as plain_model:
+            final_metrics = evaluate_and_log(
+                self.recipe, accelerator, plain_model, self.state, self.last_logged, output_dir
+            )
+            if accelerator.is_main_process:
+                self.recipe.save_final(plain_model, output_dir / "final")
+                if self.config is not None:  # the final model travels with the config that produced it
+                    save_config(self.config, output_dir / "final" / "config.yaml")
+                respect_umask(output_dir / "final")
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return final_metrics
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -387,7 +533,7 @@ def evaluate_and_log(
     last_logged: dict[str, float],
     output_dir: Path,
 ) -> dict[str, float]:
-    """Run the recipe's evaluation; recipes with a ``selection_metric`` keep their best model in ``best/``.
+    """Run the recipe's evaluation; a recipe with a ``selection_metric`` keeps its best model in ``best/``.
 
     ``model`` is the plain trained model (None on the other processes under a sharding engine: recipes evaluate
     on the main process only).
@@ -409,12 +555,13 @@ def evaluate_and_log(
                 {"step": state.step, **{f"eval/{k}": v for k, v in eval_metrics.items()}},
             )
         logger.info("step %d eval: %s", state.step, {k: round(v, 4) for k, v in eval_metrics.items()})
-    selection_metric = getattr(recipe, "selection_metric", None)
+    selection_metric = recipe.selection_metric
     if selection_metric and selection_metric in eval_metrics:
         value = eval_metrics[selection_metric]
         if state.best_metric is None or value > state.best_metric:
             state.best_metric = value
             if accelerator.is_main_process:
                 recipe.save_final(model, output_dir / "best")
+                respect_umask(output_dir / "best")
             logger.info("new best %s=%.4f at step %d", selection_metric, value, state.step)
     return {**last_logged, **{f"eval/{k}": v for k, v in eval_metrics.items()}}

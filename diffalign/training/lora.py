@@ -25,6 +25,10 @@ class LoraSettings:
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise ValueError(f"model.lora.rank must be >= 1, got {self.rank}")
+        if self.alpha is not None and not self.alpha > 0:
+            raise ValueError(f"model.lora.alpha must be > 0 (or null: alpha = rank), got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"model.lora.dropout must be a probability in [0, 1), got {self.dropout}")
         if not self.target_modules:
             raise ValueError("model.lora.target_modules is empty; give module names or [all-linear]")
 

@@ -1,0 +1,59 @@
+"""Files a run writes: ordinary permissions, the free space for disk-full errors, damaged cache files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor
+
+
+def current_umask() -> int:
+    status = Path("/proc/self/status")  # Linux: read without changing it
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o077)  # elsewhere the only way to read it is to set it (briefly to the strictest mask)
+    os.umask(mask)
+    return mask
+
+
+def respect_umask(path: Path) -> None:
+    """Give ``path`` (a file, or every file and folder below a folder) the mode a plain ``open`` would.
+
+    safetensors writes its files with mode 0600, which hides checkpoints and exported models from the other
+    users of a shared machine; everything else the run writes follows the process's umask.
+    """
+    mask = current_umask()
+    paths = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for item in paths:
+        os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+
+
+def free_space(path: Path) -> str:
+    """The free space on the disk holding ``path`` (or its nearest existing parent), for error messages."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if free >= size:
+            return f"{free / size:.1f} {unit}"
+    return f"{free} bytes"
+
+
+def damaged_cache(path: Path, error: Exception) -> ValueError:
+    """The error for a cache file that cannot be read: caches are rebuilt from the data, so deleting it is safe."""
+    return ValueError(f"cache file {path} is damaged ({error}); delete it and the next run computes it again")
+
+
+def read_cache_file(path: Path) -> dict[str, Tensor]:
+    """A safetensors cache file, or :func:`damaged_cache` naming it."""
+    try:
+        return load_file(str(path))
+    except SafetensorError as error:
+        raise damaged_cache(path, error) from None
