@@ -7,29 +7,20 @@ import json
 import logging
 import sys
 
-DESCRIPTION = """diffalign: align diffusion models and LLMs with human preferences on one shared loss core.
+from diffalign.config import CONFIG_KINDS, ConfigError, LoadError, entry_point, kinds_for, load_config
 
-commands:
-  demo     run Diffusion-DPO on the shipped toy text-to-image model (CPU, minutes) and report the win rate
-  train    train from a YAML config: diffalign train configs/x.yaml [section.key=value ...]
-  losses   list the preference losses of the core, one line each
-  eval     compare an aligned model with its base: samples, scores, confidence intervals, win rates, a report
-  relabel  relabel a pair dataset with a scorer (AI feedback), in the same schema
-"""
+DESCRIPTION = (
+    "diffalign: align diffusion models and LLMs with human preferences on one shared loss core. "
+    "Start with `diffalign demo`; `diffalign COMMAND --help` describes each command."
+)
 
 
 def command_train(args: argparse.Namespace) -> int:
-    from diffalign.config import load_config
-
-    config = load_config(args.config, args.overrides)
-    if config.kind == "diffusion":
-        from diffalign.diffusion.trainer import train
-    else:
-        from diffalign.llm.trainer import train
     from diffalign.training.signals import TrainingInterrupted
 
+    config = load_config(args.config, args.overrides, command="train")
     try:
-        metrics = train(config)
+        metrics = entry_point(config.kind)(config)
     except TrainingInterrupted as stop:  # a scheduler's SIGTERM/SIGUSR1: checkpointed, exit as the signal would
         print(stop, file=sys.stderr)
         return 128 + stop.signal_number
@@ -56,15 +47,8 @@ def command_demo(args: argparse.Namespace) -> int:
 
 
 def command_eval(args: argparse.Namespace) -> int:
-    from diffalign.config import ConfigError, load_config
-    from diffalign.eval.run import evaluate
-
-    config = load_config(args.config, args.overrides)
-    if config.kind != "eval":
-        raise ConfigError(
-            f"{args.config}: kind is {config.kind!r}; `diffalign eval` takes a config with kind: eval"
-        )
-    report = evaluate(config)
+    config = load_config(args.config, args.overrides, command="eval")
+    report = entry_point(config.kind)(config)
     for key, entry in report["scorers"].items():
         if entry["set_level"]:
             print(f"{key:>20}: base {entry['base']['value']:.4g}  aligned {entry['aligned']['value']:.4g}")
@@ -92,19 +76,21 @@ def print_metrics(metrics: dict[str, float]) -> None:
         print(f"{name:>28}: {metrics[name]:.4f}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="diffalign", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+def train_description() -> str:
+    kinds = "; ".join(f"kind: {kind} runs {CONFIG_KINDS[kind].description}" for kind in kinds_for("train"))
+    return (
+        "Train from a YAML config in configs/. The config's top-level `kind:` picks the trainer: "
+        f"{kinds}. Any key can be overridden as section.key=value, e.g. `diffalign train configs/toy_dpo.yaml "
+        "optim.lr=1e-5 loss.beta=2500`. The config is validated before any model loads; the resolved config is "
+        "saved as <run.output_dir>/config.yaml."
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
 
-    train = commands.add_parser(
-        "train",
-        help="train from a YAML config",
-        description="Train from a YAML config in configs/. Any key can be overridden as section.key=value, "
-        "e.g. `diffalign train configs/toy_dpo.yaml optim.lr=1e-5 loss.beta=2500`. The config is validated "
-        "before any model loads; the resolved config is saved as <run.output_dir>/config.yaml.",
-    )
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffalign", description=DESCRIPTION)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+
+    train = commands.add_parser("train", help="train from a YAML config", description=train_description())
     train.add_argument("config", help="path to a YAML config")
     train.add_argument("overrides", nargs="*", help="section.key=value overrides")
     train.set_defaults(handler=command_train)
@@ -154,13 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    from diffalign.config import ConfigError
-
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
     try:
         return args.handler(args)
-    except ConfigError as error:
-        print(f"config error: {error}", file=sys.stderr)
+    except ConfigError as error:  # a LoadError too: bad input, reported in one line
+        label = "load error" if isinstance(error, LoadError) else "config error"
+        print(f"{label}: {error}", file=sys.stderr)
         return 2
 
 

@@ -1,10 +1,11 @@
 """Typed configs: YAML files in ``configs/`` read into nested dataclasses, with dotted CLI overrides.
 
-A config file names its trainer with a top-level ``kind`` key; every other key must exist in that trainer's
-dataclass. Values are checked against the type hints before any model loads, and errors name the key, the
-value and what is allowed::
+A config file names its kind with a top-level ``kind`` key (``diffusion``, ``llm``, ``eval``): the kind fixes
+the dataclass every other key must exist in, the command that runs it and the function that does. Values are
+checked against the type hints before any model loads, and errors name the key, the value and what is allowed::
 
-    cfg = load_config("configs/toy_dpo.yaml", ["optim.lr=1e-5", "loss.beta=2500"])
+    cfg = load_config("configs/toy_dpo.yaml", ["optim.lr=1e-5", "loss.beta=2500"], command="train")
+    metrics = entry_point(cfg.kind)(cfg)
 """
 
 from __future__ import annotations
@@ -14,34 +15,89 @@ import importlib
 import math
 import types
 import typing
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-# Imported lazily so that loading a config never imports a trainer's heavy dependencies it does not need.
-CONFIG_KINDS: dict[str, str] = {
-    "diffusion": "diffalign.diffusion.config:DiffusionTrainConfig",
-    "llm": "diffalign.llm.config:LLMTrainConfig",
-    "eval": "diffalign.eval.config:EvalConfig",
-}
-
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ConfigKind:
+    """What a ``kind:`` stands for. Both targets are ``module:name`` strings, imported only when used, so that
+    loading a config never imports a trainer's heavy dependencies it does not need."""
+
+    config: str  # the dataclass the file is read into
+    command: str  # the ``diffalign`` command that runs it
+    entry_point: str  # the function the command calls with the config
+    description: str
+
+
+CONFIG_KINDS: dict[str, ConfigKind] = {
+    "diffusion": ConfigKind(
+        "diffalign.diffusion.config:DiffusionTrainConfig",
+        "train",
+        "diffalign.diffusion.trainer:train",
+        "the diffusion preference trainer (Stable Diffusion, SDXL, MusicLDM, AudioLDM2, Stable Audio)",
+    ),
+    "llm": ConfigKind(
+        "diffalign.llm.config:LLMTrainConfig",
+        "train",
+        "diffalign.llm.trainer:train",
+        "the LLM preference trainer (transformers causal LMs)",
+    ),
+    "eval": ConfigKind(
+        "diffalign.eval.config:EvalConfig",
+        "eval",
+        "diffalign.eval.run:evaluate",
+        "a base-vs-aligned evaluation report",
+    ),
+}
 
 
 class ConfigError(ValueError):
     """A config value or key is invalid; the message names the key and what is allowed."""
 
 
+class LoadError(ConfigError):
+    """A model, tokenizer, dataset or reward named in a config cannot be loaded; the message names the config key,
+    the value and the fix. A :class:`ConfigError`, so the command line reports it in one line as it does those."""
+
+
+class SourceNotFoundError(LoadError, FileNotFoundError):
+    """A file, directory or hub repository named in a config is not there; the message says what to place where."""
+
+
+def kinds_for(command: str) -> list[str]:
+    return [kind for kind, entry in CONFIG_KINDS.items() if entry.command == command]
+
+
+def _import(target: str) -> Any:
+    module_name, name = target.split(":")
+    return getattr(importlib.import_module(module_name), name)
+
+
 def config_class(kind: str) -> type:
     if kind not in CONFIG_KINDS:
-        raise ConfigError(f"kind: {kind!r} is not a trainer; allowed: {sorted(CONFIG_KINDS)}")
-    module_name, class_name = CONFIG_KINDS[kind].split(":")
-    return getattr(importlib.import_module(module_name), class_name)
+        raise ConfigError(f"kind: {kind!r} is not a config kind; allowed: {sorted(CONFIG_KINDS)}")
+    return _import(CONFIG_KINDS[kind].config)
 
 
-def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Any:
-    """Read a YAML config, apply ``key.sub=value`` overrides and build the trainer's config dataclass."""
+def entry_point(kind: str) -> Callable[[Any], Any]:
+    """The function that runs a config of this kind (a trainer's ``train``, or ``evaluate``)."""
+    config_class(kind)  # the same error for an unknown kind
+    return _import(CONFIG_KINDS[kind].entry_point)
+
+
+def load_config(path: str | Path, overrides: typing.Sequence[str] = (), command: str | None = None) -> Any:
+    """Read a YAML config, apply ``key.sub=value`` overrides and build the config dataclass of its kind.
+
+    With ``command`` (``train``, ``eval``), a config whose kind another command runs is refused before anything
+    else is checked.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -52,6 +108,12 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Any:
         apply_override(raw, override)
     if "kind" not in raw:
         raise ConfigError(f"{path}: missing top-level key 'kind'; allowed: {sorted(CONFIG_KINDS)}")
+    kind = raw["kind"]
+    if command is not None and kind in CONFIG_KINDS and CONFIG_KINDS[kind].command != command:
+        raise ConfigError(
+            f"{path}: kind: {kind} is run by `diffalign {CONFIG_KINDS[kind].command} {path}`, not "
+            f"`diffalign {command}`; `diffalign {command}` takes kind: {' or '.join(kinds_for(command))}"
+        )
     try:
         return from_dict(config_class(raw["kind"]), raw)
     except ConfigError as error:

@@ -615,7 +615,7 @@ def test_eval_cli_rejects_a_training_config(tmp_path, capsys):
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump({"kind": "diffusion"}))
     assert main(["eval", str(path)]) == 2
-    assert "`diffalign eval` takes a config with kind: eval" in capsys.readouterr().err
+    assert "`diffalign eval` takes kind: eval" in capsys.readouterr().err
 
 
 def test_a_musicldm_lora_loads_without_a_pipeline_loader_and_is_evaluated(tmp_path):
