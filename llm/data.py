@@ -79,9 +79,10 @@ class DataStats:
 # --- reading ------------------------------------------------------------------------------------------------
 
 
-def read_rows(path: str, split: str = "train", subset: str | None = None) -> list[Any]:
+def read_rows(path: str, split: str = "train", subset: str | None = None, key: str = "data.path") -> list[Any]:
     """Rows of a JSONL/JSON/parquet file, a local dataset directory or a hub dataset, as plain values (dicts,
-    unless the file holds something else: callers check each row)."""
+    unless the file holds something else: callers check each row); ``key`` names the config key of ``path`` in
+    errors."""
     local = Path(path)
     if local.is_file():
         if local.suffix == ".jsonl":
@@ -103,17 +104,16 @@ def read_rows(path: str, split: str = "train", subset: str | None = None) -> lis
             f"{local}: unsupported data file type {local.suffix!r}; use .jsonl, .json or .parquet"
         )
     if local.suffix in (".jsonl", ".json", ".parquet"):
-        raise FileNotFoundError(f"data file {local} does not exist")
+        from diffalign.config import LoadError
 
-    import datasets
+        raise LoadError(f"{key}={path!r}: no such file; give an existing data file, a dataset directory or a hub id")
 
-    try:
+    from diffalign.hub import loading
+
+    with loading(key, path, f"dataset (subset {subset!r}, split {split!r})", repo_type="dataset"):
+        import datasets  # after the hub check: it takes seconds to import
+
         dataset = datasets.load_dataset(path, subset, split=split)
-    except Exception as error:
-        raise ValueError(
-            f"could not load dataset {path!r} (subset {subset!r}, split {split!r}) as a local directory or hub id: "
-            f"{error}"
-        ) from error
     return dataset.to_list()
 
 

@@ -22,7 +22,7 @@ __all__ = ["generate_completions", "load_eval_prompts", "load_reward", "render_p
 def load_eval_prompts(config: LLMEvalConfig) -> list[Text]:
     """The ``prompt`` column of ``eval.prompts`` (first ``eval.max_prompts``), each repeated
     ``eval.samples_per_prompt`` times."""
-    rows = read_rows(config.prompts)
+    rows = read_rows(config.prompts, key="eval.prompts")
     prompts = []
     for number, row in enumerate(rows, start=1):
         if not isinstance(row, dict) or "prompt" not in row:

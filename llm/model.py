@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffalign.hub import loading
 from diffalign.llm.config import LLMModelConfig
 from diffalign.training.precision import mixed_precision_dtype, upcast_trainable
 
@@ -31,7 +32,8 @@ def weight_dtype(config: LLMModelConfig, mixed_precision: str) -> torch.dtype:
 def load_tokenizer(config: LLMModelConfig) -> Any:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(config.pretrained, revision=config.revision)
+    with loading("model.pretrained", config.pretrained, "tokenizer", revision=config.revision):
+        tokenizer = AutoTokenizer.from_pretrained(config.pretrained, revision=config.revision)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ValueError(
@@ -45,12 +47,13 @@ def load_tokenizer(config: LLMModelConfig) -> Any:
 def load_model(config: LLMModelConfig, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        config.pretrained,
-        revision=config.revision,
-        dtype=dtype,
-        attn_implementation=config.attn_implementation,
-    )
+    with loading("model.pretrained", config.pretrained, "causal language model", revision=config.revision):
+        model = AutoModelForCausalLM.from_pretrained(
+            config.pretrained,
+            revision=config.revision,
+            dtype=dtype,
+            attn_implementation=config.attn_implementation,
+        )
     if config.disable_dropout:
         for module in model.modules():
             if isinstance(module, nn.Dropout):

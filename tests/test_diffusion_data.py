@@ -16,6 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
+from diffalign import hub as hub_access
+from diffalign.config import LoadError
 from diffalign.diffusion.data import (
     DiffusionDataConfig,
     PreferencePairDataset,
@@ -183,6 +185,7 @@ def test_hub_dataset_is_read_as_its_raw_table(monkeypatch):
         return hub
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(hub_access, "check_source", lambda *args: None)  # no hub to ask here (tests/test_hub.py)
     pairs = load_preference_pairs(make_config("someone/pick-a-pic-mini", split="validation"))
     assert requested == [("someone/pick-a-pic-mini", "validation")]
     assert pairs.media_bytes(1) == (columns["jpg_1"][1], columns["jpg_0"][1])
@@ -194,8 +197,11 @@ def test_unavailable_hub_dataset_names_the_local_alternatives(monkeypatch):
         raise ConnectionError("offline mode is enabled")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.setattr(hub_access, "check_source", lambda *args: None)
     with pytest.raises(
-        ValueError, match=r"'someone/pairs'.*split 'train'.*offline mode.*local parquet/arrow file"
+        LoadError,
+        match=r"data.source='someone/pairs': cannot load the hub dataset \(split 'train'\) \(ConnectionError: "
+        r"offline mode is enabled\); on a connected machine run `hf download someone/pairs --repo-type dataset",
     ):
         load_preference_pairs(make_config("someone/pairs"))
 

@@ -110,6 +110,7 @@ def test_online_fetches_configs_and_only_the_preferred_weights(tmp_path, monkeyp
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(weights, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(weights, "check_hub_repo", lambda repo_id, **_: None)  # no hub to ask here
     directory = weights.resolve_pretrained_dir(
         "org/model", weights.MODEL_FILES, "model", weights.TRANSFORMERS_WEIGHTS
     )

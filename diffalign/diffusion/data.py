@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from diffalign.config import LoadError
 from diffalign.diffusion.transforms import CorruptMediaError, ImageDecoder, MediaDecoder, draw_pair_randomness
 
 logger = logging.getLogger(__name__)
@@ -191,7 +192,7 @@ def _source_files(config: DiffusionDataConfig) -> list[Path]:
     if any(char in source for char in "*?["):
         files = [Path(name) for name in sorted(glob.glob(source, recursive=True))]
         if not files:
-            raise ValueError(f"data.source: no file matches the pattern {source!r}")
+            raise LoadError(f"data.source: no file matches the pattern {source!r}")
     elif Path(source).is_dir():
         files = sorted(path for path in Path(source).rglob("*") if path.suffix in TABLE_SUFFIXES)
         split = config.split
@@ -204,7 +205,7 @@ def _source_files(config: DiffusionDataConfig) -> list[Path]:
         ]
         files = in_split or files
         if not files:
-            raise ValueError(
+            raise LoadError(
                 f"data.source: directory {source} holds no {'/'.join(TABLE_SUFFIXES)} file; point it at a folder of "
                 "parquet or arrow files, or at a JSONL index"
             )
@@ -212,12 +213,12 @@ def _source_files(config: DiffusionDataConfig) -> list[Path]:
         files = [Path(source)]
     for path in files:
         if path.suffix not in TABLE_SUFFIXES:
-            raise ValueError(f"data.source: {path} is not a {'/'.join(TABLE_SUFFIXES)} file")
+            raise LoadError(f"data.source: {path} is not a {'/'.join(TABLE_SUFFIXES)} file")
         if not path.is_file():
-            raise ValueError(f"data.source: file {path} does not exist")
+            raise LoadError(f"data.source: file {path} does not exist")
     kinds = {TABLE_SUFFIXES[path.suffix] for path in files}
     if len(kinds) > 1:
-        raise ValueError(f"data.source: {source} mixes {sorted(kinds)} files; point data.source at one kind")
+        raise LoadError(f"data.source: {source} mixes {sorted(kinds)} files; point data.source at one kind")
     return files
 
 
@@ -230,13 +231,13 @@ def _read_arrow_file(path: Path) -> pa.Table:
     try:
         return pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
     except pa.ArrowInvalid as error:
-        raise ValueError(f"data.source: {path} is not a readable Arrow file ({error})") from None
+        raise LoadError(f"data.source: {path} is not a readable Arrow file ({error})") from None
 
 
 def _load_tables(config: DiffusionDataConfig) -> list[_Table]:
     source = config.source
     if not source:
-        raise ValueError(
+        raise LoadError(
             "data.source is empty; set it to a parquet/arrow file or directory, a JSONL index, or a hub dataset id"
         )
     path_like = (
@@ -280,17 +281,12 @@ def _require_rows(files: Sequence[Path], counts: Sequence[int]) -> None:
 
 
 def _load_hub_table(dataset_id: str, split: str) -> _ArrowTable:
-    import datasets
+    from diffalign.hub import loading
 
-    try:
+    with loading("data.source", dataset_id, f"hub dataset (split {split!r})", repo_type="dataset"):
+        import datasets
+
         dataset = datasets.load_dataset(dataset_id, split=split)
-    # `datasets` raises many types here (offline, missing split, no access); all mean the source is unusable.
-    except Exception as error:
-        raise ValueError(
-            f"data.source {dataset_id!r} (split {split!r}) is not a local file and cannot be loaded as a hub dataset "
-            f"({type(error).__name__}: {error}). Offline (HF_HUB_OFFLINE=1), give a local parquet/arrow file, a "
-            "directory of them, or a JSONL index"
-        ) from None
     # The raw arrow table: image columns stay bytes/path structs instead of being decoded by `datasets`.
     return _ArrowTable(dataset.data.table, [(f"{dataset_id}[{split}]", None, dataset.num_rows)])
 

@@ -14,6 +14,7 @@ from diffalign.diffusion.reference import ReferenceDenoiser
 from diffalign.diffusion.sampling import Samples, generate_samples, save_samples
 from diffalign.eval.prompts import read_prompts
 from diffalign.eval.statistics import win_rate
+from diffalign.hub import under_key
 
 
 def eval_prompts(config: DiffusionEvalConfig) -> list[str]:
@@ -57,7 +58,8 @@ class SampleEvaluation:
         if self._scorer is None:
             from diffalign.rewards import build_scorer
 
-            self._scorer = build_scorer(self.config.reward)
+            with under_key("eval.reward"):
+                self._scorer = build_scorer(self.config.reward)
         return self._scorer(samples, self.prompts).float().cpu()
 
     @torch.no_grad()

@@ -10,6 +10,7 @@ from torch import nn
 from diffalign.diffusion.config import DiffusionModelConfig, DiffusionTrainConfig
 from diffalign.diffusion.families import DiffusionFamily, load_family
 from diffalign.diffusion.reference import ReferenceDenoiser
+from diffalign.hub import check_source, loading
 from diffalign.training.precision import mixed_precision_dtype, upcast_trainable
 
 
@@ -33,7 +34,10 @@ def build_models(
     """
     model = config.model
     device, weight_dtype = accelerator.device, mixed_precision_dtype(accelerator.mixed_precision)
-    family = load_family(model.pretrained, model.vae, config.timesteps, model.family_options())
+    if model.vae:
+        check_source("model.vae", model.vae)
+    with loading("model.pretrained", model.pretrained, "diffusers pipeline"):
+        family = load_family(model.pretrained, model.vae, config.timesteps, model.family_options())
     for module in family.frozen_modules().values():
         module.requires_grad_(False).eval()
     vae_dtype = torch.float32 if family.vae_needs_fp32 else weight_dtype

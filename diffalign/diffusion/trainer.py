@@ -26,6 +26,7 @@ from diffalign.diffusion.methods import METHODS, LatentPairBatch, TrainingContex
 from diffalign.diffusion.models import build_models
 from diffalign.diffusion.reference_cache import FixedDraws, ReferenceErrors, load_or_build_reference_errors
 from diffalign.diffusion.training_data import build_pair_dataset
+from diffalign.hub import under_key
 from diffalign.training import Recipe, StepOutput, make_accelerator, run_training
 from diffalign.training.engines import shards_parameters
 from diffalign.training.loss_state import MarginBaseline
@@ -60,7 +61,8 @@ class DiffusionRecipe(Recipe):
                 alpha=config.model.reference_mixup_alpha,
                 accumulation_steps=config.run.gradient_accumulation_steps,
             )
-        self.method = method_class(self.family, reference, config.method.settings())
+        with under_key(f"method.{config.method.name}"):  # online methods build their rewards here
+            self.method = method_class(self.family, reference, config.method.settings())
         # The loop keeps the model that maximises this evaluation metric (early stopping), if the method has one.
         self.selection_metric = method_class.selection_metric
 

@@ -17,6 +17,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from diffalign.config import SourceNotFoundError
 from diffalign.diffusion.families import DiffusionFamily
 from diffalign.diffusion.sampling import generate_samples
 from diffalign.rewards import Audio
@@ -45,7 +46,7 @@ def locate_aligned(path: str) -> AlignedSource:
     """Resolve ``model.aligned``: a training output directory stands for its ``final/`` folder."""
     directory = Path(path).expanduser()
     if not directory.is_dir():
-        raise FileNotFoundError(
+        raise SourceNotFoundError(
             f"model.aligned: {directory} is not a local directory; give a training output directory, a LoRA "
             "directory or a denoiser directory (download hub weights first: `hf download ORG/NAME --local-dir DIR`)"
         )
@@ -68,12 +69,14 @@ def load_aligned_denoiser(
     lora_file = next((directory / name for name in LORA_WEIGHT_NAMES if (directory / name).is_file()), None)
     if lora_file is not None:
         pipeline = family.build_pipeline(base)
-        if hasattr(pipeline, "load_lora_weights"):
+        prefix = family.denoiser_subfolder
+        # The pipeline's loader also converts other LoRA formats and loads text-encoder layers, but warns about
+        # every text encoder a file has no layers for: a file of denoiser layers alone (what training writes)
+        # goes straight to the denoiser, as do all files of pipelines without a LoRA loader (the audio ones).
+        if hasattr(pipeline, "load_lora_weights") and not only_denoiser_layers(lora_file, prefix):
             pipeline.load_lora_weights(str(directory), weight_name=lora_file.name)
-        else:  # pipelines without LoRA loaders (audio ones): the denoiser's layers under its prefix ("unet.")
-            base.load_lora_adapter(
-                str(directory), weight_name=lora_file.name, prefix=family.denoiser_subfolder
-            )
+        else:
+            base.load_lora_adapter(str(directory), weight_name=lora_file.name, prefix=prefix)
         return base, "lora"
     subfolder = family.denoiser_subfolder
     for candidate, sub in ((directory / subfolder, subfolder), (directory, None)):
@@ -81,10 +84,21 @@ def load_aligned_denoiser(
             parameter = next(base.parameters())
             denoiser = type(base).from_pretrained(str(directory), subfolder=sub)
             return denoiser.to(parameter.device, dtype=parameter.dtype).eval(), "denoiser"
-    raise FileNotFoundError(
+    raise SourceNotFoundError(
         f"model.aligned: {directory} holds neither LoRA weights ({' or '.join(LORA_WEIGHT_NAMES)}) nor a denoiser "
         f"(config.json with weights, directly or in {subfolder}/)"
     )
+
+
+def only_denoiser_layers(lora_file: Path, prefix: str) -> bool:
+    """Whether every key of a safetensors LoRA file is a PEFT-named layer of the denoiser (``<prefix>.*``)."""
+    if lora_file.suffix != ".safetensors":
+        return False
+    from safetensors import safe_open
+
+    with safe_open(str(lora_file), framework="pt") as weights:
+        keys = list(weights.keys())
+    return bool(keys) and all(key.startswith(f"{prefix}.") and ".lora_" in key for key in keys)
 
 
 def sample_model(

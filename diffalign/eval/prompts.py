@@ -18,7 +18,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from diffalign.rewards.weights import hub_offline
+from diffalign.config import LoadError, SourceNotFoundError
+from diffalign.hub import check_hub_repo, hub_offline
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +207,11 @@ def preset_files(name: str) -> list[Path]:
         if offline
         else "the download failed"
     )
+    if not offline:  # one bounded request first: an unreachable hub fails in seconds, not after retries
+        try:
+            check_hub_repo(preset.repo_id, "dataset", subject=f"prompts.source {name!r} ({preset.description})", fix=fix)
+        except LoadError as error:
+            raise SourceNotFoundError(str(error)) from None
     try:
         folder = Path(
             snapshot_download(
@@ -217,14 +223,14 @@ def preset_files(name: str) -> list[Path]:
         )
     except (LocalEntryNotFoundError, OSError) as error:
         detail = "" if offline else f" ({type(error).__name__}: {error})"
-        raise FileNotFoundError(
+        raise SourceNotFoundError(
             f"prompts.source {name!r} ({preset.description}): {reason}{detail}; {fix}"
         ) from None
     files = []
     for pattern in preset.files:
         matches = sorted(folder.glob(pattern))
         if not matches:
-            raise FileNotFoundError(
+            raise SourceNotFoundError(
                 f"prompts.source {name!r}: the cached snapshot {folder} of {preset.repo_id} lacks {pattern}; {fix}"
             )
         files += matches

@@ -17,6 +17,7 @@ from diffalign.eval.generation import Samples, load_aligned_denoiser, locate_ali
 from diffalign.eval.prompts import load_prompt_set
 from diffalign.eval.report import ScorerResult, write_report
 from diffalign.eval.scoring import build_with_reference, score_samples
+from diffalign.hub import check_source, loading
 from diffalign.rewards.registry import parse_dtype
 
 logger = logging.getLogger(__name__)
@@ -88,7 +89,11 @@ def sample_both_models(
             f"model.base is empty and {aligned_source.directory} has no config.yaml naming model.pretrained; set "
             "model.base to the pipeline the aligned weights were trained from"
         )
-    family = load_family(base_path, config.model.vae or run_vae)
+    vae_path = config.model.vae or run_vae
+    if vae_path:
+        check_source("model.vae", vae_path)
+    with loading("model.base", base_path, "diffusers pipeline"):
+        family = load_family(base_path, vae_path)
     settings = config.generation
     dtype = parse_dtype(settings.dtype)
     for module in [*family.frozen_modules().values(), family.denoiser]:

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from diffalign.eval.generation import Samples, sample_slice
 from diffalign.eval.media import load_reference
+from diffalign.hub import under_key
 from diffalign.rewards import Audio, Scorer, ScorerConfig, build_scorer
 
 
@@ -37,7 +38,8 @@ def takes_reference(scorer: Scorer) -> bool:
 
 def build_with_reference(spec: ScoringConfig, device: str, where: str) -> tuple[Scorer, Any]:
     """The scorer of ``spec`` (on ``device`` unless its options say otherwise) and its prepared reference set."""
-    scorer = build_scorer(spec.name, **{"device": device, **spec.options}).eval()
+    with under_key(where):
+        scorer = build_scorer(spec.name, **{"device": device, **spec.options}).eval()
     if spec.reference is None:
         if takes_reference(scorer):
             raise ValueError(

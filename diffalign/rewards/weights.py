@@ -10,12 +10,14 @@ their files are absent offline.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from huggingface_hub import constants, hf_hub_download, snapshot_download, try_to_load_from_cache
 from huggingface_hub.errors import LocalEntryNotFoundError
+
+from diffalign.config import LoadError, SourceNotFoundError
+from diffalign.hub import check_hub_repo, hub_offline, is_local_source
 
 # Each entry is a file a directory must hold; a tuple lists alternatives, any one of which will do.
 FileRequirement = str | tuple[str, ...]
@@ -43,20 +45,8 @@ OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin
 _SMALL_FILES = ["*.json", "*.txt", "*.model"]
 
 
-class WeightsNotFoundError(FileNotFoundError):
+class WeightsNotFoundError(SourceNotFoundError):
     """A weight, config or tokenizer file is not where the scorer was told to look; the message says what to do."""
-
-
-def hub_offline() -> bool:
-    """True when ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set, read now rather than at import."""
-    flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
-    return constants.HF_HUB_OFFLINE or any(
-        flag is not None and flag.upper() in {"1", "ON", "YES", "TRUE"} for flag in flags
-    )
-
-
-def is_local_source(source: str) -> bool:
-    return source.startswith(("/", ".", "~")) or Path(source).expanduser().exists()
 
 
 def resolve_pretrained_dir(
@@ -103,6 +93,8 @@ def resolve_weights_file(source: str, what: str) -> Path:
             f"'org/name/filename'; place the file locally and pass its path"
         )
     repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    if not hub_offline():  # offline, the cache lookup below says what is missing
+        _check_online(repo_id, what)
     try:
         return Path(hf_hub_download(repo_id, filename, local_files_only=hub_offline()))
     except LocalEntryNotFoundError:
@@ -144,6 +136,7 @@ def _download_snapshot(repo_id: str, weights: Sequence[str], what: str) -> Path:
     try:
         if offline:  # the cached snapshot as it is
             return Path(snapshot_download(repo_id, local_files_only=True))
+        _check_online(repo_id, what)
         directory = Path(snapshot_download(repo_id, allow_patterns=_SMALL_FILES))
         for pattern in weights:
             directory = Path(snapshot_download(repo_id, allow_patterns=[pattern]))
@@ -157,6 +150,14 @@ def _download_snapshot(repo_id: str, weights: Sequence[str], what: str) -> Path:
             f"directory; on a connected machine run `hf download {repo_id} --local-dir DIR`, copy DIR here "
             f"and pass its path instead of the hub id"
         ) from None
+
+
+def _check_online(repo_id: str, what: str) -> None:
+    """One bounded request before the retried downloads: a dead or unreachable hub fails in seconds."""
+    try:
+        check_hub_repo(repo_id, subject=f"{what}: {repo_id!r}")
+    except LoadError as error:
+        raise WeightsNotFoundError(str(error)) from None
 
 
 def _find(directory: Path, requirement: FileRequirement) -> Path | None:
