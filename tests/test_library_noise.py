@@ -68,12 +68,13 @@ def test_only_the_musicldm_deprecation_notice_is_dropped(records_of):
 
 def test_the_ignored_local_dir_use_symlinks_argument_does_not_warn(tmp_path, monkeypatch):
     from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     with warnings.catch_warnings(record=True) as caught:
         # Again inside: pytest restores the warning filters after collecting, where `import diffalign` set them.
         silence_library_noise()
-        with pytest.raises(Exception):  # nothing is cached: only the argument check matters here
+        with pytest.raises(LocalEntryNotFoundError):  # nothing is cached: only the argument check matters here
             hf_hub_download("org/name", "model_index.json", local_files_only=True, local_dir_use_symlinks="auto")
         warnings.warn("another user warning", UserWarning, stacklevel=1)
     messages = [str(warning.message) for warning in caught]
