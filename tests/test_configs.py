@@ -78,3 +78,50 @@ def test_music_dragon_configs_document_each_reward_kind():
 def test_documented_overrides_load(path: Path, overrides: list[str]):
     config = load_config(path, overrides)
     assert config.method.dragon.reward in scorer_names()
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_KEYS = {"pretrained", "vae", "base", "source", "path", "model", "processor", "reward_model"}
+HUB_ID_RECORD = Path(__file__).resolve().parents[1] / "configs" / "models" / "README.md"
+
+
+def config_hub_ids(node, key: str = "") -> set[str]:
+    """Values of keys that take a model or dataset which are hub ids rather than local paths."""
+    if isinstance(node, dict):
+        return set().union(*(config_hub_ids(value, name) for name, value in node.items()))
+    if isinstance(node, list):
+        return set().union(*(config_hub_ids(value, key) for value in node))
+    if key in HUB_KEYS and isinstance(node, str) and HUB_ID.match(node) and not Path(node).exists():
+        return {node}
+    return set()
+
+
+def default_hub_ids() -> set[str]:
+    """Hub repositories scorers and prompt presets load when not told otherwise."""
+    import inspect
+
+    from diffalign.eval.prompts import PROMPT_PRESETS
+    from diffalign.rewards.registry import _SCORERS
+
+    ids = {preset.repo_id for preset in PROMPT_PRESETS.values()}
+    for factory in _SCORERS.values():
+        for name, parameter in inspect.signature(factory).parameters.items():
+            default = parameter.default
+            if name in ("model", "processor", "checkpoint") and isinstance(default, str) and "/" in default:
+                ids.add("/".join(default.split("/")[:2]))
+    return ids
+
+
+def test_every_hub_id_we_name_is_recorded_with_its_source():
+    recorded = HUB_ID_RECORD.read_text()
+    named = set().union(*(config_hub_ids(yaml.safe_load(path.read_text())) for path in CONFIGS)) | default_hub_ids()
+    assert {"stable-diffusion-v1-5/stable-diffusion-v1-5", "yuvalkirstain/PickScore_v1"} <= named
+    missing = sorted(hub_id for hub_id in named if f"`{hub_id}`" not in recorded)
+    assert not missing, f"record these in {HUB_ID_RECORD} with where they come from: {missing}"
+
+
+def test_no_config_names_a_deleted_hub_repository():
+    deleted = ("runwayml/stable-diffusion-v1-5", "stabilityai/stable-diffusion-2-1")
+    for path in CONFIGS:
+        for hub_id in deleted:
+            assert hub_id not in path.read_text(), (path.name, hub_id)

@@ -56,7 +56,7 @@ MAX_TOKENS = 77  # as SD1.5, so code written for real pipelines pads prompts the
 TEXT_WIDTH = 64
 # Characters that get a token of their own, so that any prompt (identifiers like "sks", "[V]") tokenizes.
 TOKENIZER_ALPHABET = list(string.ascii_lowercase + string.digits + "[]().,;:'\"-!?&/")
-# SD1.5's noise schedule (scheduler_config.json of runwayml/stable-diffusion-v1-5).
+# SD1.5's noise schedule (scheduler_config.json of stable-diffusion-v1-5/stable-diffusion-v1-5).
 NOISE_SCHEDULE = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
 )
