@@ -71,6 +71,16 @@ def command_relabel(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_prompts(args: argparse.Namespace) -> int:
+    from diffalign.config import from_dict
+    from diffalign.eval.prompts import PromptSetConfig, write_prompt_split
+
+    config = from_dict(PromptSetConfig, {"source": args.source, "column": args.column, "skip_empty": True})
+    counts = write_prompt_split(config, args.output_dir, heldout=args.heldout, seed=args.seed)
+    print(f"{args.output_dir}/train.txt: {counts['train']} prompts, {args.output_dir}/heldout.txt: {counts['heldout']}")
+    return 0
+
+
 def print_metrics(metrics: dict[str, float]) -> None:
     for name in sorted(metrics):
         print(f"{name:>28}: {metrics[name]:.4f}")
@@ -135,6 +145,21 @@ def build_parser() -> argparse.ArgumentParser:
         "arguments", nargs="*", metavar="[config.yaml] key=value", help="a config and/or settings"
     )
     relabel.set_defaults(handler=command_relabel)
+
+    prompts = commands.add_parser(
+        "prompts",
+        help="write train/held-out prompt files from a caption source",
+        description="Write OUTPUT_DIR/train.txt and OUTPUT_DIR/heldout.txt, one prompt per line (what "
+        "method.*.prompts_file and eval.prompts_file read), from a prompt preset (musiccaps, partiprompts, ...) or a "
+        "local .txt/.csv/.tsv/.json/.jsonl/.parquet file: duplicates dropped, a seeded shuffle, --heldout prompts "
+        "held out. Example: `diffalign prompts musiccaps data/musiccaps --heldout 500`.",
+    )
+    prompts.add_argument("source", help="a prompt preset name or a local prompt file")
+    prompts.add_argument("output_dir", help="where train.txt and heldout.txt are written")
+    prompts.add_argument("--column", default="prompt", help="the prompt column of a table file (presets know theirs)")
+    prompts.add_argument("--heldout", type=int, default=64, help="prompts held out for evaluation (default 64)")
+    prompts.add_argument("--seed", type=int, default=0, help="seed of the shuffle (default 0)")
+    prompts.set_defaults(handler=command_prompts)
     return parser
 
 

@@ -14,7 +14,7 @@ from diffalign.cli import main
 from diffalign.config import CONFIG_KINDS, config_class, entry_point, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ("train", "losses", "demo", "eval", "relabel")
+COMMANDS = ("train", "losses", "demo", "eval", "relabel", "prompts")
 RECORDED: list = []
 
 
@@ -121,3 +121,23 @@ def test_an_incomplete_model_directory_names_the_key_the_value_and_the_fix(tmp_p
     assert error.count("\n") == 1
     assert f"model.pretrained={str(directory)!r}: cannot load the tokenizer" in error
     assert "point model.pretrained at a complete tokenizer" in error
+
+
+def test_prompts_writes_disjoint_train_and_heldout_files_from_a_caption_table(tmp_path, capsys):
+    captions = [f"a calm piano piece number {i}" for i in range(10)]
+    rows = ["caption,duration", *[f'"{caption}",10' for caption in captions]]
+    rows += ['"a calm piano piece number 3",10', '"two\nlines",10', '"",10']  # a duplicate, a newline, an empty row
+    (tmp_path / "captions.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "prompts"
+    argv = ["prompts", str(tmp_path / "captions.csv"), str(out), "--column", "caption", "--heldout", "3"]
+    assert main(argv) == 0
+    train = (out / "train.txt").read_text().splitlines()
+    heldout = (out / "heldout.txt").read_text().splitlines()
+    assert len(heldout) == 3 and len(train) == 8
+    assert sorted(train + heldout) == sorted([*captions, "two lines"])
+    first = (train, heldout)
+    assert main(argv) == 0  # the split is seeded
+    assert ((out / "train.txt").read_text().splitlines(), (out / "heldout.txt").read_text().splitlines()) == first
+    capsys.readouterr()
+    assert main([*argv[:-1], "11"]) == 2
+    assert "config error: --heldout 11: the source has 11 distinct prompts" in capsys.readouterr().err

@@ -18,7 +18,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from diffalign.config import LoadError, SourceNotFoundError
+from diffalign.config import ConfigError, LoadError, SourceNotFoundError
 from diffalign.hub import check_hub_repo, hub_offline
 
 logger = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def read_prompts(
             raise ValueError(f"{key}: {path} is neither a preset ({', '.join(PROMPT_PRESETS)}) nor a prompt file ({formats})")
         raise ValueError(f"{key}: {path} is not a prompt file ({formats})")
     if not path.is_file():
-        raise FileNotFoundError(f"{key}: file {path} does not exist")
+        raise SourceNotFoundError(f"{key}: file {path} does not exist")
     prompts, skipped = [], 0
     for location, value in _rows(path, column):
         if isinstance(value, str) and value.strip():
@@ -260,3 +260,25 @@ def dreambench_prompts(path: Path, subject: str, unique_token: str = "sks") -> l
             f"{path}: no prompt template found for {subject!r}; is this DreamBench's prompts_and_classes.txt?"
         )
     return [template.format(unique_token, class_token) for template in templates]
+
+
+def write_prompt_split(
+    config: PromptSetConfig, output_dir: str | Path, heldout: int, seed: int = 0
+) -> dict[str, int]:
+    """Write ``train.txt`` and ``heldout.txt`` (one prompt per line, what training and eval configs read) from any
+    prompt source :func:`load_prompt_set` reads: duplicates dropped, whitespace runs (newlines too) made one space,
+    then a seeded shuffle puts ``heldout`` prompts in ``heldout.txt`` and the rest in ``train.txt``."""
+    import random
+
+    unique = list(dict.fromkeys(" ".join(prompt.split()) for prompt in load_prompt_set(config)))
+    if not 0 <= heldout < len(unique):
+        raise ConfigError(
+            f"--heldout {heldout}: the source has {len(unique)} distinct prompts; hold out fewer so that some are left "
+            "to train on"
+        )
+    random.Random(seed).shuffle(unique)
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "heldout.txt").write_text("".join(f"{prompt}\n" for prompt in unique[:heldout]))
+    (output / "train.txt").write_text("".join(f"{prompt}\n" for prompt in unique[heldout:]))
+    return {"distinct_prompts": len(unique), "train": len(unique) - heldout, "heldout": heldout}
