@@ -20,14 +20,11 @@ pytestmark = pytest.mark.slow
 
 
 def run_cli(*arguments: str, cwd: Path) -> str:
+    # No time limit: on a loaded machine these runs take several times their README figures, and how long they
+    # take is not what they check.
     environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "diffalign", *arguments],
-        cwd=cwd,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=1200,
+        [sys.executable, "-m", "diffalign", *arguments], cwd=cwd, env=environment, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout

@@ -75,13 +75,8 @@ class MusicBuildConfig:
     ``assets/README.md`` for their time and size); tiny values give a quick smoke build."""
 
     clips: int = 6_000  # synthesized captioned clips, shared by every stage
-    # 1000 CLAP steps retrieve 82% of captions (300: 14%; mid- and high-register captions' text embeddings have
-    # cosine 0.92 on average, 0.59 with 1000 steps) and lift base register accuracy from 50% to 71%, but the toy
-    # music configs then win less often against base: DPO 54%, DRAGON 48% (with 2000 U-Net steps too: 46%,
-    # 45%), against 60% and 58% with 300 steps. DPO on that build leaves the register where it is (p(asked
-    # register) 0.644 → 0.638; with a temporary patch drawing timesteps only from [500, 1000), on one thread:
-    # 0.686, notes ring longer in 79% of the comparisons, still 54%): each clip's register and tempo change from
-    # base to aligned sample both ways, and those changes decide the reward's comparisons more than sustain does.
+    # More CLAP steps separate the registers' captions better, yet made the toy music methods win less often
+    # against base (docs/experiments.md, "The toy music build"): the shipped build keeps 300.
     clap_steps: int = 300
     clap_batch_size: int = 128
     vae_steps: int = 250
@@ -429,8 +424,8 @@ STFT_RESOLUTIONS = ((256, 64), (512, 128), (1024, 256))  # (n_fft, hop) of the m
 
 # Where the vocoder loss's log stops resolving magnitude: log(magnitude + floor). A hard clamp at HiFi-GAN's
 # 1e-5 leaves no gradient below it and makes any faint artefact in an empty band cost as much as a missing
-# note, so the small vocoder learnt to stay silent on pure sine tones (2–4% of their level after 1600 steps, a
-# third of all clips silent); with this floor it renders them at 91% after 600 steps.
+# note, so the small vocoder learnt to stay silent on pure sine tones; the soft floor keeps a gradient there
+# (docs/experiments.md, "The toy music build").
 VOCODER_LOSS_FLOOR = 0.1
 
 

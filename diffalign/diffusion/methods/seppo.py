@@ -14,9 +14,8 @@ Per training step:
    (``num_inference_steps``, classifier-free guidance), under ``no_grad``; x^r replaces the losing image.
    With ``reencode_samples`` (default) x^r is decoded and encoded again (``family.reencode``), so that it
    reaches the loss as a stored loser would: a generated latent lies off the VAE encoder's outputs, and a pair
-   of one encoded and one generated latent differs in that as well as in content. On the toy text-to-image
-   model the base U-Net's error is 1.5× larger on its own 10-step samples than on encoded winners, while the
-   two score alike under the toy reward (0.46 and 0.47); re-encoded, the samples score 0.40, below the winners.
+   of one encoded and one generated latent differs in that as well as in content (measured on the toy
+   text-to-image model: docs/experiments.md).
 3. **Anchor criterion** (v1: anchor-based adaptive flipper; v2: Self-Sampling Regularisation). The winning
    image x^w is the anchor. If the policy fits it at least as well as the reference checkpoint does,
    ``e_θ^w ≤ e_ref^w`` (e = the per-sample denoising error at the pair's shared ε and t), the policy has
