@@ -218,3 +218,15 @@ def test_a_failed_load_becomes_one_line_naming_key_value_and_fix(tmp_path):
     assert "\n" not in message
     assert message.startswith(f"model.pretrained={str(tmp_path)!r}: cannot load the diffusers pipeline (OSError:")
     assert "point model.pretrained at a complete diffusers pipeline" in message
+
+
+def test_a_reward_that_cannot_be_loaded_names_the_config_key_that_asked_for_it(tmp_path, monkeypatch):
+    from diffalign.eval.scoring import ScoringConfig, build_with_reference
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(LoadError) as error:
+        build_with_reference(ScoringConfig(name="pickscore"), "cpu", where="scorers[0]")
+    message = str(error.value)
+    assert message.startswith("scorers[0]: ") and "yuvalkirstain/PickScore_v1" in message
+    assert "hf download yuvalkirstain/PickScore_v1" in message
