@@ -199,6 +199,7 @@ def loading(
             tokenizer = AutoTokenizer.from_pretrained(config.model.pretrained)
     """
     check_source(key, value, repo_type, revision)
+    bound_hub_timeouts()  # a local model may still name hub files (tokenizers, sub-models) its library fetches
     try:
         yield
     except LoadError:

@@ -26,7 +26,7 @@ from diffalign.diffusion.methods import METHODS, LatentPairBatch, TrainingContex
 from diffalign.diffusion.models import build_models
 from diffalign.diffusion.reference_cache import FixedDraws, ReferenceErrors, load_or_build_reference_errors
 from diffalign.diffusion.training_data import build_pair_dataset
-from diffalign.hub import under_key
+from diffalign.hub import loading, under_key
 from diffalign.training import Recipe, StepOutput, make_accelerator, run_training
 from diffalign.training.engines import shards_parameters
 from diffalign.training.loss_state import MarginBaseline
@@ -207,7 +207,9 @@ class DiffusionRecipe(Recipe):
 
 def train(config: DiffusionTrainConfig) -> dict[str, float]:
     # A hub model's family is known once its model_index.json is read; a local one was checked with the config.
-    check_family_support(config, family_class(config.model.pretrained))
+    with loading("model.pretrained", config.model.pretrained, "diffusers pipeline"):
+        family = family_class(config.model.pretrained)
+    check_family_support(config, family)
     accelerator = make_accelerator(config.run)
     # Distinct noise per process; the data order is seeded separately (ResumableBatchSampler).
     set_seed(config.run.seed + accelerator.process_index)
