@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffalign.config import LoadError
 from diffalign.eval.statistics import win_rate
 from diffalign.llm.batching import pad
 from diffalign.llm.config import LLMEvalConfig
@@ -39,8 +40,9 @@ def load_reward(spec: str) -> Reward:
     try:
         return getattr(importlib.import_module(module_name), function_name)
     except (ImportError, AttributeError) as error:
-        raise ValueError(
-            f"eval.reward={spec!r}: cannot import {function_name} from {module_name} ({error})"
+        raise LoadError(
+            f"eval.reward={spec!r}: cannot import {function_name} from {module_name} ({error}); give an importable "
+            "'module:function' taking (prompt, completion) and returning a float"
         ) from None
 
 
