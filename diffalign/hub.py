@@ -20,9 +20,12 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from diffalign.config import LoadError
+
+if TYPE_CHECKING:
+    import httpx2
 
 RepoType = Literal["model", "dataset"]
 
@@ -58,12 +61,13 @@ def hub_timeouts() -> dict[str, float]:
     return {"connect": float(constants.HF_HUB_ETAG_TIMEOUT), "read": read, "write": read, "pool": read}
 
 
-def _bound_request(request: object) -> None:
+def _bound_request(request: httpx2.Request) -> None:
     """A request hook of the hub's HTTP client: every timeout the caller left unset gets its bound."""
-    extensions = request.extensions  # type: ignore[attr-defined]
+    extensions = request.extensions
     given = extensions.get("timeout") or {}
     extensions["timeout"] = {
-        phase: given.get(phase) if given.get(phase) is not None else limit for phase, limit in hub_timeouts().items()
+        phase: given.get(phase) if given.get(phase) is not None else limit
+        for phase, limit in hub_timeouts().items()
     }
 
 
@@ -76,9 +80,13 @@ def bound_hub_timeouts() -> None:
         hooks.insert(0, _bound_request)
 
 
-def offline_fix(key: str | None, value: str, repo_type: RepoType = "model", revision: str | None = None) -> str:
+def offline_fix(
+    key: str | None, value: str, repo_type: RepoType = "model", revision: str | None = None
+) -> str:
     """How to run without the hub: a local copy (``key`` set to it, or passed in place of the id), or the cache."""
-    flags = (" --repo-type dataset" if repo_type == "dataset" else "") + (f" --revision {revision}" if revision else "")
+    flags = (" --repo-type dataset" if repo_type == "dataset" else "") + (
+        f" --revision {revision}" if revision else ""
+    )
     use_copy = f"set {key}=DIR" if key else "pass DIR in place of the hub id"
     return (
         f"on a connected machine run `hf download {value}{flags} --local-dir DIR`, copy DIR here and {use_copy}; "
@@ -91,7 +99,9 @@ def is_cached(repo_id: str, repo_type: RepoType = "model") -> bool:
     from huggingface_hub import constants
     from huggingface_hub.file_download import repo_folder_name
 
-    snapshots = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type=repo_type) / "snapshots"
+    snapshots = (
+        Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type=repo_type) / "snapshots"
+    )
     if snapshots.is_dir() and any(snapshots.iterdir()):
         return True
     if repo_type == "dataset":
@@ -114,7 +124,9 @@ def check_source(key: str, value: str, repo_type: RepoType = "model", revision: 
     try:
         validate_repo_id(value)
     except HFValidationError:
-        raise LoadError(f"{subject} is neither an existing local path nor a hub id ('org/name'); fix the path") from None
+        raise LoadError(
+            f"{subject} is neither an existing local path nor a hub id ('org/name'); fix the path"
+        ) from None
     check_hub_repo(value, repo_type, revision, subject=subject, key=key)
 
 
@@ -164,14 +176,20 @@ def check_hub_repo(
             "in (`hf auth login`, or set HF_TOKEN), or give a local copy"
         ) from None
     except RevisionNotFoundError:
-        raise LoadError(f"{subject}: {endpoint} has no revision {revision!r} of it; fix the revision") from None
+        raise LoadError(
+            f"{subject}: {endpoint} has no revision {revision!r} of it; fix the revision"
+        ) from None
     except RepositoryNotFoundError:
         raise LoadError(
             f"{subject} is not a local path, and {endpoint} has no {repo_type} repository of that name (or it is "
             "private: log in with `hf auth login`); give a local path or an existing hub id"
         ) from None
     except (httpx2.TransportError, HfHubHTTPError) as error:
-        cached = " (it is in the hub cache here, so HF_HUB_OFFLINE=1 alone will do)" if is_cached(repo_id, repo_type) else ""
+        cached = (
+            " (it is in the hub cache here, so HF_HUB_OFFLINE=1 alone will do)"
+            if is_cached(repo_id, repo_type)
+            else ""
+        )
         raise LoadError(
             f"{subject} is a hub id, but the hub at {endpoint} could not be asked for it ({type(error).__name__}: "
             f"{one_line(error)}; timeout {timeout:g} s){cached}; {fix}"
@@ -195,8 +213,8 @@ def loading(
 ) -> Iterator[None]:
     """Check ``value`` (:func:`check_source`), then turn a failure of the load inside into a :class:`LoadError`::
 
-        with loading("model.pretrained", config.model.pretrained, "tokenizer"):
-            tokenizer = AutoTokenizer.from_pretrained(config.model.pretrained)
+    with loading("model.pretrained", config.model.pretrained, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(config.model.pretrained)
     """
     check_source(key, value, repo_type, revision)
     bound_hub_timeouts()  # a local model may still name hub files (tokenizers, sub-models) its library fetches

@@ -36,4 +36,6 @@ def silence_library_noise() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(existing, _DropMessages) for existing in logger.filters):
             logger.addFilter(drop)
-    warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated", category=UserWarning)
+    warnings.filterwarnings(
+        "ignore", message="The `local_dir_use_symlinks` argument is deprecated", category=UserWarning
+    )

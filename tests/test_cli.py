@@ -126,7 +126,11 @@ def test_an_incomplete_model_directory_names_the_key_the_value_and_the_fix(tmp_p
 def test_prompts_writes_disjoint_train_and_heldout_files_from_a_caption_table(tmp_path, capsys):
     captions = [f"a calm piano piece number {i}" for i in range(10)]
     rows = ["caption,duration", *[f'"{caption}",10' for caption in captions]]
-    rows += ['"a calm piano piece number 3",10', '"two\nlines",10', '"",10']  # a duplicate, a newline, an empty row
+    rows += [
+        '"a calm piano piece number 3",10',
+        '"two\nlines",10',
+        '"",10',
+    ]  # a duplicate, a newline, an empty row
     (tmp_path / "captions.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "prompts"
     argv = ["prompts", str(tmp_path / "captions.csv"), str(out), "--column", "caption", "--heldout", "3"]
@@ -137,7 +141,10 @@ def test_prompts_writes_disjoint_train_and_heldout_files_from_a_caption_table(tm
     assert sorted(train + heldout) == sorted([*captions, "two lines"])
     first = (train, heldout)
     assert main(argv) == 0  # the split is seeded
-    assert ((out / "train.txt").read_text().splitlines(), (out / "heldout.txt").read_text().splitlines()) == first
+    assert (
+        (out / "train.txt").read_text().splitlines(),
+        (out / "heldout.txt").read_text().splitlines(),
+    ) == first
     capsys.readouterr()
     assert main([*argv[:-1], "11"]) == 2
     assert "config error: --heldout 11: the source has 11 distinct prompts" in capsys.readouterr().err

@@ -95,8 +95,14 @@ def use_endpoint(monkeypatch, url: str) -> None:
 
 def run_cli(*arguments: str, endpoint: str, cache: Path):
     """``diffalign ...`` online against ``endpoint``, with 2 s hub timeouts and an empty hub cache."""
-    env = {key: value for key, value in os.environ.items() if key not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    env.update(HF_ENDPOINT=endpoint, HF_HUB_ETAG_TIMEOUT="2", HF_HUB_DOWNLOAD_TIMEOUT="2", OMP_NUM_THREADS="1")
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    }
+    env.update(
+        HF_ENDPOINT=endpoint, HF_HUB_ETAG_TIMEOUT="2", HF_HUB_DOWNLOAD_TIMEOUT="2", OMP_NUM_THREADS="1"
+    )
     env["HF_HUB_CACHE"] = str(cache)
     return subprocess.run(
         [sys.executable, "-m", "diffalign", *arguments], env=env, capture_output=True, text=True, timeout=HANG
@@ -116,11 +122,15 @@ def test_a_request_made_without_a_timeout_is_bounded(silent_endpoint):
     )
     env = {**os.environ, "HF_ENDPOINT": silent_endpoint.url, "HF_HUB_DOWNLOAD_TIMEOUT": "2"}
     env.pop("HF_HUB_OFFLINE", None)
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=HANG)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=HANG
+    )
     assert result.stdout.strip() == "ReadTimeout", result.stderr[-2000:]
 
 
-def test_a_silent_endpoint_fails_the_llm_trainer_in_one_line_naming_key_endpoint_and_fix(silent_endpoint, tmp_path):
+def test_a_silent_endpoint_fails_the_llm_trainer_in_one_line_naming_key_endpoint_and_fix(
+    silent_endpoint, tmp_path
+):
     result = run_cli(
         "train",
         str(ROOT / "configs" / "toy_llm_dpo.yaml"),
@@ -133,7 +143,9 @@ def test_a_silent_endpoint_fails_the_llm_trainer_in_one_line_naming_key_endpoint
     message = last_line(result.stderr)
     assert message.startswith("load error: model.pretrained='Qwen/Qwen2.5-0.5B-Instruct' is a hub id")
     assert silent_endpoint.url in message and "ReadTimeout" in message
-    assert "hf download Qwen/Qwen2.5-0.5B-Instruct --local-dir DIR" in message and "HF_HUB_OFFLINE=1" in message
+    assert (
+        "hf download Qwen/Qwen2.5-0.5B-Instruct --local-dir DIR" in message and "HF_HUB_OFFLINE=1" in message
+    )
 
 
 def test_a_silent_endpoint_fails_the_diffusion_trainer_before_any_retried_download(silent_endpoint, tmp_path):
@@ -188,7 +200,9 @@ def test_an_unresolvable_endpoint_fails_with_the_endpoint_and_the_fix(online, mo
 
 def test_a_missing_repository_and_a_gated_one_say_so(online, monkeypatch, erroring_endpoint):
     use_endpoint(monkeypatch, erroring_endpoint)
-    with pytest.raises(LoadError, match=r"data.source='org/pairs' is not a local path, and .* has no dataset"):
+    with pytest.raises(
+        LoadError, match=r"data.source='org/pairs' is not a local path, and .* has no dataset"
+    ):
         check_source("data.source", "org/pairs", "dataset")
     with pytest.raises(LoadError, match=r"model.pretrained='org/gated-model' is gated .*hf auth login"):
         check_source("model.pretrained", "org/gated-model")
@@ -216,7 +230,9 @@ def test_a_failed_load_becomes_one_line_naming_key_value_and_fix(tmp_path):
         raise OSError(f"{tmp_path} does not appear to have a file named model_index.json.\nSecond line.")
     message = str(error.value)
     assert "\n" not in message
-    assert message.startswith(f"model.pretrained={str(tmp_path)!r}: cannot load the diffusers pipeline (OSError:")
+    assert message.startswith(
+        f"model.pretrained={str(tmp_path)!r}: cannot load the diffusers pipeline (OSError:"
+    )
     assert "point model.pretrained at a complete diffusers pipeline" in message
 
 

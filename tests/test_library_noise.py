@@ -59,8 +59,12 @@ def test_a_cast_with_no_fp32_modules_is_silent_and_one_with_some_still_warns(rec
 def test_only_the_musicldm_deprecation_notice_is_dropped(records_of):
     records = records_of("diffusers.pipelines.pipeline_utils")
     logger = logging.getLogger("diffusers.pipelines.pipeline_utils")
-    logger.warning("The MusicLDMPipeline has been deprecated and will not receive bug fixes or feature updates.")
-    logger.warning("The AudioLDMPipeline has been deprecated and will not receive bug fixes or feature updates.")
+    logger.warning(
+        "The MusicLDMPipeline has been deprecated and will not receive bug fixes or feature updates."
+    )
+    logger.warning(
+        "The AudioLDMPipeline has been deprecated and will not receive bug fixes or feature updates."
+    )
     assert records.messages == [
         "The AudioLDMPipeline has been deprecated and will not receive bug fixes or feature updates."
     ]
@@ -74,8 +78,12 @@ def test_the_ignored_local_dir_use_symlinks_argument_does_not_warn(tmp_path, mon
     with warnings.catch_warnings(record=True) as caught:
         # Again inside: pytest restores the warning filters after collecting, where `import diffalign` set them.
         silence_library_noise()
-        with pytest.raises(LocalEntryNotFoundError):  # nothing is cached: only the argument check matters here
-            hf_hub_download("org/name", "model_index.json", local_files_only=True, local_dir_use_symlinks="auto")
+        with pytest.raises(
+            LocalEntryNotFoundError
+        ):  # nothing is cached: only the argument check matters here
+            hf_hub_download(
+                "org/name", "model_index.json", local_files_only=True, local_dir_use_symlinks="auto"
+            )
         warnings.warn("another user warning", UserWarning, stacklevel=1)
     messages = [str(warning.message) for warning in caught]
     assert not any("local_dir_use_symlinks" in message for message in messages), messages
