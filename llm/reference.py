@@ -9,7 +9,6 @@ the model, the tokenizer, the data or the truncation settings computes them afre
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -20,6 +19,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from diffalign.files import read_cache_file, respect_umask
+from diffalign.hashing import ContentHash
 from diffalign.llm.batching import PreferenceDataset
 from diffalign.llm.logprobs import TokenLogps, completion_logps, completion_token_logps
 
@@ -65,25 +65,13 @@ def precomputed_reference(batch: dict[str, Tensor]) -> Tensor:
 # --- precomputing and caching ----------------------------------------------------------------------------------
 
 
-def _update_with_tensor(digest: Any, tensor: Tensor) -> None:
-    digest.update(str(tensor.dtype).encode())
-    digest.update(str(tuple(tensor.shape)).encode())
-    digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-
-
 def reference_cache_key(model: nn.Module, tokenizer: Any, dataset: PreferenceDataset) -> str:
-    """sha256 over the model (config and every weight), the tokenizer and the tokenized rows."""
-    digest = hashlib.sha256()
-    digest.update(model.config.to_json_string(use_diff=False).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        _update_with_tensor(digest, tensor)
-    digest.update(tokenizer.backend_tokenizer.to_str().encode())
-    digest.update(
-        json.dumps([tokenizer.chat_template, tokenizer.eos_token_id, tokenizer.pad_token_id]).encode()
-    )
+    """A content hash of the model (class, config and every weight), the tokenizer and the tokenized rows."""
+    digest = ContentHash().update_module(model)
+    digest.update(tokenizer.backend_tokenizer.to_str())
+    digest.update(json.dumps([tokenizer.chat_template, tokenizer.eos_token_id, tokenizer.pad_token_id]))
     rows = [vars(item) for item in dataset.items]
-    digest.update(json.dumps([dataset.with_mismatched, rows], sort_keys=True).encode())
+    digest.update(json.dumps([dataset.with_mismatched, rows], sort_keys=True))
     return digest.hexdigest()
 
 

@@ -16,7 +16,6 @@ from torch import nn
 from diffalign.diffusion.cache import (
     CachedPairDataset,
     build_pair_cache,
-    model_fingerprint,
     posterior_draw,
     vae_posterior,
 )
@@ -29,6 +28,7 @@ from diffalign.diffusion.data import (
 from diffalign.diffusion.families import LatentNormalization
 from diffalign.diffusion.training_data import build_pair_dataset
 from diffalign.diffusion.transforms import ImageDecoder, draw_pair_randomness
+from diffalign.hashing import module_fingerprint
 
 
 def tiny_vae(seed: int = 0, **overrides) -> AutoencoderKL:
@@ -268,12 +268,12 @@ def test_images_shared_by_pairs_are_encoded_once(tmp_path):
     assert len({keys[index % 2] for index, keys in enumerate(cache.image_keys)}) == 1
 
 
-def test_model_fingerprint_tracks_class_config_weights_and_dtype():
-    assert model_fingerprint(tiny_vae(seed=0)) == model_fingerprint(tiny_vae(seed=0))
-    assert model_fingerprint(tiny_vae(seed=0)) != model_fingerprint(tiny_vae(seed=1))
-    assert model_fingerprint(tiny_vae()) != model_fingerprint(tiny_vae(scaling_factor=0.3))
-    assert model_fingerprint(tiny_vae()) != model_fingerprint(tiny_vae().to(torch.bfloat16))
-    assert model_fingerprint(nn.Linear(2, 2), nn.Linear(2, 2)) != model_fingerprint(nn.Linear(2, 2))
+def test_module_fingerprint_tracks_class_config_weights_and_dtype():
+    assert module_fingerprint(tiny_vae(seed=0)) == module_fingerprint(tiny_vae(seed=0))
+    assert module_fingerprint(tiny_vae(seed=0)) != module_fingerprint(tiny_vae(seed=1))
+    assert module_fingerprint(tiny_vae()) != module_fingerprint(tiny_vae(scaling_factor=0.3))
+    assert module_fingerprint(tiny_vae()) != module_fingerprint(tiny_vae().to(torch.bfloat16))
+    assert module_fingerprint(nn.Linear(2, 2), nn.Linear(2, 2)) != module_fingerprint(nn.Linear(2, 2))
 
 
 # --- resumable builds ----------------------------------------------------------------------------------------------

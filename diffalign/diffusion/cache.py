@@ -21,7 +21,6 @@ the folder to reclaim space.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -42,34 +41,9 @@ from diffalign.diffusion.data import SKIP_HINT, BadRowError, PreferencePairs, sp
 from diffalign.diffusion.families.base import LatentNormalization
 from diffalign.diffusion.transforms import CorruptMediaError, MediaDecoder, draw_pair_randomness
 from diffalign.files import damaged_cache, respect_umask
+from diffalign.hashing import content_hash, module_fingerprint
 
 logger = logging.getLogger(__name__)
-
-
-def _digest(*parts: str | bytes) -> str:
-    digest = hashlib.sha256()
-    for part in parts:
-        data = part.encode() if isinstance(part, str) else part
-        # Length-prefixed, so that different splits of the same bytes into parts never collide.
-        digest.update(len(data).to_bytes(8, "little"))
-        digest.update(data)
-    return digest.hexdigest()[:32]
-
-
-def model_fingerprint(*models: nn.Module) -> str:
-    """A hash of each model's class, config (private ``_*`` keys aside) and every parameter and buffer."""
-    digest = hashlib.sha256()
-    for model in models:
-        digest.update(type(model).__name__.encode())
-        config = getattr(model, "config", None)
-        if config is not None:
-            settings = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-            public = {key: value for key, value in settings.items() if not key.startswith("_")}
-            digest.update(json.dumps(public, sort_keys=True, default=str).encode())
-        for name, tensor in sorted(model.state_dict().items()):
-            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()[:32]
 
 
 @torch.no_grad()
@@ -170,7 +144,7 @@ class PairCache:
 
 
 def caption_key(text_encoder_id: str, caption: str) -> str:
-    return _digest(text_encoder_id, caption)
+    return content_hash(text_encoder_id, caption)
 
 
 def _encode_captions(
@@ -215,7 +189,7 @@ def build_pair_cache(
     The VAE runs on its device in micro-batches of ``batch_size`` images, in ``vae_dtype`` (restored afterwards).
     fp32 by default: SDXL's VAE overflows in fp16 unless a fp16-safe VAE (e.g. madebyollin/sdxl-vae-fp16-fix)
     is given; non-finite latents raise. ``encode_prompts`` maps captions to batch-first tensors;
-    ``text_encoder_id`` must change whenever its output would (e.g. :func:`model_fingerprint` of the encoders).
+    ``text_encoder_id`` must change whenever its output would (e.g. :func:`module_fingerprint` of the encoders).
     Images that cannot be read or decoded raise naming the row, or with ``skip_bad_rows`` their pairs are
     counted and left out.
     """
@@ -278,7 +252,7 @@ def build_pair_cache(
         vae.to(dtype=vae_dtype)
     try:
         image_settings = json.dumps(
-            {"decoder": decoder.settings(), "vae": model_fingerprint(vae)}, sort_keys=True
+            {"decoder": decoder.settings(), "vae": module_fingerprint(vae)}, sort_keys=True
         )
         for index in range(len(pairs)):
             try:
@@ -287,7 +261,7 @@ def build_pair_cache(
                 skip_or_raise(bad)
                 image_keys.append(None)
                 continue
-            keys = (_digest(image_settings, media[0]), _digest(image_settings, media[1]))
+            keys = (content_hash(image_settings, media[0]), content_hash(image_settings, media[1]))
             image_keys.append(keys)
             for key, data in zip(keys, media):
                 if key not in images and key not in bad_keys and key not in pending:

@@ -23,7 +23,6 @@ builds a new table and never reads a stale one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -39,13 +38,14 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from diffalign.diffusion.cache import CachedPairDataset, model_fingerprint
+from diffalign.diffusion.cache import CachedPairDataset
 from diffalign.diffusion.data import PreferencePairDataset
 from diffalign.diffusion.families import DiffusionFamily
 from diffalign.diffusion.methods.base import LatentPairBatch
 from diffalign.diffusion.methods.dpo import DiffusionDPO
 from diffalign.diffusion.reference import ReferenceDenoiser
 from diffalign.files import read_cache_file, respect_umask
+from diffalign.hashing import ContentHash, module_fingerprint
 from diffalign.training.loop import move_to_device
 from diffalign.training.sampler import collate_with_sample_ids
 
@@ -89,14 +89,6 @@ class ReferenceErrors:
         return torch.cat([rows[:, 0], rows[:, 1]])
 
 
-def _feed(digest: Any, *parts: str | bytes) -> None:
-    for part in parts:
-        data = part.encode() if isinstance(part, str) else part
-        # Length-prefixed, so that different splits of the same bytes never collide.
-        digest.update(len(data).to_bytes(8, "little"))
-        digest.update(data)
-
-
 def reference_fingerprint(reference: ReferenceDenoiser) -> str:
     """Class, config and weights of the model the reference computes with. For an adapter-disabled reference that
     is the policy without its adapter weights: they are the trainable parameters, and off when it runs."""
@@ -104,19 +96,7 @@ def reference_fingerprint(reference: ReferenceDenoiser) -> str:
     adapters = (
         set() if reference.copy is not None else {n for n, p in module.named_parameters() if p.requires_grad}
     )
-    digest = hashlib.sha256()
-    _feed(digest, type(module).__name__)
-    config = getattr(module, "config", None)
-    if config is not None:
-        settings = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-        public = {key: value for key, value in settings.items() if not key.startswith("_")}
-        _feed(digest, json.dumps(public, sort_keys=True, default=str))
-    for name, tensor in sorted(module.state_dict().items()):
-        if name in adapters:
-            continue
-        _feed(digest, f"{name}:{tensor.dtype}:{tuple(tensor.shape)}")
-        _feed(digest, tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:32]
+    return ContentHash().update_module(module, skip=adapters).hexdigest()
 
 
 def noising_fingerprint(family: DiffusionFamily, device: torch.device) -> str:
@@ -133,33 +113,29 @@ def noising_fingerprint(family: DiffusionFamily, device: torch.device) -> str:
             family.target(latents, noise, timesteps).float().flatten(),
         ]
     )
-    return hashlib.sha256(probe.cpu().numpy().tobytes()).hexdigest()[:32]
+    return ContentHash(probe.cpu().numpy().tobytes()).hexdigest()
 
 
 def dataset_fingerprint(dataset: Dataset) -> str:
     """The content of an offline pair dataset: per pair its images (the latent cache's content keys, or the image
     bytes), caption and label."""
-    digest = hashlib.sha256()
+    digest = ContentHash()
     if isinstance(dataset, CachedPairDataset):
         cache = dataset.cache
-        _feed(digest, cache.text_encoder_id, repr((cache.normalization.scale, cache.normalization.shift)))
+        digest.update(cache.text_encoder_id, repr((cache.normalization.scale, cache.normalization.shift)))
         for index in cache.pair_indices:
             pair = [index, cache.image_keys[index], cache.pairs.captions[index], cache.pairs.labels[index]]
-            _feed(digest, json.dumps(pair))
+            digest.update(json.dumps(pair))
     elif isinstance(dataset, PreferencePairDataset):
         pairs = dataset.pairs
         for index in range(len(pairs)):
-            _feed(
-                digest,
-                json.dumps([index, pairs.captions[index], pairs.labels[index]]),
-                *pairs.media_bytes(index),
-            )
+            digest.update(json.dumps([index, pairs.captions[index], pairs.labels[index]]), *pairs.media_bytes(index))
     else:
         raise TypeError(
             f"model.reference_cache needs an offline pair dataset, got {type(dataset).__name__}; methods that "
             "bring their own data (online methods) cannot precompute their reference"
         )
-    return digest.hexdigest()[:32]
+    return digest.hexdigest()
 
 
 def reference_cache_key(
@@ -175,13 +151,13 @@ def reference_cache_key(
     parts = {
         "family": type(family).__name__,
         "reference": reference_fingerprint(reference),
-        "frozen_modules": model_fingerprint(*frozen),
+        "frozen_modules": module_fingerprint(*frozen),
         "noising": noising_fingerprint(family, device),
         "data": dataset_fingerprint(dataset),
         "settings": settings,
     }
     encoded = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(encoded.encode()).hexdigest()[:32], parts
+    return ContentHash(encoded).hexdigest(), parts
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from diffalign.diffusion.cache import CachedPairDataset, build_pair_cache, model_fingerprint
+from diffalign.diffusion.cache import CachedPairDataset, build_pair_cache
 from diffalign.diffusion.data import (
     DiffusionDataConfig,
     PreferencePairDataset,
@@ -18,6 +18,7 @@ from diffalign.diffusion.data import (
 )
 from diffalign.diffusion.families import DiffusionFamily
 from diffalign.diffusion.transforms import MediaDecoder
+from diffalign.hashing import module_fingerprint
 
 
 def build_pair_dataset(
@@ -40,7 +41,7 @@ def build_pair_dataset(
         dataset = PreferencePairDataset(pairs, decoder, caption_dropout=config.caption_dropout, seed=seed)
         return dataset, collate_pairs, pairs.stats
     text_encoders = [module for name, module in sorted(family.frozen_modules().items()) if name != "vae"]
-    text_encoder_id = f"{type(family).__name__}:{model_fingerprint(*text_encoders)}"
+    text_encoder_id = f"{type(family).__name__}:{module_fingerprint(*text_encoders)}"
 
     def build() -> Any:
         return build_pair_cache(

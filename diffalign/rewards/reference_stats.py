@@ -8,7 +8,6 @@ the same path is not detected, so clear the cache when doing that.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,18 +19,15 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from diffalign.files import respect_umask
+from diffalign.hashing import content_hash
 from diffalign.rewards.base import Audio
 from diffalign.rewards.embedding_metrics import GaussianStats, gaussian_stats
 from diffalign.rewards.encoders import Encoder, embed_reference
 
 
 def content_digest(exemplars: Any) -> str:
-    """SHA-256 of a set's content: texts, a tensor, PIL images or :class:`Audio`."""
-    digest = hashlib.sha256()
-    for chunk in _content_chunks(exemplars):
-        digest.update(len(chunk).to_bytes(8, "little"))  # length-prefixed, so boundaries cannot shift
-        digest.update(chunk)
-    return digest.hexdigest()
+    """A content hash of a set: texts, a tensor, PIL images or :class:`Audio`."""
+    return content_hash(*_content_chunks(exemplars))
 
 
 def reference_stats(
@@ -40,7 +36,7 @@ def reference_stats(
     """The Gaussian of ``exemplars``' embeddings, read from ``cache_dir`` when computed before."""
     if cache_dir is None:
         return gaussian_stats(embed_reference(encoder, exemplars, batch_size))
-    key = hashlib.sha256(f"{encoder.identity}\n{content_digest(exemplars)}".encode()).hexdigest()[:32]
+    key = content_hash(encoder.identity, content_digest(exemplars))
     path = Path(cache_dir) / f"{key}.safetensors"
     if path.is_file():
         return load_stats(path)
