@@ -165,7 +165,9 @@ def test_a_batch_level_loss_sorts_the_global_batch(tiny_llm, tmp_path):
     launch(write_llm_config(model, paired, double, "aot", batch_size=2, max_steps=3), processes=2)
     reference = losses(single)
     assert sorted(reference) == [1, 2, 3] and len(set(reference.values())) == 3
-    assert losses(double) == pytest.approx(reference, abs=1e-5)
+    # The all-reduce sums gradients in another order than one process does: by step 3 that moved the loss by
+    # about 1e-4 (a CI run); sorting each process's pairs alone moves it by about 1e-2.
+    assert losses(double) == pytest.approx(reference, abs=2e-3)
 
 
 def test_kto_reference_point_spans_the_processes_and_a_checkpoint_resumes_under_one(tiny_llm, tmp_path):
