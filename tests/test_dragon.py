@@ -23,10 +23,9 @@ from diffalign.diffusion.methods.dragon import (
     PAIR_STREAM,
     DistributionalRewardOptimization,
     DragonSettings,
-    load_exemplars,
     split_sets,
 )
-from diffalign.diffusion.methods.online import decode_samples, derived_seed, sample_latents
+from diffalign.diffusion.methods.online import decode_samples, derived_seed, load_exemplars, sample_latents
 from diffalign.diffusion.models import make_trainable
 from diffalign.diffusion.reference import ReferenceDenoiser
 from diffalign.diffusion.trainer import train
@@ -141,7 +140,7 @@ def test_instance_to_distribution_reward_prefers_samples_near_the_exemplars(sd_d
         dragon_config(reward="test_fad", reward_options={"reduction": "per_sample"}, exemplars=str(exemplars)),
     )
     samples = solid([(0.1, 0.2, 0.9), (0.8, 0.1, 0.1), (0.9, 0.2, 0.2), (0.2, 0.9, 0.2)])
-    rewards = method.rewards(samples, ["a", "a", "b", "b"])
+    rewards = method.reward(samples, ["a", "a", "b", "b"])
     assert (rewards <= 0).all()  # distances, negated
     positive, negative = split_sets(rewards.view(2, 2))
     assert positive.tolist() == [[1], [0]] and negative.tolist() == [[0], [1]]
@@ -154,7 +153,7 @@ def test_distribution_reward_is_attributed_by_leave_one_out(sd_dir):
         family, None, dragon_config(reward="test_vendi", reward_options={"reduction": "leave_one_out"})
     )
     red, blue, green = (0.9, 0.1, 0.1), (0.1, 0.1, 0.9), (0.1, 0.9, 0.1)
-    rewards = method.rewards(solid([red, blue, red, green]), ["a", "a", "b", "b"])
+    rewards = method.reward(solid([red, blue, red, green]), ["a", "a", "b", "b"])
     positive, negative = split_sets(rewards.view(2, 2))
     assert positive.tolist() == [[1], [1]] and negative.tolist() == [[0], [0]]
     with pytest.raises(ValueError, match="leave_one_out"):
@@ -243,25 +242,25 @@ def test_loss_on_generated_sets_equals_the_formula(sd_dir, loss_type):
 def test_exemplars_from_texts_images_and_audio(tmp_path):
     texts = tmp_path / "captions.txt"
     texts.write_text("calm piano\n\nupbeat drums\n")
-    assert load_exemplars(str(texts)) == ["calm piano", "upbeat drums"]
+    assert load_exemplars(str(texts), "method.dragon.exemplars") == ["calm piano", "upbeat drums"]
     images = tmp_path / "images"
     images.mkdir()
     for index in range(2):
         Image.new("RGB", (5, 4), (index * 100, 0, 0)).save(images / f"{index}.png")
-    loaded = load_exemplars(str(images))
+    loaded = load_exemplars(str(images), "method.dragon.exemplars")
     assert [image.size for image in loaded] == [(5, 4), (5, 4)]
     audio = tmp_path / "audio"
     audio.mkdir()
     soundfile.write(audio / "a.wav", np.stack([np.full(800, 0.5), np.zeros(800)], axis=1), 8000)
     soundfile.write(audio / "b.wav", np.full(600, -0.25), 8000)
-    clips = load_exemplars(str(audio))
+    clips = load_exemplars(str(audio), "method.dragon.exemplars")
     assert isinstance(clips, Audio) and clips.sample_rate == 8000 and clips.waveforms.shape == (2, 600)
     torch.testing.assert_close(clips.waveforms[0], torch.full((600,), 0.25))  # stereo mixed to mono
     Image.new("RGB", (2, 2)).save(audio / "stray.png")
     with pytest.raises(ValueError, match="not both"):
-        load_exemplars(str(audio))
+        load_exemplars(str(audio), "method.dragon.exemplars")
     with pytest.raises(FileNotFoundError, match="method.dragon.exemplars"):
-        load_exemplars(str(tmp_path / "missing"))
+        load_exemplars(str(tmp_path / "missing"), "method.dragon.exemplars")
 
 
 def test_audio_families_decode_to_one_audio_batch():

@@ -412,7 +412,7 @@ def test_trajectory_log_probs_are_recomputed_exactly_with_unchanged_weights(mode
     inputs, guided = family.sampling_inputs(PROMPTS, 4.0)
     sigmas = trajectory.sigmas
     for step in sde_steps.nonzero().flatten().tolist():
-        log_prob, _ = family.transition_log_prob(
+        log_prob = family.transition_log_prob(
             family.denoiser,
             trajectory.latents[:, step],
             trajectory.latents[:, step + 1],
@@ -423,7 +423,7 @@ def test_trajectory_log_probs_are_recomputed_exactly_with_unchanged_weights(mode
             guided,
             4.0,
             0.7,
-        )
+        ).log_prob
         assert torch.exp(log_prob - trajectory.log_probs[:, step]).sub(1).abs().max() < 1e-5
     # Without stochastic steps the chain is the ODE sampler's.
     ode = family.sample_trajectory(

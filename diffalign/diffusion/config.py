@@ -186,8 +186,8 @@ class DiffusionTrainConfig:
 
     @property
     def uses_reference(self) -> bool:
-        """Whether any loss of ``loss.type`` compares the policy with a reference."""
-        return any(LOSSES[name].needs_reference for name in self.loss.type)
+        """Whether the method's loss compares the policy with a reference (by default: a loss of ``loss.type``)."""
+        return METHODS[self.method.name].uses_reference(self)
 
 
 CAPABILITY_NEEDS = {

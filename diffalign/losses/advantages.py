@@ -16,6 +16,10 @@ Baselines and scales, as TRL's GRPOTrainer and RLOOTrainer compute them (std Bes
 Several rewards: ``sum_then_normalize`` weighs and sums them, then takes the advantage of the sum (TRL's
 default); ``normalize_then_sum`` (GDPO) z-scores each reward within its group, sums them with their weights and
 z-scores the sum over the batch. RLOO's KL penalty on the reward is ``kl_penalised_rewards``.
+
+Flow-GRPO (Liu et al., arXiv 2505.05470, ``flow_grpo/stat_tracking.py``) computes the same group-mean advantages
+with NumPy's population std (``unbiased_std: false``; its ``global_std`` is scale "batch") and clamps them to
+±``adv_clip_max`` (``clip: 5``).
 """
 
 from __future__ import annotations
@@ -36,8 +40,12 @@ class AdvantageConfig:
     # One weight per reward column; None weighs every reward 1.
     reward_weights: list[float] | None = None
     aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
+    unbiased_std: bool = True  # Bessel-corrected std (TRL); false: the population std (Flow-GRPO's NumPy std)
+    clip: float | None = None  # clamp advantages to ±clip (Flow-GRPO's adv_clip_max); None: no clamp
 
     def __post_init__(self) -> None:
+        if self.clip is not None and not self.clip > 0:
+            raise ValueError(f"advantages.clip must be > 0 or null (no clamp), got {self.clip}")
         if self.baseline == "leave_one_out" and self.scale == "group":
             raise ValueError(
                 "advantages.scale: group divides by each group's std, which RLOO does not define; use "
@@ -50,12 +58,13 @@ class AdvantageConfig:
             )
 
 
-def bessel_std(values: Tensor, dim: int | None = None, keepdim: bool = False) -> Tensor:
-    """The unbiased standard deviation (TRL's ``nanstd`` without NaNs); 0 for a single value."""
+def std_of(values: Tensor, dim: int | None = None, keepdim: bool = False, unbiased: bool = True) -> Tensor:
+    """The Bessel-corrected standard deviation (TRL's ``nanstd`` without NaNs) or, with ``unbiased=False``, the
+    population one (NumPy's default); 0 for a single value."""
     count = values.numel() if dim is None else values.shape[dim]
     if count < 2:
         return torch.zeros_like(values.mean(dim=dim, keepdim=keepdim) if dim is not None else values.mean())
-    return values.std(dim=dim, keepdim=keepdim, unbiased=True)
+    return values.std(dim=dim, keepdim=keepdim, unbiased=unbiased)
 
 
 def grouped(values: Tensor, group_size: int) -> Tensor:
@@ -68,19 +77,23 @@ def grouped(values: Tensor, group_size: int) -> Tensor:
     return values.reshape(values.shape[0] // group_size, group_size, *values.shape[1:])
 
 
-def group_mean_advantages(rewards: Tensor, group_size: int, scale: str = "group") -> Tensor:
+def group_mean_advantages(
+    rewards: Tensor, group_size: int, scale: str = "group", unbiased_std: bool = True
+) -> Tensor:
     """GRPO's advantages ``[N]`` of one reward per row (table in the module docstring)."""
     groups = grouped(rewards.float(), group_size)
     advantages = (groups - groups.mean(dim=1, keepdim=True)).reshape(-1)
     if scale == "group":
-        std = bessel_std(groups, dim=1, keepdim=True).expand_as(groups).reshape(-1)
+        std = std_of(groups, dim=1, keepdim=True, unbiased=unbiased_std).expand_as(groups).reshape(-1)
         return advantages / (std + EPSILON)
     if scale == "batch":
-        return advantages / (bessel_std(rewards.float()) + EPSILON)
+        return advantages / (std_of(rewards.float(), unbiased=unbiased_std) + EPSILON)
     return advantages
 
 
-def leave_one_out_advantages(rewards: Tensor, group_size: int, scale: str = "none") -> Tensor:
+def leave_one_out_advantages(
+    rewards: Tensor, group_size: int, scale: str = "none", unbiased_std: bool = True
+) -> Tensor:
     """RLOO's advantages ``[N]``: each reward minus the mean of the other G − 1 of its group (0 when G = 1).
 
     Ahmadian et al., "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human
@@ -93,7 +106,7 @@ def leave_one_out_advantages(rewards: Tensor, group_size: int, scale: str = "non
         baselines = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
         advantages = (groups - baselines).reshape(-1)
     if scale == "batch":
-        return (advantages - advantages.mean()) / (bessel_std(advantages) + EPSILON)
+        return (advantages - advantages.mean()) / (std_of(advantages, unbiased=unbiased_std) + EPSILON)
     return advantages
 
 
@@ -111,18 +124,25 @@ def combine_rewards(rewards: Tensor, weights: list[float] | None) -> Tensor:
 
 
 def compute_advantages(rewards: Tensor, group_size: int, config: AdvantageConfig) -> Tensor:
-    """The advantage ``[N]`` of every row of ``rewards`` (``[N]`` or ``[N, K]``) under ``config``."""
+    """The advantage ``[N]`` of every row of ``rewards`` (``[N]`` or ``[N, K]``) under ``config``, clamped to
+    ±``config.clip`` when set."""
+    advantages = _advantages(rewards, group_size, config)
+    return advantages if config.clip is None else advantages.clamp(-config.clip, config.clip)
+
+
+def _advantages(rewards: Tensor, group_size: int, config: AdvantageConfig) -> Tensor:
+    unbiased = config.unbiased_std
     if config.aggregation == "normalize_then_sum" and rewards.ndim == 2:
         groups = grouped(rewards.float(), group_size)
         standardised = (groups - groups.mean(dim=1, keepdim=True)) / (
-            bessel_std(groups, dim=1, keepdim=True) + EPSILON
+            std_of(groups, dim=1, keepdim=True, unbiased=unbiased) + EPSILON
         )
         summed = combine_rewards(standardised.reshape(rewards.shape), config.reward_weights)
-        return (summed - summed.mean()) / (bessel_std(summed) + EPSILON)
+        return (summed - summed.mean()) / (std_of(summed, unbiased=unbiased) + EPSILON)
     total = combine_rewards(rewards, config.reward_weights)
     if config.baseline == "leave_one_out":
-        return leave_one_out_advantages(total, group_size, config.scale)
-    return group_mean_advantages(total, group_size, config.scale)
+        return leave_one_out_advantages(total, group_size, config.scale, unbiased)
+    return group_mean_advantages(total, group_size, config.scale, unbiased)
 
 
 def kl_penalised_rewards(

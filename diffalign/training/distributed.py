@@ -7,7 +7,7 @@ are not like that:
 - batch-level losses (AOT sorts the scores of the batch, ``LossSpec.batch_level``): one pair's loss depends on
   every other pair's score, so the sort must see every process's pairs;
 - KTO's reference point z0 (an estimate of KL(πθ‖πref) averaged over the batch): a mean over every process's
-  samples, detached.
+  samples, detached; likewise GRPO's advantages when they are normalised over the batch.
 
 Both trainers call these helpers, so that N processes with a per-process batch B train exactly like one process
 with a batch N·B (tests/test_distributed.py). The loss core stays pure: it is handed the global batch's scores.
@@ -65,6 +65,17 @@ def gather_across_processes(values: Tensor) -> Tensor:
     shards = _gather_rows(values)
     shards[state.process_index] = _ScaleGradient.apply(values, float(state.num_processes))
     return torch.cat(shards)
+
+
+def global_rows(values: Tensor) -> tuple[Tensor, slice]:
+    """Every process's ``values`` (detached) concatenated in process order, and where this process's rows lie in
+    it: e.g. rewards, whose batch statistics (GRPO's advantages over the batch) span the global batch."""
+    state = PartialState()
+    if state.num_processes == 1:
+        return values.detach(), slice(0, values.shape[0])
+    shards = _gather_rows(values)
+    start = sum(shard.shape[0] for shard in shards[: state.process_index])
+    return torch.cat(shards), slice(start, start + values.shape[0])
 
 
 def mean_over_processes(values: Tensor) -> Tensor:

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from diffalign.diffusion.audio import AudioDecoder
 from diffalign.diffusion.data import DiffusionDataConfig
 from diffalign.diffusion.families.base import FamilyOptions, LatentNormalization
-from diffalign.diffusion.families.flow import FlowMatchFamily
+from diffalign.diffusion.families.flow import FlowMatchFamily, Transition
 from diffalign.diffusion.timesteps import TimestepSettings, draw_fractions
 from diffalign.rewards.base import Audio
 
@@ -251,7 +251,7 @@ class AceStepFamily(FlowMatchFamily):
         guided: bool,
         guidance_scale: float,
         noise_level: float,
-    ) -> tuple[Tensor, Tensor]:
+    ) -> Transition:
         if guided:
             raise ValueError(
                 f"{self.pretrained_path}: ACE-Step's APG guidance carries momentum across the sampler's steps, so a "

@@ -84,6 +84,17 @@ class Trajectory:
         return self.latents[:, -1]
 
 
+@dataclass
+class Transition:
+    """One SDE step recomputed under a denoiser: ``log p(next | latents)`` ``[B]`` and the Gaussian it comes
+    from (``mean``, ``std`` ``[B, 1, ...]``, fp32), with the sampler's ``velocity``, for a KL to a reference."""
+
+    log_prob: Tensor
+    mean: Tensor
+    std: Tensor
+    velocity: Tensor
+
+
 class FlowMatchFamily(DiffusionFamily):
     """Rectified-flow families: ``timesteps`` are σ in (0, 1], the denoiser predicts the velocity ``ε − x0``."""
 
@@ -223,9 +234,9 @@ class FlowMatchFamily(DiffusionFamily):
         guided: bool,
         guidance_scale: float,
         noise_level: float,
-    ) -> tuple[Tensor, Tensor]:
-        """``log p(next_latents | latents)`` ``[B]`` of one SDE step under ``denoiser`` (differentiable), and the
-        step's mean (for a KL to the reference); the same maths as :meth:`sample_trajectory`."""
+    ) -> Transition:
+        """One SDE step of a stored chain recomputed under ``denoiser`` (differentiable): its log-prob, mean, std
+        and velocity; the same maths as :meth:`sample_trajectory`."""
         velocity = self.velocity(denoiser, latents, sigma, inputs, guided, guidance_scale)
         mean, std = sde_step_distribution(latents, velocity, sigma, next_sigma, noise_level, sigma_cap)
-        return gaussian_log_prob(next_latents, mean, std), mean
+        return Transition(gaussian_log_prob(next_latents, mean, std), mean, std, velocity)

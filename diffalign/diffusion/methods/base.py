@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from diffalign.diffusion.families import DiffusionFamily
 from diffalign.diffusion.reference import ReferenceDenoiser
-from diffalign.losses import LossConfig, PairScores
+from diffalign.losses import LOSSES, LossConfig, PairScores
 from diffalign.training import StepOutput
 from diffalign.training.distributed import compute_loss_on_global_batch
 from diffalign.training.loss_state import MarginBaseline
@@ -104,6 +104,11 @@ class DiffusionMethod(ABC):
     @classmethod  # noqa: B027 (a hook: most methods accept any config)
     def check_config(cls, config: DiffusionTrainConfig) -> None:
         """Refuse settings this method cannot train with (raise ``ValueError`` naming the key and the fix)."""
+
+    @classmethod
+    def uses_reference(cls, config: DiffusionTrainConfig) -> bool:
+        """Whether the loss compares the policy with the reference: by default, when a loss of ``loss.type`` does."""
+        return any(LOSSES[name].needs_reference for name in config.loss.type)
 
     def training_data(self, config: DiffusionTrainConfig, accelerator: Any) -> TrainingData | None:
         """The method's own training data (prompts, subject images); None: the ``data:`` preference pairs."""

@@ -35,16 +35,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import soundfile
 import torch
-from PIL import Image
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
 from diffalign.diffusion.data import collate_pairs
 from diffalign.diffusion.families import DiffusionFamily
@@ -56,11 +51,16 @@ from diffalign.diffusion.methods.base import (
     register_method,
 )
 from diffalign.diffusion.methods.dpo import DiffusionDPO
-from diffalign.diffusion.methods.online import decode_samples, derived_seed, sample_latents
+from diffalign.diffusion.methods.online import (
+    PromptDataset,
+    SampleReward,
+    decode_samples,
+    derived_seed,
+    load_prompts,
+    sample_latents,
+)
 from diffalign.diffusion.reference import ReferenceDenoiser
-from diffalign.eval.prompts import read_prompts
 from diffalign.losses import PairScores
-from diffalign.rewards import Audio, Samples, build_scorer
 from diffalign.training.distributed import mean_over_processes
 
 if TYPE_CHECKING:
@@ -70,71 +70,6 @@ logger = logging.getLogger(__name__)
 
 GENERATION_STREAM = 1  # an item's generations (see online.derived_seed)
 PAIR_STREAM = 2  # the diffusion noise of the pairs made from an item
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-AUDIO_SUFFIXES = {".wav", ".flac", ".ogg"}
-
-
-def load_prompts(path: str | None, prompts: Sequence[str]) -> list[str]:
-    """``prompts`` plus those of the prompt file ``path`` (one per line in a .txt; see eval/prompts.py)."""
-    loaded = list(prompts)
-    if path is not None:
-        loaded += read_prompts(Path(path), key="method.dragon.prompts_file")
-    if not loaded:
-        raise ValueError(
-            "method.dragon has no prompts; set method.dragon.prompts_file (one prompt per line) or method.dragon.prompts"
-        )
-    return loaded
-
-
-def load_exemplars(path: str) -> list[str] | list[Image.Image] | Audio:
-    """An exemplar set: a text file (one exemplar text per line, e.g. captions for a CLAP reward), or a folder of
-    images, or of audio files (mixed to mono, cut to the shortest; all at one sample rate)."""
-    location = Path(path)
-    if location.is_file():
-        texts = [line.strip() for line in location.read_text().splitlines() if line.strip()]
-        if not texts:
-            raise ValueError(f"method.dragon.exemplars: {location} has no non-empty line")
-        return texts
-    if not location.is_dir():
-        raise FileNotFoundError(
-            f"method.dragon.exemplars: {location} does not exist; give a text file or a folder of images or audio"
-        )
-    files = sorted(path for path in location.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES | AUDIO_SUFFIXES)
-    kinds = {path.suffix.lower() in IMAGE_SUFFIXES for path in files}
-    if not files or len(kinds) > 1:
-        raise ValueError(
-            f"method.dragon.exemplars: {location} must hold images ({sorted(IMAGE_SUFFIXES)}) or audio files "
-            f"({sorted(AUDIO_SUFFIXES)}), not {'both' if files else 'neither'}"
-        )
-    if kinds == {True}:
-        return [Image.open(path).convert("RGB") for path in files]
-    waveforms, rates = [], set()
-    for file in files:
-        try:
-            data, rate = soundfile.read(file, dtype="float32", always_2d=True)
-        except RuntimeError as error:
-            raise ValueError(f"method.dragon.exemplars: cannot read {file} ({error})") from None
-        waveforms.append(torch.from_numpy(data.mean(axis=1)))
-        rates.add(rate)
-    if len(rates) > 1:
-        raise ValueError(f"method.dragon.exemplars: {location} mixes sample rates {sorted(rates)}; resample to one")
-    length = min(len(waveform) for waveform in waveforms)
-    return Audio(torch.stack([waveform[:length] for waveform in waveforms]), rates.pop())
-
-
-class PromptDataset(Dataset):
-    """Training prompts: items ``{"caption", "index"}``."""
-
-    def __init__(self, prompts: list[str]) -> None:
-        self.prompts = prompts
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return {"caption": self.prompts[index], "index": index}
-
 
 def split_sets(rewards: Tensor, pairing: str = "halves") -> tuple[Tensor, Tensor]:
     """Positive and negative sets from ``rewards [B, K]`` (higher is better), as column indices ``[B, P]``.
@@ -193,27 +128,12 @@ class DistributionalRewardOptimization(PreferenceMethod):
     ) -> None:
         super().__init__(family, reference, settings)
         self.dpo = DiffusionDPO(family, reference)
-        self.scorer = build_scorer(self.settings.reward, **self.settings.reward_options).eval()
-        if self.scorer.set_level:
-            raise ValueError(
-                f"method.dragon.reward: {self.settings.reward!r} returns one score per set; DRAGON needs a "
-                "signal per sample: set method.dragon.reward_options.reduction to leave_one_out (or per_sample)"
-            )
-        self.exemplars = None
-        if self.settings.exemplars is not None:
-            # Embedded (or summarised as a Gaussian) once: the set does not change during training.
-            self.exemplars = self.scorer.prepare_reference(load_exemplars(self.settings.exemplars))
+        keys = ("method.dragon.reward", "method.dragon.reward_options", "method.dragon.exemplars")
+        self.reward = SampleReward(settings.reward, settings.reward_options, settings.exemplars, keys)
 
     def training_data(self, config: DiffusionTrainConfig, accelerator: Any) -> TrainingData:
-        prompts = load_prompts(self.settings.prompts_file, self.settings.prompts)
+        prompts = load_prompts(self.settings.prompts_file, self.settings.prompts, key="method.dragon")
         return TrainingData(PromptDataset(prompts), collate_pairs, {"prompts": len(prompts)})
-
-    @torch.no_grad()
-    def rewards(self, samples: Samples, prompts: list[str]) -> Tensor:
-        """Per-sample rewards ``[N]``, higher is better, in fp32 on the CPU."""
-        extra = {} if self.exemplars is None else {"reference": self.exemplars}
-        scores = self.scorer(samples, prompts, **extra).float().cpu()
-        return scores if self.scorer.higher_is_better else -scores
 
     def make_pairs(
         self, denoiser: nn.Module, batch: dict[str, Any], context: TrainingContext
@@ -232,7 +152,7 @@ class DistributionalRewardOptimization(PreferenceMethod):
             guidance_scale=settings.guidance_scale,
             batch_size=settings.generation_batch_size,
         )
-        rewards = self.rewards(decode_samples(self.family, latents, settings.generation_batch_size), repeated)
+        rewards = self.reward(decode_samples(self.family, latents, settings.generation_batch_size), repeated)
         rewards = rewards.view(len(prompts), count)
         positive, negative = split_sets(rewards, settings.pairing)
 

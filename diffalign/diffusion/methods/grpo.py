@@ -1,0 +1,365 @@
+"""Flow-GRPO: online policy-gradient training of flow-matching models (Liu et al., "Flow-GRPO: Training Flow
+Matching Models via Online RL", arXiv 2505.05470; code yifan123/flow_grpo, ``scripts/train_sd3.py``,
+``train_sd3_fast.py``, ``config/grpo.py``).
+
+The flow ODE is turned into an SDE with the same marginals (``FlowMatchFamily.sample_trajectory``, families/flow.py):
+each stochastic step from σ to σ' is a Gaussian ``N(μθ(x, σ), s²)`` with a per-step log-density averaged over the
+latent's elements. Per micro-batch of prompts:
+
+1. the current policy samples G trajectories per prompt (``group_size``) with ``num_inference_steps`` steps, without
+   gradients; sample k of a batch item draws its initial and step noise from a generator seeded from the item
+   (``online.derived_seed``), so resumed and multi-process runs sample exactly what an uninterrupted run does;
+2. the final latents are decoded and scored by one or several weighted scorers of :mod:`diffalign.rewards`;
+3. advantages come from the core (``losses.advantages.compute_advantages``) over the global batch (every process's
+   rewards): by default Flow-GRPO's ``A_i = clip((r_i − mean_{prompt(i)} r) / (std_batch r + 1e-4), ±5)`` with the
+   population std (``advantages: {scale: batch, unbiased_std: false, clip: 5}``; ``scale: group`` is its per-prompt
+   std);
+4. each trained step j of each trajectory is recomputed under the policy with gradients
+   (``transition_log_prob``, the sampler's own code, so the ratio is exactly 1 before any update), and the core's
+   clipped objective (``losses.policy_gradient.policy_gradient_loss``, ``loss_type: grpo``) gives
+
+       ρ_{i,j} = exp(log pθ(x_{j+1} | x_j) − log p_old(x_{j+1} | x_j)),
+       L = mean_{i,j} max(−A_i·ρ_{i,j}, −A_i·clip(ρ_{i,j}, 1 − ε, 1 + ε))  +  β·mean_{i,j} KL_{i,j}
+
+   with ε = ``policy_gradient.epsilon_low`` (Flow-GRPO's ``clip_range``, 1e-4: the averaged log-densities move
+   little), and the KL to the reference (the base model; LoRA: adapters off) computed outside ``no_grad``, in
+   ``kl_space: mean``: Flow-GRPO's ``mean_elems(μθ − μref)²/(2σ_t²)``, σ_t = a·√(σ/(1 − σ)) (the Gaussian KL
+   times |Δσ|), or ``velocity``: ``mean_elems(vθ − vref)²`` (Flow-Factory's ``v-based``).
+
+Which steps are trained (``trained_steps``):
+
+- ``fraction`` (Flow-GRPO): every step is stochastic; the first ``int(S·timestep_fraction)`` are trained (0.99 of
+  10 steps trains 0..8, never the last);
+- ``window`` (Flow-GRPO-Fast, MixGRPO): the ODE everywhere except ``window_size`` consecutive stochastic steps, the
+  only ones trained, placed inside ``window_range`` [low, high) (default [0, S/2)): at its start (``fixed``),
+  uniformly at random per optimizer step (``random``, Flow-GRPO-Fast; seeded from the run's seed and the step),
+  or moving one step later every ``window_shift_every`` optimizer steps and wrapping round (``progressive``,
+  MixGRPO's sliding window).
+
+Classifier-free guidance follows the rollouts: with ``guidance_scale > 1`` on a family with an unconditional input
+(SD3) both the rollouts and the recomputed steps use ``v_u + w·(v_c − v_u)`` on [empty; prompt] (Flow-GRPO's
+``train.cfg: true``, gradients through both branches); ``guidance_scale: 1`` is CFG-free training (its ``*_nocfg``
+recipes: RL distils the guidance). Training the conditional velocity of guided rollouts would make the ratio
+differ from 1 before any update, so the two are not set apart. FLUX.1-dev takes the scale as its guidance
+embedding in both. Evaluation samples the ODE with ``eval.num_inference_steps`` (usually more than the rollouts').
+
+Memory: one backward per micro-batch covers every trained step of every trajectory, so the graphs of
+G·batch_size·(trained steps) denoiser calls are held at once (Flow-GRPO backpropagates each step separately). Use
+the window (2–3 steps) and a small ``run.batch_size`` with gradient accumulation for large models.
+
+Online DPO for flow models is DRAGON's ``pairing: best_worst`` (methods/dragon.py): each group's best vs worst
+sample as a pair for any pair loss (``configs/toy_flow_online_dpo.yaml``). A DDPO-style variant for the DDPM
+families would need a DDIM sampler with per-step log-probs, which those families do not have: ``grpo`` requires
+``flow_matching``. Not reproduced from Flow-GRPO: dropping samples whose advantage is zero, several inner epochs
+per rollout batch, CPS sampling and an EMA of the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from accelerate.utils import extract_model_from_parallel
+from torch import Tensor, nn
+
+from diffalign.diffusion.data import collate_pairs
+from diffalign.diffusion.families import DiffusionFamily
+from diffalign.diffusion.families.flow import FlowMatchFamily, Trajectory, Transition
+from diffalign.diffusion.methods.base import DiffusionMethod, TrainingContext, TrainingData, register_method
+from diffalign.diffusion.methods.online import (
+    PromptDataset,
+    SampleReward,
+    decode_samples,
+    derived_seed,
+    load_prompts,
+)
+from diffalign.diffusion.reference import ReferenceDenoiser
+from diffalign.losses import LossConfig
+from diffalign.losses.advantages import AdvantageConfig, compute_advantages
+from diffalign.losses.policy_gradient import PolicyGradientConfig, policy_gradient_loss
+from diffalign.training import StepOutput
+from diffalign.training.distributed import global_rows
+
+if TYPE_CHECKING:
+    from diffalign.diffusion.config import DiffusionTrainConfig
+
+GENERATION_STREAM = 1  # an item's trajectories (see online.derived_seed)
+WINDOW_STREAM = 2  # the random window's placement, from the run's seed and the optimizer step
+
+
+@dataclass
+class RewardTerm:
+    """One reward of ``method.grpo.rewards``: a scorer of diffalign.rewards, its weight in the sum, its options and
+    exemplar set (a text file or a folder of images or audio)."""
+
+    name: str = "clip_score"
+    weight: float = 1.0
+    options: dict[str, Any] = field(default_factory=dict)
+    exemplars: str | None = None
+
+
+@dataclass
+class GRPOSettings:
+    """Flow-GRPO (methods/grpo.py): G SDE trajectories per prompt, group-relative advantages, clipped ratios."""
+
+    prompts_file: str | None = None  # training prompts, one per line
+    prompts: list[str] = field(default_factory=list)
+    group_size: int = 8  # G trajectories per prompt
+    num_inference_steps: int = 10  # S steps per rollout
+    guidance_scale: float = 4.5  # rollouts and recomputed steps alike (see the module docstring)
+    noise_level: float = 0.7  # a in σ_t = a·√(σ/(1 − σ))
+    generation_batch_size: int = 16  # trajectories per denoiser call; training recomputes them in the same chunks
+    trained_steps: Literal["fraction", "window"] = "fraction"
+    timestep_fraction: float = 0.99  # fraction: the first int(S·fraction) steps are trained
+    window_size: int = 2  # window: stochastic and trained steps
+    window_placement: Literal["fixed", "random", "progressive"] = "random"
+    window_range: list[int] | None = None  # [low, high): the steps the window may cover; null: [0, S // 2]
+    window_shift_every: int = 25  # progressive: optimizer steps before the window moves one step later
+    policy_gradient: PolicyGradientConfig = field(
+        default_factory=lambda: PolicyGradientConfig(loss_type="grpo", epsilon_low=1e-4)
+    )
+    kl_beta: float = 0.0  # β of the KL to the reference (0: no reference forward)
+    kl_space: Literal["mean", "velocity"] = "mean"
+    rewards: list[RewardTerm] = field(default_factory=lambda: [RewardTerm()])
+    advantages: AdvantageConfig = field(
+        default_factory=lambda: AdvantageConfig(scale="batch", unbiased_std=False, clip=5.0)
+    )
+
+    def __post_init__(self) -> None:
+        if self.group_size < 2:
+            raise ValueError(f"method.grpo.group_size must be >= 2 (advantages are relative to the group), got {self.group_size}")
+        for name in ("num_inference_steps", "generation_batch_size", "window_size", "window_shift_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"method.grpo.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.noise_level > 0:
+            raise ValueError(f"method.grpo.noise_level must be > 0 (0 is the ODE, which has no log-prob), got {self.noise_level}")
+        if int(self.num_inference_steps * self.timestep_fraction) < 1 or self.timestep_fraction > 1:
+            raise ValueError(
+                f"method.grpo.timestep_fraction={self.timestep_fraction} trains int({self.num_inference_steps} × "
+                f"{self.timestep_fraction}) steps; give a fraction in (0, 1] that trains at least one"
+            )
+        if self.trained_steps == "window":
+            low, high = self.window_bounds()
+            if not 0 <= low < high <= self.num_inference_steps or high - low < self.window_size:
+                raise ValueError(
+                    f"method.grpo.window_range [{low}, {high}) must lie within the {self.num_inference_steps} steps "
+                    f"and hold window_size={self.window_size} steps"
+                )
+        if self.kl_beta < 0:
+            raise ValueError(f"method.grpo.kl_beta must be >= 0, got {self.kl_beta}")
+        if self.policy_gradient.beta != 0:
+            raise ValueError(
+                "method.grpo.policy_gradient.beta (the k3 KL of token log-probs) is not used here; set "
+                "method.grpo.kl_beta, Flow-GRPO's KL of the step means"
+            )
+        if not self.rewards:
+            raise ValueError("method.grpo.rewards is empty; give at least one, e.g. [{name: clip_score}]")
+        if self.advantages.reward_weights is not None:
+            raise ValueError(
+                "method.grpo.advantages.reward_weights: give each reward its weight in method.grpo.rewards[i].weight"
+            )
+
+    def window_bounds(self) -> tuple[int, int]:
+        if self.window_range is None:
+            return 0, max(self.num_inference_steps // 2, self.window_size)
+        if len(self.window_range) != 2:
+            raise ValueError(f"method.grpo.window_range must be [low, high], got {self.window_range}")
+        return self.window_range[0], self.window_range[1]
+
+
+def step_plan(settings: GRPOSettings, step: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Which of the S steps are stochastic and which are trained at optimizer step ``step`` (``[S]`` bool each)."""
+    count = settings.num_inference_steps
+    steps = torch.arange(count)
+    if settings.trained_steps == "fraction":
+        return torch.ones(count, dtype=torch.bool), steps < int(count * settings.timestep_fraction)
+    low, high = settings.window_bounds()
+    starts = high - settings.window_size - low + 1  # the window's possible first steps: low .. high − size
+    if settings.window_placement == "fixed":
+        start = low
+    elif settings.window_placement == "progressive":
+        start = low + (step // settings.window_shift_every) % starts
+    else:
+        generator = torch.Generator().manual_seed(derived_seed(seed, WINDOW_STREAM, step))
+        start = low + int(torch.randint(starts, (1,), generator=generator))
+    window = (steps >= start) & (steps < start + settings.window_size)
+    return window, window
+
+
+def mean_space_kl(policy: Transition, reference: Transition, delta: Tensor) -> Tensor:
+    """Flow-GRPO's KL of an SDE step ``[B]``: ``mean_elems(μθ − μref)² / (2σ_t²)``, with σ_t² = s²/|Δσ| (the exact
+    Gaussian KL ``‖μθ − μref‖²/(2s²)`` per element, times |Δσ|; ``train_sd3.py``, flow_grpo#78)."""
+    squared = (policy.mean - reference.mean).pow(2).mean(dim=tuple(range(1, policy.mean.ndim)))
+    std_t_squared = policy.std.flatten(1)[:, 0].pow(2) / delta.abs()
+    return squared / (2 * std_t_squared)
+
+
+def velocity_space_kl(policy: Transition, reference: Transition) -> Tensor:
+    """Flow-Factory's ``v-based`` KL of an SDE step ``[B]``: ``mean_elems(vθ − vref)²``."""
+    return (policy.velocity - reference.velocity).pow(2).mean(dim=tuple(range(1, policy.velocity.ndim)))
+
+
+@dataclass
+class Rollout:
+    """A chunk of trajectories sampled by one chain of denoiser calls, and their prompts."""
+
+    prompts: list[str]
+    trajectory: Trajectory
+
+
+@register_method("grpo", settings=GRPOSettings)
+class FlowGRPO(DiffusionMethod):
+    """Group-relative policy optimisation on SDE trajectories of a flow-matching model."""
+
+    requires = frozenset({"flow_matching"})
+    settings: GRPOSettings
+    family: FlowMatchFamily
+
+    def __init__(self, family: DiffusionFamily, reference: ReferenceDenoiser | None, settings: GRPOSettings) -> None:
+        super().__init__(family, reference, settings)
+        self.rewards = [
+            SampleReward(
+                term.name,
+                term.options,
+                term.exemplars,
+                (f"method.grpo.rewards[{i}].name", f"method.grpo.rewards[{i}].options", f"method.grpo.rewards[{i}].exemplars"),
+            )
+            for i, term in enumerate(settings.rewards)
+        ]
+        self.advantage_config = dataclasses.replace(
+            settings.advantages, reward_weights=[term.weight for term in settings.rewards]
+        )
+
+    @classmethod
+    def check_config(cls, config: DiffusionTrainConfig) -> None:
+        if config.loss != LossConfig():
+            raise ValueError(
+                "method.name: grpo takes its loss from method.grpo.policy_gradient (and method.grpo.kl_beta); "
+                "remove the loss: section"
+            )
+        if config.model.trainable == "lora" and config.model.lora.dropout != 0:
+            raise ValueError(
+                f"model.lora.dropout={config.model.lora.dropout}: GRPO recomputes each sampled step under the "
+                "policy, and dropout would make the ratio differ from 1 before any update; set it to 0"
+            )
+
+    @classmethod
+    def uses_reference(cls, config: DiffusionTrainConfig) -> bool:
+        return config.method.grpo.kl_beta > 0
+
+    def training_data(self, config: DiffusionTrainConfig, accelerator: Any) -> TrainingData:
+        prompts = load_prompts(self.settings.prompts_file, self.settings.prompts, key="method.grpo")
+        return TrainingData(PromptDataset(prompts), collate_pairs, {"prompts": len(prompts)})
+
+    # --- the loss -----------------------------------------------------------------------------------------------
+    def training_loss(self, denoiser: nn.Module, batch: dict[str, Any], context: TrainingContext) -> StepOutput:
+        settings = self.settings
+        group = settings.group_size
+        prompts = [prompt for prompt in batch["caption"] for _ in range(group)]
+        seeds = [derived_seed(seed, GENERATION_STREAM, k) for seed in context.noise_seeds for k in range(group)]
+        sde_steps, trained = step_plan(settings, context.step, context.seed)
+        rollouts = self.rollout(denoiser, prompts, seeds, sde_steps)
+        samples = torch.cat([rollout.trajectory.samples for rollout in rollouts])
+        rewards = self.score(samples, prompts)
+        advantages = self.group_advantages(rewards.to(samples.device))
+
+        new_logps, old_logps, kl = self.recompute(denoiser, rollouts, trained.nonzero().flatten().tolist())
+        output = policy_gradient_loss(
+            new_logps, old_logps, advantages, torch.ones_like(new_logps), settings.policy_gradient
+        )
+        loss = output.loss
+        log_ratio = (new_logps - old_logps).detach()
+        total = rewards @ torch.tensor(self.advantage_config.reward_weights)
+        metrics = {
+            **output.metrics,
+            "ratio/std": torch.exp(log_ratio).std(unbiased=False),
+            "approx_kl": 0.5 * log_ratio.pow(2).mean(),  # Flow-GRPO's logged estimate
+            "reward/mean": total.mean(),
+            "reward/std": total.std(unbiased=False),
+            "advantage/abs_mean": advantages.abs().mean().detach(),
+        }
+        if len(settings.rewards) > 1:
+            metrics.update({f"reward/{term.name}": rewards[:, i].mean() for i, term in enumerate(settings.rewards)})
+        if kl is not None:
+            loss = loss + settings.kl_beta * kl.mean()
+            metrics["kl_to_reference"] = kl.detach().mean()
+        return StepOutput(loss=loss, metrics=metrics, counts={"samples": len(prompts)})
+
+    @torch.no_grad()
+    def rollout(self, denoiser: nn.Module, prompts: list[str], seeds: list[int], sde_steps: Tensor) -> list[Rollout]:
+        """Trajectories in chunks of ``generation_batch_size``; trajectory i draws from a generator seeded ``seeds[i]``."""
+        settings = self.settings
+        model = extract_model_from_parallel(denoiser)
+        device = next(model.parameters()).device
+        rollouts = []
+        for start in range(0, len(prompts), settings.generation_batch_size):
+            chunk = prompts[start : start + settings.generation_batch_size]
+            generators = [torch.Generator(device).manual_seed(seed) for seed in seeds[start : start + len(chunk)]]
+            trajectory = self.family.sample_trajectory(
+                model,
+                chunk,
+                generators,
+                num_inference_steps=settings.num_inference_steps,
+                guidance_scale=settings.guidance_scale,
+                noise_level=settings.noise_level,
+                sde_steps=sde_steps,
+            )
+            rollouts.append(Rollout(chunk, trajectory))
+        return rollouts
+
+    def score(self, samples: Tensor, prompts: list[str]) -> Tensor:
+        """Rewards ``[N, K]`` of the decoded samples, one column per reward (fp32, CPU)."""
+        decoded = decode_samples(self.family, samples, self.settings.generation_batch_size)
+        return torch.stack([reward(decoded, prompts) for reward in self.rewards], dim=1)
+
+    def group_advantages(self, rewards: Tensor) -> Tensor:
+        """This process's advantages ``[N]``, with the statistics of every process's rewards (the global batch)."""
+        every_process, own_rows = global_rows(rewards)
+        return compute_advantages(every_process, self.settings.group_size, self.advantage_config)[own_rows]
+
+    def recompute(
+        self, denoiser: nn.Module, rollouts: list[Rollout], steps: list[int]
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Per trained step: the policy's log-probs (with gradients), the sampling ones and the KL to the reference
+        (None without ``kl_beta``), each ``[N, len(steps)]``, in the rollouts' chunks."""
+        settings, family = self.settings, self.family
+        new, old, kl = [], [], []
+        for rollout in rollouts:
+            trajectory = rollout.trajectory
+            sigmas, size = trajectory.sigmas, len(rollout.prompts)
+            inputs, guided = family.sampling_inputs(rollout.prompts, settings.guidance_scale)
+            chunk_new, chunk_kl = [], []
+            for step in steps:
+                arguments = (
+                    trajectory.latents[:, step],
+                    trajectory.latents[:, step + 1],
+                    sigmas[step].expand(size),
+                    sigmas[step + 1].expand(size),
+                    sigmas[1].expand(1),
+                    inputs,
+                    guided,
+                    settings.guidance_scale,
+                    settings.noise_level,
+                )
+                transition = family.transition_log_prob(denoiser, *arguments)
+                chunk_new.append(transition.log_prob)
+                if settings.kl_beta > 0:
+                    chunk_kl.append(self.reference_kl(transition, arguments, sigmas[step + 1] - sigmas[step]))
+            new.append(torch.stack(chunk_new, dim=1))
+            old.append(trajectory.log_probs[:, steps])
+            if chunk_kl:
+                kl.append(torch.stack(chunk_kl, dim=1))
+        return torch.cat(new), torch.cat(old), torch.cat(kl) if kl else None
+
+    def reference_kl(self, transition: Transition, arguments: tuple, delta: Tensor) -> Tensor:
+        """The KL ``[B]`` of the policy's step to the reference's: the reference runs without gradients, the KL
+        outside ``no_grad`` so that its gradient reaches the policy."""
+        if self.reference is None:
+            raise ValueError("method.grpo.kl_beta > 0 needs the reference model, which this run did not build")
+        with self.reference.use(transition.mean.device) as reference:
+            reference_transition = self.family.transition_log_prob(reference, *arguments)
+        if self.settings.kl_space == "velocity":
+            return velocity_space_kl(transition, reference_transition)
+        return mean_space_kl(transition, reference_transition, delta)
