@@ -101,6 +101,25 @@ class RewardTerm:
 
 
 @dataclass
+class FlowGRPOPolicyGradient(PolicyGradientConfig):
+    """The core's policy-gradient settings with Flow-GRPO's defaults: the mean over samples and trained steps of
+    the clipped objective, ε = 1e-4 (``train.clip_range``)."""
+
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "rloo"] = "grpo"
+    epsilon_low: float = 1e-4
+
+
+@dataclass
+class FlowGRPOAdvantages(AdvantageConfig):
+    """The core's advantage settings with Flow-GRPO's defaults: the prompt's mean reward as the baseline, the
+    batch's population std as the scale (``global_std``), clamped to ±5 (``adv_clip_max``)."""
+
+    scale: Literal["group", "batch", "none"] = "batch"
+    unbiased_std: bool = False
+    clip: float | None = 5.0
+
+
+@dataclass
 class GRPOSettings:
     """Flow-GRPO (methods/grpo.py): G SDE trajectories per prompt, group-relative advantages, clipped ratios."""
 
@@ -117,24 +136,24 @@ class GRPOSettings:
     window_placement: Literal["fixed", "random", "progressive"] = "random"
     window_range: list[int] | None = None  # [low, high): the steps the window may cover; null: [0, S // 2]
     window_shift_every: int = 25  # progressive: optimizer steps before the window moves one step later
-    policy_gradient: PolicyGradientConfig = field(
-        default_factory=lambda: PolicyGradientConfig(loss_type="grpo", epsilon_low=1e-4)
-    )
+    policy_gradient: FlowGRPOPolicyGradient = field(default_factory=FlowGRPOPolicyGradient)
     kl_beta: float = 0.0  # β of the KL to the reference (0: no reference forward)
     kl_space: Literal["mean", "velocity"] = "mean"
     rewards: list[RewardTerm] = field(default_factory=lambda: [RewardTerm()])
-    advantages: AdvantageConfig = field(
-        default_factory=lambda: AdvantageConfig(scale="batch", unbiased_std=False, clip=5.0)
-    )
+    advantages: FlowGRPOAdvantages = field(default_factory=FlowGRPOAdvantages)
 
     def __post_init__(self) -> None:
         if self.group_size < 2:
-            raise ValueError(f"method.grpo.group_size must be >= 2 (advantages are relative to the group), got {self.group_size}")
+            raise ValueError(
+                f"method.grpo.group_size must be >= 2 (advantages are relative to the group), got {self.group_size}"
+            )
         for name in ("num_inference_steps", "generation_batch_size", "window_size", "window_shift_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"method.grpo.{name} must be >= 1, got {getattr(self, name)}")
         if not self.noise_level > 0:
-            raise ValueError(f"method.grpo.noise_level must be > 0 (0 is the ODE, which has no log-prob), got {self.noise_level}")
+            raise ValueError(
+                f"method.grpo.noise_level must be > 0 (0 is the ODE, which has no log-prob), got {self.noise_level}"
+            )
         if int(self.num_inference_steps * self.timestep_fraction) < 1 or self.timestep_fraction > 1:
             raise ValueError(
                 f"method.grpo.timestep_fraction={self.timestep_fraction} trains int({self.num_inference_steps} × "
@@ -224,7 +243,7 @@ class FlowGRPO(DiffusionMethod):
                 term.name,
                 term.options,
                 term.exemplars,
-                (f"method.grpo.rewards[{i}].name", f"method.grpo.rewards[{i}].options", f"method.grpo.rewards[{i}].exemplars"),
+                tuple(f"method.grpo.rewards[{i}].{key}" for key in ("name", "options", "exemplars")),
             )
             for i, term in enumerate(settings.rewards)
         ]
@@ -289,7 +308,7 @@ class FlowGRPO(DiffusionMethod):
 
     @torch.no_grad()
     def rollout(self, denoiser: nn.Module, prompts: list[str], seeds: list[int], sde_steps: Tensor) -> list[Rollout]:
-        """Trajectories in chunks of ``generation_batch_size``; trajectory i draws from a generator seeded ``seeds[i]``."""
+        """Trajectories in chunks of ``generation_batch_size``; trajectory i draws its noise from ``seeds[i]``."""
         settings = self.settings
         model = extract_model_from_parallel(denoiser)
         device = next(model.parameters()).device
