@@ -34,6 +34,8 @@ def test_config_loads(path: Path):
         # Scorer names are plain strings in the training config; a typo would only fail once a model is loaded.
         if config.method.name == "dragon":
             assert config.method.dragon.reward in scorer_names(), path
+        if config.method.name == "grpo":
+            assert {term.name for term in config.method.grpo.rewards} <= set(scorer_names()), path
         if config.eval.reward is not None:
             assert config.eval.reward in scorer_names(), path
 

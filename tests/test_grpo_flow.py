@@ -175,7 +175,9 @@ def hand_built_step(family, method, trajectory_latents, old_logps, rewards):
     sigmas = family.inference_sigmas(method.settings.num_inference_steps, torch.device("cpu"))
     log_probs = torch.zeros(len(prompts), len(sigmas) - 1)
     log_probs[:, : old_logps.shape[1]] = old_logps
-    trajectory = Trajectory(trajectory_latents, sigmas, torch.ones(len(sigmas) - 1, dtype=torch.bool), log_probs)
+    trajectory = Trajectory(
+        trajectory_latents, sigmas, torch.ones(len(sigmas) - 1, dtype=torch.bool), log_probs
+    )
     method.rollout = lambda *args: [Rollout(prompts, trajectory)]
     method.score = lambda samples, prompts: rewards
     context = TrainingContext(step=0, seed=0, noise_seeds=[1, 2], encode=None)
@@ -189,7 +191,10 @@ def test_the_loss_is_flow_grpos_objective_on_a_hand_built_trajectory(model_dirs)
     policy = family.denoiser
     random_lora(policy)
     settings = grpo_settings(
-        group_size=2, timestep_fraction=0.75, kl_beta=10.0, policy_gradient={"loss_type": "grpo", "epsilon_low": 0.2}
+        group_size=2,
+        timestep_fraction=0.75,
+        kl_beta=10.0,
+        policy_gradient={"loss_type": "grpo", "epsilon_low": 0.2},
     )
     eps = 0.2
     # Rows: prompt 0 (rewards 0.2, 0.9: A < 0, A > 0), prompt 1 (0.5, 0.1: A > 0, A < 0); columns: trained steps 0-2.
@@ -269,8 +274,13 @@ def test_advantages_are_flow_grpos_per_prompt_and_batch_statistics():
 def test_the_trained_steps_all_but_the_last_or_a_window():
     stochastic, trained = step_plan(grpo_settings(num_inference_steps=10), step=0, seed=0)
     assert stochastic.all() and trained.tolist() == [True] * 9 + [False]  # int(10 · 0.99) = 9
-    fixed = grpo_settings(num_inference_steps=10, trained_steps="window", window_size=3, window_placement="fixed",
-                          window_range=[2, 8])
+    fixed = grpo_settings(
+        num_inference_steps=10,
+        trained_steps="window",
+        window_size=3,
+        window_placement="fixed",
+        window_range=[2, 8],
+    )
     stochastic, trained = step_plan(fixed, step=7, seed=0)
     assert torch.equal(stochastic, trained) and trained.nonzero().flatten().tolist() == [2, 3, 4]
     # Flow-GRPO-Fast: a random start in [low, high − size], the same for a given (seed, step) wherever it is drawn.
@@ -291,7 +301,11 @@ def test_a_window_rollout_is_the_ode_outside_the_window(model_dirs):
     family = load_family(str(model_dirs["sd3"]), options=OPTIONS)
     random_lora(family.denoiser)
     settings = grpo_settings(
-        trained_steps="window", window_size=2, window_placement="fixed", window_range=[1, 4], generation_batch_size=6
+        trained_steps="window",
+        window_size=2,
+        window_placement="fixed",
+        window_range=[1, 4],
+        generation_batch_size=6,
     )
     method = FlowGRPO(family, None, settings)
     stochastic, _ = step_plan(settings, 0, 0)
@@ -300,10 +314,15 @@ def test_a_window_rollout_is_the_ode_outside_the_window(model_dirs):
     log_probs = rollout.trajectory.log_probs
     assert (log_probs[:, [1, 2]] != 0).all() and (log_probs[:, [0, 3]] == 0).all()
     ode = family.sample_trajectory(
-        family.denoiser, prompts, [torch.Generator().manual_seed(s) for s in range(6)], num_inference_steps=4,
+        family.denoiser,
+        prompts,
+        [torch.Generator().manual_seed(s) for s in range(6)],
+        num_inference_steps=4,
         guidance_scale=3.0,
     )
-    assert torch.equal(rollout.trajectory.latents[:, :2], ode.latents[:, :2])  # the same chain up to the window
+    assert torch.equal(
+        rollout.trajectory.latents[:, :2], ode.latents[:, :2]
+    )  # the same chain up to the window
     assert not torch.equal(rollout.trajectory.latents[:, 2], ode.latents[:, 2])
 
 
@@ -329,7 +348,9 @@ def test_a_crash_after_a_checkpoint_resumes_exactly(model_dirs, tmp_path, monkey
     with pytest.raises(RuntimeError, match="killed"):
         train(config_for(model_dirs["sd3"], tmp_path / "split", grpo, max_steps=4))
     monkeypatch.setattr(FlowGRPO, "training_loss", original)
-    saved = [path.name for path in (tmp_path / "split" / "checkpoints").iterdir() if path.name.startswith("step")]
+    saved = [
+        path.name for path in (tmp_path / "split" / "checkpoints").iterdir() if path.name.startswith("step")
+    ]
     assert saved == ["step-0000002"]
     train(config_for(model_dirs["sd3"], tmp_path / "split", grpo, max_steps=4, resume="latest"))
 
@@ -344,15 +365,21 @@ def test_a_crash_after_a_checkpoint_resumes_exactly(model_dirs, tmp_path, monkey
 @pytest.mark.slow
 def test_two_processes_equal_one_process_with_the_global_batch(model_dirs, tmp_path):
     """Each process samples its items' groups; the advantages' batch std spans both processes' rewards."""
+
     def launch(output: Path, processes: int, batch_size: int) -> None:
         config = output.with_suffix(".json")
-        config.write_text(json.dumps(raw_config(model_dirs["sd3"], output, max_steps=3, batch_size=batch_size)))
+        config.write_text(
+            json.dumps(raw_config(model_dirs["sd3"], output, max_steps=3, batch_size=batch_size))
+        )
         torchrun(processes, str(TESTS / "grpo_worker.py"), str(config))
 
     launch(tmp_path / "single", 1, batch_size=2)
     launch(tmp_path / "double", 2, batch_size=1)
     single, double = logged(tmp_path / "single"), logged(tmp_path / "double")
-    assert sorted(single) == sorted(double) == [1, 2, 3] and len({r["reward/mean"] for r in single.values()}) == 3
+    assert (
+        sorted(single) == sorted(double) == [1, 2, 3]
+        and len({r["reward/mean"] for r in single.values()}) == 3
+    )
     for step in single:
         for name in ("reward/mean", "grad_norm", "advantage/abs_mean"):
             assert double[step][name] == pytest.approx(single[step][name], rel=1e-5, abs=1e-7), (step, name)
@@ -366,7 +393,9 @@ def test_two_processes_equal_one_process_with_the_global_batch(model_dirs, tmp_p
 
 def test_the_config_refuses_what_grpo_cannot_train(model_dirs, tmp_path):
     sd_dir = build_tiny_sd(tmp_path / "sd")
-    with pytest.raises(ConfigError, match="'grpo' needs a flow-matching .rectified-flow. model, which StableDiffusion"):
+    with pytest.raises(
+        ConfigError, match="'grpo' needs a flow-matching .rectified-flow. model, which StableDiffusion"
+    ):
         config_for(sd_dir, tmp_path / "out")
     raw = raw_config(model_dirs["sd3"], tmp_path / "out")
     with pytest.raises(ConfigError, match="remove the loss: section"):

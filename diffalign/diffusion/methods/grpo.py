@@ -22,9 +22,12 @@ latent's elements. Per micro-batch of prompts:
        L = mean_{i,j} max(−A_i·ρ_{i,j}, −A_i·clip(ρ_{i,j}, 1 − ε, 1 + ε))  +  β·mean_{i,j} KL_{i,j}
 
    with ε = ``policy_gradient.epsilon_low`` (Flow-GRPO's ``clip_range``, 1e-4: the averaged log-densities move
-   little), and the KL to the reference (the base model; LoRA: adapters off) computed outside ``no_grad``, in
-   ``kl_space: mean``: Flow-GRPO's ``mean_elems(μθ − μref)²/(2σ_t²)``, σ_t = a·√(σ/(1 − σ)) (the Gaussian KL
-   times |Δσ|), or ``velocity``: ``mean_elems(vθ − vref)²`` (Flow-Factory's ``v-based``).
+   little). Each micro-batch's trajectories are trained once, right after they are sampled, so ρ is 1 and the
+   gradient is ``−mean A·∇log pθ``; the clip bounds only reused rollouts, such as Flow-GRPO's later sample
+   batches of an epoch, which are an update old when trained (not done here). The KL to the reference (the base
+   model; LoRA: its adapters off) is computed outside ``no_grad``, in ``kl_space: mean``: Flow-GRPO's
+   ``mean_elems(μθ − μref)²/(2σ_t²)``, σ_t = a·√(σ/(1 − σ)) (the Gaussian KL times |Δσ|), or ``velocity``:
+   ``mean_elems(vθ − vref)²`` (Flow-Factory's ``v-based``).
 
 Which steps are trained (``trained_steps``):
 
@@ -129,7 +132,9 @@ class GRPOSettings:
     num_inference_steps: int = 10  # S steps per rollout
     guidance_scale: float = 4.5  # rollouts and recomputed steps alike (see the module docstring)
     noise_level: float = 0.7  # a in σ_t = a·√(σ/(1 − σ))
-    generation_batch_size: int = 16  # trajectories per denoiser call; training recomputes them in the same chunks
+    generation_batch_size: int = (
+        16  # trajectories per denoiser call; training recomputes them in the same chunks
+    )
     trained_steps: Literal["fraction", "window"] = "fraction"
     timestep_fraction: float = 0.99  # fraction: the first int(S·fraction) steps are trained
     window_size: int = 2  # window: stochastic and trained steps
@@ -236,7 +241,9 @@ class FlowGRPO(DiffusionMethod):
     settings: GRPOSettings
     family: FlowMatchFamily
 
-    def __init__(self, family: DiffusionFamily, reference: ReferenceDenoiser | None, settings: GRPOSettings) -> None:
+    def __init__(
+        self, family: DiffusionFamily, reference: ReferenceDenoiser | None, settings: GRPOSettings
+    ) -> None:
         super().__init__(family, reference, settings)
         self.rewards = [
             SampleReward(
@@ -273,11 +280,15 @@ class FlowGRPO(DiffusionMethod):
         return TrainingData(PromptDataset(prompts), collate_pairs, {"prompts": len(prompts)})
 
     # --- the loss -----------------------------------------------------------------------------------------------
-    def training_loss(self, denoiser: nn.Module, batch: dict[str, Any], context: TrainingContext) -> StepOutput:
+    def training_loss(
+        self, denoiser: nn.Module, batch: dict[str, Any], context: TrainingContext
+    ) -> StepOutput:
         settings = self.settings
         group = settings.group_size
         prompts = [prompt for prompt in batch["caption"] for _ in range(group)]
-        seeds = [derived_seed(seed, GENERATION_STREAM, k) for seed in context.noise_seeds for k in range(group)]
+        seeds = [
+            derived_seed(seed, GENERATION_STREAM, k) for seed in context.noise_seeds for k in range(group)
+        ]
         sde_steps, trained = step_plan(settings, context.step, context.seed)
         rollouts = self.rollout(denoiser, prompts, seeds, sde_steps)
         samples = torch.cat([rollout.trajectory.samples for rollout in rollouts])
@@ -300,14 +311,18 @@ class FlowGRPO(DiffusionMethod):
             "advantage/abs_mean": advantages.abs().mean().detach(),
         }
         if len(settings.rewards) > 1:
-            metrics.update({f"reward/{term.name}": rewards[:, i].mean() for i, term in enumerate(settings.rewards)})
+            metrics.update(
+                {f"reward/{term.name}": rewards[:, i].mean() for i, term in enumerate(settings.rewards)}
+            )
         if kl is not None:
             loss = loss + settings.kl_beta * kl.mean()
             metrics["kl_to_reference"] = kl.detach().mean()
         return StepOutput(loss=loss, metrics=metrics, counts={"samples": len(prompts)})
 
     @torch.no_grad()
-    def rollout(self, denoiser: nn.Module, prompts: list[str], seeds: list[int], sde_steps: Tensor) -> list[Rollout]:
+    def rollout(
+        self, denoiser: nn.Module, prompts: list[str], seeds: list[int], sde_steps: Tensor
+    ) -> list[Rollout]:
         """Trajectories in chunks of ``generation_batch_size``; trajectory i draws its noise from ``seeds[i]``."""
         settings = self.settings
         model = extract_model_from_parallel(denoiser)
@@ -315,7 +330,9 @@ class FlowGRPO(DiffusionMethod):
         rollouts = []
         for start in range(0, len(prompts), settings.generation_batch_size):
             chunk = prompts[start : start + settings.generation_batch_size]
-            generators = [torch.Generator(device).manual_seed(seed) for seed in seeds[start : start + len(chunk)]]
+            generators = [
+                torch.Generator(device).manual_seed(seed) for seed in seeds[start : start + len(chunk)]
+            ]
             trajectory = self.family.sample_trajectory(
                 model,
                 chunk,
@@ -376,7 +393,9 @@ class FlowGRPO(DiffusionMethod):
         """The KL ``[B]`` of the policy's step to the reference's: the reference runs without gradients, the KL
         outside ``no_grad`` so that its gradient reaches the policy."""
         if self.reference is None:
-            raise ValueError("method.grpo.kl_beta > 0 needs the reference model, which this run did not build")
+            raise ValueError(
+                "method.grpo.kl_beta > 0 needs the reference model, which this run did not build"
+            )
         with self.reference.use(transition.mean.device) as reference:
             reference_transition = self.family.transition_log_prob(reference, *arguments)
         if self.settings.kl_space == "velocity":
