@@ -297,7 +297,7 @@ def test_the_trained_steps_all_but_the_last_or_a_window():
     assert {int(step_plan(default_range, step, 1)[1].nonzero()[0]) for step in range(100)} == {0, 1, 2, 3}
 
 
-def test_a_window_rollout_is_the_ode_outside_the_window(model_dirs):
+def test_a_window_rollout_is_the_ode_outside_the_window_and_groups_may_share_its_start(model_dirs):
     family = load_family(str(model_dirs["sd3"]), options=OPTIONS)
     random_lora(family.denoiser)
     settings = grpo_settings(
@@ -320,10 +320,20 @@ def test_a_window_rollout_is_the_ode_outside_the_window(model_dirs):
         num_inference_steps=4,
         guidance_scale=3.0,
     )
-    assert torch.equal(
-        rollout.trajectory.latents[:, :2], ode.latents[:, :2]
-    )  # the same chain up to the window
+    # The same chain up to the window, then the SDE.
+    assert torch.equal(rollout.trajectory.latents[:, :2], ode.latents[:, :2])
     assert not torch.equal(rollout.trajectory.latents[:, 2], ode.latents[:, 2])
+
+    # With a shared initial noise a group is one chain up to the window and branches inside it.
+    initial = method.shared_initial_noise(family.denoiser, [11, 12])
+    (shared,) = method.rollout(family.denoiser, prompts, list(range(6)), stochastic, initial)
+    chains = shared.trajectory.latents.view(2, 3, 5, -1)
+    assert all(torch.equal(chains[g, 0, :2], chains[g, k, :2]) for g in range(2) for k in (1, 2))
+    assert not torch.equal(chains[0, 0, :1], chains[1, 0, :1])  # each prompt's own noise
+    assert all(not torch.equal(chains[g, 0, 2], chains[g, k, 2]) for g in range(2) for k in (1, 2))
+    torch.testing.assert_close(
+        initial, method.shared_initial_noise(family.denoiser, [11, 12]), rtol=0, atol=0
+    )
 
 
 # --- resume and processes ------------------------------------------------------------------------------------------

@@ -193,17 +193,21 @@ class FlowMatchFamily(DiffusionFamily):
         guidance_scale: float,
         noise_level: float = 0.0,
         sde_steps: Tensor | None = None,
+        initial_latents: Tensor | None = None,
     ) -> Trajectory:
         """The chain of ``sample`` with the steps marked in ``sde_steps`` (``[S]`` bool; default: none)
         stochastic at ``noise_level``; each sample's step noise comes from its own generator, after its
-        initial noise."""
+        initial noise. ``initial_latents`` ``[N, ...]`` start the chain instead of noise drawn from the
+        generators (which then draw only the step noise)."""
         device = next(denoiser.parameters()).device
         dtype = next(denoiser.parameters()).dtype
         inputs, guided = self.sampling_inputs(prompts, guidance_scale)
         shape = self.latent_shape()
-        # Each sample's initial noise from its own generator, as diffusers' randn_tensor draws it.
-        noise = [torch.randn(shape, generator=g, device=g.device, dtype=dtype) for g in generators]
-        latents = torch.stack(noise).to(device)
+        if initial_latents is None:
+            # Each sample's initial noise from its own generator, as diffusers' randn_tensor draws it.
+            noise = [torch.randn(shape, generator=g, device=g.device, dtype=dtype) for g in generators]
+            initial_latents = torch.stack(noise)
+        latents = initial_latents.to(device, dtype)
         sigmas = self.inference_sigmas(num_inference_steps, device)
         stochastic = torch.zeros(len(sigmas) - 1, dtype=torch.bool) if sde_steps is None else sde_steps.cpu()
         chain, log_probs = [latents], torch.zeros(len(prompts), len(stochastic), device=device)

@@ -90,6 +90,7 @@ if TYPE_CHECKING:
 
 GENERATION_STREAM = 1  # an item's trajectories (see online.derived_seed)
 WINDOW_STREAM = 2  # the random window's placement, from the run's seed and the optimizer step
+INITIAL_NOISE_STREAM = 3  # the initial noise a group shares (same_initial_noise)
 
 
 @dataclass
@@ -132,6 +133,9 @@ class GRPOSettings:
     num_inference_steps: int = 10  # S steps per rollout
     guidance_scale: float = 4.5  # rollouts and recomputed steps alike (see the module docstring)
     noise_level: float = 0.7  # a in σ_t = a·√(σ/(1 − σ))
+    # The G trajectories of a prompt start from one noise (Flow-GRPO's same_latent, DanceGRPO's init_same_noise),
+    # so they differ only where they are stochastic: with a window, only inside it.
+    same_initial_noise: bool = False
     generation_batch_size: int = (
         16  # trajectories per denoiser call; training recomputes them in the same chunks
     )
@@ -290,7 +294,10 @@ class FlowGRPO(DiffusionMethod):
             derived_seed(seed, GENERATION_STREAM, k) for seed in context.noise_seeds for k in range(group)
         ]
         sde_steps, trained = step_plan(settings, context.step, context.seed)
-        rollouts = self.rollout(denoiser, prompts, seeds, sde_steps)
+        initial = (
+            self.shared_initial_noise(denoiser, context.noise_seeds) if settings.same_initial_noise else None
+        )
+        rollouts = self.rollout(denoiser, prompts, seeds, sde_steps, initial)
         samples = torch.cat([rollout.trajectory.samples for rollout in rollouts])
         rewards = self.score(samples, prompts)
         advantages = self.group_advantages(rewards.to(samples.device))
@@ -319,11 +326,33 @@ class FlowGRPO(DiffusionMethod):
             metrics["kl_to_reference"] = kl.detach().mean()
         return StepOutput(loss=loss, metrics=metrics, counts={"samples": len(prompts)})
 
+    def shared_initial_noise(self, denoiser: nn.Module, item_seeds: list[int]) -> Tensor:
+        """One initial noise per batch item, repeated for its G trajectories: ``[N, ...]``."""
+        parameter = next(extract_model_from_parallel(denoiser).parameters())
+        noise = [
+            torch.randn(
+                self.family.latent_shape(),
+                generator=torch.Generator(parameter.device).manual_seed(
+                    derived_seed(seed, INITIAL_NOISE_STREAM)
+                ),
+                device=parameter.device,
+                dtype=parameter.dtype,
+            )
+            for seed in item_seeds
+        ]
+        return torch.stack(noise).repeat_interleave(self.settings.group_size, dim=0)
+
     @torch.no_grad()
     def rollout(
-        self, denoiser: nn.Module, prompts: list[str], seeds: list[int], sde_steps: Tensor
+        self,
+        denoiser: nn.Module,
+        prompts: list[str],
+        seeds: list[int],
+        sde_steps: Tensor,
+        initial_latents: Tensor | None = None,
     ) -> list[Rollout]:
-        """Trajectories in chunks of ``generation_batch_size``; trajectory i draws its noise from ``seeds[i]``."""
+        """Trajectories in chunks of ``generation_batch_size``; trajectory i draws its noise from ``seeds[i]``
+        (only its step noise when ``initial_latents`` are given)."""
         settings = self.settings
         model = extract_model_from_parallel(denoiser)
         device = next(model.parameters()).device
@@ -341,6 +370,9 @@ class FlowGRPO(DiffusionMethod):
                 guidance_scale=settings.guidance_scale,
                 noise_level=settings.noise_level,
                 sde_steps=sde_steps,
+                initial_latents=None
+                if initial_latents is None
+                else initial_latents[start : start + len(chunk)],
             )
             rollouts.append(Rollout(chunk, trajectory))
         return rollouts
