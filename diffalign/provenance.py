@@ -74,8 +74,11 @@ def hub_references(config: dict[str, Any], prefix: str = "") -> dict[str, dict[s
 
 
 def git_state(directory: Path) -> tuple[str | None, bool | None]:
-    """The commit checked out at ``directory`` and whether tracked files differ from it; (None, None) outside a
-    git checkout or without git."""
+    """The commit checked out at ``directory`` and whether tracked files differ from it; (None, None) unless
+    ``directory`` is the top of a git checkout (an installed package inside some other repository is not), or
+    without git."""
+    if not (directory / ".git").exists():  # a folder, or a file in a worktree
+        return None, None
     try:
         commit = subprocess.run(
             ["git", "-C", str(directory), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True

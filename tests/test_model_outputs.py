@@ -276,3 +276,13 @@ def test_a_push_needs_a_token_and_uploads_the_folder_through_the_hub_client(tmp_
     monkeypatch.setattr(huggingface_hub, "HfApi", Failing)
     with pytest.raises(RuntimeError, match=f"the folder is complete, upload it with `hf upload me/tiny {tmp_path}`"):
         push_folder(tmp_path, "me/tiny", private=True, message="step 3")
+
+
+def test_git_provenance_is_read_only_at_the_top_of_a_checkout(tmp_path):
+    from diffalign.provenance import git_state
+
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert git_state(ROOT)[0] == commit
+    # A package installed below a checkout (a virtual environment inside a repository) records no commit.
+    assert git_state(ROOT / "diffalign") == (None, None)
+    assert git_state(tmp_path) == (None, None)
