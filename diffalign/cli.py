@@ -49,7 +49,13 @@ def command_demo(args: argparse.Namespace) -> int:
 def command_eval(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides, command="eval")
     report = entry_point(config.kind)(config)
-    for key, entry in report["scorers"].items():
+    if "reward" in report:  # an LLM report: one reward
+        entry = report["reward"]
+        print(
+            f"{entry['name']}: base {entry['base']['value']:.4g}  aligned {entry['aligned']['value']:.4g}  "
+            f"win rate {entry['win_rate']['value']:.1%}"
+        )
+    for key, entry in report.get("scorers", {}).items():
         if entry["set_level"]:
             print(f"{key:>20}: base {entry['base']['value']:.4g}  aligned {entry['aligned']['value']:.4g}")
         else:
@@ -58,6 +64,19 @@ def command_eval(args: argparse.Namespace) -> int:
                 f"win rate {entry['win_rate']['value']:.1%}"
             )
     print(f"report: {config.report.output_dir}/report.md")
+    return 0
+
+
+def command_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from diffalign.export import export_checkpoint
+
+    folder = export_checkpoint(
+        Path(args.checkpoint), Path(args.output_dir), raw_weights=args.raw_weights, hub_repo_id=args.push_to_hub,
+        hub_private=not args.public,
+    )
+    print(f"model written to {folder}")
     return 0
 
 
@@ -114,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="align the toy text-to-image model with Diffusion-DPO",
         description="Run Diffusion-DPO (LoRA) on the shipped toy text-to-image pipeline on CPU, then sample base "
         "and aligned models on held-out prompts with the same seeds, print the win rate under the toy reward "
-        "and write a before/after image grid.",
+        "and write a labelled before/after image grid (prompts, rewards).",
     )
     demo.add_argument("--output-dir", default="outputs/demo", help="where the run, grid and LoRA are written")
     demo.add_argument("overrides", nargs="*", help="section.key=value overrides of configs/toy_dpo.yaml")
@@ -123,15 +142,31 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation = commands.add_parser(
         "eval",
         help="compare an aligned model with its base and write a report",
-        description="Sample the base and the aligned model (a LoRA, a denoiser or a training output directory) on "
-        "the same prompts with the same seeds, score both with the configured scorers and write a report folder: "
-        "report.json (means with confidence intervals, win rates, per-prompt scores), report.md, a grid of sample "
-        "pairs (spectrograms and WAV clips for audio) and a plot. Example: `diffalign eval configs/eval_toy.yaml "
-        "model.aligned=outputs/demo report.output_dir=outputs/demo-eval`.",
+        description="Sample the base and the aligned model (a LoRA, a denoiser, a training output directory or a "
+        "checkpoint) on the same prompts with the same seeds, score both with the configured scorers and write a "
+        "report folder: report.json (means with confidence intervals, win rates, per-prompt scores), report.md, a "
+        "labelled grid of sample pairs (spectrograms and WAV clips for audio) and a plot. An LLM config (kind: "
+        "llm_eval) compares completions under a reward and shows them side by side. Example: `diffalign eval "
+        "configs/eval_toy.yaml model.aligned=outputs/demo report.output_dir=outputs/demo-eval`.",
     )
-    evaluation.add_argument("config", help="path to a YAML config with kind: eval")
+    evaluation.add_argument("config", help="path to a YAML config with kind: eval (diffusion) or kind: llm_eval")
     evaluation.add_argument("overrides", nargs="*", help="section.key=value overrides")
     evaluation.set_defaults(handler=command_eval)
+
+    export = commands.add_parser(
+        "export",
+        help="turn a training checkpoint into a model folder like final/",
+        description="Write the model of a training checkpoint (<run.output_dir>/checkpoints/step-N, diffusion LoRA "
+        "or full, or LLM) into OUTPUT_DIR in the formats of final/: a diffusers LoRA file or pipeline folder, or a "
+        "transformers model or adapter, with config.yaml (absolute paths, provenance) and a model card README.md. "
+        "The run's config comes from the checkpoint; a run with run.ema exports the averaged weights.",
+    )
+    export.add_argument("checkpoint", help="a checkpoints/step-N folder")
+    export.add_argument("output_dir", help="a new or empty folder")
+    export.add_argument("--raw-weights", action="store_true", help="the trained weights, not their EMA (run.ema)")
+    export.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the folder to this Hub repository")
+    export.add_argument("--public", action="store_true", help="a repository the push creates is public")
+    export.set_defaults(handler=command_export)
 
     relabel = commands.add_parser(
         "relabel",

@@ -56,6 +56,12 @@ CONFIG_KINDS: dict[str, ConfigKind] = {
         "diffalign.eval.run:evaluate",
         "a base-vs-aligned evaluation report",
     ),
+    "llm_eval": ConfigKind(
+        "diffalign.llm.config:LLMEvalRunConfig",
+        "eval",
+        "diffalign.llm.report:evaluate",
+        "a base-vs-aligned evaluation report of an LLM: completions of held-out prompts under a reward",
+    ),
 }
 
 
@@ -105,6 +111,8 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = (), command:
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    # A model's config.yaml records where it came from under `provenance` (provenance.py): no setting.
+    raw.pop("provenance", None)
     for override in overrides:
         apply_override(raw, override)
     if "kind" not in raw:

@@ -37,7 +37,17 @@ def run_demo(output_dir: str, overrides: list[str]) -> dict[str, float]:
             f"({prompts} prompts × {config.eval.samples_per_prompt} seeds) under the toy reward "
             f"(mean reward {metrics['eval/reward_base']:.3f} → {metrics['eval/reward_aligned']:.3f})"
         )
+    output = Path(config.run.output_dir)
     if grids:
-        print(f"before (top) / after (bottom) grid: {grids[-1]}")
-    print(f"LoRA weights (diffusers format): {Path(config.run.output_dir) / 'final'}")
+        print(
+            f"grid: {grids[-1]} (base row over aligned row, one held-out prompt per column, each image's toy reward "
+            "under it: green where aligned beats base on the same prompt and seed, red where it loses)"
+        )
+    print(f"LoRA weights (diffusers format) and model card: {output / 'final'}")
+    toy = REPO_ROOT / "assets" / "toy-t2i"
+    print(
+        f"a report with confidence intervals: diffalign eval {REPO_ROOT / 'configs' / 'eval_toy.yaml'} "
+        f"model.aligned={output} model.base={toy} prompts.source={toy / 'prompts' / 'heldout.txt'} "
+        f"report.output_dir={output / 'eval'}"
+    )
     return metrics

@@ -12,6 +12,10 @@ with DNS failing, each library retries its downloads for tens of seconds and the
   ``HF_HUB_OFFLINE=1``: whether it is in the cache, with no request at all), and raises a
   :class:`~diffalign.config.LoadError` that names the key, the value, the endpoint and the fix;
 - :func:`loading` does that check and turns the library's own load failure into the same one-line error.
+
+It also holds what outputs ask of the hub: the commit of a cached model for provenance (:func:`cached_revision`),
+and, for users who are online, uploading a model folder (``run.push_to_hub``: :func:`check_push_possible`,
+:func:`push_folder`).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from diffalign.config import LoadError
+from diffalign.config import ConfigError, LoadError
 
 if TYPE_CHECKING:
     import httpx2
@@ -247,3 +251,56 @@ def under_key(key: str) -> Iterator[None]:
         yield
     except LoadError as error:
         raise LoadError(f"{key}: {error}") from error
+
+
+def cached_revision(repo_id: str, revision: str | None = None) -> str | None:
+    """The commit of the locally cached snapshot of ``repo_id`` (a model, else a data set) at ``revision``
+    (default: the branch ``main``), read from the cache alone; None when it is not cached."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    for repo_type in ("model", "dataset"):
+        try:
+            folder = snapshot_download(
+                repo_id, repo_type=repo_type, revision=revision, local_files_only=True
+            )
+        except (LocalEntryNotFoundError, HFValidationError, OSError, ValueError):
+            continue
+        return Path(folder).name  # snapshots/<commit>
+    return None
+
+
+def check_push_possible(repo_id: str | None) -> None:
+    """Refuse ``run.push_to_hub`` before training when the push at its end could not happen."""
+    if hub_offline():
+        raise ConfigError(
+            f"run.push_to_hub is true but the Hub is off limits (HF_HUB_OFFLINE is set), so final/ could not be "
+            f"uploaded to {repo_id}; unset HF_HUB_OFFLINE, or set run.push_to_hub: false and upload later with "
+            f"`hf upload {repo_id} <run.output_dir>/final`"
+        )
+    from huggingface_hub import get_token
+
+    if get_token() is None:
+        raise ConfigError(
+            f"run.push_to_hub is true but no Hugging Face token is set, so final/ could not be uploaded to "
+            f"{repo_id}; log in with `hf auth login` or set HF_TOKEN"
+        )
+
+
+def push_folder(folder: Path, repo_id: str, *, private: bool, message: str) -> str:
+    """Upload ``folder`` to the model repository ``repo_id`` (created, ``private``, when missing); returns its URL.
+
+    A failed upload raises naming the folder, which is complete on disk and can be uploaded again by hand."""
+    check_push_possible(repo_id)
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=message)
+    except Exception as error:  # network, permission or quota errors of the Hub client alike
+        raise RuntimeError(
+            f"uploading {folder} to {repo_id} failed ({type(error).__name__}: {error}); the folder is complete, "
+            f"upload it with `hf upload {repo_id} {folder}`"
+        ) from error
+    return str(url)

@@ -118,6 +118,7 @@ class LLMEvalConfig:
     top_p: float = 1.0
     batch_size: int = 32
     seed: int = 0
+    logged_samples: int = 16  # base and aligned completions of the first prompts sent to the trackers
 
     def __post_init__(self) -> None:
         if self.reward is not None and ":" not in self.reward:
@@ -191,3 +192,49 @@ class LLMTrainConfig:
         if self.reference.strategy == "auto":
             return "adapter_disabled" if self.model.trainable == "lora" else "frozen_copy"
         return self.reference.strategy
+
+
+@dataclass
+class LLMEvalModels:
+    # A transformers model directory or hub id; empty: the model.pretrained (and revision) of the aligned run.
+    base: str = ""
+    revision: str | None = None  # of a hub base
+    # A training output directory (its final/), a final/ folder (a merged model or an adapter), or a checkpoint
+    # (<output_dir>/checkpoints/step-N, rebuilt from its config; its EMA with run.ema).
+    aligned: str = ""
+
+
+@dataclass
+class LLMReportConfig:
+    output_dir: str = "outputs/eval/llm"
+    confidence: float = 0.95
+    side_by_side: int = 16  # prompts whose base and aligned completions report.md shows side by side
+
+    def __post_init__(self) -> None:
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"report.confidence must lie in (0, 1), got {self.confidence}")
+        if self.side_by_side < 0:
+            raise ValueError(f"report.side_by_side must be >= 0, got {self.side_by_side}")
+
+
+@dataclass
+class LLMEvalRunConfig:
+    """``diffalign eval`` of an LLM (``kind: llm_eval``): the base and the aligned model complete the same held-out
+    prompts with the same seeds; a reward scores both."""
+
+    kind: str = "llm_eval"
+    model: LLMEvalModels = field(default_factory=LLMEvalModels)
+    eval: LLMEvalConfig = field(default_factory=LLMEvalConfig)
+    report: LLMReportConfig = field(default_factory=LLMReportConfig)
+    device: str = "auto"  # auto: cuda when available, else cpu
+
+    def __post_init__(self) -> None:
+        if not self.model.aligned:
+            raise ValueError(
+                "model.aligned is empty; set it to a training output directory, its final/ folder or a checkpoint"
+            )
+        if self.eval.prompts is None or self.eval.reward is None:
+            raise ValueError(
+                "eval.prompts and eval.reward must both be set: a file of held-out prompts and a 'module:function' "
+                "reward, e.g. diffalign.toy.llm:toy_reward"
+            )

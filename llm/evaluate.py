@@ -17,7 +17,9 @@ from diffalign.llm.data import Text, read_rows, tokenize_prompt
 
 Reward = Callable[[str, str], float]
 
-__all__ = ["generate_completions", "load_eval_prompts", "load_reward", "render_prompt", "score", "win_rate"]
+__all__ = [
+    "generate_completions", "load_eval_prompts", "load_reward", "prompt_label", "render_prompt", "score", "win_rate"
+]
 
 
 def load_eval_prompts(config: LLMEvalConfig) -> list[Text]:
@@ -44,6 +46,13 @@ def load_reward(spec: str) -> Reward:
             f"eval.reward={spec!r}: cannot import {function_name} from {module_name} ({error}); give an importable "
             "'module:function' taking (prompt, completion) and returning a float"
         ) from None
+
+
+def prompt_label(prompt: Text) -> str:
+    """A prompt as a person reads it in a report: a conversation's last message, or the text itself."""
+    if isinstance(prompt, list):
+        return str(prompt[-1].get("content", "")) if prompt else ""
+    return prompt
 
 
 def render_prompt(tokenizer: Any, prompt: Text) -> str:

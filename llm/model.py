@@ -11,8 +11,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffalign.config import from_dict
 from diffalign.hub import loading
-from diffalign.llm.config import LLMModelConfig
+from diffalign.llm.config import LLMModelConfig, LLMTrainConfig
+from diffalign.model_card import CardFacts
+from diffalign.training.checkpoint_model import CheckpointModel, assign_weights
 from diffalign.training.precision import mixed_precision_dtype, upcast_trainable
 
 logger = logging.getLogger("diffalign")
@@ -104,3 +107,28 @@ def save_policy(model: nn.Module, tokenizer: Any, config: LLMModelConfig, output
             settings["base_model_name_or_path"] = str(base.resolve())
             adapter_config.write_text(json.dumps(settings, indent=2))
     tokenizer.save_pretrained(output_dir)
+
+
+def policy_card_facts(config: LLMModelConfig) -> CardFacts:
+    """How the model card says to load a final folder written by :func:`save_policy`."""
+    adapter = config.trainable == "lora" and config.save == "adapter"
+    usage = (
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        "model = AutoModelForCausalLM.from_pretrained(FOLDER)"
+        + ("  # a LoRA adapter: needs peft, loads the base model it names" if adapter else "")
+        + "\ntokenizer = AutoTokenizer.from_pretrained(FOLDER)"
+    )
+    return CardFacts(library="peft" if adapter else "transformers", pipeline_tag="text-generation", usage=usage)
+
+
+def load_trained_policy(config: LLMModelConfig, checkpoint: CheckpointModel) -> nn.Module:
+    """The policy as training made it (fp32, a LoRA added or all of it) holding the checkpoint's weights."""
+    model = make_trainable(load_model(config, torch.float32), config, gradient_checkpointing=False)
+    return assign_weights(model, checkpoint.weights, checkpoint.path)
+
+
+def export_checkpoint(checkpoint: CheckpointModel, output_dir: Path) -> CardFacts:
+    """Write an LLM checkpoint's policy into ``output_dir`` as ``final/`` holds it; returns its card facts."""
+    config = from_dict(LLMTrainConfig, checkpoint.settings)
+    save_policy(load_trained_policy(config.model, checkpoint), load_tokenizer(config.model), config.model, output_dir)
+    return policy_card_facts(config.model)

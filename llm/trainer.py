@@ -26,6 +26,7 @@ from diffalign.llm.evaluate import (
     generate_completions,
     load_eval_prompts,
     load_reward,
+    prompt_label,
     render_prompt,
     score,
     win_rate,
@@ -36,16 +37,19 @@ from diffalign.llm.model import (
     load_model,
     load_tokenizer,
     make_trainable,
+    policy_card_facts,
     save_policy,
     weight_dtype,
 )
 from diffalign.llm.reference import ModelReference, load_or_precompute, precomputed_reference
 from diffalign.losses import LOSSES, PairScores, TokenScores
+from diffalign.model_card import CardFacts
 from diffalign.training import Recipe, StepOutput, make_accelerator, run_training
 from diffalign.training.distributed import compute_loss_on_global_batch, mean_over_processes
 from diffalign.training.engines import shards_parameters
 from diffalign.training.loss_state import MarginBaseline
 from diffalign.training.reference_sync import ReferenceSync
+from diffalign.training.trackers import LoggedSamples
 
 logger = logging.getLogger("diffalign")
 
@@ -83,6 +87,7 @@ class LLMRecipe(Recipe):
         self.reward = load_reward(config.eval.reward) if config.eval.reward else None
         self.base_completions: list[str] = []
         self.base_scores: Tensor | None = None
+        self.logged: LoggedSamples | None = None  # the last evaluation's completions, for the trackers
         if self.reward is not None and accelerator.is_main_process:
             self.base_completions, self.base_scores = self._sample_and_score(model)
 
@@ -250,6 +255,13 @@ class LLMRecipe(Recipe):
             return {}
         completions, aligned_scores = self._sample_and_score(model)
         self._write_samples(completions, aligned_scores, step)
+        count = self.config.eval.logged_samples
+        self.logged = LoggedSamples(
+            [prompt_label(prompt) for prompt in self.eval_prompts[:count]],
+            {"base": self.base_completions[:count], "aligned": completions[:count]},
+            {"base": self.base_scores[:count].tolist(), "aligned": aligned_scores[:count].tolist()},
+            score_name=self.config.eval.reward.split(":")[-1],
+        )
         return {
             "win_rate": win_rate(aligned_scores, self.base_scores),
             "reward_aligned": aligned_scores.mean().item(),
@@ -287,7 +299,13 @@ class LLMRecipe(Recipe):
         if self.margin_baseline is not None and "margin_baseline" in state:
             self.margin_baseline.load_state_dict(state["margin_baseline"])
 
+    def logged_samples(self) -> LoggedSamples | None:
+        return self.logged
+
     # --- export -------------------------------------------------------------------------------------------------
+    def card_facts(self) -> CardFacts:
+        return policy_card_facts(self.config.model)
+
     def save_final(self, model: nn.Module, output_dir: Path) -> None:
         save_policy(model, self.tokenizer, self.config.model, output_dir)
 

@@ -14,7 +14,7 @@ from diffalign.cli import main
 from diffalign.config import CONFIG_KINDS, config_class, entry_point, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ("train", "losses", "demo", "eval", "relabel", "prompts")
+COMMANDS = ("train", "losses", "demo", "eval", "export", "relabel", "prompts")
 RECORDED: list = []
 
 
@@ -55,16 +55,19 @@ def test_train_help_says_that_kind_picks_the_trainer(capsys):
 def test_every_kind_has_an_importable_config_class_command_and_entry_point():
     from diffalign.diffusion.trainer import train as diffusion_train
     from diffalign.eval.run import evaluate
+    from diffalign.llm.report import evaluate as evaluate_llm
     from diffalign.llm.trainer import train as llm_train
 
     assert {kind: entry.command for kind, entry in CONFIG_KINDS.items()} == {
         "diffusion": "train",
         "llm": "train",
         "eval": "eval",
+        "llm_eval": "eval",
     }
     assert entry_point("diffusion") is diffusion_train
     assert entry_point("llm") is llm_train
     assert entry_point("eval") is evaluate
+    assert entry_point("llm_eval") is evaluate_llm
     for kind in CONFIG_KINDS:
         assert dataclasses.is_dataclass(config_class(kind))
 

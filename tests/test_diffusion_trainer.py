@@ -25,10 +25,9 @@ def png(rng: np.random.Generator) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.fixture(scope="module")
-def pairs_file(tmp_path_factory) -> Path:
+def write_pairs(path: Path) -> Path:
+    """16 random image pairs of four captions, Pick-a-Pic style."""
     rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("data") / "pairs.parquet"
     table = {
         "caption": ["a red circle", "a blue square", "a small green circle", "a large red square"] * 4,
         "jpg_0": [png(rng) for _ in range(16)],
@@ -37,6 +36,11 @@ def pairs_file(tmp_path_factory) -> Path:
     }
     pq.write_table(pa.table(table), path)
     return path
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory) -> Path:
+    return write_pairs(tmp_path_factory.mktemp("data") / "pairs.parquet")
 
 
 @pytest.fixture(scope="module")

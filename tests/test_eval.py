@@ -25,6 +25,7 @@ from tiny_pipelines import build_tiny_sd
 from diffalign.cli import main
 from diffalign.config import ConfigError, from_dict, load_config
 from diffalign.eval.config import EvalConfig
+from diffalign.eval.grid import labelled_grid
 from diffalign.eval.prompts import (
     PROMPT_PRESETS,
     PromptSetConfig,
@@ -274,12 +275,13 @@ def test_eval_configs_are_checked_before_anything_loads(tmp_path):
 
 def test_shipped_eval_and_relabel_configs_load():
     from diffalign.eval.relabel import RelabelConfig, load_relabel_config
+    from diffalign.llm.config import LLMEvalRunConfig
 
     configs = sorted(Path(__file__).resolve().parents[1].glob("configs/eval_*.yaml"))
     assert len(configs) >= 2
     for path in configs:
         if "kind" in yaml.safe_load(path.read_text()):
-            assert isinstance(load_config(path), EvalConfig), path
+            assert isinstance(load_config(path), (EvalConfig, LLMEvalRunConfig)), path
         else:
             assert isinstance(load_relabel_config(str(path), []), RelabelConfig), path
 
@@ -468,23 +470,27 @@ def test_eval_report_for_a_lora_on_tiny_sd(models, tmp_path):
     assert vendi_entry["set_level"] and "win_rate" not in vendi_entry
     assert vendi_entry["aligned_better"] == (vendi_entry["aligned"]["value"] > vendi_entry["base"]["value"])
 
-    # The grid: base row over aligned row, the first 3 samples, 16-pixel images enlarged 16 times.
-    grid = np.array(Image.open(folder / "grid.png"))
-    assert grid.shape == (2 * 256, 3 * 256, 3)
-    expected_grid = torch.cat([torch.cat(list(row[:3]), dim=-1) for row in (base, aligned)], dim=-2)
-    torch.testing.assert_close(
-        torch.from_numpy(grid[::16, ::16].copy()).permute(2, 0, 1).float() / 255,
-        expected_grid,
-        atol=1.5 / 255,
-        rtol=0,
-    )
+    # The grid: base row over aligned row, the first 3 samples, 16-pixel images enlarged 8 times to 128-pixel
+    # tiles, each with its clip_score under it and its prompt under the column.
+    grid = Image.open(folder / "grid.png")
+    scores = {role: per_sample(report, "clip_score", role)[:3] for role in ("base", "aligned")}
+    redrawn, layout = labelled_grid({"base": base[:3], "aligned": aligned[:3]}, PROMPTS, scores, "clip_score")
+    assert (layout.tile_height, layout.tile_width) == (128, 128) and grid.size == layout.size == redrawn.size
+    for row, expected in enumerate((base, aligned)):
+        for column in range(3):
+            tile = np.array(grid.crop(layout.tile_box(row, column)))[::8, ::8]
+            torch.testing.assert_close(
+                torch.from_numpy(tile.copy()).permute(2, 0, 1).float() / 255, expected[column], atol=1.5 / 255, rtol=0
+            )
+    # The labels (row names, scores, prompts) are drawn: the saved grid is the one drawn with these scores.
+    assert np.abs(np.array(grid, dtype=int) - np.array(redrawn, dtype=int)).max() <= 2
     assert Image.open(folder / "plot.png").size[0] > 0
     page = (folder / "report.md").read_text()
     win = report["scorers"]["clip_score"]["win_rate"]
     assert f"| clip_score | higher | {report['scorers']['clip_score']['base']['value']:.4g} ± " in page
     assert f"({win['wins']}/{win['ties']}/{win['losses']}) |" in page
     assert "| fid_per_sample | lower |" in page and "| vendi | higher |" in page and "set-level |" in page
-    assert "![samples: base (top) / aligned (bottom)](grid.png)" in page and "![scores](plot.png)" in page
+    assert "![samples: base (top) / aligned (bottom), prompts below, scores under each sample](grid.png)" in page and "![scores](plot.png)" in page
 
 
 def test_eval_of_a_training_run_takes_the_base_model_from_its_config(models, tmp_path):
@@ -575,7 +581,8 @@ def test_eval_of_an_audio_family_writes_clips_spectrograms_and_audio_scores(mode
                 assert (folder / "grid" / f"{role}-{index:03d}.wav").is_file()
     assert report["files"]["clips"] == "grid/" and Image.open(folder / "grid.png").size[0] > 0
     assert report["scorers"]["fad"]["set_level"] and not report["scorers"]["fad"]["higher_is_better"]
-    assert "spectrograms: base (top) / aligned (bottom); clips in grid/" in (folder / "report.md").read_text()
+    page = (folder / "report.md").read_text()
+    assert "spectrograms: base (top) / aligned (bottom), prompts below, scores under each; clips in grid/" in page
 
 
 def test_missing_or_unexpected_reference_sets_and_aligned_weights_are_named(models, tmp_path):

@@ -1,5 +1,6 @@
 """Evaluation during and after training: the base and the trained model sample the same prompts with the same
-seeds, a before/after grid is written, and with a reward the held-out win rate and mean rewards are returned."""
+seeds, a labelled before/after grid is written (and sent to the trackers), and with a reward the held-out win rate
+and mean rewards are returned."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from torch import Tensor, nn
 from diffalign.diffusion.config import DiffusionEvalConfig
 from diffalign.diffusion.families import DiffusionFamily
 from diffalign.diffusion.reference import ReferenceDenoiser
-from diffalign.diffusion.sampling import Samples, generate_samples, save_samples
+from diffalign.diffusion.sampling import Samples, generate_samples, sample_views, save_samples
+from diffalign.eval.grid import to_pil
 from diffalign.eval.prompts import read_prompts
 from diffalign.eval.statistics import win_rate
 from diffalign.hub import under_key
+from diffalign.training.trackers import LoggedSamples
 
 
 def eval_prompts(config: DiffusionEvalConfig) -> list[str]:
@@ -41,6 +44,7 @@ class SampleEvaluation:
         self.prompts = eval_prompts(config)
         self._base: tuple[Samples, Tensor | None] | None = None
         self._scorer = None
+        self.logged: LoggedSamples | None = None  # the last evaluation's grid and samples, for the trackers
 
     def _generate(self, denoiser: nn.Module) -> Samples:
         return generate_samples(
@@ -74,10 +78,8 @@ class SampleEvaluation:
             self._base = (base_samples, self._score(base_samples))
         base_samples, base_scores = self._base
         aligned_samples = self._generate(model)
-        count = self.config.grid_prompts
-        grid_path = self.output_dir / "samples" / f"step-{step:07d}.png"
-        save_samples({"base": base_samples[:count], "aligned": aligned_samples[:count]}, grid_path)
         aligned_scores = self._score(aligned_samples)
+        self.logged = self._save_grid(base_samples, aligned_samples, base_scores, aligned_scores, step)
         if aligned_scores is None:
             return {}
         return {
@@ -85,3 +87,23 @@ class SampleEvaluation:
             "reward_aligned": aligned_scores.mean().item(),
             "reward_base": base_scores.mean().item(),
         }
+
+    def _save_grid(
+        self, base: Samples, aligned: Samples, base_scores: Tensor | None, aligned_scores: Tensor | None, step: int
+    ) -> LoggedSamples:
+        """The first ``grid_prompts`` samples of both models in ``samples/step-N.png``, scored when there is a reward."""
+        count = min(self.config.grid_prompts, len(self.prompts))
+        rows = {"base": base[:count], "aligned": aligned[:count]}
+        scores = None
+        if base_scores is not None and aligned_scores is not None:
+            scores = {"base": base_scores[:count], "aligned": aligned_scores[:count]}
+        prompts = self.prompts[:count]
+        path = self.output_dir / "samples" / f"step-{step:07d}.png"
+        score_name = self.config.reward or "reward"
+        grid = save_samples(rows, path, prompts, scores, score_name)
+        views = {
+            name: [to_pil(image, (image.shape[-1], image.shape[-2])) for image in images]
+            for name, images in sample_views(rows).items()
+        }
+        listed = None if scores is None else {name: values.tolist() for name, values in scores.items()}
+        return LoggedSamples(prompts, views, listed, score_name, grid, path)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import soundfile
 import torch
 from matplotlib import colormaps
@@ -13,6 +12,7 @@ from torch import Tensor, nn
 
 from diffalign.diffusion.audio import MelSettings, log_mel_spectrogram
 from diffalign.diffusion.families import DiffusionFamily
+from diffalign.eval.grid import labelled_grid
 from diffalign.rewards.base import Audio
 
 Samples = Tensor | Audio  # images [N, 3, H, W] in [0, 1], or audio clips
@@ -49,16 +49,6 @@ def generate_samples(
     return torch.cat(chunks)
 
 
-def save_image_grid(rows: list[Tensor], path: Path, scale: int = 4) -> None:
-    """Save rows of ``[N, 3, H, W]`` images in [0, 1] as one PNG (row r, column n), upscaled for viewing."""
-    grid = torch.cat([torch.cat(list(row), dim=-1) for row in rows], dim=-2)
-    array = (grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    image = Image.fromarray(array)
-    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-
-
 def spectrogram_images(rows: list[Audio]) -> list[Tensor]:
     """Each clip's log-mel spectrogram (64 bands, 10 ms hop, 40 ms window) as a magma-coloured image
     ``[3, 64, frames]``, low frequencies at the bottom, on one colour scale for all rows so that levels compare
@@ -77,16 +67,28 @@ def spectrogram_images(rows: list[Audio]) -> list[Tensor]:
     return images
 
 
-def save_samples(rows: dict[str, Samples], path: Path) -> None:
-    """One row per model (``{"base": ..., "aligned": ...}``) in a PNG grid at ``path``: the images, or the
-    spectrograms of audio clips; audio also goes to ``<path without suffix>/<row>-<n>.wav`` (16-bit PCM)."""
+def sample_views(rows: dict[str, Samples]) -> dict[str, Tensor]:
+    """What a grid shows of each row: the images themselves, or the spectrograms of audio clips."""
     samples = list(rows.values())
     if not isinstance(samples[0], Audio):
-        save_image_grid(samples, path)
-        return
-    save_image_grid(spectrogram_images(samples), path, scale=2)
-    folder = path.with_suffix("")
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, audio in rows.items():
-        for number, waveform in enumerate(audio.waveforms.float().cpu().clamp(-1, 1).numpy()):
-            soundfile.write(folder / f"{name}-{number:03d}.wav", waveform, audio.sample_rate, subtype="PCM_16")
+        return rows
+    return dict(zip(rows, spectrogram_images(samples)))
+
+
+def save_samples(
+    rows: dict[str, Samples], path: Path, prompts: list[str], scores: dict[str, Tensor] | None = None,
+    score_name: str = "reward", higher_is_better: bool = True,
+) -> Image.Image:
+    """One row per model (``{"base": ..., "aligned": ...}``) in a labelled PNG grid at ``path`` (prompts under the
+    columns, scores under the samples): the images, or the spectrograms of audio clips; audio also goes to
+    ``<path without suffix>/<row>-<n>.wav`` (16-bit PCM). Returns the grid."""
+    grid, _ = labelled_grid(sample_views(rows), prompts, scores, score_name, higher_is_better=higher_is_better)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    if isinstance(next(iter(rows.values())), Audio):
+        folder = path.with_suffix("")
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, audio in rows.items():
+            for number, waveform in enumerate(audio.waveforms.float().cpu().clamp(-1, 1).numpy()):
+                soundfile.write(folder / f"{name}-{number:03d}.wav", waveform, audio.sample_rate, subtype="PCM_16")
+    return grid

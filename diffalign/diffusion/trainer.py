@@ -20,18 +20,20 @@ from torch import nn
 
 from diffalign.diffusion.config import DiffusionTrainConfig, check_family_support
 from diffalign.diffusion.evaluation import SampleEvaluation
-from diffalign.diffusion.export import save_denoiser
+from diffalign.diffusion.export import denoiser_card_facts, save_denoiser
 from diffalign.diffusion.families import family_class
 from diffalign.diffusion.methods import METHODS, LatentPairBatch, TrainingContext, TrainingData
 from diffalign.diffusion.models import build_models
 from diffalign.diffusion.reference_cache import FixedDraws, ReferenceErrors, load_or_build_reference_errors
 from diffalign.diffusion.training_data import build_pair_dataset
 from diffalign.hub import loading, under_key
+from diffalign.model_card import CardFacts
 from diffalign.training import Recipe, StepOutput, make_accelerator, run_training
 from diffalign.training.engines import shards_parameters
 from diffalign.training.loss_state import MarginBaseline
 from diffalign.training.precision import mixed_precision_dtype
 from diffalign.training.reference_sync import ReferenceSync
+from diffalign.training.trackers import LoggedSamples
 
 logger = logging.getLogger("diffalign")
 
@@ -201,8 +203,14 @@ class DiffusionRecipe(Recipe):
         if self.margin_baseline is not None and "margin_baseline" in state:
             self.margin_baseline.load_state_dict(state["margin_baseline"])
 
+    def logged_samples(self) -> LoggedSamples | None:
+        return self.sample_evaluation.logged
+
+    def card_facts(self) -> CardFacts:
+        return denoiser_card_facts(self.family, self.config.model.trainable)
+
     def save_final(self, model: nn.Module, output_dir: Path) -> None:
-        save_denoiser(model, self.family, self.config.model.trainable, output_dir)
+        save_denoiser(model, self.family, self.config.model, output_dir)
 
 
 def train(config: DiffusionTrainConfig) -> dict[str, float]:

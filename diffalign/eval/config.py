@@ -14,7 +14,8 @@ class EvalModelConfig:
     # A diffusers pipeline directory or hub id; empty: the `model.pretrained` of the aligned run's config.yaml.
     base: str = ""
     # A LoRA directory (`pytorch_lora_weights.safetensors`), a denoiser directory (`config.json` + weights), a
-    # pipeline directory (its denoiser sub-folder is used), or a training output directory holding `final/`.
+    # pipeline directory (its denoiser sub-folder is used), a training output directory holding `final/`, or a
+    # training checkpoint (`<output_dir>/checkpoints/step-N`, rebuilt from its config; its EMA with run.ema).
     aligned: str = ""
     vae: str | None = None  # a replacement VAE directory; empty: the run config's model.vae when there is one
 

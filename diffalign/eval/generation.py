@@ -1,7 +1,8 @@
 """The two models of an evaluation and their samples: the base pipeline, the aligned weights, generation.
 
 The aligned model is found from what a training run writes (``<output_dir>/final/``: LoRA weights in diffusers
-format or the full denoiser, plus ``config.yaml``) or from a LoRA, denoiser or pipeline directory made elsewhere.
+format or a pipeline folder, plus ``config.yaml``; or a checkpoint ``<output_dir>/checkpoints/step-N``, read
+through its own config) or from a LoRA, denoiser or pipeline directory made elsewhere.
 Sampling goes through the family (:func:`diffalign.diffusion.sampling.generate_samples`), so image and audio
 families are sampled alike.
 """
@@ -17,10 +18,13 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from diffalign.config import SourceNotFoundError
+from diffalign.config import SourceNotFoundError, from_dict
+from diffalign.diffusion.config import DiffusionModelConfig
+from diffalign.diffusion.export import load_trained_denoiser
 from diffalign.diffusion.families import DiffusionFamily
 from diffalign.diffusion.sampling import generate_samples
 from diffalign.rewards import Audio
+from diffalign.training.checkpoint_model import is_checkpoint, read_checkpoint_config, read_checkpoint_model
 
 logger = logging.getLogger(__name__)
 
@@ -43,13 +47,17 @@ class AlignedSource:
 
 
 def locate_aligned(path: str) -> AlignedSource:
-    """Resolve ``model.aligned``: a training output directory stands for its ``final/`` folder."""
+    """Resolve ``model.aligned``: a training output directory stands for its ``final/`` folder; a checkpoint
+    brings its run's config."""
     directory = Path(path).expanduser()
     if not directory.is_dir():
         raise SourceNotFoundError(
-            f"model.aligned: {directory} is not a local directory; give a training output directory, a LoRA "
-            "directory or a denoiser directory (download hub weights first: `hf download ORG/NAME --local-dir DIR`)"
+            f"model.aligned: {directory} is not a local directory; give a training output directory, a checkpoint, "
+            "a LoRA directory or a denoiser directory (download hub weights first: `hf download ORG/NAME "
+            "--local-dir DIR`)"
         )
+    if is_checkpoint(directory):
+        return AlignedSource(directory, read_checkpoint_config(directory))
     if (directory / "final").is_dir():
         directory = directory / "final"
     config_path = directory / "config.yaml"
@@ -59,13 +67,15 @@ def locate_aligned(path: str) -> AlignedSource:
 
 def load_aligned_denoiser(
     family: DiffusionFamily, directory: Path
-) -> tuple[nn.Module, Literal["lora", "denoiser"]]:
+) -> tuple[nn.Module, Literal["lora", "denoiser", "checkpoint"]]:
     """The aligned denoiser from ``directory``, on the device and in the dtype of the family's denoiser.
 
-    LoRA weights are loaded into ``family.denoiser`` itself (and the text encoder, when the file has layers for
-    it), so sample the base model first.
+    LoRA weights (and a checkpoint's weights) are loaded into ``family.denoiser`` itself (and the text encoder,
+    when a LoRA file has layers for it), so sample the base model first.
     """
     base = family.denoiser
+    if is_checkpoint(directory):
+        return checkpoint_denoiser(family, directory), "checkpoint"
     lora_file = next((directory / name for name in LORA_WEIGHT_NAMES if (directory / name).is_file()), None)
     if lora_file is not None:
         pipeline = family.build_pipeline(base)
@@ -99,6 +109,17 @@ def only_denoiser_layers(lora_file: Path, prefix: str) -> bool:
     with safe_open(str(lora_file), framework="pt") as weights:
         keys = list(weights.keys())
     return bool(keys) and all(key.startswith(f"{prefix}.") and ".lora_" in key for key in keys)
+
+
+def checkpoint_denoiser(family: DiffusionFamily, directory: Path) -> nn.Module:
+    """The denoiser of a training checkpoint (its EMA when the run kept one), built into ``family.denoiser``."""
+    checkpoint = read_checkpoint_model(directory)
+    if checkpoint.config.get("kind") != "diffusion":
+        raise ValueError(f"model.aligned: {directory} is a checkpoint of a {checkpoint.config.get('kind')} run")
+    parameter = next(family.denoiser.parameters())
+    model_config = from_dict(DiffusionModelConfig, checkpoint.config["model"], prefix="model.")
+    denoiser = load_trained_denoiser(family, model_config, checkpoint)
+    return denoiser.to(parameter.device, dtype=parameter.dtype)
 
 
 def sample_model(

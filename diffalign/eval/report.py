@@ -4,48 +4,19 @@ spectrograms for audio), a plot of the scores, and every sample under ``samples/
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
-from torch import Tensor
 
-from diffalign.diffusion.sampling import save_image_grid
 from diffalign.diffusion.sampling import save_samples as save_sample_grid
 from diffalign.eval.generation import Samples
 from diffalign.eval.media import write_png, write_wav
-from diffalign.eval.statistics import mean_interval, win_rate_interval
+from diffalign.eval.statistics import ScorerResult, format_interval
 from diffalign.rewards import Audio
 
 BASE_COLOUR, ALIGNED_COLOUR = "#8c8c8c", "#1f77b4"
-
-
-@dataclass
-class ScorerResult:
-    """The scores one scorer gave both models: ``[N]`` per sample, or 0-dim for a set-level scorer."""
-
-    key: str
-    name: str
-    higher_is_better: bool
-    set_level: bool
-    base: Tensor
-    aligned: Tensor
-
-    def summary(self, confidence: float) -> dict[str, Any]:
-        if self.set_level:
-            base, aligned = self.base.item(), self.aligned.item()
-            better = aligned > base if self.higher_is_better else aligned < base
-            return {"base": {"value": base}, "aligned": {"value": aligned}, "aligned_better": better}
-        return {
-            "base": mean_interval(self.base, confidence).to_dict(),
-            "aligned": mean_interval(self.aligned, confidence).to_dict(),
-            "difference": mean_interval(self.aligned - self.base, confidence).to_dict(),
-            "win_rate": win_rate_interval(
-                self.aligned, self.base, self.higher_is_better, confidence
-            ).to_dict(),
-        }
 
 
 def write_report(
@@ -63,7 +34,9 @@ def write_report(
 ) -> dict[str, Any]:
     """Write every file of the report and return what ``report.json`` holds."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    files = write_sample_views(output_dir, base_samples, aligned_samples, grid_prompts, save_samples)
+    files = write_sample_views(
+        output_dir, base_samples, aligned_samples, prompts[:grid_prompts], results, save_samples
+    )
     files["plot"] = "plot.png"
     report = {
         **header,
@@ -99,9 +72,15 @@ def write_report(
 
 
 def write_sample_views(
-    output_dir: Path, base: Samples, aligned: Samples, grid_prompts: int, save_samples: bool
+    output_dir: Path,
+    base: Samples,
+    aligned: Samples,
+    grid_prompts: list[str],
+    results: list[ScorerResult],
+    save_samples: bool,
 ) -> dict[str, str]:
-    """The side-by-side view of the first ``grid_prompts`` samples and, optionally, every sample as a file."""
+    """The labelled grid of the first samples (one per prompt of ``grid_prompts``, scored by the first per-sample
+    scorer) and, optionally, every sample as a file."""
     audio = isinstance(base, Audio)
     if save_samples:
         for role, samples in (("base", base), ("aligned", aligned)):
@@ -112,14 +91,19 @@ def write_sample_views(
                 else:
                     write_png(path.with_suffix(".png"), samples[index].float() / 255)
     files = {"samples": "samples/"} if save_samples else {}
-    count = min(grid_prompts, len(base))
-    if audio:  # spectrograms in grid.png, the clips beside it in grid/
-        save_sample_grid({"base": base[:count], "aligned": aligned[:count]}, output_dir / "grid.png")
-        return {**files, "grid": "grid.png", "clips": "grid/"}
-    rows = [base[:count].float() / 255, aligned[:count].float() / 255]
-    # Small images are enlarged for viewing; full-size ones are kept as they are.
-    save_image_grid(rows, output_dir / "grid.png", scale=max(1, 256 // base.shape[-2]))
-    return {**files, "grid": "grid.png"}
+    count = min(len(grid_prompts), len(base))
+    if audio:
+        rows = {"base": base[:count], "aligned": aligned[:count]}
+    else:
+        rows = {"base": base[:count].float() / 255, "aligned": aligned[:count].float() / 255}
+    scored = next((result for result in results if not result.set_level), None)
+    scores = None if scored is None else {"base": scored.base[:count], "aligned": scored.aligned[:count]}
+    # Audio: spectrograms in grid.png, the clips beside it in grid/.
+    save_sample_grid(
+        rows, output_dir / "grid.png", grid_prompts[:count], scores, scored.key if scored else "score",
+        higher_is_better=scored.higher_is_better if scored else True,
+    )
+    return {**files, "grid": "grid.png", **({"clips": "grid/"} if audio else {})}
 
 
 def plot_scores(report: dict[str, Any], path: Path) -> None:
@@ -186,20 +170,16 @@ def markdown(report: dict[str, Any]) -> str:
             continue
         win = entry["win_rate"]
         lines.append(
-            f"| {key} | {direction} | {_mean(entry['base'])} | {_mean(entry['aligned'])} | "
-            f"{_mean(entry['difference'], signed=True)} | {win['value']:.1%} [{win['low']:.1%}, {win['high']:.1%}] "
+            f"| {key} | {direction} | {format_interval(entry['base'])} | {format_interval(entry['aligned'])} | "
+            f"{format_interval(entry['difference'], signed=True)} | {win['value']:.1%} [{win['low']:.1%}, {win['high']:.1%}] "
             f"({win['wins']}/{win['ties']}/{win['losses']}) |"
         )
     grid = report["files"]["grid"]
-    caption = "samples: base (top) / aligned (bottom)"
+    caption = "samples: base (top) / aligned (bottom), prompts below, scores under each sample"
     if "clips" in report["files"]:
-        caption = f"spectrograms: base (top) / aligned (bottom); clips in {report['files']['clips']}"
+        caption = (
+            "spectrograms: base (top) / aligned (bottom), prompts below, scores under each; clips in "
+            f"{report['files']['clips']}"
+        )
     lines += ["", f"![{caption}]({grid})", "", "![scores](plot.png)", ""]
     return "\n".join(lines)
-
-
-def _mean(interval: dict[str, Any], signed: bool = False) -> str:
-    value = f"{interval['value']:+.4g}" if signed else f"{interval['value']:.4g}"
-    if interval["low"] is None:
-        return value
-    return f"{value} ± {(interval['high'] - interval['low']) / 2:.2g}"

@@ -15,8 +15,9 @@ from diffalign.diffusion.families import load_family
 from diffalign.eval.config import EvalConfig
 from diffalign.eval.generation import Samples, load_aligned_denoiser, locate_aligned, sample_model
 from diffalign.eval.prompts import load_prompt_set
-from diffalign.eval.report import ScorerResult, write_report
+from diffalign.eval.report import write_report
 from diffalign.eval.scoring import build_with_reference, score_samples
+from diffalign.eval.statistics import ScorerResult
 from diffalign.hub import check_source, loading
 from diffalign.rewards.registry import parse_dtype
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from scipy import stats
 from torch import Tensor
@@ -83,3 +84,37 @@ def win_rate(aligned_scores: Tensor, base_scores: Tensor) -> float:
     """Fraction of prompts where the aligned sample scores higher; ties count one half."""
     wins = (aligned_scores > base_scores).float() + 0.5 * (aligned_scores == base_scores).float()
     return wins.mean().item()
+
+
+@dataclass
+class ScorerResult:
+    """The scores one scorer gave both models: ``[N]`` per sample, or 0-dim for a set-level scorer."""
+
+    key: str
+    name: str
+    higher_is_better: bool
+    set_level: bool
+    base: Tensor
+    aligned: Tensor
+
+    def summary(self, confidence: float) -> dict[str, Any]:
+        if self.set_level:
+            base, aligned = self.base.item(), self.aligned.item()
+            better = aligned > base if self.higher_is_better else aligned < base
+            return {"base": {"value": base}, "aligned": {"value": aligned}, "aligned_better": better}
+        return {
+            "base": mean_interval(self.base, confidence).to_dict(),
+            "aligned": mean_interval(self.aligned, confidence).to_dict(),
+            "difference": mean_interval(self.aligned - self.base, confidence).to_dict(),
+            "win_rate": win_rate_interval(
+                self.aligned, self.base, self.higher_is_better, confidence
+            ).to_dict(),
+        }
+
+
+def format_interval(interval: dict[str, Any], signed: bool = False) -> str:
+    """``value ± half-width`` of an :class:`Interval` as ``to_dict`` wrote it (the value alone without one)."""
+    value = f"{interval['value']:+.4g}" if signed else f"{interval['value']:.4g}"
+    if interval["low"] is None:
+        return value
+    return f"{value} ± {(interval['high'] - interval['low']) / 2:.2g}"

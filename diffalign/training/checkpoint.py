@@ -64,6 +64,7 @@ class LoopState:
     nonfinite_steps: int = 0
     best_metric: float | None = None  # for recipes that keep the best checkpoint (early stopping)
     num_processes: int = 1  # of the run that wrote the checkpoint
+    device: str = ""  # what it ran on ("NVIDIA H200", "CPU"), for the model card
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -129,9 +130,9 @@ def write_torch(value: Any, path: Path) -> None:
         raise _write_failed(path, error) from error
 
 
-def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     try:
-        save_file(tensors, path)
+        save_file(tensors, path, metadata=metadata)
     except (OSError, SafetensorError) as error:
         raise _write_failed(path, error) from error
 

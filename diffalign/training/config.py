@@ -42,6 +42,23 @@ class OptimConfig:
 
 
 @dataclass
+class EMAConfig:
+    """An exponential moving average of the trained weights (diffusers' ``EMAModel``), updated after every
+    ``every``-th optimizer step: for the k-th update ``ema ← d_k·ema + (1 − d_k)·θ`` with
+    ``d_k = min(decay, k / (9 + k))`` for k ≥ 2 and ``d_1 = 0`` (the first update copies the weights). When on,
+    evaluation, ``best/``, ``final/`` and ``diffalign export`` use the averaged weights."""
+
+    decay: float = 0.9999
+    every: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.decay < 1.0:
+            raise ValueError(f"run.ema.decay must be in [0, 1), got {self.decay}")
+        if self.every < 1:
+            raise ValueError(f"run.ema.every must be >= 1, got {self.every}")
+
+
+@dataclass
 class RunConfig:
     output_dir: str = "outputs/run"
     seed: int = 0
@@ -60,6 +77,10 @@ class RunConfig:
     # and cadences (RESUMABLE_CHANGES); true resumes anyway and records the changes in config_changes.jsonl.
     allow_config_change: bool = False
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    # The W&B project, the MLflow experiment and the TensorBoard folder under output_dir; null: "diffalign".
+    wandb_project: str | None = None
+    run_name: str | None = None  # the W&B / MLflow run's name; null: the tracker's own
+    tags: list[str] = field(default_factory=list)  # W&B tags; MLflow tags (each set to "true")
     # The NaN/inf guard skips a non-finite step; after this many skipped steps the run stops (with a checkpoint).
     max_nonfinite_steps: int = 10
     # Run the recipe's evaluation (samples, validation reward) every N optimizer steps; 0 = only at the end.
@@ -67,6 +88,13 @@ class RunConfig:
     dataloader_workers: int = 0
     pin_memory: bool = True
     progress_bar: bool = True
+    # null: none. An average of the weights, used for evaluation and written to final/ instead of the raw ones.
+    ema: EMAConfig | None = None
+    # Upload final/ (weights, config.yaml, the model card README.md) to the Hugging Face Hub repository
+    # hub_repo_id when training ends; needs network access and a token (`hf auth login` or HF_TOKEN).
+    push_to_hub: bool = False
+    hub_repo_id: str | None = None  # "user/name" or "org/name"; created if missing
+    hub_private: bool = True  # a repository created by the push is private
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every", "checkpoint_every"):
@@ -78,3 +106,7 @@ class RunConfig:
         unknown = set(self.trackers) - allowed_trackers
         if unknown:
             raise ValueError(f"run.trackers: {sorted(unknown)} not supported; choose from {sorted(allowed_trackers)}")
+        if self.push_to_hub and not self.hub_repo_id:
+            raise ValueError("run.push_to_hub is true but run.hub_repo_id is empty; set it to 'user/name'")
+        if self.hub_repo_id is not None and self.hub_repo_id.count("/") != 1:
+            raise ValueError(f"run.hub_repo_id must look like 'user/name', got {self.hub_repo_id!r}")

@@ -13,6 +13,7 @@ differs per engine is in ``engines.py``. Only ``recipe.model`` is prepared; froz
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import json
 import logging
@@ -33,6 +34,9 @@ from tqdm.auto import tqdm
 
 from diffalign.config import save_config, to_dict
 from diffalign.files import respect_umask
+from diffalign.hub import check_push_possible, push_folder
+from diffalign.model_card import CardFacts, TrainingSummary, describe_folder
+from diffalign.provenance import PROVENANCE_KEY, provenance
 from diffalign.training.checkpoint import (
     CheckpointWriteError,
     LoopState,
@@ -43,12 +47,14 @@ from diffalign.training.checkpoint import (
     save_checkpoint,
 )
 from diffalign.training.config import OptimConfig, RunConfig
+from diffalign.training.ema import WeightAverage, WithAverage
 from diffalign.training.engines import (
     PlainModelView,
     check_engine,
     configure_deepspeed,
     model_state_for,
     parameters_finite,
+    shards_parameters,
     total_norm,
     uses_deepspeed,
 )
@@ -56,6 +62,7 @@ from diffalign.training.optim import build_lr_scheduler, build_optimizer
 from diffalign.training.resume import load_first_readable, resume_candidates, verify_config
 from diffalign.training.sampler import ResumableBatchSampler, SampleIdDataset, collate_with_sample_ids
 from diffalign.training.signals import StopRequests, TrainingInterrupted
+from diffalign.training.trackers import LoggedSamples, log_samples, tracker_settings
 
 logger = logging.getLogger("diffalign")
 
@@ -73,7 +80,7 @@ class Recipe(abc.ABC):
 
     A recipe sets ``model`` (the module whose parameters with ``requires_grad=True`` are trained),
     ``train_dataset`` and ``collate`` (a batch of its items → the dict ``training_step`` reads), and implements
-    ``training_step`` and ``save_final``.
+    ``training_step`` and ``save_final``. ``card_facts`` lets the model card of ``final/`` say what loads it.
     """
 
     model: nn.Module
@@ -94,6 +101,14 @@ class Recipe(abc.ABC):
         """Metrics of the model at ``step``, logged as ``eval/<name>``; ``model`` is None on the processes that
         do not hold a plain copy under a sharding engine."""
         return {}
+
+    def logged_samples(self) -> LoggedSamples | None:
+        """The samples of the last ``evaluate``, which the loop sends to the trackers; None: nothing to show."""
+        return None
+
+    def card_facts(self) -> CardFacts | None:
+        """What loads the exported model, for its model card; None: no card."""
+        return None
 
     def extra_state(self) -> dict[str, Any]:
         """State of the recipe itself that a checkpoint must keep for an exact resume (tensors, plain values)."""
@@ -124,6 +139,8 @@ def make_accelerator(run: RunConfig) -> Accelerator:
                 f"run.trackers lists {name!r} but it is not installed: pip install {module}"
             ) from None
         trackers.append(name)
+    if run.push_to_hub:  # before any model loads: the push at the end must be possible
+        check_push_possible(run.hub_repo_id)
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
         # accelerate's own accumulation: backward divides the loss by it (DeepSpeed's engine does the division and
@@ -235,14 +252,22 @@ class TrainingLoop:
         self.recipe, self.run, self.optim, self.accelerator, self.config = recipe, run, optim, accelerator, config
         self.output_dir = Path(run.output_dir)
         self.checkpoint_root = self.output_dir / "checkpoints"
+        # The config as checkpoints and final/ store it, with where and with what it runs (provenance.py).
+        self.config_record = None
+        if config is not None:
+            self.config_record = {**to_dict(config), PROVENANCE_KEY: provenance(to_dict(config))}
         self._prepare_model()
         self.state = self._resume()
         self.state.num_processes = accelerator.num_processes
+        self.state.device = device_name(accelerator.device)
         self.batches = iter(self._data_loader())
         if config is not None and accelerator.is_main_process:
             save_config(config, self.output_dir / "config.yaml")
         if accelerator.log_with:
-            accelerator.init_trackers("diffalign", config=flat_scalars(config) if config is not None else None)
+            project, tracker_kwargs = tracker_settings(run)
+            accelerator.init_trackers(
+                project, config=flat_scalars(config) if config is not None else None, init_kwargs=tracker_kwargs
+            )
         self.window = LogWindow()
         self.last_logged: dict[str, float] = {}
         # The state after the last completed optimizer step: what an emergency checkpoint saves if the run crashes.
@@ -268,6 +293,16 @@ class TrainingLoop:
         # scheduler changes the torch optimizer's learning rate, which DeepSpeed's and accelerate's wrappers read.)
         self.model, self.optimizer = accelerator.prepare(recipe.model, optimizer)
         self.model_state = model_state_for(accelerator, self.model, self.optimizer)
+        self.average: WeightAverage | None = None
+        if run.ema is not None:
+            if shards_parameters(accelerator) or uses_deepspeed(accelerator):
+                # FSDP and ZeRO-3 shard the parameters; DeepSpeed keeps its fp32 masters inside its engine.
+                raise ValueError(
+                    "run.ema is supported on one process and under DDP only, not under FSDP or DeepSpeed; use the "
+                    "DDP config (configs/accelerate/ddp.yaml) or set run.ema: null"
+                )
+            self.average = WeightAverage(accelerator.unwrap_model(self.model), run.ema)
+            self.model_state = WithAverage(self.model_state, self.average)
 
     def _resume(self) -> LoopState:
         candidates = resume_candidates(self.run.resume, self.checkpoint_root)
@@ -389,6 +424,8 @@ class TrainingLoop:
                 f"{self.lr_scheduler.get_last_lr()[0]:g}) or loss.beta"
             )
         self.state.step += 1
+        if self.average is not None:
+            self.average.after_step(self.state.step)
         self.completed = (dataclasses.replace(self.state), capture_rng_state())
         self.progress.update(1)
         grad_norm = measured if measured is not None else torch.tensor(math.nan, device=accelerator.device)
@@ -422,9 +459,10 @@ class TrainingLoop:
         if step % run.checkpoint_every == 0:
             self._save(self.state, self.completed[1])
         if run.eval_every and step % run.eval_every == 0 and step < run.max_steps:
-            with self.plain_view.gathered(self.model) as plain_model:
+            with self.plain_view.gathered(self.model) as plain_model, self.evaluated_weights():
                 evaluate_and_log(
-                    self.recipe, self.accelerator, plain_model, self.state, self.last_logged, self.output_dir
+                    self.recipe, self.accelerator, plain_model, self.state, self.last_logged, self.output_dir,
+                    self.write_model,
                 )
 
     def _log(self) -> None:
@@ -459,7 +497,7 @@ class TrainingLoop:
             is_main_process=self.accelerator.is_main_process,
             wait_for_everyone=self.accelerator.wait_for_everyone,
             extra_state=self.recipe.extra_state(),
-            config=to_dict(self.config) if self.config is not None else None,
+            config=self.config_record,
             keep_last=self.run.keep_last_checkpoints,
         )
         self.last_saved_step = state.step
@@ -490,22 +528,44 @@ class TrainingLoop:
         logger.error("training stopped by %s; progress saved to %s", type(error).__name__, path)
 
     def _finish(self) -> dict[str, float]:
-        """The last checkpoint, the final evaluation and the exported model."""
+        """The last checkpoint, the final evaluation and the exported model (pushed to the Hub when asked)."""
         accelerator, output_dir = self.accelerator, self.output_dir
         if self.last_saved_step != self.state.step:
             self._save(self.state, self.completed[1])
-        with self.plain_view.gathered(self.model) as plain_model:
+        with self.plain_view.gathered(self.model) as plain_model, self.evaluated_weights():
             final_metrics = evaluate_and_log(
-                self.recipe, accelerator, plain_model, self.state, self.last_logged, output_dir
+                self.recipe, accelerator, plain_model, self.state, self.last_logged, output_dir, self.write_model
             )
             if accelerator.is_main_process:
-                self.recipe.save_final(plain_model, output_dir / "final")
-                if self.config is not None:  # the final model travels with the config that produced it
-                    save_config(self.config, output_dir / "final" / "config.yaml")
-                respect_umask(output_dir / "final")
+                self.write_model(plain_model, output_dir / "final", final_metrics)
         accelerator.wait_for_everyone()
         accelerator.end_training()
+        if self.run.push_to_hub and accelerator.is_main_process:
+            url = push_folder(
+                output_dir / "final", self.run.hub_repo_id, private=self.run.hub_private,
+                message=f"diffalign: {self.run.run_name or output_dir.name}, step {self.state.step}",
+            )
+            logger.info("final/ pushed to %s", url)
         return final_metrics
+
+    def evaluated_weights(self) -> contextlib.AbstractContextManager:
+        """The weights evaluation and export see: the weight average when ``run.ema`` is on."""
+        return self.average.applied() if self.average is not None else contextlib.nullcontext()
+
+    def write_model(self, model: nn.Module | None, folder: Path, metrics: dict[str, float]) -> None:
+        """A model folder (``final/``, ``best/``): the recipe's export, its config with provenance, its card."""
+        self.recipe.save_final(model, folder)
+        if self.config_record is not None:  # the model travels with the config that produced it
+            summary = TrainingSummary(self.state.step, self.state.num_processes, self.state.device, metrics)
+            describe_folder(folder, self.config_record, self.recipe.card_facts(), summary, self.run.run_name)
+        respect_umask(folder)
+
+
+def device_name(device: torch.device) -> str:
+    """What a run computes on, for its model card: the GPU's name, or ``CPU``."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type.upper()
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -532,8 +592,10 @@ def evaluate_and_log(
     state: LoopState,
     last_logged: dict[str, float],
     output_dir: Path,
+    write_model: Callable[[nn.Module | None, Path, dict[str, float]], None],
 ) -> dict[str, float]:
-    """Run the recipe's evaluation; a recipe with a ``selection_metric`` keeps its best model in ``best/``.
+    """Run the recipe's evaluation, log its metrics and samples; a recipe with a ``selection_metric`` keeps its
+    best model in ``best/`` (written by ``write_model``).
 
     ``model`` is the plain trained model (None on the other processes under a sharding engine: recipes evaluate
     on the main process only).
@@ -547,21 +609,21 @@ def evaluate_and_log(
     restore_rng_state(saved_rng)
     if model is not None:
         model.train()
+    logged_metrics = {f"eval/{k}": v for k, v in eval_metrics.items()}
     if eval_metrics:
-        accelerator.log({f"eval/{k}": v for k, v in eval_metrics.items()}, step=state.step)
+        accelerator.log(logged_metrics, step=state.step)
         if accelerator.is_main_process:
-            append_jsonl(
-                output_dir / "metrics.jsonl",
-                {"step": state.step, **{f"eval/{k}": v for k, v in eval_metrics.items()}},
-            )
+            append_jsonl(output_dir / "metrics.jsonl", {"step": state.step, **logged_metrics})
         logger.info("step %d eval: %s", state.step, {k: round(v, 4) for k, v in eval_metrics.items()})
+    samples = recipe.logged_samples()
+    if samples is not None and accelerator.is_main_process:
+        log_samples(accelerator, samples, state.step)
     selection_metric = recipe.selection_metric
     if selection_metric and selection_metric in eval_metrics:
         value = eval_metrics[selection_metric]
         if state.best_metric is None or value > state.best_metric:
             state.best_metric = value
             if accelerator.is_main_process:
-                recipe.save_final(model, output_dir / "best")
-                respect_umask(output_dir / "best")
+                write_model(model, output_dir / "best", logged_metrics)
             logger.info("new best %s=%.4f at step %d", selection_metric, value, state.step)
-    return {**last_logged, **{f"eval/{k}": v for k, v in eval_metrics.items()}}
+    return {**last_logged, **logged_metrics}

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import yaml
 
 from diffalign.config import ConfigError
+from diffalign.provenance import PROVENANCE_KEY
 from diffalign.training.checkpoint import (
     CONFIG_FILE,
     CorruptCheckpointError,
@@ -45,6 +46,12 @@ RESUMABLE_CHANGES = frozenset(
         "keep_last_checkpoints",
         "eval_every",
         "trackers",
+        "wandb_project",
+        "run_name",
+        "tags",
+        "push_to_hub",
+        "hub_repo_id",
+        "hub_private",
         "progress_bar",
         "dataloader_workers",
         "pin_memory",
@@ -93,8 +100,10 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def config_changes(
     saved: dict[str, Any], current: dict[str, Any], saved_processes: int = 1, current_processes: int = 1
 ) -> dict[str, tuple[Any, Any]]:
-    """``{key: (saved value, current value)}`` for every dotted key that differs, resumable ones aside."""
-    old, new = flatten(saved), flatten(current)
+    """``{key: (saved value, current value)}`` for every dotted key that differs, resumable ones aside (and the
+    saved ``provenance`` record, which is no setting)."""
+    old = flatten({key: value for key, value in saved.items() if key != PROVENANCE_KEY})
+    new = flatten({key: value for key, value in current.items() if key != PROVENANCE_KEY})
     # The batch per process may change with the number of processes as long as the global batch does not: the
     # data stream is laid out in global batches (training/sampler.py), so the run continues exactly.
     for flat, processes in ((old, saved_processes), (new, current_processes)):

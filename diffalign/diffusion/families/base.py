@@ -123,6 +123,8 @@ class DiffusionFamily(ABC):
     # The diffusers pipeline class whose `from_pretrained` reads this family.
     pipeline_class: Any
     capabilities: ClassVar[frozenset[str]] = frozenset()
+    # The Hub's task of the family's pipelines, for model cards.
+    hub_pipeline_tag: ClassVar[str] = "text-to-image"
     # The timestep density that `timesteps.density: auto` means for this family.
     default_density: ClassVar[str] = "uniform"
     # The range of stored media in the VAE's input space (pixels: [-1, 1]); None where unbounded (log-mel, waveform).

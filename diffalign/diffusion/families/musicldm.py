@@ -38,6 +38,8 @@ class MelLatentFamily(ImageVAEFamily):
     prompts are encoded and how encoded prompts enter the U-Net and the pipeline.
     """
 
+    hub_pipeline_tag = "text-to-audio"
+
     denoiser_class: type[nn.Module] = UNet2DConditionModel
     # Pipeline components besides the denoiser and the scheduler, held as attributes of the same names.
     component_names: tuple[str, ...]

@@ -98,6 +98,7 @@ def _per_sample(values: Tensor, like: Tensor) -> Tensor:
 
 class StableAudioFamily(DiffusionFamily):
     pipeline_class = StableAudioPipeline
+    hub_pipeline_tag = "text-to-audio"
     denoiser_subfolder = "transformer"
 
     def __init__(
