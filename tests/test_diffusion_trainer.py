@@ -197,7 +197,7 @@ def test_accumulating_two_half_batches_equals_one_batch(models, pairs_file, tmp_
             **settings,
         )
     )
-    assert accumulated["loss"] == pytest.approx(large["loss"], rel=1e-6)
+    assert accumulated["loss"] == pytest.approx(large["loss"], rel=1e-5)  # thread count changes the rounding
     large_weights, accumulated_weights = (
         trainable_snapshot(tmp_path / "large"),
         trainable_snapshot(tmp_path / "acc"),
