@@ -50,7 +50,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from diffalign.diffusion.families.stable_diffusion import StableDiffusionFamily, StableDiffusionXLFamily
-from diffalign.diffusion.methods import DiffusionDPO, LatentPairBatch
+from diffalign.diffusion.methods import LatentPairBatch
+from diffalign.diffusion.methods.dpo import DiffusionDPO
 from diffalign.diffusion.reference import ReferenceDenoiser
 from diffalign.diffusion.reference_cache import ReferenceErrors
 from diffalign.losses import LossConfig, compute_loss
