@@ -1,16 +1,13 @@
 """The diffusion recipe end to end on tiny pipelines: steps, export formats, exact resume, accumulation."""
 
-import io
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from helpers import write_random_pairs
 from peft.utils import get_peft_model_state_dict
-from PIL import Image
 from safetensors.torch import load_file
 from tiny_pipelines import build_tiny_sd, build_tiny_sdxl
 
@@ -19,28 +16,9 @@ from diffalign.diffusion.config import DiffusionTrainConfig
 from diffalign.diffusion.trainer import train
 
 
-def png(rng: np.random.Generator) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (18, 20, 3), dtype=np.uint8)).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def write_pairs(path: Path) -> Path:
-    """16 random image pairs of four captions, Pick-a-Pic style."""
-    rng = np.random.default_rng(0)
-    table = {
-        "caption": ["a red circle", "a blue square", "a small green circle", "a large red square"] * 4,
-        "jpg_0": [png(rng) for _ in range(16)],
-        "jpg_1": [png(rng) for _ in range(16)],
-        "label_0": [1.0, 0.0, 1.0, 0.0] * 4,
-    }
-    pq.write_table(pa.table(table), path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory) -> Path:
-    return write_pairs(tmp_path_factory.mktemp("data") / "pairs.parquet")
+    return write_random_pairs(tmp_path_factory.mktemp("data") / "pairs.parquet", count=16)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from fsdp_worker import make_optimizer, make_policy, probe, train_steps
-from test_diffusion_trainer import png
+from helpers import random_png
 from test_llm_trainer import build_tiny_llm
 from tiny_pipelines import build_tiny_sd
 
@@ -80,8 +80,8 @@ def setup(tmp_path_factory):
     rng = np.random.default_rng(0)
     table = {
         "caption": ["a red circle", "a blue square"] * 8,
-        "jpg_0": [png(rng) for _ in range(16)],
-        "jpg_1": [png(rng) for _ in range(16)],
+        "jpg_0": [random_png(rng) for _ in range(16)],
+        "jpg_1": [random_png(rng) for _ in range(16)],
         "label_0": [1.0, 0.0] * 8,
     }
     pq.write_table(pa.table(table), root / "pairs.parquet")

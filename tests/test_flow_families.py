@@ -3,14 +3,11 @@ sampling against the stock pipelines, training σ against diffusers' training ex
 its formula written out here, the VAE shift in every latent path, training steps and the exported files."""
 
 import copy
-import io
 import json
 import math
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import test_dragon  # noqa: F401 (registers the test_mean_red scorer)
 import torch
@@ -23,8 +20,8 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
+from helpers import write_random_pairs
 from peft import LoraConfig
-from PIL import Image
 from safetensors.torch import load_file
 from tiny_pipelines import build_tiny_flux, build_tiny_sd3
 
@@ -58,24 +55,9 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def png(rng: np.random.Generator) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (18, 20, 3), dtype=np.uint8)).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory) -> Path:
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("data") / "pairs.parquet"
-    table = {
-        "caption": ["a red circle", "a blue square", "a small green circle", "a large red square"] * 2,
-        "jpg_0": [png(rng) for _ in range(8)],
-        "jpg_1": [png(rng) for _ in range(8)],
-        "label_0": [1.0, 0.0] * 4,
-    }
-    pq.write_table(pa.table(table), path)
-    return path
+    return write_random_pairs(tmp_path_factory.mktemp("data") / "pairs.parquet")
 
 
 def config_for(model_dir: Path, pairs: Path, output: Path, **sections) -> DiffusionTrainConfig:

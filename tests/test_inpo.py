@@ -1,18 +1,15 @@
 """DDIM-InPO on tiny SD1.5-like and SDXL-like models: the loss re-derived along the official procedure
 (diffusers' inverse scheduler, η·σ jitter, reparametrised ε*, Diffusion-DPO), options, training steps."""
 
-import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMInverseScheduler, DDIMScheduler
-from PIL import Image
+from helpers import write_random_pairs
 from tiny_pipelines import build_tiny_sd, build_tiny_sdxl
 
 from diffalign.config import ConfigError, from_dict
@@ -222,25 +219,10 @@ def test_v_prediction_regresses_the_velocity_of_the_reparametrised_noise(tmp_pat
     torch.testing.assert_close(ours, -0.5 * errors, atol=1e-6, rtol=1e-4)
 
 
-def png(rng: np.random.Generator) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (18, 20, 3), dtype=np.uint8)).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory) -> Path:
     """Eight Pick-a-Pic-style rows (random images) in a parquet file."""
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("data") / "pairs.parquet"
-    table = {
-        "caption": ["a red circle", "a blue square", "a small green circle", "a large red square"] * 2,
-        "jpg_0": [png(rng) for _ in range(8)],
-        "jpg_1": [png(rng) for _ in range(8)],
-        "label_0": [1.0, 0.0] * 4,
-    }
-    pq.write_table(pa.table(table), path)
-    return path
+    return write_random_pairs(tmp_path_factory.mktemp("data") / "pairs.parquet")
 
 
 def one_step_config(model_dir: Path, data: Path, output: Path, **sections) -> DiffusionTrainConfig:

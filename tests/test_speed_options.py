@@ -1,15 +1,12 @@
 """The speed switches of the diffusion trainer: the reference cache, torch.compile, and no host syncs in a step."""
 
-import io
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from PIL import Image
+from helpers import write_random_pairs
 from test_diffusion_trainer import config_for
 from tiny_pipelines import build_tiny_sd
 
@@ -28,27 +25,9 @@ from diffalign.training.sampler import collate_with_sample_ids
 NUM_PAIRS = 8
 
 
-def png(rng: np.random.Generator) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (18, 20, 3), dtype=np.uint8)).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def write_pairs(path: Path, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    table = {
-        "caption": ["a red circle", "a blue square", "a small green circle", "a large red square"] * 2,
-        "jpg_0": [png(rng) for _ in range(NUM_PAIRS)],
-        "jpg_1": [png(rng) for _ in range(NUM_PAIRS)],
-        "label_0": [1.0, 0.0] * (NUM_PAIRS // 2),
-    }
-    pq.write_table(pa.table(table), path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory) -> Path:
-    return write_pairs(tmp_path_factory.mktemp("data") / "pairs.parquet")
+    return write_random_pairs(tmp_path_factory.mktemp("data") / "pairs.parquet", count=NUM_PAIRS)
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +166,7 @@ def test_reference_cache_is_reused_only_for_the_same_reference_data_and_seed(
     other_model = build(model_dir=other_sd_dir)
     assert other_model.data_stats["reference_cache_built"] == 1 and len(cache_files(reference_dir)) == 2
     assert not torch.equal(other_model.reference_errors.table, first.reference_errors.table)
-    other_data = build(data_file=write_pairs(tmp_path / "other.parquet", seed=1))
+    other_data = build(data_file=write_random_pairs(tmp_path / "other.parquet", count=NUM_PAIRS, seed=1))
     assert other_data.data_stats["reference_cache_built"] == 1
     other_seed = build(run={"seed": 3})  # other noise, timesteps and caption dropout per pair
     assert other_seed.data_stats["reference_cache_built"] == 1
