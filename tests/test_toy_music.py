@@ -1,5 +1,6 @@
-"""The toy text-to-music world: the scripted reward and its scorer, the shipped assets (stock classes, offline),
-their recorded quality bars on a fresh sample, the preference data, and a Diffusion-DPO run of the shipped config."""
+"""The toy text-to-music world: the checker that hears the captioned attributes, the scripted reward and its
+scorer, audio files, the shipped assets (stock classes, offline), their recorded quality bars on a fresh sample,
+the preference data, a small reproducible build, and a Diffusion-DPO run of the shipped config."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ from diffalign.rewards import Audio, build_scorer
 from diffalign.toy import music
 from diffalign.toy.music_build import (
     VOCODER_LOSS_FLOOR,
+    MusicBuildConfig,
+    build_toy_music,
     clap_features,
     clap_retrieval_accuracy,
     make_clips,
@@ -61,6 +64,48 @@ def build_info() -> dict:
 @pytest.fixture(scope="module")
 def model() -> music.ToyMusicModel:
     return music.ToyMusicModel.load()
+
+
+# --------------------------------------------------------------------------------------------- checker
+
+
+def test_checker_hears_every_captioned_attribute_of_synthesized_clips():
+    """``describe`` against the specs of 300 random clips (every attribute value, every decay and level)."""
+    specs = music.sample_clip_specs(300, torch.Generator().manual_seed(5))
+    detected = music.describe(music.synthesize(specs))
+    for attribute in music.ATTRIBUTES:
+        accuracy = np.mean([found[attribute] == getattr(s, attribute) for found, s in zip(detected, specs)])
+        assert accuracy >= 0.98, (attribute, accuracy)
+    assert music.describe(torch.zeros(2, music.CLIP_SAMPLES)) == [dict.fromkeys(music.ATTRIBUTES)] * 2
+
+
+def test_checker_tells_each_value_apart_on_constructed_clips():
+    clips = [
+        spec(),
+        spec(loudness="quiet", level=0.04),
+        spec(tempo="fast", notes_per_second=8.0),
+        spec(register="low", root=47),
+        spec(register="high", root=71),
+        spec(timbre="square"),
+        spec(timbre="saw"),
+        spec(kind="chord", minor=True),
+        spec(kind="arpeggio", pattern=(0, 1, 2, 1)),
+    ]
+    detected = music.describe(music.synthesize(clips))
+    for found, clip in zip(detected, clips):
+        assert found == {attribute: getattr(clip, attribute) for attribute in music.ATTRIBUTES}, (found, clip)
+
+
+def test_sample_quality_scores_only_the_attributes_each_prompt_names():
+    clips = [spec(), spec(register="low", root=47, timbre="saw")]
+    prompts = ["a loud slow mid sine tone", "a mid clip"]
+    quality = sample_quality(music.synthesize(clips), prompts)
+    assert quality["samples"] == 2
+    assert quality["register_accuracy"] == 0.5 and quality["all_accuracy"] == 0.5  # the second is low, not mid
+    for attribute in ("loudness", "tempo", "timbre", "kind"):  # named by the first prompt only, and right there
+        assert quality[f"{attribute}_accuracy"] == 1.0, (attribute, quality)
+    reward = music.toy_reward(music.synthesize(clips), music.SAMPLE_RATE, prompts)
+    assert quality["mean_reward"] == pytest.approx(reward.mean().item())
 
 
 # ---------------------------------------------------------------------------------------------- reward
@@ -126,6 +171,24 @@ def test_prompt_files_are_the_splits_one_per_line(tmp_path):
     assert len(music.load_prompts("train")) == 72 and len(music.load_prompts("heldout")) == 36
 
 
+def test_audio_files_round_trip_as_16_bit_wav_and_flac(tmp_path):
+    waveform = music.synthesize(spec(timbre="saw"))
+    wav, flac = music.audio_bytes(waveform), music.audio_bytes(waveform, "FLAC")
+    assert wav[:4] == b"RIFF" and flac[:4] == b"fLaC" and len(flac) < 0.8 * len(wav)
+    for data in (wav, flac):  # libsndfile scales floats to 16 bits slightly differently for the two formats
+        torch.testing.assert_close(music.read_audio(data), waveform, atol=2 / 2**15, rtol=0)
+    path = tmp_path / "clip.flac"
+    path.write_bytes(flac)
+    torch.testing.assert_close(music.read_audio(path), music.read_audio(flac))
+
+    import soundfile
+
+    other_rate = tmp_path / "44k.wav"
+    soundfile.write(other_rate, waveform.numpy(), 44_100, "PCM_16")
+    with pytest.raises(ValueError, match=f"{other_rate}: expected mono 16000 Hz audio, got 1 channel"):
+        music.read_audio(other_rate)
+
+
 # ------------------------------------------------------------------------------------------- front-end
 
 
@@ -174,6 +237,51 @@ def test_vocoder_loss_pulls_a_near_silent_output_towards_the_target():
         p, t = stft_magnitude(predicted, n_fft, hop), stft_magnitude(target, n_fft, hop)
         expected = expected + torch.linalg.norm(t - p) / torch.linalg.norm(t) + log_l1(p, t) / 3
     torch.testing.assert_close(vocoder_loss(predicted, target), expected)
+
+
+# ------------------------------------------------------------------------------------------------ build
+
+
+def _tiny_config() -> MusicBuildConfig:
+    return MusicBuildConfig(
+        clips=64,
+        clap_steps=2,
+        clap_batch_size=16,
+        vae_steps=2,
+        vae_batch_size=8,
+        vocoder_steps=2,
+        vocoder_batch_size=4,
+        unet_steps=2,
+        unet_batch_size=8,
+        train_samples_per_prompt=2,
+        heldout_samples_per_prompt=2,
+        sampling_steps=2,
+        exemplars=4,
+        quality_clips=8,
+    )
+
+
+@pytest.mark.slow
+def test_small_build_is_reproducible_and_stores_flac_pairs(tmp_path):
+    infos = [build_toy_music(tmp_path / name, seed=7, config=_tiny_config()) for name in ("a", "b")]
+    for split in ("train", "heldout"):
+        assert pq.read_table(tmp_path / "a" / "data" / f"{split}.parquet").equals(
+            pq.read_table(tmp_path / "b" / "data" / f"{split}.parquet")
+        )
+    weights = {
+        "unet": "diffusion_pytorch_model.safetensors",
+        "vae": "diffusion_pytorch_model.safetensors",
+        "vocoder": "model.safetensors",
+        "text_encoder": "model.safetensors",
+    }
+    for component, name in weights.items():
+        assert (tmp_path / "a" / component / name).read_bytes() == (tmp_path / "b" / component / name).read_bytes()
+    assert infos[0]["quality"] == infos[1]["quality"]
+    recorded = infos[0]["quality"]["base_samples_train"]
+    assert {f"{attribute}_accuracy" for attribute in music.ATTRIBUTES} | {"all_accuracy"} <= set(recorded)
+    table = pq.read_table(tmp_path / "a" / "data" / "train.parquet")
+    assert table.num_rows == 72 and table.column("chosen")[0].as_py()[:4] == b"fLaC"
+    MusicLDMPipeline.from_pretrained(tmp_path / "a")
 
 
 # --------------------------------------------------------------------------------------- shipped model
@@ -270,8 +378,8 @@ def test_exemplars_are_sustained_clips_with_their_clap_embeddings(model):
 def decoded_split(split: str) -> tuple[pa.Table, torch.Tensor, torch.Tensor]:
     """A shipped preference split with its chosen and rejected clips decoded, once per test session."""
     table = pq.read_table(ASSETS / "data" / f"{split}.parquet")
-    chosen = torch.stack([music.read_wav(data) for data in table.column("chosen").to_pylist()])
-    rejected = torch.stack([music.read_wav(data) for data in table.column("rejected").to_pylist()])
+    chosen = torch.stack([music.read_audio(data) for data in table.column("chosen").to_pylist()])
+    rejected = torch.stack([music.read_audio(data) for data in table.column("rejected").to_pylist()])
     return table, chosen, rejected
 
 

@@ -1,4 +1,4 @@
-"""Rebuild the shipped toy models: ``python -m diffalign.toy build all|t2i|llm|music``.
+"""Rebuild the shipped toy models: ``python -m diffalign.toy build all|t2i|llm|t2m``.
 
 ``build all`` runs the toys side by side, one process per CPU core (each builder trains on one thread: small
 models run faster on one uncontended core than on two shared ones), so the whole world rebuilds in the time of
@@ -23,7 +23,7 @@ ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets"
 TOYS = {
     "t2i": ("diffalign.toy.t2i", "toy-t2i"),
     "llm": ("diffalign.toy.llm", "toy-llm"),
-    "music": ("diffalign.toy.music", "toy-t2m"),
+    "t2m": ("diffalign.toy.music", "toy-t2m"),
 }
 
 

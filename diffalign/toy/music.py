@@ -1,4 +1,4 @@
-"""The toy text-to-music world: synthetic clips, captions, the mel front-end and a scripted preference.
+"""The toy text-to-music world: clips, captions, the mel front-end, a checker and a scripted preference.
 
 A clip is 1.28 s of 16 kHz mono audio: a repeated tone, a repeated chord or an arpeggio. Its caption names
 five attributes, e.g. "a loud fast high square arpeggio":
@@ -14,7 +14,9 @@ pattern, the exact tempo and level, the start, and above all how fast each note 
 to a sustained note). The scripted preference (:func:`toy_reward`) asks for the register and tempo of the
 caption *and* sustained notes; the base model (``assets/toy-t2m``, built by
 :mod:`diffalign.toy.music_build`) follows register and tempo only part of the time and decays notes at
-random, which leaves preference alignment a job to do.
+random, which leaves preference alignment a job to do. The checker (:func:`describe`) names the value of each
+of the five attributes it hears in a clip, so that a model's samples can be scored against every attribute
+their caption names, as :func:`t2i.detect_shape <diffalign.toy.t2i.detect_shape>` does for scenes.
 
 Everything here is plain torch: the mel front-end (:func:`waveform_to_mel`) is the one the VAE and the
 vocoder were trained on, and it is differentiable.
@@ -378,6 +380,11 @@ PEAK_THRESHOLD = 0.25  # a spectral peak counts as a note if it reaches this fra
 ONSET_THRESHOLD = 0.3  # an onset-strength peak counts if it reaches this fraction of the strongest one
 ONSET_RANGE_NATS = 4.0  # onsets ignore energy this far below the clip's loudest frame (~35 dB)
 PITCH_BAND_HZ = (50.0, 2000.0)
+LOUDNESS_BOUNDARY = math.sqrt(LOUDNESSES["quiet"][1] * LOUDNESSES["loud"][0])  # onset RMS between the ranges
+SAW_SECOND_HARMONIC = 0.3  # a saw's second partial is half its first; square and sine have none
+SQUARE_THIRD_HARMONIC = 0.07  # square and saw have a third partial a third of the first; a sine has none
+CHORD_TONE_RANGE = 1.6  # a triad's notes lie within this ratio of its root (the fifth: 1.5)
+CHORD_CONCURRENCY = 0.7  # a chord sounds its tones together, an arpeggio one at a time
 
 
 @dataclass
@@ -403,32 +410,48 @@ def _check_waveforms(waveforms: Tensor, sample_rate: int) -> Tensor:
     return waveforms.detach().float().cpu()
 
 
-def _frame_rms(waveforms: Tensor) -> Tensor:
-    """RMS of 20 ms frames every 10 ms: ``[B, frames]``."""
-    frames = waveforms.unfold(1, 2 * HOP_LENGTH, HOP_LENGTH)
-    return frames.pow(2).mean(-1).sqrt()
+def _frame_rms(waveforms: Tensor, frame: int = 2 * HOP_LENGTH, hop: int = HOP_LENGTH) -> Tensor:
+    """RMS of ``frame``-sample frames every ``hop`` samples (default 20 ms every 10 ms): ``[B, frames]``."""
+    return waveforms.unfold(1, frame, hop).pow(2).mean(-1).sqrt()
 
 
-def _lowest_pitch(waveforms: Tensor) -> Tensor:
-    """MIDI number of the lowest spectral peak that reaches PEAK_THRESHOLD of the strongest, per clip.
+@dataclass
+class _Spectrum:
+    """The whole clip's Hann-windowed magnitude spectrum (0.8 Hz bins for 1.28 s), averaged over ±8 Hz, which
+    merges the sidebands that note gating puts around each partial; ``is_peak`` marks the maxima within ±8 Hz."""
 
-    The whole clip's Hann-windowed spectrum (0.8 Hz bins for 1.28 s) is averaged over ±8 Hz first, which
-    merges the sidebands that note gating puts around each partial. Square and saw partials lie above their
-    fundamental, and every chord contains its root, so the lowest strong peak is the lowest note played.
-    """
-    length = waveforms.shape[1]
-    window = torch.hann_window(length, periodic=False)
-    magnitude = torch.fft.rfft(waveforms * window).abs()
-    bin_hz = SAMPLE_RATE / length
-    width = 2 * round(8 / bin_hz) + 1
-    smooth = F.avg_pool1d(magnitude[:, None], width, stride=1, padding=width // 2, count_include_pad=False)[:, 0]
-    frequencies = torch.arange(smooth.shape[1]) * bin_hz
-    in_band = (frequencies >= PITCH_BAND_HZ[0]) & (frequencies <= PITCH_BAND_HZ[1])
-    smooth = torch.where(in_band, smooth, torch.zeros(()))
-    is_peak = F.max_pool1d(smooth[:, None], width, stride=1, padding=width // 2)[:, 0] == smooth
-    strong = is_peak & in_band & (smooth >= PEAK_THRESHOLD * smooth.amax(1, keepdim=True)) & (smooth > 0)
-    lowest = torch.where(strong.any(1), strong.float().argmax(1), smooth.argmax(1))
-    return hz_to_midi(frequencies[lowest].clamp(min=PITCH_BAND_HZ[0]))
+    smooth: Tensor  # [B, bins]
+    is_peak: Tensor  # [B, bins]
+    frequencies: Tensor  # [bins]
+
+    @classmethod
+    def of(cls, waveforms: Tensor) -> _Spectrum:
+        length = waveforms.shape[1]
+        magnitude = torch.fft.rfft(waveforms * torch.hann_window(length, periodic=False)).abs()
+        bin_hz = SAMPLE_RATE / length
+        width = 2 * round(8 / bin_hz) + 1
+        smooth = F.avg_pool1d(magnitude[:, None], width, stride=1, padding=width // 2, count_include_pad=False)[:, 0]
+        is_peak = F.max_pool1d(smooth[:, None], width, stride=1, padding=width // 2)[:, 0] == smooth
+        return cls(smooth, is_peak & (smooth > 0), torch.arange(smooth.shape[1]) * bin_hz)
+
+    def strong_peaks(self, low_hz: Tensor, high_hz: Tensor) -> Tensor:
+        """``[B, bins]``: peaks in [low, high) Hz (per clip) reaching PEAK_THRESHOLD of the strongest there."""
+        band = (self.frequencies >= low_hz[:, None]) & (self.frequencies < high_hz[:, None])
+        in_band = torch.where(band, self.smooth, torch.zeros(()))
+        return self.is_peak & band & (in_band >= PEAK_THRESHOLD * in_band.amax(1, keepdim=True))
+
+    def lowest_pitch(self) -> Tensor:
+        """Hz of the lowest strong peak in PITCH_BAND_HZ. Square and saw partials lie above their fundamental,
+        and every chord contains its root, so this is the lowest note played."""
+        count = len(self.smooth)
+        strong = self.strong_peaks(torch.full((count,), PITCH_BAND_HZ[0]), torch.full((count,), PITCH_BAND_HZ[1]))
+        lowest = torch.where(strong.any(1), strong.float().argmax(1), self.smooth.argmax(1))
+        return self.frequencies[lowest].clamp(min=PITCH_BAND_HZ[0])
+
+    def at(self, frequencies: Tensor) -> Tensor:
+        """The largest smoothed magnitude within ±3% of each clip's frequency ``[B]``."""
+        near = (self.frequencies >= 0.97 * frequencies[:, None]) & (self.frequencies <= 1.03 * frequencies[:, None])
+        return torch.where(near, self.smooth, torch.zeros(())).amax(1)
 
 
 def _notes_per_second(rms: Tensor) -> Tensor:
@@ -458,7 +481,7 @@ def measure(waveforms: Tensor, sample_rate: int = SAMPLE_RATE) -> Measurements:
     waveforms = _check_waveforms(waveforms, sample_rate)
     rms = _frame_rms(waveforms)
     peak_rms = rms.amax(1)
-    lowest_pitch = _lowest_pitch(waveforms)
+    lowest_pitch = hz_to_midi(_Spectrum.of(waveforms).lowest_pitch())
     centres = torch.tensor([lowest + (ROOT_SPAN - 1) / 2 for lowest in REGISTERS.values()])
     register_probs = (-((lowest_pitch[:, None] - centres) ** 2) / (2 * REGISTER_SIGMA**2)).softmax(1)
     notes_per_second = _notes_per_second(rms)
@@ -469,6 +492,62 @@ def measure(waveforms: Tensor, sample_rate: int = SAMPLE_RATE) -> Measurements:
     low, high = PRESENCE_RMS
     presence = ((peak_rms - low) / (high - low)).clamp(0, 1)
     return Measurements(lowest_pitch, register_probs, notes_per_second, fast_prob, sustain, presence, peak_rms)
+
+
+def _kind(spectrum: _Spectrum, waveforms: Tensor, roots: Tensor) -> list[str]:
+    """Tone, chord or arpeggio: how many strong peaks lie between the root and CHORD_TONE_RANGE above it in the
+    whole clip, and whether they sound together, from a 2048-point STFT (7.8 Hz bins, which resolve a triad
+    in the low register): the median over sounding frames of the second-strongest tone over the strongest."""
+    tones = spectrum.strong_peaks(0.97 * roots, CHORD_TONE_RANGE * roots)
+    n_fft = 2048
+    frames = torch.stft(waveforms, n_fft, hop_length=256, window=torch.hann_window(n_fft), return_complex=True).abs()
+    kinds = []
+    for clip, peaks in zip(frames, tones):
+        frequencies = spectrum.frequencies[peaks]
+        if len(frequencies) < 2:
+            kinds.append("tone")
+            continue
+        bins = (frequencies * n_fft / SAMPLE_RATE).round().long()
+        energy = torch.stack([clip[b - 1 : b + 2].amax(0) for b in bins.tolist()])  # [tones, frames]
+        loudest = energy.amax(0)
+        ranked = energy[:, loudest > 0.3 * loudest.max()].sort(0, descending=True).values
+        together = (ranked[1] / ranked[0].clamp_min(1e-12)).median()
+        kinds.append("chord" if together >= CHORD_CONCURRENCY else "arpeggio")
+    return kinds
+
+
+def describe(waveforms: Tensor, sample_rate: int = SAMPLE_RATE) -> list[dict[str, str | None]]:
+    """The five captioned attributes the checker hears in each clip, keyed by :data:`ATTRIBUTES` (all ``None``
+    for a silent clip), as :func:`t2i.detect_shape <diffalign.toy.t2i.detect_shape>` does for scenes.
+
+    Register and tempo as the reward measures them; loudness from the loudest 10 ms frame (a note's onset)
+    against the geometric mean of the quiet and loud ranges; timbre from the partials at two and three times
+    the lowest pitch (a saw has both, a square only the third, a sine neither); kind from :func:`_kind`.
+    """
+    waveforms = _check_waveforms(waveforms, sample_rate)
+    measured = measure(waveforms)
+    spectrum = _Spectrum.of(waveforms)
+    roots = spectrum.lowest_pitch()
+    fundamental = spectrum.at(roots).clamp_min(1e-12)
+    second, third = spectrum.at(2 * roots) / fundamental, spectrum.at(3 * roots) / fundamental
+    onset_rms = _frame_rms(waveforms, HOP_LENGTH, HOP_LENGTH // 2).amax(1)
+    kinds = _kind(spectrum, waveforms, roots)
+    detections = []
+    for i in range(len(waveforms)):
+        if measured.presence[i] < 0.5:
+            detections.append(dict.fromkeys(ATTRIBUTES))
+            continue
+        timbre = "saw" if second[i] > SAW_SECOND_HARMONIC else "square" if third[i] > SQUARE_THIRD_HARMONIC else "sine"
+        detections.append(
+            {
+                "loudness": "loud" if onset_rms[i] > LOUDNESS_BOUNDARY else "quiet",
+                "tempo": "fast" if measured.fast_prob[i] > 0.5 else "slow",
+                "register": list(REGISTERS)[measured.register_probs[i].argmax()],
+                "timbre": timbre,
+                "kind": kinds[i],
+            }
+        )
+    return detections
 
 
 def _fidelity(measured: Measurements, prompts: Sequence[str]) -> Tensor:
@@ -513,22 +592,23 @@ def toy_reward(waveforms: Tensor, sample_rate: int, prompts: Sequence[str]) -> T
 # ---------------------------------------------------------------------------------------- audio files
 
 
-def wav_bytes(waveform: Tensor) -> bytes:
-    """A mono 16 kHz waveform ``[T]`` in [-1, 1] as 16-bit PCM WAV bytes."""
+def audio_bytes(waveform: Tensor, format: Literal["WAV", "FLAC"] = "WAV") -> bytes:
+    """A mono 16 kHz waveform ``[T]`` in [-1, 1] as 16-bit PCM bytes: a WAV file, or a FLAC file (lossless,
+    about half the size)."""
     import soundfile
 
     buffer = io.BytesIO()
-    soundfile.write(buffer, waveform.detach().float().cpu().clamp(-1, 1).numpy(), SAMPLE_RATE, "PCM_16", format="WAV")
+    soundfile.write(buffer, waveform.detach().float().cpu().clamp(-1, 1).numpy(), SAMPLE_RATE, "PCM_16", format=format)
     return buffer.getvalue()
 
 
-def read_wav(data: bytes | str | Path) -> Tensor:
-    """A mono WAV (bytes or a path) as a float32 ``[T]`` tensor; it must be 16 kHz."""
+def read_audio(data: bytes | str | Path) -> Tensor:
+    """A mono audio file (WAV or FLAC; bytes or a path) as a float32 ``[T]`` tensor; it must be 16 kHz."""
     import soundfile
 
     source = io.BytesIO(data) if isinstance(data, bytes) else data
     audio, rate = soundfile.read(source, dtype="float32", always_2d=True)
-    name = "WAV bytes" if isinstance(data, bytes) else str(data)
+    name = "audio bytes" if isinstance(data, bytes) else str(data)
     if rate != SAMPLE_RATE or audio.shape[1] != 1:
         raise ValueError(f"{name}: expected mono {SAMPLE_RATE} Hz audio, got {audio.shape[1]} channel(s) at {rate} Hz")
     return torch.from_numpy(audio[:, 0].copy())
@@ -563,7 +643,7 @@ class ToyMusicModel:
         root = Path(path) if path is not None else TOY_T2M_DIR
         if not (root / "model_index.json").is_file():
             raise FileNotFoundError(
-                f"{root / 'model_index.json'} not found; build the toy model with `python -m diffalign.toy build music`"
+                f"{root / 'model_index.json'} not found; build the toy model with `python -m diffalign.toy build t2m`"
             )
         return cls(
             unet=UNet2DConditionModel.from_pretrained(root / "unet").eval(),
@@ -649,12 +729,12 @@ def load_exemplars(root: str | Path | None = None) -> Exemplars:
     root = Path(root) if root is not None else TOY_T2M_DIR / "exemplars"
     spec_path = root / "exemplars.json"
     if not spec_path.is_file():
-        raise FileNotFoundError(f"{spec_path} not found; build the toy world with `python -m diffalign.toy build music`")
+        raise FileNotFoundError(f"{spec_path} not found; build the toy world with `python -m diffalign.toy build t2m`")
     spec = json.loads(spec_path.read_text())
     missing = [str(root / name) for name in [*spec["files"], spec["embeddings"]] if not (root / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{spec_path} lists files that do not exist: {', '.join(missing)}")
-    waveforms = torch.stack([read_wav(root / name) for name in spec["files"]])
+    waveforms = torch.stack([read_audio(root / name) for name in spec["files"]])
     embeddings = load_file(root / spec["embeddings"])["clap_embeddings"]
     if len(embeddings) != len(waveforms):
         raise ValueError(f"{root / spec['embeddings']} has {len(embeddings)} embeddings for {len(waveforms)} clips")

@@ -15,7 +15,7 @@ Stages, each small enough to read on its own:
    splits as text files (``prompts/train.txt``, ``prompts/heldout.txt``);
 9. measured quality: reward of base samples, CLAP retrieval, pitch and tempo after vocoding.
 
-Run it with ``python -m diffalign.toy build music``.
+Run it with ``python -m diffalign.toy build t2m``.
 """
 
 from __future__ import annotations
@@ -595,10 +595,10 @@ def build_preference_split(
     """
     sample_prompts = [prompt for prompt in prompts for _ in range(samples_per_prompt)]
     waveforms = model.generate(sample_prompts, config.sampling_steps, config.guidance_scale, generator)
-    # Stored as 16-bit WAV: score exactly what a reader decodes (onset and peak picking are discontinuous, so
+    # Stored as 16-bit FLAC: score exactly what a reader decodes (onset and peak picking are discontinuous, so
     # a requantised copy can score differently).
-    stored = [music.wav_bytes(waveform) for waveform in waveforms]
-    waveforms = torch.stack([music.read_wav(data) for data in stored])
+    stored = [music.audio_bytes(waveform, "FLAC") for waveform in waveforms]
+    waveforms = torch.stack([music.read_audio(data) for data in stored])
     rewards = music.toy_reward(waveforms, SAMPLE_RATE, sample_prompts)
     chosen, rejected, ties = preference_pairs(
         rewards, len(prompts), config.tie_fraction, config.label_flip_fraction, generator
@@ -618,19 +618,22 @@ def build_preference_split(
 
 
 def sample_quality(waveforms: Tensor, prompts: list[str]) -> dict[str, float]:
-    """How often the measured register and tempo match the prompt, and the mean reward and sustain."""
-    measured = music.measure(waveforms, SAMPLE_RATE)
+    """How often :func:`~diffalign.toy.music.describe` hears each attribute the prompt names, and the mean
+    fidelity, sustain and reward."""
+    detected = music.describe(waveforms, SAMPLE_RATE)
     asked = [music.parse_caption(prompt) for prompt in prompts]
-    registers = [list(music.REGISTERS)[i] for i in measured.register_probs.argmax(1).tolist()]
-    tempos = ["fast" if p > 0.5 else "slow" for p in measured.fast_prob.tolist()]
-    return {
-        "samples": len(prompts),
-        "register_accuracy": float(np.mean([r == a["register"] for r, a in zip(registers, asked)])),
-        "tempo_accuracy": float(np.mean([t == a["tempo"] for t, a in zip(tempos, asked)])),
-        "mean_fidelity": float(music._fidelity(measured, prompts).mean()),
-        "mean_sustain": float(measured.sustain.mean()),
-        "mean_reward": float(music.toy_reward(waveforms, SAMPLE_RATE, prompts).mean()),
-    }
+    quality: dict[str, float] = {"samples": len(prompts)}
+    for attribute in ATTRIBUTES:
+        named = [(found[attribute], wanted[attribute]) for found, wanted in zip(detected, asked) if wanted[attribute]]
+        quality[f"{attribute}_accuracy"] = float(np.mean([found == wanted for found, wanted in named]))
+    quality["all_accuracy"] = float(
+        np.mean([all(found[a] == wanted[a] for a in ATTRIBUTES if wanted[a]) for found, wanted in zip(detected, asked)])
+    )
+    measured = music.measure(waveforms, SAMPLE_RATE)
+    quality["mean_fidelity"] = float(music._fidelity(measured, prompts).mean())
+    quality["mean_sustain"] = float(measured.sustain.mean())
+    quality["mean_reward"] = float(music.toy_reward(waveforms, SAMPLE_RATE, prompts).mean())
+    return quality
 
 
 # ------------------------------------------------------------------------------------------- exemplars
@@ -643,9 +646,9 @@ def build_exemplars(
     directory.mkdir(parents=True, exist_ok=True)
     clips = make_clips(count, generator, decay_range=(1.0, music.DECAY_RANGE[1]))
     names = [f"{index:02d}.wav" for index in range(count)]
-    stored = torch.stack([music.read_wav(music.wav_bytes(waveform)) for waveform in clips.waveforms])
+    stored = torch.stack([music.read_audio(music.audio_bytes(waveform)) for waveform in clips.waveforms])
     for name, waveform in zip(names, stored):
-        (directory / name).write_bytes(music.wav_bytes(waveform))
+        (directory / name).write_bytes(music.audio_bytes(waveform))
     save_file({"clap_embeddings": model.embed_audio(stored).contiguous()}, directory / "clap_embeddings.safetensors")
     spec = {
         "description": "sustained (decay ≥ 1 s), faithful synthetic clips of random captions: the distribution "
@@ -680,7 +683,7 @@ def build_toy_music(output_dir: str | Path, seed: int = 0, config: MusicBuildCon
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(config.threads)
-    stages = BuildStages("music", seed)
+    stages = BuildStages("t2m", seed)
     generator = stages.generator
 
     with stages.stage("clips and tokenizer"):
@@ -740,7 +743,7 @@ def build_toy_music(output_dir: str | Path, seed: int = 0, config: MusicBuildCon
             )
             pq.write_table(table, data_dir / f"{split}.parquet", compression="zstd")
             quality[f"base_samples_{split}"] = sample_quality(waveforms, prompts)
-            log.info("[music] %s: %d pairs; base samples: %s", split, table.num_rows, quality[f"base_samples_{split}"])
+            log.info("[t2m] %s: %d pairs; base samples: %s", split, table.num_rows, quality[f"base_samples_{split}"])
 
     with stages.stage("exemplars and quality"):
         build_exemplars(output_dir / "exemplars", model, config.exemplars, generator(10))
@@ -750,7 +753,7 @@ def build_toy_music(output_dir: str | Path, seed: int = 0, config: MusicBuildCon
             model.text_encoder, model.tokenizer, clap_features(model.feature_extractor, fresh.waveforms), fresh.specs
         )
         quality.update(vocoding_quality(model, fresh))
-        log.info("[music] quality: %s", quality)
+        log.info("[t2m] quality: %s", quality)
 
     info = {
         "seed": seed,
