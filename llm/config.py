@@ -41,9 +41,19 @@ class LLMModelConfig:
 class LLMDataConfig:
     """Preference data in one of TRL's schemas, from a local JSONL/JSON/parquet file, a directory or a hub id."""
 
+    # A .jsonl/.json/.parquet/.arrow file, a save_to_disk folder, a folder of data files, or a hub dataset id.
     path: str = "assets/toy-llm/data/conversational_train.jsonl"
-    split: str = "train"  # for directories and hub ids
+    split: str = "train"  # for folders, saved DatasetDicts and hub ids
     subset: str | None = None  # a hub dataset's config name
+    revision: str | None = None  # a hub dataset's branch, tag or commit
+    # Tokenized rows are cached here (an arrow file per data content, tokenizer and truncation setting), so a
+    # second run does not tokenize again.
+    cache_dir: str = ".cache/diffalign/tokenized"
+    num_proc: int | None = None  # processes that tokenize (datasets' Dataset.map); null: this one
+    # Read and tokenize rows as they are trained on (diffalign/streaming.py) instead of all before training:
+    # for data too large to download or tokenize ahead.
+    streaming: bool = False
+    shuffle_buffer: int = 1000  # rows per shuffle window of a stream (1: the stored order within each shard)
     # auto: standard/conversational/implicit-prompt/unpaired from the columns and value types of the first row.
     schema: Literal["auto", "standard", "conversational", "implicit_prompt", "unpaired"] = "auto"
     max_prompt_length: int | None = 512  # longer prompts keep their last tokens
@@ -55,7 +65,7 @@ class LLMDataConfig:
     padding_side: Literal["right", "left"] = "right"
 
     def __post_init__(self) -> None:
-        for key in ("max_prompt_length", "max_length", "max_rows"):
+        for key in ("max_prompt_length", "max_length", "max_rows", "num_proc"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ValueError(f"data.{key} must be >= 1 or null, got {value}")
@@ -68,6 +78,10 @@ class LLMDataConfig:
                 f"data.max_prompt_length={self.max_prompt_length} must be < data.max_length={self.max_length} "
                 "so that every completion keeps at least one token"
             )
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"data.shuffle_buffer must be >= 1 (rows per shuffle window), got {self.shuffle_buffer}")
+        if self.streaming and self.max_rows is not None:
+            raise ValueError("data.max_rows needs the whole data (data.streaming: false); remove one of them")
 
 
 @dataclass
@@ -154,6 +168,21 @@ class LLMTrainConfig:
                 "precomputed (or auto) for a full fine-tune"
             )
         self._check_reference_needs()
+        if self.data.streaming:
+            if self.reference_strategy == "precomputed":
+                raise ValueError(
+                    "reference.strategy: precomputed computes the reference over the whole data before training, "
+                    "which data.streaming never holds; use frozen_copy or adapter_disabled (or auto)"
+                )
+            if "kto" in self.loss.type:
+                raise ValueError(
+                    "loss.type kto pairs each prompt with another row's completion from the whole data, which "
+                    "data.streaming never holds; set data.streaming: false"
+                )
+            if self.run.dataloader_workers:
+                raise ValueError(
+                    "data.streaming reads and tokenizes rows in the training process; set run.dataloader_workers: 0"
+                )
         if self.data.schema == "unpaired":
             paired = [name for name in self.loss.type if LOSSES[name].paired]
             if paired:

@@ -9,32 +9,33 @@ Schemas (column names and types as in TRL):
   HH; the shared prefix is the prompt.
 - unpaired: ``prompt``, ``completion`` and a boolean ``label`` (desirable or not), for KTO-style losses.
 
-Rows are read from a local JSONL/JSON/parquet file, a local dataset directory or a hub id. A malformed row
-stops the run with its file and row number, or is skipped and counted (``data.bad_rows: skip``).
+Rows are read by ``datasets`` from a JSONL/JSON/parquet/arrow file, a ``save_to_disk`` folder, a folder of data
+files or a hub id (subset, split, revision), and tokenized by ``Dataset.map`` into an arrow file cached under
+their content, the tokenizer and the truncation settings, so that a second run reads it back. A malformed row
+stops the run with its file and row number, or is skipped and counted (``data.bad_rows: skip``). With
+``data.streaming`` rows are read, checked and tokenized as they are trained on (llm/batching.py).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diffalign.config import LoadError
 from diffalign.llm.config import LLMDataConfig
+from diffalign.progress import progress_enabled
+from diffalign.streaming import BadRow as BadRowError
+from diffalign.streaming import ShardedSource, stream_files, stream_hub
 
 logger = logging.getLogger("diffalign")
 
 Text = str | list[dict[str, str]]  # a plain string, or chat messages
-
-
-class BadRowError(ValueError):
-    """A row that does not fit its schema; ``reason`` is a short category for skip counts."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass
@@ -78,43 +79,141 @@ class DataStats:
 
 # --- reading ------------------------------------------------------------------------------------------------
 
+RAW_COLUMN = "__row_json__"  # rows that no typed table can hold (mixed types, non-objects), as JSON text
+BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 
-def read_rows(path: str, split: str = "train", subset: str | None = None, key: str = "data.path") -> list[Any]:
-    """Rows of a JSONL/JSON/parquet file, a local dataset directory or a hub dataset, as plain values (dicts,
-    unless the file holds something else: callers check each row); ``key`` names the config key of ``path`` in
-    errors."""
-    local = Path(path)
-    if local.is_file():
-        if local.suffix == ".jsonl":
-            return _read_jsonl(local)
-        if local.suffix == ".json":
-            rows = json.loads(_utf8_text(local.read_bytes(), local))
-            if not isinstance(rows, list):
-                raise ValueError(f"{local}: a .json data file must hold a list of row objects")
-            return rows
-        if local.suffix == ".parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
 
-            try:
-                return pq.read_table(local).to_pylist()
-            except pa.ArrowException as error:
-                raise ValueError(f"{local} is not a readable parquet file ({error})") from None
-        raise ValueError(
-            f"{local}: unsupported data file type {local.suffix!r}; use .jsonl, .json or .parquet"
-        )
-    if local.suffix in (".jsonl", ".json", ".parquet"):
-        from diffalign.config import LoadError
+@dataclass
+class RowTable:
+    """The rows of ``data.path`` as a ``datasets.Dataset`` (memory-mapped; one :data:`RAW_COLUMN` of JSON text
+    when the rows have no common type), with what identifies their content for the tokenisation cache."""
 
-        raise LoadError(f"{key}={path!r}: no such file; give an existing data file, a dataset directory or a hub id")
+    dataset: Any
+    name: str
+    identity: str
 
+
+def is_saved_dataset(path: Path) -> bool:
+    """A folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
+    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def open_rows(
+    path: str,
+    *,
+    split: str = "train",
+    subset: str | None = None,
+    revision: str | None = None,
+    key: str = "data.path",
+) -> RowTable:
+    """Rows of a JSONL/JSON (JSON Lines or a list)/parquet/arrow file, a ``save_to_disk`` folder, a folder of
+    data files, or a hub dataset (``subset``, ``split``, ``revision``), read by ``datasets``; ``key`` names the
+    config key of ``path`` in errors."""
     from diffalign.hub import loading
 
-    with loading(key, path, f"dataset (subset {subset!r}, split {split!r})", repo_type="dataset"):
+    local = Path(path)
+    if local.is_file():
+        return _open_file(local)
+    _require_existing_file(local, path, key)
+    with loading(
+        key, path, f"dataset (subset {subset!r}, split {split!r})", repo_type="dataset", revision=revision
+    ):
         import datasets  # after the hub check: it takes seconds to import
 
-        dataset = datasets.load_dataset(path, subset, split=split)
-    return dataset.to_list()
+        if local.is_dir() and is_saved_dataset(local):
+            loaded = datasets.load_from_disk(str(local))
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise LoadError(
+                        f"{key}={path!r} (a saved DatasetDict) has no split {split!r}; set data.split to one of "
+                        f"{list(loaded)}"
+                    )
+                loaded = loaded[split]
+            return RowTable(loaded, str(local), f"saved:{loaded._fingerprint}")
+        dataset = datasets.load_dataset(path, subset, split=split, revision=revision)
+    return RowTable(dataset, path, f"hub:{dataset._fingerprint}")
+
+
+def _require_existing_file(local: Path, path: str, key: str) -> None:
+    if local.suffix in BUILDERS:
+        raise LoadError(
+            f"{key}={path!r}: no such file; give an existing data file, a dataset directory or a hub id"
+        )
+
+
+def _open_file(path: Path) -> RowTable:
+    import datasets
+
+    if path.suffix not in BUILDERS:
+        raise ValueError(
+            f"{path}: unsupported data file type {path.suffix!r}; use .jsonl, .json, .parquet or .arrow"
+        )
+    if path.suffix == ".parquet":
+        _require_parquet(path)
+    stat = path.stat()
+    identity = f"file:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    try:
+        dataset = datasets.load_dataset(BUILDERS[path.suffix], data_files=str(path), split="train")
+    except Exception as error:  # `datasets` raises many types for a file it cannot make one table of
+        if BUILDERS[path.suffix] != "json":
+            raise ValueError(f"{path} cannot be read ({type(error).__name__}: {error})") from None
+        # Read again line by line: it names a line that is not JSON, and keeps rows of mixed types as JSON text
+        # so that each reaches the row checks.
+        rows = _read_json_rows(path)
+        dataset = datasets.Dataset.from_dict({RAW_COLUMN: [json.dumps(row) for row in rows]})
+    return RowTable(dataset, str(path), identity)
+
+
+def _require_parquet(path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pq.ParquetFile(path)
+    except pa.ArrowException as error:
+        raise ValueError(f"{path} is not a readable parquet file ({error})") from None
+
+
+def _read_json_rows(path: Path) -> list[Any]:
+    data = path.read_bytes()
+    if path.suffix == ".json" and data.lstrip()[:1] == b"[":
+        rows = json.loads(_utf8_text(data, path))
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: a .json data file must hold a list of row objects or JSON Lines")
+        return rows
+    return _read_jsonl(path)
+
+
+def open_row_stream(config: LLMDataConfig) -> ShardedSource:
+    """``data.path`` as a ``datasets`` stream (``data.streaming``): files, saved datasets, folders and hub ids."""
+    local = Path(config.path)
+    if local.is_file():
+        if local.suffix not in BUILDERS:
+            raise ValueError(
+                f"{local}: unsupported data file type {local.suffix!r}; use .jsonl, .json, .parquet or .arrow"
+            )
+        return stream_files([local], BUILDERS[local.suffix])
+    _require_existing_file(local, config.path, "data.path")
+    if local.is_dir() and is_saved_dataset(local):
+        table = open_rows(config.path, split=config.split)
+        shards = max(1, len(table.dataset.cache_files))
+        dataset = table.dataset.to_iterable_dataset(num_shards=shards)
+        return ShardedSource(
+            dataset, [f"{local} shard {i + 1}/{shards}" for i in range(shards)], [None] * shards
+        )
+    return stream_hub(
+        config.path, key="data.path", split=config.split, subset=config.subset, revision=config.revision
+    )
+
+
+def read_rows(
+    path: str, split: str = "train", subset: str | None = None, key: str = "data.path"
+) -> list[Any]:
+    """Rows of ``path`` (see :func:`open_rows`) as plain values: dicts, or whatever a JSON line holds."""
+    table = open_rows(path, split=split, subset=subset, key=key)
+    if RAW_COLUMN in table.dataset.column_names:
+        return [json.loads(text) for text in table.dataset[RAW_COLUMN]]
+    return table.dataset.to_list()
 
 
 def _utf8_text(data: bytes, where: Path | str) -> str:
@@ -142,18 +241,35 @@ def _read_jsonl(path: Path) -> list[Any]:
     return rows
 
 
+SCHEMA_HELP = (
+    "set data.schema: standard (prompt/chosen/rejected strings), conversational (the same columns as lists of "
+    "{role, content} messages), implicit_prompt (chosen/rejected that begin with their shared prompt, as "
+    "HH-RLHF and ultrafeedback_binarized) or unpaired (prompt/completion/label)"
+)
+
+
 def detect_schema(row: dict[str, Any]) -> str:
+    """The schema of a row from its columns and value types: TRL's four, plus the hub layouts that put the
+    prompt inside both completions (Anthropic HH-RLHF: text; ultrafeedback_binarized: messages, with the prompt
+    repeated as a string in ``prompt``)."""
     columns = set(row)
     if {"prompt", "completion", "label"} <= columns:
         return "unpaired"
     if {"chosen", "rejected"} <= columns:
         if "prompt" not in columns:
             return "implicit_prompt"
-        return "conversational" if _is_messages(row["chosen"]) else "standard"
-    raise ValueError(
-        f"cannot tell the schema from the columns {sorted(columns)}; expected prompt/chosen/rejected (standard or "
-        "conversational), chosen/rejected (implicit prompt) or prompt/completion/label (unpaired)"
-    )
+        prompt, chosen = row["prompt"], row["chosen"]
+        if _is_messages(chosen) and _is_messages(prompt):
+            return "conversational"
+        if isinstance(prompt, str) and isinstance(chosen, str):
+            return "standard"
+        if isinstance(prompt, str) and _is_messages(chosen) and chosen and chosen[0].get("content") == prompt:
+            return "implicit_prompt"  # ultrafeedback_binarized: the messages begin with the prompt
+        raise ValueError(
+            f"cannot tell the schema: 'prompt' is a {type(prompt).__name__} and 'chosen' a {type(chosen).__name__}, "
+            f"which fit no schema; {SCHEMA_HELP}"
+        )
+    raise ValueError(f"cannot tell the schema from the columns {sorted(columns)}; {SCHEMA_HELP}")
 
 
 def _is_messages(value: Any) -> bool:
@@ -170,8 +286,13 @@ def _field(row: dict[str, Any], key: str, conversational: bool) -> Text:
         raise BadRowError("missing field", f"missing field {key!r}")
     value = row[key]
     if conversational and not _is_messages(value):
+        hint = (
+            " (messages that begin with the prompt: set data.schema: implicit_prompt)"
+            if key == "prompt"
+            else ""
+        )
         raise BadRowError(
-            "wrong type", f"{key!r} must be a list of {{role, content}} messages, got {value!r:.80}"
+            "wrong type", f"{key!r} must be a list of {{role, content}} messages, got {value!r:.80}{hint}"
         )
     if conversational and not value:
         raise BadRowError("empty messages", f"{key!r} holds no messages")
@@ -279,13 +400,32 @@ def tokenize_completion(tokenizer, prompt: Text, completion: Text) -> list[int]:
     return ids
 
 
+@dataclass
+class TokenizedRow:
+    """A checked, tokenized and truncated row: a pair (``second_ids`` rejected) or an unpaired sample."""
+
+    prompt_ids: list[int]
+    first_ids: list[int]  # chosen, or the unpaired completion
+    second_ids: list[int]  # rejected; empty for unpaired rows
+    desirable: bool  # unpaired rows' label (True for pairs)
+    truncated_prompt: bool = False
+    truncated_completion: bool = False
+
+    def item(self, paired: bool) -> PairItem | UnpairedItem:
+        if paired:
+            return PairItem(self.prompt_ids, self.first_ids, self.second_ids)
+        return UnpairedItem(self.prompt_ids, self.first_ids, self.desirable)
+
+
 def truncate(
-    prompt_ids: list[int], completions: list[list[int]], config: LLMDataConfig, stats: DataStats
-) -> tuple[list[int], list[list[int]]]:
-    """Keep the prompt's last ``max_prompt_length`` tokens and each completion's first ``max_length − prompt``."""
+    prompt_ids: list[int], completions: list[list[int]], config: LLMDataConfig
+) -> tuple[list[int], list[list[int]], bool, bool]:
+    """Keep the prompt's last ``max_prompt_length`` tokens and each completion's first ``max_length − prompt``;
+    also says whether the prompt and the completions were cut."""
+    truncated_prompt = truncated_completion = False
     if config.max_prompt_length is not None and len(prompt_ids) > config.max_prompt_length:
         prompt_ids = prompt_ids[-config.max_prompt_length :]
-        stats.truncated_prompts += 1
+        truncated_prompt = True
     if config.max_length is not None:
         room = config.max_length - len(prompt_ids)
         if room < 1:
@@ -295,58 +435,193 @@ def truncate(
                 "set data.max_prompt_length below data.max_length",
             )
         if any(len(ids) > room for ids in completions):
-            stats.truncated_completions += 1
+            truncated_completion = True
             completions = [ids[:room] for ids in completions]
-    return prompt_ids, completions
+    return prompt_ids, completions, truncated_prompt, truncated_completion
 
 
-def load_preference_items(
-    config: LLMDataConfig, tokenizer
-) -> tuple[list[PairItem] | list[UnpairedItem], DataStats]:
-    """Read, check, tokenize and truncate the configured data; unpaired items get their mismatched completion."""
-    rows = read_rows(config.path, config.split, config.subset)
-    objects = [row for row in rows if isinstance(row, dict)]
-    if not objects:
-        found = f"none of its {len(rows)} rows is an object" if rows else "it is empty"
-        raise ValueError(f"data.path={config.path!r} holds no rows ({found}); give a file of preference rows")
-    schema = config.schema if config.schema != "auto" else detect_schema(objects[0])
-    stats = DataStats(source=config.path, schema=schema, rows=len(rows))
-    items: list[Any] = []
-    for number, row in enumerate(rows, start=1):
-        if config.max_rows is not None and len(items) >= config.max_rows:
-            break
+def tokenize_row(row: Any, schema: str, tokenizer: Any, config: LLMDataConfig) -> TokenizedRow:
+    """Check, tokenize and truncate one row of ``schema``; raises :class:`BadRowError`."""
+    prompt, first, second = parse_row(row, schema)
+    prompt_ids = tokenize_prompt(tokenizer, prompt)
+    completions = [tokenize_completion(tokenizer, prompt, first)]
+    if schema != "unpaired":
+        completions.append(tokenize_completion(tokenizer, prompt, second))
+    prompt_ids, completions, cut_prompt, cut_completion = truncate(prompt_ids, completions, config)
+    if len(completions) == 2 and completions[0] == completions[1]:
+        raise BadRowError("chosen == rejected", "'chosen' and 'rejected' are identical after tokenization")
+    if schema == "unpaired":
+        return TokenizedRow(prompt_ids, completions[0], [], bool(second), cut_prompt, cut_completion)
+    return TokenizedRow(prompt_ids, completions[0], completions[1], True, cut_prompt, cut_completion)
+
+
+# --- the tokenized dataset ----------------------------------------------------------------------------------
+
+# Bump when tokenize_row's output changes for the same row: it keys the tokenisation cache.
+TOKENIZATION_VERSION = 1
+TOKEN_COLUMNS = ("prompt_ids", "first_ids", "second_ids")
+TOKENIZED_FLAGS = ("desirable", "truncated_prompt", "truncated_completion", "bad_reason", "bad_message")
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """What decides how ``tokenizer`` encodes text and renders chats."""
+    digest = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
+    digest.update(
+        json.dumps([tokenizer.chat_template, tokenizer.eos_token_id, tokenizer.pad_token_id]).encode()
+    )
+    return digest.hexdigest()
+
+
+def _tokenize_batch(
+    batch: dict[str, list], *, schema: str, tokenizer: Any, config: LLMDataConfig
+) -> dict[str, list]:
+    """``Dataset.map`` function: one output row per input row, bad rows marked (``bad_reason``), not dropped,
+    so that an error can name the row."""
+    if RAW_COLUMN in batch:
+        rows = [json.loads(text) for text in batch[RAW_COLUMN]]
+    else:
+        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+    out: dict[str, list] = {name: [] for name in (*TOKEN_COLUMNS, *TOKENIZED_FLAGS)}
+    for row in rows:
         try:
-            prompt, first, second = parse_row(row, schema)
-            prompt_ids = tokenize_prompt(tokenizer, prompt)
-            if schema == "unpaired":
-                completions = [tokenize_completion(tokenizer, prompt, first)]
-            else:
-                completions = [
-                    tokenize_completion(tokenizer, prompt, first),
-                    tokenize_completion(tokenizer, prompt, second),
-                ]
-            prompt_ids, completions = truncate(prompt_ids, completions, config, stats)
-            if len(completions) == 2 and completions[0] == completions[1]:
-                raise BadRowError(
-                    "chosen == rejected", "'chosen' and 'rejected' are identical after tokenization"
-                )
+            tokenized = tokenize_row(row, schema, tokenizer, config)
+            reason = message = ""
         except BadRowError as error:
-            if config.bad_rows == "error":
-                raise ValueError(
-                    f"data.path={config.path!r}, row {number}: {error}. Fix the row, or set data.bad_rows: skip "
-                    "to skip such rows (they are counted and logged)"
-                ) from None
-            stats.skipped[error.reason] += 1
-            continue
-        if schema == "unpaired":
-            items.append(UnpairedItem(prompt_ids, completions[0], desirable=second))
-        else:
-            items.append(PairItem(prompt_ids, completions[0], completions[1]))
-    stats.used = len(items)
-    if not items:
+            tokenized, reason, message = TokenizedRow([], [], [], False), error.reason, str(error)
+        for name in TOKEN_COLUMNS:
+            out[name].append(getattr(tokenized, name))
+        out["desirable"].append(tokenized.desirable)
+        out["truncated_prompt"].append(tokenized.truncated_prompt)
+        out["truncated_completion"].append(tokenized.truncated_completion)
+        out["bad_reason"].append(reason)
+        out["bad_message"].append(message)
+    return out
+
+
+def tokenize_table(table: RowTable, schema: str, tokenizer: Any, config: LLMDataConfig) -> Any:
+    """Every row of ``table`` tokenized by ``Dataset.map`` (batched, ``data.num_proc`` processes), cached in
+    ``data.cache_dir`` under a key of the rows' content, the tokenizer and the settings: a second run with the
+    same inputs reads the cached arrow file instead of tokenizing again."""
+    import datasets
+
+    settings = [
+        table.identity,
+        tokenizer_fingerprint(tokenizer),
+        schema,
+        config.max_prompt_length,
+        config.max_length,
+        TOKENIZATION_VERSION,
+        len(table.dataset),
+    ]
+    key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:32]
+    cache_dir = Path(config.cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    ids = datasets.Sequence(datasets.Value("int32"))
+    features = datasets.Features(
+        {
+            **{name: ids for name in TOKEN_COLUMNS},
+            "desirable": datasets.Value("bool"),
+            "truncated_prompt": datasets.Value("bool"),
+            "truncated_completion": datasets.Value("bool"),
+            "bad_reason": datasets.Value("string"),
+            "bad_message": datasets.Value("string"),
+        }
+    )
+    return table.dataset.map(
+        _tokenize_batch,
+        batched=True,
+        num_proc=config.num_proc,
+        fn_kwargs={"schema": schema, "tokenizer": tokenizer, "config": config},
+        remove_columns=table.dataset.column_names,
+        features=features,
+        cache_file_name=str(cache_dir / f"{key}.arrow"),
+        new_fingerprint=key,
+        load_from_cache_file=True,
+        desc="tokenizing",
+    )
+
+
+class TokenizedItems(Sequence):
+    """The usable rows of a tokenized dataset as :class:`PairItem` or :class:`UnpairedItem`, read from the
+    memory-mapped arrow table on access."""
+
+    def __init__(self, dataset: Any, paired: bool) -> None:
+        self.dataset = dataset.select_columns([*TOKEN_COLUMNS, "desirable"])
+        self.paired = paired
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> PairItem | UnpairedItem:  # type: ignore[override]
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        row = self.dataset[index]
+        return TokenizedRow(row["prompt_ids"], row["first_ids"], row["second_ids"], row["desirable"]).item(
+            self.paired
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+
+def first_row(table: RowTable) -> Any:
+    """The first row that is an object, for schema detection."""
+    dataset = table.dataset
+    if RAW_COLUMN not in dataset.column_names:
+        return dataset[0] if len(dataset) else None
+    for text in dataset[RAW_COLUMN]:
+        row = json.loads(text)
+        if isinstance(row, dict):
+            return row
+    return None
+
+
+def load_preference_items(config: LLMDataConfig, tokenizer: Any) -> tuple[TokenizedItems, DataStats]:
+    """Read, check, tokenize (cached) and truncate the configured data; the first ``data.max_rows`` usable rows."""
+    import datasets
+    import pyarrow.compute as pc
+
+    if not progress_enabled():
+        datasets.disable_progress_bars()
+    table = open_rows(config.path, split=config.split, subset=config.subset, revision=config.revision)
+    first = first_row(table)
+    if first is None:
+        found = f"none of its {len(table.dataset)} rows is an object" if len(table.dataset) else "it is empty"
+        raise ValueError(f"data.path={config.path!r} holds no rows ({found}); give a file of preference rows")
+    schema = config.schema if config.schema != "auto" else detect_schema(first)
+    limit = len(table.dataset) if config.max_rows is None else min(len(table.dataset), config.max_rows)
+    while True:  # with data.max_rows, tokenize a prefix that holds enough usable rows
+        part = (
+            table
+            if limit == len(table.dataset)
+            else RowTable(table.dataset.select(range(limit)), table.name, f"{table.identity}:{limit}")
+        )
+        tokenized = tokenize_table(part, schema, tokenizer, config)
+        reasons = tokenized.data.column("bad_reason")
+        usable = pc.indices_nonzero(pc.equal(reasons, "")).to_pylist()
+        if config.max_rows is None or len(usable) >= config.max_rows or limit == len(table.dataset):
+            break
+        limit = min(len(table.dataset), 2 * limit)
+    if config.bad_rows == "error" and len(usable) < len(tokenized):
+        number = next(index for index, reason in enumerate(reasons.to_pylist()) if reason)
+        raise ValueError(
+            f"data.path={config.path!r}, row {number + 1}: {tokenized[number]['bad_message']}. Fix the row, or set "
+            "data.bad_rows: skip to skip such rows (they are counted and logged)"
+        )
+    usable = usable[: config.max_rows]
+    selected = tokenized.select(usable)
+    stats = DataStats(source=config.path, schema=schema, rows=len(tokenized), used=len(usable))
+    counts = pc.value_counts(reasons).to_pylist()
+    stats.skipped.update({entry["values"]: entry["counts"] for entry in counts if entry["values"]})
+    for key, column in (
+        ("truncated_prompts", "truncated_prompt"),
+        ("truncated_completions", "truncated_completion"),
+    ):
+        setattr(stats, key, pc.sum(tokenized.data.column(column).take(usable)).as_py() or 0)
+    if not usable:
         raise ValueError(f"data.path={config.path!r}: no usable rows ({stats.summary()})")
     logger.info("training data: %s", stats.summary())
-    return items, stats
+    return TokenizedItems(selected, paired=schema != "unpaired"), stats
 
 
 def assign_mismatched_completions(items: list[UnpairedItem]) -> None:

@@ -14,6 +14,7 @@ from diffalign.eval.statistics import win_rate
 from diffalign.llm.batching import pad
 from diffalign.llm.config import LLMEvalConfig
 from diffalign.llm.data import Text, read_rows, tokenize_prompt
+from diffalign.progress import progress
 
 Reward = Callable[[str, str], float]
 
@@ -73,7 +74,7 @@ def generate_completions(
     completions = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(config.seed)
-        for start in range(0, len(prompts), config.batch_size):
+        for start in progress(range(0, len(prompts), config.batch_size), desc="generating", unit="batch"):
             prompt_ids = [
                 tokenize_prompt(tokenizer, prompt) for prompt in prompts[start : start + config.batch_size]
             ]

@@ -21,7 +21,9 @@ from torch import Tensor, nn
 from diffalign.files import read_cache_file, respect_umask
 from diffalign.hashing import ContentHash
 from diffalign.llm.batching import PreferenceDataset
+from diffalign.llm.data import tokenizer_fingerprint
 from diffalign.llm.logprobs import TokenLogps, completion_logps, completion_token_logps
+from diffalign.progress import progress
 
 logger = logging.getLogger("diffalign")
 
@@ -68,8 +70,7 @@ def precomputed_reference(batch: dict[str, Tensor]) -> Tensor:
 def reference_cache_key(model: nn.Module, tokenizer: Any, dataset: PreferenceDataset) -> str:
     """A content hash of the model (class, config and every weight), the tokenizer and the tokenized rows."""
     digest = ContentHash().update_module(model)
-    digest.update(tokenizer.backend_tokenizer.to_str())
-    digest.update(json.dumps([tokenizer.chat_template, tokenizer.eos_token_id, tokenizer.pad_token_id]))
+    digest.update(tokenizer_fingerprint(tokenizer))
     rows = [vars(item) for item in dataset.items]
     digest.update(json.dumps([dataset.with_mismatched, rows], sort_keys=True))
     return digest.hexdigest()
@@ -83,7 +84,7 @@ def precompute_reference_logps(model: nn.Module, dataset: PreferenceDataset, bat
     model.eval()
     device = next(model.parameters()).device
     columns = []
-    for start in range(0, len(dataset), batch_size):
+    for start in progress(range(0, len(dataset), batch_size), desc="reference log-probs", unit="batch"):
         batch = dataset.collate(list(range(start, min(start + batch_size, len(dataset)))))
         logps, _ = completion_logps(
             model,

@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import Tensor, nn
 
-from diffalign.llm.batching import PreferenceDataset
+from diffalign.llm.batching import PreferenceDataset, PreferenceStream
 from diffalign.llm.config import LLMTrainConfig
 from diffalign.llm.data import PairItem, UnpairedItem, assign_mismatched_completions, load_preference_items
 from diffalign.llm.evaluate import (
@@ -44,6 +44,7 @@ from diffalign.llm.model import (
 from diffalign.llm.reference import ModelReference, load_or_precompute, precomputed_reference
 from diffalign.losses import LOSSES, PairScores, TokenScores
 from diffalign.model_card import CardFacts
+from diffalign.preflight import preflight_llm
 from diffalign.training import Recipe, StepOutput, make_accelerator, run_training
 from diffalign.training.distributed import compute_loss_on_global_batch, mean_over_processes
 from diffalign.training.engines import shards_parameters
@@ -126,27 +127,36 @@ class LLMRecipe(Recipe):
         self.margin_baseline = MarginBaseline() if "beta_dpo" in config.loss.type else None
         self.micro_batches = 0  # seen by training_step, for the reference's sync steps
 
-    def _build_dataset(self) -> PreferenceDataset:
+    def _build_dataset(self) -> PreferenceDataset | PreferenceStream:
         config = self.config
-        items, self.data_stats = load_preference_items(config.data, self.tokenizer)
         uses_kto = "kto" in config.loss.type
-        if isinstance(items[0], PairItem) and uses_kto:
-            items = unpair(items)
-        if uses_kto:
-            assign_mismatched_completions(items)
-        if isinstance(items[0], UnpairedItem):
-            paired = [name for name in config.loss.type if LOSSES[name].paired]
-            if paired:
-                raise ValueError(
-                    f"data.path={config.data.path!r} is unpaired (prompt/completion/label) but loss.type has paired "
-                    f"losses {paired}; use kto/npo/sft or paired data"
-                )
-        return PreferenceDataset(
-            items,
-            pad_token_id=self.tokenizer.pad_token_id,
-            padding_side=config.data.padding_side,
-            with_mismatched=uses_kto,
-        )
+        if config.data.streaming:
+            self.data_stats = None  # a stream counts its rows as it reads them
+            dataset: PreferenceDataset | PreferenceStream = PreferenceStream(
+                config.data,
+                self.tokenizer,
+                seed=config.run.seed,
+                pad_token_id=self.tokenizer.pad_token_id,
+                padding_side=config.data.padding_side,
+            )
+        else:
+            items, self.data_stats = load_preference_items(config.data, self.tokenizer)
+            if uses_kto:  # KTO's mismatched completions are assigned to items held in memory
+                items = unpair(items) if isinstance(items[0], PairItem) else list(items)
+                assign_mismatched_completions(items)
+            dataset = PreferenceDataset(
+                items,
+                pad_token_id=self.tokenizer.pad_token_id,
+                padding_side=config.data.padding_side,
+                with_mismatched=uses_kto,
+            )
+        paired_losses = [name for name in config.loss.type if LOSSES[name].paired]
+        if not dataset.paired and paired_losses:
+            raise ValueError(
+                f"data.path={config.data.path!r} is unpaired (prompt/completion/label) but loss.type has paired "
+                f"losses {paired_losses}; use kto/npo/sft or paired data"
+            )
+        return dataset
 
     # --- training -----------------------------------------------------------------------------------------------
     def pair_scores(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[PairScores, dict[str, Tensor]]:
@@ -312,6 +322,7 @@ class LLMRecipe(Recipe):
 
 def train(config: LLMTrainConfig) -> dict[str, float]:
     """Align ``config.model`` on ``config.data``; returns the final metrics (``eval/win_rate`` with a reward)."""
+    preflight_llm(config)
     accelerator = make_accelerator(config.run)
     set_seed(config.run.seed)
     recipe = LLMRecipe(config, accelerator)

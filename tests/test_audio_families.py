@@ -57,7 +57,7 @@ from transformers import (
 
 from diffalign.config import from_dict
 from diffalign.diffusion.config import DiffusionTrainConfig
-from diffalign.diffusion.data import DiffusionDataConfig
+from diffalign.diffusion.data import DiffusionDataConfig, load_preference_pairs
 from diffalign.diffusion.families import load_family
 from diffalign.diffusion.families.base import with_adapter_support
 from diffalign.diffusion.trainer import train
@@ -524,8 +524,9 @@ def test_the_latent_cache_stores_each_clips_vae_posterior_and_audio_span(models,
     dataset, _, stats = build_pair_dataset(config.data, family=family, seed=0, decoder=decoder)
     assert stats["cache_pairs"] == 8 and stats["cache_images_encoded"] == 16
     cache = dataset.cache
+    pairs = load_preference_pairs(config.data, decoder)
     for pair in (0, 7):
-        for key, data in zip(cache.image_keys[pair], cache.pairs.media_bytes(pair)):
+        for key, data in zip(cache.image_keys[pair], pairs.media_bytes(pair)):
             decoded = decoder.transform(decoder.load(data))
             with torch.no_grad():
                 posterior = family.encode(decoded.values[None])
@@ -535,7 +536,7 @@ def test_the_latent_cache_stores_each_clips_vae_posterior_and_audio_span(models,
             assert tuple(entry["audio_span"].tolist()) == decoded.conditioning["audio_span"]
     item = dataset[3]
     assert item["chosen_latents"].shape == posterior.mean.shape[1:]
-    chosen = decoder.transform(decoder.load(cache.pairs.media_bytes(3)[0]))
+    chosen = decoder.transform(decoder.load(pairs.media_bytes(3)[0]))
     assert item["chosen_audio_span"] == chosen.conditioning["audio_span"]
 
 

@@ -74,7 +74,7 @@ def pairs_and_decoder(source: Path, **overrides):
 
 def build(pairs, decoder, cache_dir, vae, text_encoder=None, **options):
     return build_pair_cache(
-        pairs,
+        pairs.records(),
         decoder,
         cache_dir,
         vae=vae,
@@ -373,7 +373,7 @@ def test_bad_encode_prompts_output_is_reported(tmp_path, source):
     pairs, decoder = pairs_and_decoder(source)
     with pytest.raises(ValueError, match=r"encode_prompts returned 'hidden' of shape .* batch-first"):
         build_pair_cache(
-            pairs,
+            pairs.records(),
             decoder,
             tmp_path / "cache",
             vae=tiny_vae(),

@@ -9,8 +9,10 @@ shards a tiny model with torch's fully_shard on CPU (accelerate 1.15 sets up FSD
 import copy
 import json
 import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ import pytest
 import torch
 from fsdp_worker import make_optimizer, make_policy, probe, train_steps
 from helpers import random_png
+from safetensors.torch import load_file
 from test_llm_trainer import build_tiny_llm
 from tiny_pipelines import build_tiny_sd
 
@@ -30,7 +33,7 @@ TESTS = Path(__file__).resolve().parent
 pytestmark = pytest.mark.slow
 
 
-def write_config(directory: Path, model: Path, data: Path, output: Path, **run) -> Path:
+def write_config(directory: Path, model: Path, data: Path, output: Path, data_settings: dict | None = None, **run) -> Path:
     run_settings = {
         "output_dir": str(output),
         "max_steps": 4,
@@ -45,11 +48,15 @@ def write_config(directory: Path, model: Path, data: Path, output: Path, **run) 
     config = {
         "kind": "diffusion",
         "model": {"pretrained": str(model), "trainable": "lora", "lora": {"rank": 4}},
-        "data": {"source": str(data), "resolution": 16, "cache_dir": str(directory / "cache")},
-        "loss": {"type": ["sigmoid"], "beta": 50.0},  # β scales fp32 rounding of the MSEs into the loss
-        # eps far above every |gradient| makes Adam plain SGD (lr/eps = 0.1): Adam's 1/√v would otherwise blow
-        # the all-reduce's fp32 rounding in near-zero gradients up to lr-sized steps.
-        "optim": {"lr": 100.0, "eps": 1000.0, "warmup_steps": 0, "scheduler": "constant"},
+        "data": {"source": str(data), "resolution": 16, "cache_dir": str(directory / "cache"), **(data_settings or {})},
+        # β scales the fp32 rounding of the MSEs into the loss (1 and 2 processes differ by it), and the step size
+        # lr·β/eps must stay small enough that the loss never explodes, which would amplify that rounding: at
+        # β = 100, lr = 50 the losses move by ~1e-2 over 9 steps while the processes agree to ~5e-6. eps far above
+        # every |gradient| makes Adam plain SGD: its 1/√v would blow the all-reduce's rounding in near-zero
+        # gradients up to lr-sized steps. No weight decay: AdamW's decoupled decay scales the LoRA by 1 − lr·wd
+        # per step, which at these learning rates wipes it out (or flips and grows it).
+        "loss": {"type": ["sigmoid"], "beta": 100.0},
+        "optim": {"lr": 50.0, "eps": 1000.0, "weight_decay": 0.0, "warmup_steps": 0, "scheduler": "constant", "max_grad_norm": 0.3},
         "run": run_settings,
     }
     path = output.with_suffix(".json")  # JSON is YAML
@@ -85,6 +92,10 @@ def setup(tmp_path_factory):
         "label_0": [1.0, 0.0] * 8,
     }
     pq.write_table(pa.table(table), root / "pairs.parquet")
+    # A streamed source of two shards (read in a seeded order) holding 14 of the pairs: 7 steps an epoch.
+    (root / "shards").mkdir()
+    pq.write_table(pa.table({key: values[:8] for key, values in table.items()}), root / "shards" / "train-0.parquet")
+    pq.write_table(pa.table({key: values[8:14] for key, values in table.items()}), root / "shards" / "train-1.parquet")
     return root, build_tiny_sd(root / "model"), root / "pairs.parquet"
 
 
@@ -95,7 +106,7 @@ def test_two_processes_match_one_process_and_resume_under_one(setup):
     double = root / "double"  # 1 pair per process × 2 processes = the same global batch of 2
     launch(write_config(root, model, data, double, batch_size=1), processes=2)
     reference = losses(single)
-    assert sorted(reference) == [1, 2, 3, 4] and len(set(reference.values())) > 1
+    assert sorted(reference) == [1, 2, 3, 4] and max(reference.values()) - min(reference.values()) > 1e-3
     assert losses(double) == pytest.approx(reference, abs=1e-5)
 
     # Stop a 2-process run after 2 steps, finish it on 1 process: the trajectory stays the same.
@@ -103,6 +114,88 @@ def test_two_processes_match_one_process_and_resume_under_one(setup):
     launch(write_config(root, model, data, switched, batch_size=1, max_steps=2), processes=2)
     launch(write_config(root, model, data, switched, resume="latest"), processes=1)
     assert losses(switched) == pytest.approx(reference, abs=1e-5)
+
+
+def cache_entries(cache_dir: Path) -> dict[str, torch.Tensor]:
+    entries = {}
+    for path in sorted((cache_dir / "images").glob("*.safetensors")):
+        entries.update(load_file(path))
+    return entries
+
+
+def test_two_processes_build_the_cache_one_process_builds(setup):
+    """Each process encodes the images whose content key falls to it, into shards of its own; together they hold
+    every entry of a 1-process build, with the same values."""
+    root, model, data = setup
+    single, double = root / "cache-of-1", root / "cache-of-2"
+    launch(write_config(root, model, data, root / "cache-run-1", {"cache_dir": str(single)}, max_steps=1), processes=1)
+    launch(write_config(root, model, data, root / "cache-run-2", {"cache_dir": str(double)}, max_steps=1), processes=2)
+    assert len(list((single / "images").glob("*.safetensors"))) == 1
+    assert len(list((double / "images").glob("*.safetensors"))) == 2
+    one, two = cache_entries(single), cache_entries(double)
+    assert sorted(one) == sorted(two) and len(one) == 32 * 2 * 4  # images × views × (mean, std, 2 sizes)
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=1e-6, rtol=1e-5)
+
+
+# --- streamed data: 2 processes equal 1 with the global batch; kill -9 mid-epoch, then an exact resume --------
+
+STREAMED = {"streaming": True, "shuffle_buffer": 5, "cache_dir": None}
+
+
+@pytest.fixture(scope="module")
+def streamed_single(setup):
+    """1 process × 2 pairs over 9 steps: past the end of the first epoch (7 steps of the 14 streamed pairs)."""
+    root, model, _ = setup
+    output = root / "streamed-single"
+    launch(write_config(root, model, root / "shards", output, STREAMED, max_steps=9), processes=1)
+    return output
+
+
+def test_a_streamed_run_on_two_processes_matches_one_and_resumes_under_one(setup, streamed_single):
+    root, model, _ = setup
+    reference = losses(streamed_single)
+    assert sorted(reference) == list(range(1, 10)) and max(reference.values()) - min(reference.values()) > 1e-3
+    double = root / "streamed-double"
+    launch(write_config(root, model, root / "shards", double, STREAMED, batch_size=1, max_steps=9), processes=2)
+    assert losses(double) == pytest.approx(reference, abs=1e-5)
+    switched = root / "streamed-switched"  # 3 steps on 2 processes (checkpoint at 2 and 3), the rest on 1
+    launch(write_config(root, model, root / "shards", switched, STREAMED, batch_size=1, max_steps=3), processes=2)
+    launch(write_config(root, model, root / "shards", switched, STREAMED, max_steps=9, resume="latest"), processes=1)
+    assert losses(switched) == pytest.approx(reference, abs=1e-5)
+
+
+def kill_after_first_checkpoint(config: Path, output: Path) -> None:
+    """Start a run that would go on for long, and SIGKILL it once its step-2 checkpoint is on disk."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "diffalign", "train", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 600
+    while not (output / "checkpoints" / "step-0000002").is_dir():
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_kill_9_mid_epoch_then_resume_latest_is_bitwise_identical(setup, streamed_single, streaming):
+    """A SIGKILL leaves no emergency checkpoint: the run resumes from its last periodic one, mid-epoch, and
+    ends exactly where the uninterrupted run ends (both runs cross an epoch's end)."""
+    root, model, data = setup
+    settings, source, steps = (STREAMED, root / "shards", 9) if streaming else ({"cache_dir": None}, data, 10)
+    if streaming:
+        uninterrupted = streamed_single
+    else:
+        uninterrupted = root / "loaded-single"
+        launch(write_config(root, model, source, uninterrupted, settings, max_steps=steps), processes=1)
+    killed = root / f"killed-{streaming}"
+    kill_after_first_checkpoint(write_config(root, model, source, killed, settings, max_steps=10_000), killed)
+    assert not (killed / "final").exists()
+    launch(write_config(root, model, source, killed, settings, max_steps=steps, resume="latest"), processes=1)
+    assert losses(killed) == losses(uninterrupted)  # the resumed run's records come last: exact equality
+    last = f"checkpoints/step-{steps:07d}/trainable.safetensors"
+    assert (killed / last).read_bytes() == (uninterrupted / last).read_bytes()
 
 
 # --- LLM: AOT's sort and KTO's z0 over every process; a 2-process checkpoint resumed under 1 ----------------

@@ -127,6 +127,7 @@ def test_unpaired_rows(tokenizer, tmp_path):
     items, stats = load_preference_items(LLMDataConfig(path=path), tokenizer)
     assert stats.schema == "unpaired"
     assert [item.desirable for item in items] == [True, False]
+    items = list(items)  # read from the tokenized arrow table: held in memory to be given their mismatch
     assign_mismatched_completions(items)
     assert (
         items[0].mismatched_ids == items[1].completion_ids

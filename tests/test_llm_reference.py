@@ -42,6 +42,7 @@ def toy_dataset(
     items, _ = load_preference_items(
         LLMDataConfig(path=str(TOY_LLM / "data" / schema_file), max_rows=rows), tokenizer
     )
+    items = list(items)  # in memory, as the trainer holds KTO's items: the tests below change some
     if kwargs.get("with_mismatched"):
         assign_mismatched_completions(items)
     return PreferenceDataset(items, pad_token_id=tokenizer.pad_token_id, **kwargs)

@@ -11,7 +11,9 @@ models. The cache encodes each image and each caption once:
 
 Keys are content hashes: image bytes + the decoder's settings + the VAE's fingerprint (class, config, weights,
 dtype); caption text + the text encoders' identity. A changed dataset, VAE or transform therefore never reads a
-stale entry, and a build computes only the entries that are missing, so an interrupted build resumes.
+stale entry, and a build computes only the entries that are missing, so an interrupted build (killed, out of
+time) resumes where it stopped. Several processes (``accelerate launch``) build one cache together: each encodes
+the entries whose key falls to it, then all read the whole cache.
 
 Layout: ``<cache_dir>/images/*.safetensors`` and ``<cache_dir>/texts/*.safetensors``. Each shard holds complete
 entries (tensors named ``<key>/<view>/mean``, ``<key>/prompt_embeds``, ...) and is written to a temporary file
@@ -21,12 +23,13 @@ the folder to reclaim space.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import uuid
 from collections import Counter
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,11 +40,12 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from diffalign.diffusion.data import SKIP_HINT, BadRowError, PreferencePairs, split_index
+from diffalign.diffusion.data import SKIP_HINT, BadRowError, PairRecord, split_index
 from diffalign.diffusion.families.base import LatentNormalization
 from diffalign.diffusion.transforms import CorruptMediaError, MediaDecoder, draw_pair_randomness
 from diffalign.files import damaged_cache, respect_umask
 from diffalign.hashing import content_hash, module_fingerprint
+from diffalign.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -69,12 +73,19 @@ class _ShardStore:
         self.folder = folder
         self.shard_size = shard_size
         self.index: dict[str, Path] = {}
-        for path in sorted(folder.glob("*.safetensors")):
+        self.refresh()
+        self._pending: dict[str, Tensor] = {}
+        self._pending_keys: set[str] = set()
+
+    def refresh(self) -> None:
+        """Index the shards on disk that are not indexed yet (written by other processes since)."""
+        known = set(self.index.values())
+        for path in sorted(self.folder.glob("*.safetensors")):
+            if path in known:
+                continue
             with _open_shard(path) as shard:
                 for name in shard.keys():  # noqa: SIM118 (a safetensors handle is not a dict)
                     self.index[name.split("/", 1)[0]] = path
-        self._pending: dict[str, Tensor] = {}
-        self._pending_keys: set[str] = set()
 
     def __contains__(self, key: str) -> bool:
         return key in self.index or key in self._pending_keys
@@ -118,13 +129,14 @@ def _open_shard(path: Path) -> Any:
 
 @dataclass
 class PairCache:
-    """A built cache over a :class:`PreferencePairs`: what :class:`CachedPairDataset` reads.
+    """A built cache over a list of pairs: what :class:`CachedPairDataset` reads.
 
     ``pair_indices`` lists the pairs whose entries are all present (pairs with unreadable images were skipped).
     ``stats`` counts what the build did, for the trainer to log.
     """
 
-    pairs: PreferencePairs
+    captions: list[str | None]  # per pair (None: its media could not be read)
+    labels: list[float | None]
     decoder: MediaDecoder
     augmentations: list[Hashable]  # the cached views, in their on-disk order
     image_keys: list[tuple[str, str] | None]  # per pair: (chosen, rejected) entry keys
@@ -170,8 +182,22 @@ def _encode_captions(
     texts.flush()
 
 
+def _owner(key: str, processes: int) -> int:
+    """The process that encodes entry ``key`` when several build a cache together: keys are uniform hashes."""
+    return int(key[:8], 16) % processes
+
+
+def _from_every_process(accelerator: Any | None, value: Any) -> list[Any]:
+    """``value`` of every process, in process order (once every process has reached this point)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return [value]
+    from accelerate.utils import gather_object
+
+    return gather_object([value])
+
+
 def build_pair_cache(
-    pairs: PreferencePairs,
+    records: Iterable[PairRecord | BadRowError],
     decoder: MediaDecoder,
     cache_dir: str | Path,
     *,
@@ -183,8 +209,15 @@ def build_pair_cache(
     vae_dtype: torch.dtype = torch.float32,
     skip_bad_rows: bool = False,
     shard_size: int = 256,
+    total: int | None = None,
+    accelerator: Any | None = None,
 ) -> PairCache:
-    """Encode every image of ``pairs`` (each cacheable view) and every caption not yet in ``cache_dir``.
+    """Encode every image (each cacheable view) and every caption of the pairs ``records`` lists (in pair order;
+    a :class:`BadRowError` stands for a pair whose media cannot be read) that ``cache_dir`` does not hold yet.
+
+    With an ``accelerator`` every process reads every record and encodes the entries whose content key falls to
+    it, so N processes share the work; they then exchange the images they found corrupt, wait for each other
+    and read the whole cache. ``total`` (the number of records, if known) gives the progress bar its ETA.
 
     The VAE runs on its device in micro-batches of ``batch_size`` images, in ``vae_dtype`` (restored afterwards).
     fp32 by default: SDXL's VAE overflows in fp16 unless a fp16-safe VAE (e.g. madebyollin/sdxl-vae-fp16-fix)
@@ -193,86 +226,43 @@ def build_pair_cache(
     Images that cannot be read or decoded raise naming the row, or with ``skip_bad_rows`` their pairs are
     counted and left out.
     """
-    augmentations = decoder.cache_augmentations()
     root = Path(cache_dir)
-    images = _ShardStore(root / "images", shard_size)
+    processes = accelerator.num_processes if accelerator is not None else 1
+    process = accelerator.process_index if accelerator is not None else 0
+    build = _ImageBuild(decoder, _ShardStore(root / "images", shard_size), vae, batch_size, vae_dtype, skip_bad_rows)
     texts = _ShardStore(root / "texts", shard_size)
     skipped: Counter[str] = Counter()
-    bad_keys: dict[str, str] = {}  # key → why it cannot be encoded (a skip reason)
+    captions: list[str | None] = []
+    labels: list[float | None] = []
     image_keys: list[tuple[str, str] | None] = []
-    pending: dict[str, tuple[bytes, int]] = {}  # key → (stored bytes, pair index) of images to encode
-    encoded = 0
 
-    def skip_or_raise(bad: BadRowError) -> None:
-        if not skip_bad_rows:
-            raise ValueError(f"{bad}. {SKIP_HINT}") from None
-        skipped[bad.reason] += 1
-
-    def encode_pending() -> None:
-        nonlocal encoded
-        keys, indices, views = [], [], []
-        for key, (data, index) in pending.items():
-            try:
-                media = decoder.load(data)
-            except CorruptMediaError as error:
-                bad_keys[key] = error.reason
+    with build.in_dtype():
+        image_settings = json.dumps({"decoder": decoder.settings(), "vae": module_fingerprint(vae)}, sort_keys=True)
+        for record in progress(records, total=total, desc="latent cache", unit="pair"):
+            if isinstance(record, BadRowError):
                 if not skip_bad_rows:
-                    raise ValueError(f"{pairs.location(index)}: {error}. {SKIP_HINT}") from None
-                continue
-            keys.append(key)
-            indices.append(index)
-            views.extend(decoder.transform(media, augmentation) for augmentation in augmentations)
-        pending.clear()
-        if not views:
-            return
-        pixels = torch.stack([view.values for view in views])
-        posteriors = [vae_posterior(vae, chunk) for chunk in pixels.split(batch_size)]
-        means = torch.cat([mean for mean, _ in posteriors]).unflatten(0, (len(keys), len(augmentations)))
-        stds = torch.cat([std for _, std in posteriors]).unflatten(0, (len(keys), len(augmentations)))
-        finite = (means.isfinite() & stds.isfinite()).flatten(1).all(dim=1)
-        if not finite.all():
-            raise ValueError(
-                f"{pairs.location(indices[int((~finite).nonzero()[0])])}: the VAE produced non-finite latents in "
-                f"{vae_dtype}; build the cache with vae_dtype=torch.float32, or give a VAE that is safe in float16 "
-                "(for SDXL: madebyollin/sdxl-vae-fp16-fix)"
-            )
-        for image_number, key in enumerate(keys):
-            entry = {}
-            for view_number in range(len(augmentations)):
-                entry[f"{view_number}/mean"] = means[image_number, view_number]
-                entry[f"{view_number}/std"] = stds[image_number, view_number]
-                conditioning = views[image_number * len(augmentations) + view_number].conditioning
-                for name, value in conditioning.items():
-                    entry[f"{view_number}/{name}"] = torch.tensor(value, dtype=torch.int64)
-            images.add(key, entry)
-        encoded += len(keys)
-
-    original_dtype = vae.dtype
-    if vae_dtype != original_dtype:
-        vae.to(dtype=vae_dtype)
-    try:
-        image_settings = json.dumps(
-            {"decoder": decoder.settings(), "vae": module_fingerprint(vae)}, sort_keys=True
-        )
-        for index in range(len(pairs)):
-            try:
-                media = pairs.media_bytes(index)
-            except BadRowError as bad:
-                skip_or_raise(bad)
+                    raise ValueError(f"{record}. {SKIP_HINT}") from None
+                skipped[record.reason] += 1
                 image_keys.append(None)
+                captions.append(None)
+                labels.append(None)
                 continue
-            keys = (content_hash(image_settings, media[0]), content_hash(image_settings, media[1]))
+            keys = (content_hash(image_settings, record.media[0]), content_hash(image_settings, record.media[1]))
             image_keys.append(keys)
-            for key, data in zip(keys, media):
-                if key not in images and key not in bad_keys and key not in pending:
-                    pending[key] = (data, index)
-            if len(pending) >= batch_size:
-                encode_pending()
-        encode_pending()
-        images.flush()
-    finally:
-        if vae_dtype != original_dtype:
-            vae.to(dtype=original_dtype)
+            captions.append(record.caption)
+            labels.append(record.label)
+            for key, data in zip(keys, record.media):
+                if _owner(key, processes) == process:
+                    build.add(key, data, record.location)
+        build.finish()
+
+    # Every process's corrupt images and counts, then every process's shards.
+    reports = _from_every_process(accelerator, (build.bad_keys, build.encoded))
+    bad_keys = {key: reason for keys, _ in reports for key, reason in keys.items()}
+    encoded = sum(count for _, count in reports)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    build.images.refresh()
 
     pair_indices = []
     for index, keys in enumerate(image_keys):
@@ -283,10 +273,16 @@ def build_pair_cache(
             skipped[reasons[0]] += 1
         else:
             pair_indices.append(index)
+    _require_entries(build.images, [key for index in pair_indices for key in image_keys[index]], root)
 
-    captions = list(dict.fromkeys(["", *(pairs.captions[index] for index in pair_indices)]))
-    missing = [caption for caption in captions if caption_key(text_encoder_id, caption) not in texts]
-    _encode_captions(missing, texts, encode_prompts, text_encoder_id, batch_size)
+    unique_captions = list(dict.fromkeys(["", *(captions[index] for index in pair_indices)]))
+    missing = [caption for caption in unique_captions if caption_key(text_encoder_id, caption) not in texts]
+    mine = [caption for caption in missing if _owner(caption_key(text_encoder_id, caption), processes) == process]
+    _encode_captions(mine, texts, encode_prompts, text_encoder_id, batch_size)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    texts.refresh()
+    _require_entries(texts, [caption_key(text_encoder_id, caption) for caption in unique_captions], root)
 
     unique_keys = {key for keys in image_keys if keys is not None for key in keys}
     stats = {
@@ -294,7 +290,7 @@ def build_pair_cache(
         "cache_images_encoded": encoded,
         "cache_images_reused": len(unique_keys) - encoded - len(bad_keys),
         "cache_captions_encoded": len(missing),
-        "cache_captions_reused": len(captions) - len(missing),
+        "cache_captions_reused": len(unique_captions) - len(missing),
         "cache_bad_rows_skipped": sum(skipped.values()),
         **{f"cache_skipped_{reason}": count for reason, count in sorted(skipped.items())},
     }
@@ -304,17 +300,108 @@ def build_pair_cache(
     if not pair_indices:
         raise ValueError(f"latent cache {root}: no pair could be encoded ({stats})")
     return PairCache(
-        pairs=pairs,
+        captions=captions,
+        labels=labels,
         decoder=decoder,
-        augmentations=augmentations,
+        augmentations=build.augmentations,
         image_keys=image_keys,
         pair_indices=pair_indices,
         text_encoder_id=text_encoder_id,
         normalization=normalization,
-        images=images,
+        images=build.images,
         texts=texts,
         stats=stats,
     )
+
+
+def _require_entries(store: _ShardStore, keys: list[str], root: Path) -> None:
+    missing = [key for key in keys if key not in store]
+    if missing:
+        raise RuntimeError(
+            f"latent cache {root}: {len(missing)} entries are missing after the build (e.g. {missing[0]}); did "
+            "another process of the run fail? Run again: the build completes what is missing"
+        )
+
+
+class _ImageBuild:
+    """The images one process encodes: queued by key, decoded and encoded by the VAE in micro-batches."""
+
+    def __init__(
+        self,
+        decoder: MediaDecoder,
+        images: _ShardStore,
+        vae: nn.Module,
+        batch_size: int,
+        vae_dtype: torch.dtype,
+        skip_bad_rows: bool,
+    ) -> None:
+        self.decoder, self.images, self.vae = decoder, images, vae
+        self.batch_size, self.vae_dtype, self.skip_bad_rows = batch_size, vae_dtype, skip_bad_rows
+        self.augmentations = decoder.cache_augmentations()
+        self.pending: dict[str, tuple[bytes, str]] = {}  # key → (stored bytes, location) of images to encode
+        self.bad_keys: dict[str, str] = {}  # key → why it cannot be encoded (a skip reason)
+        self.encoded = 0
+
+    @contextlib.contextmanager
+    def in_dtype(self) -> Iterator[None]:
+        original_dtype = self.vae.dtype
+        if self.vae_dtype == original_dtype:
+            yield
+            return
+        self.vae.to(dtype=self.vae_dtype)
+        try:
+            yield
+        finally:
+            self.vae.to(dtype=original_dtype)
+
+    def add(self, key: str, data: bytes, location: str) -> None:
+        if key not in self.images and key not in self.bad_keys and key not in self.pending:
+            self.pending[key] = (data, location)
+        if len(self.pending) >= self.batch_size:
+            self.encode_pending()
+
+    def finish(self) -> None:
+        self.encode_pending()
+        self.images.flush()
+
+    def encode_pending(self) -> None:
+        decoder, augmentations = self.decoder, self.augmentations
+        keys, locations, views = [], [], []
+        for key, (data, location) in self.pending.items():
+            try:
+                media = decoder.load(data)
+            except CorruptMediaError as error:
+                self.bad_keys[key] = error.reason
+                if not self.skip_bad_rows:
+                    raise ValueError(f"{location}: {error}. {SKIP_HINT}") from None
+                continue
+            keys.append(key)
+            locations.append(location)
+            views.extend(decoder.transform(media, augmentation) for augmentation in augmentations)
+        self.pending.clear()
+        if not views:
+            return
+        pixels = torch.stack([view.values for view in views])
+        posteriors = [vae_posterior(self.vae, chunk) for chunk in pixels.split(self.batch_size)]
+        means = torch.cat([mean for mean, _ in posteriors]).unflatten(0, (len(keys), len(augmentations)))
+        stds = torch.cat([std for _, std in posteriors]).unflatten(0, (len(keys), len(augmentations)))
+        finite = (means.isfinite() & stds.isfinite()).flatten(1).all(dim=1)
+        if not finite.all():
+            raise ValueError(
+                f"{locations[int((~finite).nonzero()[0])]}: the VAE produced non-finite latents in "
+                f"{self.vae_dtype}; build the cache with vae_dtype=torch.float32, or give a VAE that is safe in "
+                "float16 (for SDXL: madebyollin/sdxl-vae-fp16-fix)"
+            )
+        for image_number, key in enumerate(keys):
+            entry = {}
+            for view_number in range(len(augmentations)):
+                entry[f"{view_number}/mean"] = means[image_number, view_number]
+                entry[f"{view_number}/std"] = stds[image_number, view_number]
+                conditioning = views[image_number * len(augmentations) + view_number].conditioning
+                for name, value in conditioning.items():
+                    entry[f"{view_number}/{name}"] = torch.tensor(value, dtype=torch.int64)
+            self.images.add(key, entry)
+        self.encoded += len(keys)
 
 
 class CachedPairDataset(Dataset):
@@ -344,10 +431,10 @@ class CachedPairDataset(Dataset):
             self.seed, epoch, pair, self.caption_dropout, cache.decoder
         )
         view = cache.augmentations.index(augmentation)
-        caption = "" if drop_caption else cache.pairs.captions[pair]
+        caption = "" if drop_caption else cache.captions[pair]
         item: dict[str, Any] = {
             "caption": caption,
-            "label": cache.pairs.labels[pair],
+            "label": cache.labels[pair],
             "index": pair,
             "prompt_embeds": cache.prompt_embeds(caption),
         }

@@ -155,6 +155,17 @@ class DiffusionTrainConfig:
                     f"model.reference_cache is set but loss.type {self.loss.type} uses no reference; "
                     "remove model.reference_cache"
                 )
+        if self.data.streaming and self.model.reference_cache is not None and self.data.cache_dir is None:
+            raise ValueError(
+                "model.reference_cache stores one draw per pair of a dataset read by index; a stream without "
+                "data.cache_dir has none. Add data.cache_dir (training then reads the cache by index), or remove "
+                "model.reference_cache"
+            )
+        if self.data.streaming and self.data.cache_dir is None and self.run.dataloader_workers:
+            raise ValueError(
+                "data.streaming without data.cache_dir reads and decodes rows in the training process; set "
+                "run.dataloader_workers: 0, or add data.cache_dir (training then reads the cache with workers)"
+            )
         if not self.data.drop_ties and not any(LOSSES[name].uses_label for name in self.loss.type):
             raise ValueError(
                 f"data.drop_ties is false, so ties (label 0.5) reach the loss, but loss.type {self.loss.type} "

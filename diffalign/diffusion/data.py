@@ -19,7 +19,7 @@ import json
 import logging
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +32,8 @@ from torch.utils.data import Dataset
 
 from diffalign.config import LoadError
 from diffalign.diffusion.transforms import CorruptMediaError, ImageDecoder, MediaDecoder, draw_pair_randomness
+from diffalign.progress import progress
+from diffalign.streaming import BadRow as BadRowError
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +67,11 @@ class DiffusionDataConfig:
     # cache_dir the cache build decodes every image anyway and takes this role. Off, a bad image raises when read.
     verify_media: bool = True
     max_pairs: int | None = None  # keep the first N valid pairs
+    # Read the source as a stream (diffusion/streamed_pairs.py): nothing is downloaded or converted ahead, memory
+    # stays flat whatever the dataset's size, rows are checked as they arrive. Off: the source is loaded (memory-
+    # mapped) and checked whole before training, which suits data that fits on the disk.
+    streaming: bool = False
+    shuffle_buffer: int = 1000  # rows per shuffle window of a stream (1: the stored order within each shard)
     cache_dir: str | None = None  # VAE posteriors and text embeddings, built once and reused
     vae_encode_batch_size: int = 8
 
@@ -79,6 +86,10 @@ class DiffusionDataConfig:
             raise ValueError(f"data.max_aspect_ratio must be >= 1 (longer side / shorter side), got {self.max_aspect_ratio}")
         if self.max_pairs is not None and self.max_pairs < 1:
             raise ValueError(f"data.max_pairs must be >= 1 or null (all pairs), got {self.max_pairs}")
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"data.shuffle_buffer must be >= 1 (rows per shuffle window), got {self.shuffle_buffer}")
+        if self.streaming and self.max_pairs is not None:
+            raise ValueError("data.max_pairs needs the whole source (data.streaming: false); remove one of them")
         if self.vae_encode_batch_size < 1:
             raise ValueError(f"data.vae_encode_batch_size must be >= 1, got {self.vae_encode_batch_size}")
         if self.crop == "random" and self.cache_dir is not None:
@@ -87,14 +98,6 @@ class DiffusionDataConfig:
                 "encoding per image, while random crops differ at every read. Use data.crop: center, or remove "
                 "data.cache_dir"
             )
-
-
-class BadRowError(ValueError):
-    """A row that cannot be trained on; ``reason`` is the key its skip is counted under."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 # --- source tables ---------------------------------------------------------------------------------------------
@@ -234,17 +237,31 @@ def _read_arrow_file(path: Path) -> pa.Table:
         raise LoadError(f"data.source: {path} is not a readable Arrow file ({error})") from None
 
 
-def _load_tables(config: DiffusionDataConfig) -> list[_Table]:
+def is_local_source(config: DiffusionDataConfig) -> bool:
+    """Whether ``data.source`` names local files (a file, glob or directory) rather than a hub dataset id."""
     source = config.source
     if not source:
         raise LoadError(
             "data.source is empty; set it to a parquet/arrow file or directory, a JSONL index, or a hub dataset id"
         )
-    path_like = (
-        Path(source).suffix in TABLE_SUFFIXES or Path(source).exists() or any(c in source for c in "*?[")
-    )
-    if not path_like:
-        return [_load_hub_table(source, config.split)]
+    return Path(source).suffix in TABLE_SUFFIXES or Path(source).exists() or any(c in source for c in "*?[")
+
+
+def source_files(config: DiffusionDataConfig) -> tuple[list[Path], str]:
+    """The local files of ``data.source`` that hold rows, and their kind (parquet, arrow or jsonl)."""
+    files = _source_files(config)
+    kind = TABLE_SUFFIXES[files[0].suffix]
+    if kind == "parquet":
+        counts = [_parquet_rows(path) for path in files]
+        _require_rows(files, counts)
+        # `datasets` fails on a file without rows, which has nothing to contribute anyway.
+        files = [path for path, count in zip(files, counts) if count]
+    return files, kind
+
+
+def _load_tables(config: DiffusionDataConfig) -> list[_Table]:
+    if not is_local_source(config):
+        return [_load_hub_table(config.source, config.split)]
     files = _source_files(config)
     kind = TABLE_SUFFIXES[files[0].suffix]
     if kind == "jsonl":
@@ -294,12 +311,13 @@ def _load_hub_table(dataset_id: str, split: str) -> _ArrowTable:
 # --- row validation --------------------------------------------------------------------------------------------
 
 
-def _check_columns(table: _Table, config: DiffusionDataConfig) -> None:
+def check_columns(name: str, column_names: Sequence[str], config: DiffusionDataConfig) -> None:
+    """Every configured column is among ``column_names`` (of the file or source ``name``)."""
     columns = [config.caption_column, config.image_0_column, config.image_1_column, config.label_0_column]
     for column in columns:
-        if column is not None and column not in table.column_names:
+        if column is not None and column not in column_names:
             raise ValueError(
-                f"{table.name}: column {column!r} not found (every row); the data has columns {table.column_names}. "
+                f"{name}: column {column!r} not found (every row); the data has columns {list(column_names)}. "
                 "Set data.caption_column, data.image_0_column, data.image_1_column and data.label_0_column to the "
                 "columns that hold the caption, the two images and the first image's preference"
             )
@@ -358,6 +376,16 @@ def _pair_bytes(table: _Table, row: int, columns: tuple[str, str]) -> tuple[byte
     return first, second
 
 
+@dataclass(frozen=True)
+class PairRecord:
+    """One checked pair, winner first, with its stored media: what a latent cache build reads."""
+
+    caption: str
+    label: float  # probability that the chosen member is preferred: 1, or 0.5 for a kept tie
+    media: tuple[bytes, bytes]  # (chosen, rejected) as stored
+    location: str  # file and row, for messages
+
+
 class PreferencePairs:
     """The validated pairs of a data source, winner first. Images stay in the source tables until read.
 
@@ -376,10 +404,10 @@ class PreferencePairs:
         rows_read = ties_dropped = 0
         verify_media = config.verify_media and config.cache_dir is None
         for table_index, table in enumerate(self.tables):
-            _check_columns(table, config)
+            check_columns(table.name, table.column_names, config)
             captions = table.values(config.caption_column)
             labels = table.values(config.label_0_column) if config.label_0_column else None
-            for row in range(table.num_rows):
+            for row in progress(range(table.num_rows), desc=f"checking {Path(table.name).name}", unit="row"):
                 if config.max_pairs is not None and len(self._rows) == config.max_pairs:
                     break
                 rows_read += 1
@@ -441,6 +469,16 @@ class PreferencePairs:
         except BadRowError as bad:
             raise BadRowError(bad.reason, f"{table.location(row)}: {bad}") from None
         return (second, first) if swapped else (first, second)
+
+    def records(self) -> Iterator[PairRecord | BadRowError]:
+        """Every pair as a :class:`PairRecord`, or the :class:`BadRowError` of a pair whose media cannot be read."""
+        for index in range(len(self)):
+            try:
+                media = self.media_bytes(index)
+            except BadRowError as bad:
+                yield bad
+                continue
+            yield PairRecord(self.captions[index], self.labels[index], media, self.location(index))
 
     def load_media(self, index: int, decoder: MediaDecoder) -> tuple[Any, Any]:
         """Pair ``index`` decoded: (chosen, rejected). Raises :class:`BadRowError` naming the row."""
@@ -504,19 +542,29 @@ class PreferencePairDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index, epoch = split_index(index, len(self))
-        _, drop_caption, augmentation = draw_pair_randomness(
-            self.seed, epoch, index, self.caption_dropout, self.decoder
-        )
-        item: dict[str, Any] = {
-            "caption": "" if drop_caption else self.pairs.captions[index],
-            "label": self.pairs.labels[index],
-            "index": index,
-        }
-        for role, media in zip(("chosen", "rejected"), self.pairs.load_media(index, self.decoder)):
-            decoded = self.decoder.transform(media, augmentation)
-            item[f"{role}_{self.decoder.name}"] = decoded.values
-            item.update({f"{role}_{key}": value for key, value in decoded.conditioning.items()})
-        return item
+        media = self.pairs.load_media(index, self.decoder)
+        caption, label = self.pairs.captions[index], self.pairs.labels[index]
+        return decoded_pair_item(self.decoder, caption, label, media, self.seed, epoch, index, self.caption_dropout)
+
+
+def decoded_pair_item(
+    decoder: MediaDecoder,
+    caption: str,
+    label: float,
+    media: tuple[Any, Any],
+    seed: int,
+    epoch: int,
+    index: int,
+    caption_dropout: float,
+) -> dict[str, Any]:
+    """The item of a decoded pair (chosen, rejected), its randomness drawn from (seed, epoch, index)."""
+    _, drop_caption, augmentation = draw_pair_randomness(seed, epoch, index, caption_dropout, decoder)
+    item: dict[str, Any] = {"caption": "" if drop_caption else caption, "label": label, "index": index}
+    for role, member in zip(("chosen", "rejected"), media):
+        decoded = decoder.transform(member, augmentation)
+        item[f"{role}_{decoder.name}"] = decoded.values
+        item.update({f"{role}_{key}": value for key, value in decoded.conditioning.items()})
+    return item
 
 
 def collate_pairs(items: Sequence[dict[str, Any]]) -> dict[str, Any]:

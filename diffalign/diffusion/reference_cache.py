@@ -46,6 +46,7 @@ from diffalign.diffusion.methods.dpo import DiffusionDPO
 from diffalign.diffusion.reference import ReferenceDenoiser
 from diffalign.files import read_cache_file, respect_umask
 from diffalign.hashing import ContentHash, module_fingerprint
+from diffalign.progress import progress
 from diffalign.training.loop import move_to_device
 from diffalign.training.sampler import collate_with_sample_ids
 
@@ -124,7 +125,7 @@ def dataset_fingerprint(dataset: Dataset) -> str:
         cache = dataset.cache
         digest.update(cache.text_encoder_id, repr((cache.normalization.scale, cache.normalization.shift)))
         for index in cache.pair_indices:
-            pair = [index, cache.image_keys[index], cache.pairs.captions[index], cache.pairs.labels[index]]
+            pair = [index, cache.image_keys[index], cache.captions[index], cache.labels[index]]
             digest.update(json.dumps(pair))
     elif isinstance(dataset, PreferencePairDataset):
         pairs = dataset.pairs
@@ -215,7 +216,9 @@ def load_or_build_reference_errors(
         if built:
             started = time.perf_counter()
             with accelerator.autocast():
-                pair_index, errors = precompute_reference_errors(method, batches())
+                batch_count = -(-len(dataset) // batch_size)
+                bar = progress(batches(), total=batch_count, desc="reference errors", unit="batch")
+                pair_index, errors = precompute_reference_errors(method, bar)
             if not errors.isfinite().all():
                 bad = pair_index[~errors.isfinite().all(dim=1)][:5].tolist()
                 raise ValueError(

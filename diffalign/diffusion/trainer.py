@@ -28,6 +28,7 @@ from diffalign.diffusion.reference_cache import FixedDraws, ReferenceErrors, loa
 from diffalign.diffusion.training_data import build_pair_dataset
 from diffalign.hub import loading, under_key
 from diffalign.model_card import CardFacts
+from diffalign.preflight import preflight_diffusion
 from diffalign.training import Recipe, StepOutput, make_accelerator, run_training
 from diffalign.training.engines import shards_parameters
 from diffalign.training.loss_state import MarginBaseline
@@ -121,8 +122,11 @@ class DiffusionRecipe(Recipe):
     def noise_seeds(self, batch: dict[str, Any]) -> list[int]:
         # Every random draw of a pair is a function of (run seed, sample id): see training/sampler.py. With fixed
         # draws (the reference cache) every visit of a pair reuses its first visit's id, sample id mod N.
-        size = len(self.train_dataset)
-        sample_ids = [i % size for i in batch["sample_ids"]] if self.fixed_draws else batch["sample_ids"]
+        if self.fixed_draws:
+            size = len(self.train_dataset)
+            sample_ids = [i % size for i in batch["sample_ids"]]
+        else:
+            sample_ids = batch["sample_ids"]
         return [self.config.run.seed * 2**32 + sample_id for sample_id in sample_ids]
 
     def latent_batch(self, batch: dict[str, Any]) -> LatentPairBatch:
@@ -218,6 +222,7 @@ def train(config: DiffusionTrainConfig) -> dict[str, float]:
     with loading("model.pretrained", config.model.pretrained, "diffusers pipeline"):
         family = family_class(config.model.pretrained)
     check_family_support(config, family)
+    preflight_diffusion(config)
     accelerator = make_accelerator(config.run)
     # Distinct noise per process; the data order is seeded separately (ResumableBatchSampler).
     set_seed(config.run.seed + accelerator.process_index)

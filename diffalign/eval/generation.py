@@ -23,6 +23,7 @@ from diffalign.diffusion.config import DiffusionModelConfig
 from diffalign.diffusion.export import load_trained_denoiser
 from diffalign.diffusion.families import DiffusionFamily
 from diffalign.diffusion.sampling import generate_samples
+from diffalign.progress import progress
 from diffalign.rewards import Audio
 from diffalign.training.checkpoint_model import is_checkpoint, read_checkpoint_config, read_checkpoint_model
 
@@ -138,7 +139,7 @@ def sample_model(
     evaluation set would not fit in memory; audio comes back as :class:`Audio`.
     """
     chunks = []
-    for start in range(0, len(prompts), batch_size):
+    for start in progress(range(0, len(prompts), batch_size), desc="sampling", unit="batch"):
         samples = generate_samples(
             family,
             denoiser,

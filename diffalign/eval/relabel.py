@@ -33,6 +33,7 @@ from diffalign.config import ConfigError, apply_override, from_dict, to_dict
 from diffalign.diffusion.data import BadRowError, _media_bytes
 from diffalign.eval.media import decode_audio, decode_image, images_as_batch
 from diffalign.eval.scoring import ScoringConfig, build_with_reference
+from diffalign.progress import progress
 from diffalign.rewards import Audio, Scorer
 
 logger = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ def relabel(config: RelabelConfig, scorer: Scorer | None = None) -> dict[str, An
     output.parent.mkdir(parents=True, exist_ok=True)
     counts: Counter[str] = Counter()
     writer: pq.ParquetWriter | None = None
+    bar = progress(total=sum(pq.ParquetFile(path).metadata.num_rows for path in sources), desc="relabelling", unit="pair")
     try:
         for path in sources:
             parquet = pq.ParquetFile(path)
@@ -141,7 +143,9 @@ def relabel(config: RelabelConfig, scorer: Scorer | None = None) -> dict[str, An
                     _relabel_batch(table, path, row, schema, scorer, reference, config, counts)
                 )
                 row += table.num_rows
+                bar.update(table.num_rows)
     finally:
+        bar.close()
         if writer is not None:
             writer.close()
     summary = _summary(config, counts)

@@ -13,6 +13,7 @@ from torch import Tensor
 from diffalign.eval.generation import Samples, sample_slice
 from diffalign.eval.media import load_reference
 from diffalign.hub import under_key
+from diffalign.progress import progress
 from diffalign.rewards import Audio, Scorer, ScorerConfig, build_scorer
 
 
@@ -66,7 +67,7 @@ def score_samples(
             prompts[start : start + batch_size],
             reference=reference,
         )
-        for start in range(0, len(prompts), batch_size)
+        for start in progress(range(0, len(prompts), batch_size), desc=f"scoring ({type(scorer).__name__})", unit="batch")
     ]
     return torch.cat(scores).float().cpu()
 

@@ -65,6 +65,9 @@ class LoopState:
     best_metric: float | None = None  # for recipes that keep the best checkpoint (early stopping)
     num_processes: int = 1  # of the run that wrote the checkpoint
     device: str = ""  # what it ran on ("NVIDIA H200", "CPU"), for the model card
+    # Where a streamed training set stands (diffalign.streaming.StreamPosition); None for map-style data, whose
+    # position is micro_step.
+    data_position: dict | None = None
 
 
 def capture_rng_state() -> dict[str, Any]:

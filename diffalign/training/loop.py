@@ -36,7 +36,9 @@ from diffalign.config import save_config, to_dict
 from diffalign.files import respect_umask
 from diffalign.hub import check_push_possible, push_folder
 from diffalign.model_card import CardFacts, TrainingSummary, describe_folder
+from diffalign.progress import configure_progress
 from diffalign.provenance import PROVENANCE_KEY, provenance
+from diffalign.streaming import RowStream, StreamBatches
 from diffalign.training.checkpoint import (
     CheckpointWriteError,
     LoopState,
@@ -84,7 +86,7 @@ class Recipe(abc.ABC):
     """
 
     model: nn.Module
-    train_dataset: Dataset
+    train_dataset: Dataset | RowStream  # map-style, read by sample id; or a stream (diffalign/streaming.py)
     collate: Callable[[list[Any]], dict[str, Any]]
     # A key of ``evaluate``'s metrics whose best (largest) value keeps its model in ``<output_dir>/best``.
     selection_metric: str | None = None
@@ -161,6 +163,7 @@ def make_accelerator(run: RunConfig) -> Accelerator:
         )
         accelerator.gradient_accumulation_steps = run.gradient_accumulation_steps
     check_engine(accelerator)
+    configure_progress(run.progress_bar and accelerator.is_local_main_process)
     return accelerator
 
 
@@ -332,8 +335,16 @@ class TrainingLoop:
             process_index=self.accelerator.process_index,
         )
 
-    def _data_loader(self) -> DataLoader:
+    def _data_loader(self) -> DataLoader | StreamBatches:
         run, accelerator, recipe = self.run, self.accelerator, self.recipe
+        if isinstance(recipe.train_dataset, RowStream):
+            return recipe.train_dataset.batches(
+                run.batch_size,
+                collate=recipe.collate,
+                process_index=accelerator.process_index,
+                num_processes=accelerator.num_processes,
+                position=self.state.data_position,
+            )
         sampler = ResumableBatchSampler(
             len(recipe.train_dataset),
             run.batch_size,
@@ -360,7 +371,8 @@ class TrainingLoop:
             total=run.max_steps,
             initial=self.state.step,
             desc="train",
-            disable=not (run.progress_bar and self.accelerator.is_local_main_process),
+            # None: shown only on a terminal, like every bar of diffalign.progress.
+            disable=None if run.progress_bar and self.accelerator.is_local_main_process else True,
             file=sys.stdout,
         )
         self.model.train()
@@ -393,6 +405,8 @@ class TrainingLoop:
                     output = self.recipe.training_step(self.model, batch)
                 accelerator.backward(output.loss)
             self.window.add(output)
+        if isinstance(self.batches, StreamBatches):
+            self.state.data_position = self.batches.position()
 
     def _guarded_step(self) -> bool:
         """Clip the window's gradient and apply it; False when the NaN/inf guard skipped it.

@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from diffalign.diffusion.families import DiffusionFamily
 from diffalign.eval.prompts import read_prompts
+from diffalign.progress import progress
 from diffalign.rewards import Audio, Samples, build_scorer
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -93,7 +94,7 @@ def sample_latents(
     denoiser = extract_model_from_parallel(denoiser)
     device = next(denoiser.parameters()).device
     latents = []
-    for start in range(0, len(prompts), batch_size):
+    for start in progress(range(0, len(prompts), batch_size), desc="generating", unit="batch", leave=False):
         generators = [torch.Generator(device).manual_seed(seed) for seed in seeds[start : start + batch_size]]
         latents.append(
             family.sample(
