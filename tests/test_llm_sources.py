@@ -10,6 +10,7 @@ import datasets
 import pytest
 from transformers import AutoTokenizer
 
+import diffalign.hub as hub_access
 import diffalign.llm.data as llm_data
 from diffalign.config import ConfigError, load_config
 from diffalign.llm.batching import PreferenceStream
@@ -106,6 +107,7 @@ def test_a_hub_id_is_loaded_with_its_subset_split_and_revision(tokenizer, tmp_pa
         return datasets.Dataset.from_list(ROWS)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(hub_access, "check_source", lambda *args: None)  # no hub to ask here (tests/test_hub.py)
     settings = dict(path="org/prefs", subset="default", split="train_prefs", revision="v2")
     assert load(tokenizer, tmp_path, **settings)[0] == expected
     assert calls == [("org/prefs", "default", "train_prefs", "v2", False)]
