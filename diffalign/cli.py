@@ -28,6 +28,20 @@ def command_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_cache(args: argparse.Namespace) -> int:
+    from diffalign.diffusion.trainer import build_cache
+
+    config = load_config(args.config, args.overrides, command="train")
+    if config.kind != "diffusion":
+        raise ConfigError(
+            f"{args.config}: kind: {config.kind}; `diffalign cache` builds the latent cache of a kind: diffusion "
+            "config (LLM data is tokenized and cached by `diffalign train`)"
+        )
+    stats = build_cache(config)
+    print(f"latent cache {config.data.cache_dir}: " + ", ".join(f"{key} {value}" for key, value in stats.items()))
+    return 0
+
+
 def command_losses(args: argparse.Namespace) -> int:
     from diffalign.losses import list_losses
 
@@ -123,6 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="path to a YAML config")
     train.add_argument("overrides", nargs="*", help="section.key=value overrides")
     train.set_defaults(handler=command_train)
+
+    cache = commands.add_parser(
+        "cache",
+        help="build the latent cache of a diffusion config",
+        description="Encode every image and caption of a diffusion config's pairs into data.cache_dir (VAE latents "
+        "and prompt embeddings), completing a cache a killed build left; `diffalign train` then reads it. Under "
+        "`accelerate launch --num_processes N diffalign cache CONFIG` the N processes share the images by content "
+        "key. Example: `diffalign cache configs/toy_dpo.yaml data.cache_dir=outputs/cache`.",
+    )
+    cache.add_argument("config", help="path to a YAML config with kind: diffusion")
+    cache.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    cache.set_defaults(handler=command_cache)
 
     losses = commands.add_parser("losses", help="list the preference losses", description="List every loss of "
                                  "the core by its config name (loss.type) with a one-line description.")

@@ -1,7 +1,8 @@
 """Checks that run before any model loads: every path a run reads exists and has the columns it needs, and every
 folder it writes is writable, so that a typo fails in seconds with the key to fix, not after minutes of loading.
 
-Hub ids are not fetched here: the libraries resolve them when the run loads them.
+Hub ids are checked, not fetched (:func:`diffalign.hub.check_source`: in the hub cache when offline, one bounded
+request otherwise); the libraries download them when the run loads them.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from diffalign.config import ConfigError
+from diffalign.config import ConfigError, LoadError
+from diffalign.hub import RepoType, check_source
+
+DATA_SUFFIXES = {".jsonl", ".json", ".parquet", ".arrow", ".txt", ".csv", ".tsv"}
 
 
 def require_writable(key: str, folder: str | Path) -> None:
@@ -28,13 +32,15 @@ def require_writable(key: str, folder: str | Path) -> None:
         ) from None
 
 
-def require_path_or_hub_id(key: str, value: str, *, kind: str) -> None:
-    """``value`` exists, or could be a hub id (``owner/name``, which the libraries resolve, from their cache when
-    offline); a missing path (``./x``, ``/x``, ``a/b/c``) raises naming ``key``."""
-    if Path(value).expanduser().exists():
-        return
-    if value.startswith((".", "/", "~")) or value.count("/") != 1:
-        raise ConfigError(f"{key}: {kind} {value} does not exist")
+def require_path_or_hub_id(key: str, value: str, *, repo_type: RepoType = "model") -> None:
+    """``value`` exists, or is a hub repository that can be had (:func:`diffalign.hub.check_source`: from the
+    cache when offline, one bounded request otherwise); raises a one-line error naming ``key`` and the fix. A
+    value with a data file's suffix must be an existing file."""
+    if Path(value).suffix in DATA_SUFFIXES and not Path(value).expanduser().is_file():
+        raise LoadError(
+            f"{key}={value!r}: no such file; give an existing data file, a dataset directory or a hub id"
+        )
+    check_source(key, value, repo_type)
 
 
 def _first_row_keys(path: Path) -> list[str]:
@@ -73,15 +79,15 @@ def preflight_diffusion(config: Any) -> None:
     from diffalign.diffusion.methods.base import DiffusionMethod
 
     model, data = config.model, config.data
-    require_path_or_hub_id("model.pretrained", model.pretrained, kind="pipeline folder")
+    require_path_or_hub_id("model.pretrained", model.pretrained)
     if model.vae is not None:
-        require_path_or_hub_id("model.vae", model.vae, kind="VAE folder")
+        require_path_or_hub_id("model.vae", model.vae)
     reads_pairs = METHODS[config.method.name].training_data is DiffusionMethod.training_data
     if reads_pairs or data.source:
-        try:
-            files = source_files(data)[0] if is_local_source(data) else []
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
+        local = is_local_source(data)  # raises LoadError naming data.source, as source_files does
+        files = source_files(data)[0] if local else []
+        if not local:
+            check_source("data.source", data.source, "dataset")
         for path in files:
             columns = _first_row_keys(path)
             if columns or path.suffix != ".jsonl":
@@ -100,15 +106,12 @@ def preflight_diffusion(config: Any) -> None:
 
 def preflight_llm(config: Any) -> None:
     """Paths, the data's schema and output folders of an LLM run (``LLMTrainConfig``)."""
-    from diffalign.llm.data import BUILDERS, is_saved_dataset
+    from diffalign.llm.data import is_saved_dataset
 
-    require_path_or_hub_id("model.pretrained", config.model.pretrained, kind="model folder")
+    require_path_or_hub_id("model.pretrained", config.model.pretrained)
     data = config.data
     path = Path(data.path)
-    if path.suffix in BUILDERS and not path.is_file():
-        raise ConfigError(f"data.path: data file {path} does not exist")
-    if not path.exists():
-        require_path_or_hub_id("data.path", data.path, kind="data folder")
+    require_path_or_hub_id("data.path", data.path, repo_type="dataset")
     if path.is_file() and path.suffix in (".jsonl", ".json", ".parquet") and data.schema == "auto":
         columns = set(_first_row_keys(path)) if path.suffix != ".json" else set()
         if columns and not (
@@ -125,6 +128,6 @@ def preflight_llm(config: Any) -> None:
         require_writable("data.cache_dir", data.cache_dir)
     if config.reference_strategy == "precomputed":
         require_writable("reference.cache_dir", config.reference.cache_dir)
-    if config.eval.prompts is not None and not Path(config.eval.prompts).exists():
-        require_path_or_hub_id("eval.prompts", config.eval.prompts, kind="prompts file")
+    if config.eval.prompts is not None:
+        require_path_or_hub_id("eval.prompts", config.eval.prompts, repo_type="dataset")
     require_writable("run.output_dir", config.run.output_dir)

@@ -14,7 +14,7 @@ from diffalign.cli import main
 from diffalign.config import CONFIG_KINDS, config_class, entry_point, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ("train", "losses", "demo", "eval", "export", "relabel", "prompts")
+COMMANDS = ("train", "cache", "losses", "demo", "eval", "export", "relabel", "prompts")
 RECORDED: list = []
 
 

@@ -403,3 +403,33 @@ def test_build_pair_dataset_with_a_cache_dir(tmp_path, source):
     assert batch["chosen_latents"].shape == (2, 4, 8, 8) and batch["prompt_embeds"]["pooled"].shape == (2, 4)
     _, _, stats = build_pair_dataset(config, family=family, seed=0)
     assert stats["cache_images_encoded"] == 0 and stats["cache_images_reused"] == 10
+
+
+def test_the_cache_command_builds_the_latent_cache_that_training_reuses(tmp_path, capsys):
+    from diffalign.cli import main
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "toy_dpo.yaml"
+    overrides = [
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"run.output_dir={tmp_path / 'run'}",
+        "data.max_pairs=16",
+        "run.trackers=[]",
+    ]
+    assert main(["cache", str(config), *overrides]) == 0
+    first = capsys.readouterr().out
+    assert "cache_pairs 16" in first and "cache_images_reused 0" in first
+    encoded = int(first.split("cache_images_encoded ")[1].split(",")[0])
+    assert 16 < encoded <= 32
+    assert main(["cache", str(config), *overrides]) == 0  # a second build (or the trainer) encodes nothing
+    second = capsys.readouterr().out
+    assert "cache_images_encoded 0" in second and f"cache_images_reused {encoded}" in second
+
+
+def test_the_cache_command_refuses_a_config_without_a_cache_dir_or_of_another_kind(tmp_path, capsys):
+    from diffalign.cli import main
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    assert main(["cache", str(configs / "toy_dpo.yaml"), "data.cache_dir=null"]) == 2
+    assert "data.cache_dir is not set; set data.cache_dir=DIR" in capsys.readouterr().err
+    assert main(["cache", str(configs / "toy_llm_dpo.yaml")]) == 2
+    assert "kind: llm; `diffalign cache` builds the latent cache of a kind: diffusion config" in capsys.readouterr().err

@@ -216,12 +216,11 @@ def llm_config(tmp_path, *overrides):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("data.path=/nowhere/pairs.jsonl", r"data.path: data file /nowhere/pairs.jsonl does not exist"),
-        ("model.pretrained=./no-model", r"model.pretrained: model folder ./no-model does not exist"),
-        (
-            "eval.prompts=/nowhere/prompts.jsonl",
-            r"eval.prompts: prompts file /nowhere/prompts.jsonl does not exist",
-        ),
+        ("data.path=/nowhere/pairs.jsonl", r"data.path='/nowhere/pairs.jsonl': no such file; give an existing"),
+        ("data.path=/nowhere/folder", r"data.path='/nowhere/folder': no such file or directory"),
+        ("model.pretrained=./no-model", r"model.pretrained='./no-model': no such file or directory"),
+        ("eval.prompts=/nowhere/prompts.jsonl", r"eval.prompts='/nowhere/prompts.jsonl': no such file"),
+        ("data.path=org/not-cached", r"data.path='org/not-cached': HF_HUB_OFFLINE is set and this dataset is not"),
     ],
 )
 def test_preflight_names_a_missing_path(tmp_path, override, message):

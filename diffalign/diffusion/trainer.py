@@ -18,11 +18,13 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 
+from diffalign.config import ConfigError
 from diffalign.diffusion.config import DiffusionTrainConfig, check_family_support
 from diffalign.diffusion.evaluation import SampleEvaluation
 from diffalign.diffusion.export import denoiser_card_facts, save_denoiser
-from diffalign.diffusion.families import family_class
+from diffalign.diffusion.families import family_class, load_family
 from diffalign.diffusion.methods import METHODS, LatentPairBatch, TrainingContext, TrainingData
+from diffalign.diffusion.methods.base import DiffusionMethod
 from diffalign.diffusion.models import build_models
 from diffalign.diffusion.reference_cache import FixedDraws, ReferenceErrors, load_or_build_reference_errors
 from diffalign.diffusion.training_data import build_pair_dataset
@@ -218,13 +220,41 @@ class DiffusionRecipe(Recipe):
 
 
 def train(config: DiffusionTrainConfig) -> dict[str, float]:
+    preflight_diffusion(config)
     # A hub model's family is known once its model_index.json is read; a local one was checked with the config.
     with loading("model.pretrained", config.model.pretrained, "diffusers pipeline"):
         family = family_class(config.model.pretrained)
     check_family_support(config, family)
-    preflight_diffusion(config)
     accelerator = make_accelerator(config.run)
     # Distinct noise per process; the data order is seeded separately (ResumableBatchSampler).
     set_seed(config.run.seed + accelerator.process_index)
     recipe = DiffusionRecipe(config, accelerator)
     return run_training(recipe, run=config.run, optim=config.optim, accelerator=accelerator, config=config)
+
+
+def build_cache(config: DiffusionTrainConfig) -> dict[str, int]:
+    """Build (or complete) the latent cache of ``config``'s pairs in ``data.cache_dir`` and return its counts;
+    under ``accelerate launch`` every process encodes its share. Only the VAE and text encoders run."""
+    if config.data.cache_dir is None:
+        raise ConfigError("data.cache_dir is not set; set data.cache_dir=DIR, the folder the latent cache is built in")
+    if METHODS[config.method.name].training_data is not DiffusionMethod.training_data:
+        raise ConfigError(
+            f"method.name={config.method.name!r} trains on its own data (prompts), not on cached pairs; "
+            "`diffalign cache` builds the latent cache of the data: pairs"
+        )
+    preflight_diffusion(config)
+    with loading("model.pretrained", config.model.pretrained, "diffusers pipeline"):
+        check_family_support(config, family_class(config.model.pretrained))
+    accelerator = make_accelerator(config.run)
+    model = config.model
+    with loading("model.pretrained", model.pretrained, "diffusers pipeline"):
+        family = load_family(model.pretrained, model.vae, config.timesteps, model.family_options())
+    weight_dtype = mixed_precision_dtype(accelerator.mixed_precision)
+    for module in family.frozen_modules().values():
+        module.requires_grad_(False).eval()
+    family.to(accelerator.device, weight_dtype, vae_dtype=torch.float32 if family.vae_needs_fp32 else weight_dtype)
+    decoder = family.media_decoder(config.data)
+    _, _, stats = build_pair_dataset(
+        config.data, family=family, seed=config.run.seed, accelerator=accelerator, decoder=decoder
+    )
+    return stats
