@@ -10,12 +10,15 @@ diffalign runs its default path: the latent cache, built by an untimed run first
 
 A run's wall time includes start-up, model loading and the final save; they cancel in the step time
 ``(t(long) − t(short)) / (long − short)`` (60 and 15 steps). The runs alternate (example, ours, example, ours,
-the order reversed every round) so that a change of the machine's load hits both alike.
+the order reversed every round) so that a change of the machine's load hits both alike. Each run's CPU time
+(user + system, from the kernel's accounting of the child) is taken the same way: with one thread each it equals
+the wall time on an idle machine and is far steadier on a shared one.
 """
 
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -35,14 +38,21 @@ LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
 @dataclass
 class StepTimes:
-    """Per-step seconds of each program, one value per round."""
+    """Per-step seconds of each program, one value per round: wall clock, and the process's CPU time (user +
+    system), which another process's load on a shared machine disturbs far less than the wall clock."""
 
     example: list[float]
     diffalign: list[float]
+    example_cpu: list[float]
+    diffalign_cpu: list[float]
 
     @property
     def ratios(self) -> list[float]:
         return [ours / theirs for ours, theirs in zip(self.diffalign, self.example)]
+
+    @property
+    def cpu_ratios(self) -> list[float]:
+        return [ours / theirs for ours, theirs in zip(self.diffalign_cpu, self.example_cpu)]
 
 
 def one_thread_env() -> dict[str, str]:
@@ -101,13 +111,18 @@ def diffalign_command(config: Path, steps: int, output_dir: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def timed_run(command: list[str], output_dir: Path, log: Path) -> float:
-    """Wall seconds of one fresh run (its output folder removed first, so nothing resumes)."""
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed_run(command: list[str], output_dir: Path, log: Path) -> tuple[float, float]:
+    """Wall and CPU seconds of one fresh run (its output folder removed first, so nothing resumes)."""
     shutil.rmtree(output_dir, ignore_errors=True)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), children_cpu_seconds()
     with log.open("w") as out:
         result = subprocess.run(command, env=one_thread_env(), cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start, children_cpu_seconds() - start_cpu
     if result.returncode != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-20:])
         raise RuntimeError(f"{' '.join(command[:4])} ... failed ({result.returncode}); its log ends:\n{tail}")
@@ -136,19 +151,24 @@ def measure_against(script: Path, rounds: int, short: int = 15, long: int = 60) 
                 diffalign_command(config, steps, work / "ours"), work / "ours", work / "diffalign.log"
             ),
         }
-        times = StepTimes(example=[], diffalign=[])
+        times = StepTimes(example=[], diffalign=[], example_cpu=[], diffalign_cpu=[])
         for round_number in range(rounds):
             order = list(programs) if round_number % 2 == 0 else list(programs)[::-1]
-            seconds: dict[str, dict[int, float]] = {name: {} for name in programs}
+            seconds: dict[str, dict[int, tuple[float, float]]] = {name: {} for name in programs}
             for steps in (short, long):
                 for name in order:
                     seconds[name][steps] = programs[name](steps)
             for name in programs:
-                step = (seconds[name][long] - seconds[name][short]) / (long - short)
+                (wall_short, cpu_short), (wall_long, cpu_long) = seconds[name][short], seconds[name][long]
+                step, cpu_step = (
+                    (wall_long - wall_short) / (long - short),
+                    (cpu_long - cpu_short) / (long - short),
+                )
                 getattr(times, name).append(step)
+                getattr(times, f"{name}_cpu").append(cpu_step)
                 print(
-                    f"  round {round_number + 1} {name}: {seconds[name][short]:.1f} s ({short} steps), "
-                    f"{seconds[name][long]:.1f} s ({long} steps) → {1000 * step:.1f} ms/step",
+                    f"  round {round_number + 1} {name}: {wall_short:.1f} s ({short} steps), {wall_long:.1f} s "
+                    f"({long} steps) → {1000 * step:.1f} ms/step wall, {1000 * cpu_step:.1f} ms/step CPU",
                     flush=True,
                 )
     return times
@@ -156,37 +176,41 @@ def measure_against(script: Path, rounds: int, short: int = 15, long: int = 60) 
 
 def print_against(times: StepTimes, baseline_seconds: float | None, script: Path) -> list[dict]:
     """The table: diffalign's default step against the real example, the re-implementation as a second row."""
-    example = statistics.median(times.example)
+    median = statistics.median
+    example, example_cpu = median(times.example), median(times.example_cpu)
     rows = [
-        {"step": "diffusers example (real script)", "seconds": example, "ratio": 1.0},
-        {
-            "step": "diffalign default (cache built)",
-            "seconds": statistics.median(times.diffalign),
-            "ratio": statistics.median(times.ratios),
-        },
-    ]
+        {"step": "diffusers example (real script)", "seconds": example, "ratio": 1.0,
+         "cpu_seconds": example_cpu, "cpu_ratio": 1.0},
+        {"step": "diffalign default (cache built)", "seconds": median(times.diffalign),
+         "ratio": median(times.ratios), "cpu_seconds": median(times.diffalign_cpu),
+         "cpu_ratio": median(times.cpu_ratios)},
+    ]  # fmt: skip
     if baseline_seconds is not None:
         rows.append(
-            {
-                "step": "re-implemented baseline¹",
-                "seconds": baseline_seconds,
-                "ratio": baseline_seconds / example,
-            }
-        )
+            {"step": "re-implemented baseline¹", "seconds": baseline_seconds, "ratio": baseline_seconds / example}
+        )  # fmt: skip
     load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
     print(
         f"\nDiffusion-DPO step against {script} (toy-t2i, {RESOLUTION} px, LoRA rank {RANK}, "
         f"{PAIRS_PER_STEP} pairs/step, β {BETA:g}, fp32 CPU, 1 thread each); load average now {load}"
     )
-    header = f"{'step':<34} {'ms/step':>9} {'time vs example':>16}"
+    header = f"{'step':<34} {'ms/step':>9} {'vs example':>11} {'CPU ms/step':>12} {'vs example':>11}"
     print(header)
     print("-" * len(header))
     for row in rows:
-        print(f"{row['step']:<34} {1000 * row['seconds']:>9.1f} {row['ratio']:>15.2f}×")
-    ratios = ", ".join(f"{ratio:.2f}" for ratio in times.ratios)
-    print(f"median of {len(times.ratios)} rounds; diffalign/example per round: {ratios}")
+        cpu = (
+            f"{1000 * row['cpu_seconds']:>12.1f} {row['cpu_ratio']:>10.2f}×"
+            if "cpu_seconds" in row
+            else f"{'':>24}"
+        )
+        print(f"{row['step']:<34} {1000 * row['seconds']:>9.1f} {row['ratio']:>10.2f}× {cpu}")
+    wall = ", ".join(f"{ratio:.2f}" for ratio in times.ratios)
+    cpu_ratios = ", ".join(f"{ratio:.2f}" for ratio in times.cpu_ratios)
+    print(
+        f"medians of {len(times.ratios)} rounds; diffalign/example per round: wall {wall}; CPU {cpu_ratios}"
+    )
     if baseline_seconds is not None:
         print(
-            "¹ this script's own re-implementation of the example's step, timed in-process on the same models"
+            "¹ this script's re-implementation of the example's step, timed in-process (wall) on the same models"
         )
     return rows

@@ -179,7 +179,9 @@ def test_reads_open_each_shard_once_and_a_pickled_dataset_reads_the_same(tmp_pat
     shards = {*cache.images.index.values(), *cache.texts.index.values()}
     assert sorted(opened) == sorted(shards)  # each once, though every entry was read twice
     copied = pickle.loads(pickle.dumps(dataset))  # what a spawned data-loader worker gets: no open shard
-    for items in (again, [copied[index] for index in range(len(copied))]):
+    # A forked worker inherits the open shards of the main process.
+    forked = list(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=1))
+    for items in (again, [copied[index] for index in range(len(copied))], forked):
         for item, expected in zip(items, first):
             assert torch.equal(item["chosen_latents"], expected["chosen_latents"])
             assert torch.equal(item["rejected_latents"], expected["rejected_latents"])
