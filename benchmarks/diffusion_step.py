@@ -33,6 +33,7 @@ model-FLOPs utilisation, and each row's speed-up over the baseline.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -40,6 +41,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import real_example
 import torch
 import torch.nn.functional as F
 from common import benchmark_parser, machine, parse_benchmark_args, trainables, write_record
@@ -57,6 +59,7 @@ from diffalign.diffusion.reference_cache import ReferenceErrors
 from diffalign.losses import LossConfig, compute_loss
 
 MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
+TOY_PIPELINE = Path(__file__).resolve().parents[1] / "assets" / "toy-t2i"
 BETA = 5000.0
 
 TINY = {
@@ -100,6 +103,9 @@ class Models:
 def load_config(model: str, name: str) -> dict:
     if model == "tiny":
         return dict(TINY[name])
+    if model == "toy":  # the shipped toy pipeline's architecture (its weights are not used)
+        file = "scheduler/scheduler_config.json" if name == "scheduler" else f"{name}/config.json"
+        return json.loads((TOY_PIPELINE / file).read_text())
     return json.loads((MODEL_CONFIGS / model / f"{name}.json").read_text())
 
 
@@ -140,15 +146,15 @@ def encode_text(models: Models, token_ids: torch.Tensor) -> dict[str, torch.Tens
 
 
 def make_trainable(
-    unet: torch.nn.Module, trainable: str, weight_dtype: torch.dtype
+    unet: torch.nn.Module, trainable: str, weight_dtype: torch.dtype, lora_rank: int = 8
 ) -> list[torch.nn.Parameter]:
     unet.requires_grad_(trainable == "full")
     if trainable == "lora":
         unet.to(dtype=weight_dtype)
         unet.add_adapter(
             LoraConfig(
-                r=8,
-                lora_alpha=8,
+                r=lora_rank,
+                lora_alpha=lora_rank,
                 init_lora_weights="gaussian",
                 target_modules=["to_k", "to_q", "to_v", "to_out.0"],
             )
@@ -325,7 +331,7 @@ def run(args: argparse.Namespace, trainable: str) -> list[dict]:
     token_ids = torch.randint(0, models.vocab_size, (args.batch_size, 77), generator=generator).to(device)
     rows = []
 
-    parameters = make_trainable(unet, trainable, weight_dtype)
+    parameters = make_trainable(unet, trainable, weight_dtype, args.lora_rank)
     seconds, peak, flops = measure_baseline(
         models, parameters, trainable, weight_dtype, pixels, token_ids, autocast, args
     )
@@ -373,8 +379,27 @@ def run(args: argparse.Namespace, trainable: str) -> list[dict]:
     return rows
 
 
+def against(args: argparse.Namespace) -> None:
+    """The real example and diffalign's trainer as subprocesses, then this script's re-implementation of the
+    example's step in-process on the same architecture and settings, as a labelled second row."""
+    times = real_example.measure_against(args.against, args.rounds)
+    torch.set_num_threads(1)
+    baseline_args = argparse.Namespace(**{**vars(args), "warmup": 15, "steps": 45, "device": "cpu"})
+    models = build_models("toy", torch.device("cpu"), torch.float32)
+    parameters = make_trainable(models.family.denoiser, "lora", torch.float32, real_example.RANK)
+    generator = torch.Generator().manual_seed(0)
+    size, pairs = real_example.RESOLUTION, real_example.PAIRS_PER_STEP
+    pixels = torch.rand(2 * pairs, 3, size, size, generator=generator) * 2 - 1
+    token_ids = torch.randint(0, models.vocab_size, (pairs, 77), generator=generator)
+    baseline, _, _ = measure_baseline(
+        models, parameters, "lora", torch.float32, pixels, token_ids, contextlib.nullcontext, baseline_args
+    )
+    rows = real_example.print_against(times, baseline, args.against)
+    write_record(args, rows, versions={"torch": torch.__version__})
+
+
 def main() -> None:
-    parser = benchmark_parser(__doc__, models=["tiny", "sd15", "sdxl"])
+    parser = benchmark_parser(__doc__, models=["tiny", "toy", "sd15", "sdxl"])
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="bf16 autocast on GPU")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10)
@@ -391,7 +416,20 @@ def main() -> None:
     parser.add_argument(
         "--peak-tflops", type=float, default=None, help="the device's dense peak for MFU (H100 SXM bf16: 989)"
     )
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument(
+        "--against",
+        type=Path,
+        default=None,
+        metavar="TRAIN_DIFFUSION_DPO_PY",
+        help="your copy of the diffusers example's train_diffusion_dpo.py: run it and diffalign's trainer side by "
+        "side on the toy job (see real_example.py) instead of the rows above",
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="with --against: alternating rounds, median kept")
     args = parse_benchmark_args(parser)
+    if args.against is not None:
+        against(args)
+        return
 
     rows = []
     for trainable in trainables(args):

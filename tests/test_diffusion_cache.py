@@ -162,6 +162,32 @@ def test_cached_items_sample_latents_from_the_pair_generator(tmp_path, source):
     assert flips == {False, True}
 
 
+def test_reads_open_each_shard_once_and_a_pickled_dataset_reads_the_same(tmp_path, source, monkeypatch):
+    """Opening a shard parses its whole header (every entry's names): a read of one entry must not redo it."""
+    import pickle
+
+    import diffalign.diffusion.cache as cache_module
+
+    pairs, decoder = pairs_and_decoder(source)
+    cache = build(pairs, decoder, tmp_path / "cache", tiny_vae())
+    opened = []
+    open_shard = cache_module._open_shard
+    monkeypatch.setattr(cache_module, "_open_shard", lambda path: opened.append(path) or open_shard(path))
+    dataset = CachedPairDataset(cache, seed=3)
+    first = [dataset[index] for index in range(len(dataset))]
+    again = [dataset[index] for index in range(len(dataset))]
+    shards = {*cache.images.index.values(), *cache.texts.index.values()}
+    assert sorted(opened) == sorted(shards)  # each once, though every entry was read twice
+    copied = pickle.loads(pickle.dumps(dataset))  # what a spawned data-loader worker gets: no open shard
+    # A forked worker inherits the open shards of the main process.
+    forked = list(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=1))
+    for items in (again, [copied[index] for index in range(len(copied))], forked):
+        for item, expected in zip(items, first):
+            assert torch.equal(item["chosen_latents"], expected["chosen_latents"])
+            assert torch.equal(item["rejected_latents"], expected["rejected_latents"])
+            assert torch.equal(item["prompt_embeds"]["hidden"], expected["prompt_embeds"]["hidden"])
+
+
 def test_cached_and_decoded_datasets_draw_the_same_dropout_and_flips(tmp_path):
     source = write_parquet(tmp_path / "p.parquet", pick_a_pic_columns(12))
     pairs, decoder = pairs_and_decoder(source, random_flip=True)

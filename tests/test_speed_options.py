@@ -232,6 +232,51 @@ def test_a_training_step_never_reads_a_tensor_on_the_host(sd_dir, pairs_file, tm
     assert all(np.isfinite(loss.item()) for loss in losses)
 
 
+def test_a_training_step_walks_no_module_tree(sd_dir, pairs_file, tmp_path, monkeypatch):
+    """Listing a U-Net's modules or parameters costs more than a small denoiser's forward: the reference's adapter
+    switch finds the adapter layers once, so a step after the first walks no module tree."""
+    recipe = recipe_for(make_config(sd_dir, pairs_file, tmp_path / "a", data={"cache_dir": str(tmp_path / "latents")}))
+    batch = batch_of(recipe, [1, 6])
+    recipe.training_step(recipe.model, batch).loss.backward()
+
+    walks = []
+    named_modules = torch.nn.Module.named_modules
+
+    def counted(self, *args, **kwargs):
+        walks.append(type(self).__name__)
+        return named_modules(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "named_modules", counted)
+    output = recipe.training_step(recipe.model, batch)
+    output.loss.backward()
+    monkeypatch.undo()
+    assert walks == []
+    assert torch.isfinite(output.loss)
+
+
+def test_the_reference_is_the_base_model_and_the_switch_changes_nothing_else(sd_dir, pairs_file, tmp_path):
+    recipe = recipe_for(make_config(sd_dir, pairs_file, tmp_path / "a"))
+    policy = recipe.model
+    sample = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    timesteps = torch.tensor([10, 500])
+    context = torch.randn(2, 77, policy.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    adapters = {name: p.requires_grad for name, p in policy.named_parameters() if "lora" in name}
+    with torch.no_grad():
+        lora_output = policy(sample, timesteps, context).sample
+        policy.disable_adapters()  # diffusers' own switch: the base model
+        base_output = policy(sample, timesteps, context).sample
+        policy.enable_adapters()
+    with recipe.base_model.use(sample.device) as reference:
+        assert {name: p.requires_grad for name, p in policy.named_parameters() if "lora" in name} == adapters
+        reference_output = reference(sample, timesteps, context).sample
+    with torch.no_grad():
+        after = policy(sample, timesteps, context).sample
+    assert not torch.equal(base_output, lora_output)  # the adapters matter here
+    assert torch.equal(reference_output, base_output)
+    assert torch.equal(after, lora_output)
+    assert all(adapters.values())
+
+
 # --- torch.compile -------------------------------------------------------------------------------------------------
 
 

@@ -98,3 +98,31 @@ def test_final_metrics_and_throughput_are_logged(tmp_path):
     _, metrics = train(tmp_path)
     assert {"loss", "grad_norm", "lr", "pairs_per_s", "peak_memory_gb", "noise"} <= set(metrics)
     assert (tmp_path / "final" / "model.pt").is_file()
+
+
+def test_the_optimizer_step_walks_no_module_tree(tmp_path, monkeypatch):
+    """Clipping and the finite-weights guard use the parameters listed once after prepare: on a large frozen
+    model with a small adapter, listing them every step costs more than the update."""
+    from diffalign.training.loop import TrainingLoop
+
+    walks, inside = [], []
+    named_modules = nn.Module.named_modules
+    guarded_step = TrainingLoop._guarded_step
+
+    def counted(self, *args, **kwargs):
+        if inside:
+            walks.append(type(self).__name__)
+        return named_modules(self, *args, **kwargs)
+
+    def watched(self):
+        inside.append(True)
+        try:
+            return guarded_step(self)
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(nn.Module, "named_modules", counted)
+    monkeypatch.setattr(TrainingLoop, "_guarded_step", watched)
+    recipe, _ = train(tmp_path, max_steps=3)
+    assert walks == []
+    assert len(recipe.losses) == 3

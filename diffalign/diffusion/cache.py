@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +48,10 @@ from diffalign.hashing import content_hash, module_fingerprint
 from diffalign.progress import progress
 
 logger = logging.getLogger(__name__)
+
+# Shards a reader keeps open (each a memory map and an open file): enough for a shuffled epoch's working set to
+# hit often on small caches, few enough for any file-descriptor limit.
+OPEN_SHARDS = 16
 
 
 @torch.no_grad()
@@ -73,9 +77,12 @@ class _ShardStore:
         self.folder = folder
         self.shard_size = shard_size
         self.index: dict[str, Path] = {}
-        self.refresh()
+        # Per key, the names of its tensors: a read then parses no shard header and scans no other entry's names.
+        self.names: dict[str, list[str]] = {}
         self._pending: dict[str, Tensor] = {}
         self._pending_keys: set[str] = set()
+        self._handles: OrderedDict[Path, Any] = OrderedDict()  # open shards, most recently read last
+        self.refresh()
 
     def refresh(self) -> None:
         """Index the shards on disk that are not indexed yet (written by other processes since)."""
@@ -83,9 +90,17 @@ class _ShardStore:
         for path in sorted(self.folder.glob("*.safetensors")):
             if path in known:
                 continue
+            names: dict[str, list[str]] = {}
             with _open_shard(path) as shard:
                 for name in shard.keys():  # noqa: SIM118 (a safetensors handle is not a dict)
-                    self.index[name.split("/", 1)[0]] = path
+                    names.setdefault(name.split("/", 1)[0], []).append(name)
+            for key, key_names in names.items():
+                self.index[key] = path
+                self.names[key] = key_names
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Open shards are memory maps of this process; a data-loader worker opens its own.
+        return {**self.__dict__, "_handles": OrderedDict()}
 
     def __contains__(self, key: str) -> bool:
         return key in self.index or key in self._pending_keys
@@ -107,17 +122,30 @@ class _ShardStore:
         respect_umask(temporary)
         os.replace(temporary, path)
         self.index.update(dict.fromkeys(self._pending_keys, path))
+        for name in self._pending:
+            self.names.setdefault(name.split("/", 1)[0], []).append(name)
         self._pending, self._pending_keys = {}, set()
 
     def read(self, prefix: str) -> dict[str, Tensor]:
         """The tensors named ``prefix...``, keyed by the rest of their name (``prefix`` starts with the key)."""
-        path = self.index[prefix.split("/", 1)[0]]
-        with _open_shard(path) as shard:
-            names = [name for name in shard.keys() if name.startswith(prefix)]  # noqa: SIM118
-            try:
-                return {name[len(prefix) :]: shard.get_tensor(name) for name in names}
-            except SafetensorError as error:
-                raise damaged_cache(path, error) from None
+        key = prefix.split("/", 1)[0]
+        path = self.index[key]
+        shard = self._shard(path)
+        names = [name for name in self.names[key] if name.startswith(prefix)]
+        try:
+            return {name[len(prefix) :]: shard.get_tensor(name) for name in names}
+        except SafetensorError as error:
+            raise damaged_cache(path, error) from None
+
+    def _shard(self, path: Path) -> Any:
+        """The open shard at ``path``: opening one parses its whole header, so the last few read stay open."""
+        handle = self._handles.pop(path, None)
+        if handle is None:
+            handle = _open_shard(path)
+            if len(self._handles) >= OPEN_SHARDS:
+                self._handles.popitem(last=False)
+        self._handles[path] = handle
+        return handle
 
 
 def _open_shard(path: Path) -> Any:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 
@@ -20,6 +21,7 @@ class ReferenceDenoiser:
         self.policy = policy
         self.copy: nn.Module | None = None
         self.offload_to_cpu = offload_to_cpu
+        self._policy_adapter_layers: list[BaseTunerLayer] | None = None  # found at the first use
         if frozen_copy:
             self.copy = copy.deepcopy(policy).requires_grad_(False).eval()
             if offload_to_cpu:
@@ -32,6 +34,13 @@ class ReferenceDenoiser:
             self.offload_to_cpu = True
             self.copy.to("cpu")
 
+    def _adapter_layers(self, policy: nn.Module) -> list[BaseTunerLayer]:
+        if policy is not self.policy:  # evaluation's gathered copy: found anew, it is rarely called
+            return adapter_layers(policy)
+        if self._policy_adapter_layers is None:
+            self._policy_adapter_layers = adapter_layers(policy)
+        return self._policy_adapter_layers
+
     @contextmanager
     def use(self, device: torch.device, policy: nn.Module | None = None) -> Iterator[nn.Module]:
         """The reference, ready to call on ``device`` inside this context (gradients off).
@@ -42,12 +51,9 @@ class ReferenceDenoiser:
         policy = policy if policy is not None else self.policy
         with torch.no_grad():
             if self.copy is None:
-                # diffusers' PEFT integration: the base weights alone are the pretrained model.
-                policy.disable_adapters()
-                try:
+                # The base weights alone are the pretrained model.
+                with adapters_disabled(self._adapter_layers(policy)):
                     yield policy
-                finally:
-                    policy.enable_adapters()
             elif self.offload_to_cpu:
                 self.copy.to(device)
                 try:
@@ -56,3 +62,32 @@ class ReferenceDenoiser:
                     self.copy.to("cpu")
             else:
                 yield self.copy
+
+
+def adapter_layers(model: nn.Module) -> list[BaseTunerLayer]:
+    """The PEFT adapter layers of ``model`` (diffusers' ``add_adapter`` and ``load_lora_adapter`` make them)."""
+    layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+    if not layers:
+        raise ValueError(
+            "the policy has no PEFT adapters to disable; a full fine-tune needs a frozen reference copy"
+        )
+    return layers
+
+
+@contextmanager
+def adapters_disabled(layers: list[BaseTunerLayer]) -> Iterator[None]:
+    """The model of these adapter layers with its adapters switched off, for calls under ``no_grad``.
+
+    diffusers' ``disable_adapters``/``enable_adapters`` walk every module and have PEFT reset ``requires_grad`` on
+    every adapter weight, both ways, which costs more than a small denoiser's forward. Under ``no_grad`` only the
+    layers' switch matters, so this flips that alone (the flag PEFT's ``enable_adapters`` sets), leaves
+    ``requires_grad`` as training set it, and restores each layer's previous state.
+    """
+    switched = [layer for layer in layers if not layer.disable_adapters]
+    for layer in switched:
+        layer._disable_adapters = True
+    try:
+        yield
+    finally:
+        for layer in switched:
+            layer._disable_adapters = False

@@ -101,15 +101,15 @@ def total_norm(norm: Tensor | float | None) -> Tensor | None:
     return torch.as_tensor(norm)
 
 
-def parameters_finite(model: nn.Module) -> bool:
-    """Whether every trained parameter of the prepared ``model`` is finite; one host sync.
+def parameters_finite(model: nn.Module | list[nn.Parameter]) -> bool:
+    """Whether every trained parameter of the prepared ``model`` (or the list of them) is finite; one host sync.
 
     The largest absolute value is NaN or inf exactly when some value is, and unlike a 2-norm it cannot
     overflow. Under FSDP2 each process checks its own shards and the processes agree by an all-reduce of the
     verdict (a max over the values themselves could drop a NaN); every process calls this. ZeRO-3 keeps the
     parameters inside DeepSpeed's partitions, which are not checked here (DeepSpeed's overflow check is).
     """
-    parameters = [p for p in model.parameters() if p.requires_grad]
+    parameters = model if isinstance(model, list) else [p for p in model.parameters() if p.requires_grad]
     shards = [p.to_local() if hasattr(p, "to_local") else p for p in parameters]
     shards = [shard for shard in shards if shard.numel() > 0]
     device = parameters[0].device if parameters else torch.device("cpu")

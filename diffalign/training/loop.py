@@ -295,6 +295,10 @@ class TrainingLoop:
         # once per process and re-seed the data order, and both must stay exactly reproducible on resume. (The
         # scheduler changes the torch optimizer's learning rate, which DeepSpeed's and accelerate's wrappers read.)
         self.model, self.optimizer = accelerator.prepare(recipe.model, optimizer)
+        # The prepared model's parameters, listed once: walking the module tree every step costs more than
+        # clipping a LoRA's gradients (FSDP2 and DeepSpeed replace the parameters while preparing, so not before).
+        self.parameters = list(self.model.parameters())
+        self.trained_parameters = [p for p in self.parameters if p.requires_grad]
         self.model_state = model_state_for(accelerator, self.model, self.optimizer)
         self.average: WeightAverage | None = None
         if run.ema is not None:
@@ -420,7 +424,7 @@ class TrainingLoop:
         # shard only when given exactly the model's parameters (frozen ones have no gradient and do not count).
         # Under DeepSpeed the engine has already clipped and stepped inside the last backward; this returns the
         # norm it measured.
-        measured = total_norm(accelerator.clip_grad_norm_(self.model.parameters(), max_norm))
+        measured = total_norm(accelerator.clip_grad_norm_(self.parameters, max_norm))
         # One host sync per optimizer step: the guard needs to know whether this update is finite. Under fp16
         # an overflow is routine: the loss scaler skips that update and lowers its scale.
         if measured is not None and not torch.isfinite(measured).item() and accelerator.mixed_precision != "fp16":
@@ -431,7 +435,7 @@ class TrainingLoop:
         self.optimizer.zero_grad(set_to_none=True)
         # A finite gradient can still make a non-finite update (an infinite learning rate, an overflowing
         # optimizer state); those weights must never be trained on or saved.
-        if not parameters_finite(self.model):
+        if not parameters_finite(self.trained_parameters):
             raise NonFiniteUpdateError(
                 f"the update of step {self.state.step + 1} made trained weights NaN or inf; nothing of it is "
                 f"saved (the last checkpoint is step {self.last_saved_step}). Lower optim.lr (now "
@@ -498,7 +502,7 @@ class TrainingLoop:
     # --- checkpoints ------------------------------------------------------------------------------------------
     def _save(self, state: LoopState, rng_state: dict[str, Any]) -> Path:
         """Checkpoint ``state``; every process calls it. Non-finite weights are refused, never saved."""
-        if not parameters_finite(self.model):
+        if not parameters_finite(self.trained_parameters):
             raise NonFiniteUpdateError(f"the trained weights hold NaN or inf at step {state.step}; not saved")
         path = save_checkpoint(
             self.checkpoint_root,
