@@ -46,6 +46,7 @@ from diffalign.llm.model import (
     load_model,
     load_tokenizer,
     make_trainable,
+    policy_card_facts,
     save_policy,
     weight_dtype,
 )
@@ -56,10 +57,12 @@ from diffalign.llm.rewards import load_rewards, score_completions
 from diffalign.llm.rollout import SAMPLERS
 from diffalign.llm.scores import ROW_KEYS, paired_scores
 from diffalign.losses import compute_advantages, kl_penalised_rewards, policy_gradient_loss
-from diffalign.losses.advantages import bessel_std, combine_rewards, grouped
-from diffalign.training import StepOutput, make_accelerator, run_training
+from diffalign.losses.advantages import combine_rewards, grouped, std_of
+from diffalign.model_card import CardFacts
+from diffalign.training import Recipe, StepOutput, make_accelerator, run_training
 from diffalign.training.distributed import compute_loss_on_global_batch
 from diffalign.training.seeding import derived_seed
+from diffalign.training.trackers import LoggedSamples
 
 logger = logging.getLogger("diffalign")
 
@@ -113,7 +116,7 @@ def best_and_worst(rewards: Tensor, group_size: int) -> Tensor:
     return torch.stack([best + offsets, worst + offsets], dim=1)
 
 
-class OnlineLLMRecipe:
+class OnlineLLMRecipe(Recipe):
     def __init__(self, config: LLMOnlineTrainConfig, accelerator: Accelerator) -> None:
         self.config = config
         self.accelerator = accelerator
@@ -228,10 +231,10 @@ class OnlineLLMRecipe:
         rewards = gather(rollout.rewards)
         total = combine_rewards(rewards, self.advantage_config.reward_weights)
         groups = grouped(total, self.config.rollout.group_size)
-        group_std = bessel_std(groups, dim=1)
+        group_std = std_of(groups, dim=1)
         metrics = {
             "reward/mean": total.mean(),
-            "reward/std": bessel_std(total),
+            "reward/std": std_of(total),
             "reward/group_std": group_std.mean(),
             "reward/zero_std_groups": (group_std == 0).float().mean(),
             "completions/length": gather(rollout.completion_mask.sum(dim=-1).float()).mean(),
@@ -292,6 +295,12 @@ class OnlineLLMRecipe:
     # --- evaluation, resumption, export -------------------------------------------------------------------------
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
         return self.evaluation(model, step)
+
+    def logged_samples(self) -> LoggedSamples | None:
+        return self.evaluation.logged
+
+    def card_facts(self) -> CardFacts:
+        return policy_card_facts(self.config.model)
 
     def extra_state(self) -> dict[str, Any]:
         return {

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from diffalign.config import LoadError
+from diffalign.hub import loading
 from diffalign.llm.data import Text
 from diffalign.training.checkpoint import capture_rng_state, restore_rng_state
 
@@ -91,8 +92,8 @@ def preserved_global_rng() -> Iterator[None]:
 
 
 class RewardFunction:
-    def __init__(self, spec: str) -> None:
-        self.function = import_function(spec, "rewards function")
+    def __init__(self, spec: str, key: str = "rewards.function") -> None:
+        self.function = import_function(spec, key)
 
     def __call__(
         self, prompts: list[Text], prompt_texts: list[str], completions: list[str], seeds: list[int]
@@ -108,13 +109,17 @@ class RewardFunction:
 class RewardModel:
     """A frozen sequence-classification model; the reward of a row is its first logit."""
 
-    def __init__(self, config: RewardConfig, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, config: RewardConfig, device: torch.device, dtype: torch.dtype, key: str = "rewards.model"
+    ) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        with loading(key, config.model, "reward tokenizer"):
+            self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForSequenceClassification.from_pretrained(config.model, dtype=dtype)
+        with loading(key, config.model, "sequence-classification reward model"):
+            self.model = AutoModelForSequenceClassification.from_pretrained(config.model, dtype=dtype)
         self.model.requires_grad_(False).eval().to(device)
         # The model finds each row's last token from the pad id (right padding).
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
@@ -157,8 +162,10 @@ Reward = RewardFunction | RewardModel
 
 def load_rewards(configs: list[RewardConfig], device: torch.device, dtype: torch.dtype) -> list[Reward]:
     return [
-        RewardFunction(config.function) if config.function is not None else RewardModel(config, device, dtype)
-        for config in configs
+        RewardFunction(config.function, f"rewards[{i}].function")
+        if config.function is not None
+        else RewardModel(config, device, dtype, f"rewards[{i}].model")
+        for i, config in enumerate(configs)
     ]
 
 
