@@ -25,6 +25,7 @@ from diffalign.llm.online_config import LLMOnlineTrainConfig
 from diffalign.llm.rewards import RewardConfig, RewardFunction, RewardModel
 from diffalign.llm.rollout import SeededGumbelSampling, TransformersSampler
 from diffalign.losses import PolicyGradientConfig, policy_gradient_loss
+from diffalign.model_card import method_name
 from diffalign.toy.llm import load_prompts, toy_reward
 from diffalign.training import make_accelerator
 from diffalign.training.seeding import derived_seed
@@ -420,3 +421,12 @@ def test_resume_mid_run_is_exact(tmp_path):
         assert torch.equal(straight[name], resumed[name]), name
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
     assert len(set(losses(tmp_path / "straight").values())) == 4
+
+
+def test_the_model_card_names_the_online_method_and_its_loss():
+    grpo = {"kind": "llm_online", "method": "grpo", "policy": {"loss_type": "dapo"}, "loss": {"type": ["sigmoid"]}}
+    online_dpo = {"kind": "llm_online", "method": "online_dpo", "loss": {"type": ["ipo"]}}
+    dragon = {"kind": "diffusion", "method": {"name": "dragon"}, "loss": {"type": ["sigmoid"]}}
+    assert method_name(grpo) == "grpo (dapo)"  # policy:'s loss, not the unused loss: section
+    assert method_name(online_dpo) == "online_dpo (ipo)"
+    assert method_name(dragon) == "dragon (sigmoid)"
