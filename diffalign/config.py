@@ -50,6 +50,12 @@ CONFIG_KINDS: dict[str, ConfigKind] = {
         "diffalign.llm.trainer:train",
         "the LLM preference trainer (transformers causal LMs)",
     ),
+    "llm_online": ConfigKind(
+        "diffalign.llm.online_config:LLMOnlineTrainConfig",
+        "train",
+        "diffalign.llm.online:train",
+        "the online LLM trainer (GRPO and its variants, RLOO, online DPO on sampled groups)",
+    ),
     "eval": ConfigKind(
         "diffalign.eval.config:EvalConfig",
         "eval",

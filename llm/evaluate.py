@@ -2,24 +2,33 @@
 
 from __future__ import annotations
 
-import importlib
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from diffalign.config import LoadError
 from diffalign.eval.statistics import win_rate
 from diffalign.llm.batching import pad
 from diffalign.llm.config import LLMEvalConfig
 from diffalign.llm.data import Text, read_rows, tokenize_prompt
+from diffalign.llm.rewards import import_function
 from diffalign.progress import progress
+from diffalign.training.trackers import LoggedSamples
 
 Reward = Callable[[str, str], float]
 
 __all__ = [
-    "generate_completions", "load_eval_prompts", "load_reward", "prompt_label", "render_prompt", "score", "win_rate"
+    "HeldOutEvaluation",
+    "generate_completions",
+    "load_eval_prompts",
+    "load_reward",
+    "prompt_label",
+    "render_prompt",
+    "score",
+    "win_rate",
 ]
 
 
@@ -39,14 +48,7 @@ def load_eval_prompts(config: LLMEvalConfig) -> list[Text]:
 
 def load_reward(spec: str) -> Reward:
     """The function named by ``"module:function"``."""
-    module_name, function_name = spec.split(":", 1)
-    try:
-        return getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError) as error:
-        raise LoadError(
-            f"eval.reward={spec!r}: cannot import {function_name} from {module_name} ({error}); give an importable "
-            "'module:function' taking (prompt, completion) and returning a float"
-        ) from None
+    return import_function(spec, "eval.reward")
 
 
 def prompt_label(prompt: Text) -> str:
@@ -97,3 +99,68 @@ def generate_completions(
 
 def score(reward: Reward, prompt_texts: list[str], completions: list[str]) -> torch.Tensor:
     return torch.tensor([float(reward(p, c)) for p, c in zip(prompt_texts, completions, strict=True)])
+
+
+class HeldOutEvaluation:
+    """Base and aligned model sampled on the held-out prompts with the same seeds, compared under ``eval.reward``.
+
+    The base model's samples are drawn once (``sample_base``, before any update); each evaluation samples the
+    aligned model, writes both side by side to ``<output_dir>/samples/step-N.jsonl`` and reports the win rate.
+    Only the main process evaluates.
+    """
+
+    def __init__(self, config: LLMEvalConfig, tokenizer: Any, output_dir: str | Path, is_main_process: bool) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.output_dir = Path(output_dir)
+        self.active = config.reward is not None and is_main_process
+        self.prompts = load_eval_prompts(config) if config.prompts else []
+        self.prompt_texts = [render_prompt(tokenizer, prompt) for prompt in self.prompts]
+        self.reward = load_reward(config.reward) if config.reward else None
+        self.base_completions: list[str] = []
+        self.base_scores: Tensor | None = None
+        self.logged: LoggedSamples | None = None  # the last evaluation's completions, for the trackers
+
+    def sample_and_score(self, model: nn.Module) -> tuple[list[str], Tensor]:
+        was_training = model.training
+        model.eval()
+        completions = generate_completions(model, self.tokenizer, self.prompts, self.config)
+        model.train(was_training)
+        return completions, score(self.reward, self.prompt_texts, completions)
+
+    def sample_base(self, model: nn.Module) -> None:
+        if self.active:
+            self.base_completions, self.base_scores = self.sample_and_score(model)
+
+    def __call__(self, model: nn.Module, step: int) -> dict[str, float]:
+        if not self.active:
+            return {}
+        completions, aligned_scores = self.sample_and_score(model)
+        self.write_samples(completions, aligned_scores, step)
+        count = self.config.logged_samples
+        self.logged = LoggedSamples(
+            [prompt_label(prompt) for prompt in self.prompts[:count]],
+            {"base": self.base_completions[:count], "aligned": completions[:count]},
+            {"base": self.base_scores[:count].tolist(), "aligned": aligned_scores[:count].tolist()},
+            score_name=self.config.reward.split(":")[-1],
+        )
+        return {
+            "win_rate": win_rate(aligned_scores, self.base_scores),
+            "reward_aligned": aligned_scores.mean().item(),
+            "reward_base": self.base_scores.mean().item(),
+        }
+
+    def write_samples(self, completions: list[str], scores: Tensor, step: int) -> None:
+        """Base and aligned completions side by side with their rewards, for reading."""
+        path = self.output_dir / "samples" / f"step-{step:07d}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w") as out:
+            for i, prompt in enumerate(self.prompt_texts):
+                row = {
+                    "prompt": prompt,
+                    "base": self.base_completions[i],
+                    "base_reward": self.base_scores[i].item(),
+                    "aligned": completions[i],
+                    "aligned_reward": scores[i].item(),
+                }
+                out.write(json.dumps(row) + "\n")

@@ -95,13 +95,18 @@ def completion_token_logps(
     *,
     keep_logits: bool = False,
     with_log_sum_sq_probs: bool = False,
+    temperature: float = 1.0,
 ) -> TokenLogps:
     """Per-token completion log-probs of each row (``TokenLogps``), with the logits (``keep_logits``) and WPO's
     log Σ p² (``with_log_sum_sq_probs``) when asked for.
 
-    Logits at position t predict token t+1, so token t+1 counts when ``completion_mask[t+1]`` is set.
+    Logits at position t predict token t+1, so token t+1 counts when ``completion_mask[t+1]`` is set. With a
+    ``temperature`` the log-probs are those of ``softmax(logits / temperature)``, the distribution online
+    methods sample from (as TRL's GRPOTrainer scores its completions).
     """
     logits = _forward_logits(model, input_ids, attention_mask)[:, :-1]
+    if temperature != 1.0:
+        logits = logits / temperature
     mask = completion_mask[:, 1:].float()
     token_logps = selective_log_softmax(logits, input_ids[:, 1:]) * mask
     return TokenLogps(

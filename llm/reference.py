@@ -47,8 +47,11 @@ class ModelReference:
         return logps
 
     @torch.no_grad()
-    def tokens(self, batch: dict[str, Tensor], *, keep_logits: bool = False) -> TokenLogps:
-        """Per-token reference log-probs of the batch's rows (and the logits, for TDPO's KL)."""
+    def tokens(
+        self, batch: dict[str, Tensor], *, keep_logits: bool = False, temperature: float = 1.0
+    ) -> TokenLogps:
+        """Per-token reference log-probs of the batch's rows (and the logits, for TDPO's KL), of
+        ``softmax(logits / temperature)``."""
         with self._context():
             return completion_token_logps(
                 self.model,
@@ -56,6 +59,7 @@ class ModelReference:
                 batch["attention_mask"],
                 batch["completion_mask"],
                 keep_logits=keep_logits,
+                temperature=temperature,
             )
 
 

@@ -9,7 +9,6 @@ training) and from the aligned model with the same seeds, and reports the win ra
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -22,16 +21,8 @@ from torch import Tensor, nn
 from diffalign.llm.batching import PreferenceDataset, PreferenceStream
 from diffalign.llm.config import LLMTrainConfig
 from diffalign.llm.data import PairItem, UnpairedItem, assign_mismatched_completions, load_preference_items
-from diffalign.llm.evaluate import (
-    generate_completions,
-    load_eval_prompts,
-    load_reward,
-    prompt_label,
-    render_prompt,
-    score,
-    win_rate,
-)
-from diffalign.llm.logprobs import completion_logps, completion_token_logps, token_kl
+from diffalign.llm.evaluate import HeldOutEvaluation
+from diffalign.llm.logprobs import completion_logps
 from diffalign.llm.model import (
     frozen_copy,
     load_model,
@@ -42,7 +33,8 @@ from diffalign.llm.model import (
     weight_dtype,
 )
 from diffalign.llm.reference import ModelReference, load_or_precompute, precomputed_reference
-from diffalign.losses import LOSSES, PairScores, TokenScores
+from diffalign.llm.scores import paired_scores, select_rows
+from diffalign.losses import LOSSES, PairScores
 from diffalign.model_card import CardFacts
 from diffalign.preflight import preflight_llm
 from diffalign.training import Recipe, StepOutput, make_accelerator, run_training
@@ -53,13 +45,6 @@ from diffalign.training.reference_sync import ReferenceSync
 from diffalign.training.trackers import LoggedSamples
 
 logger = logging.getLogger("diffalign")
-
-ROW_KEYS = ("input_ids", "attention_mask", "completion_mask")
-
-
-def select_rows(batch: dict[str, Tensor], rows: slice) -> dict[str, Tensor]:
-    return {key: batch[key][rows] for key in ROW_KEYS}
-
 
 def unpair(items: list[PairItem]) -> list[UnpairedItem]:
     """Paired data for unpaired losses: each chosen is a desirable sample, each rejected an undesirable one
@@ -83,14 +68,10 @@ class LLMRecipe(Recipe):
         self.collate = self.train_dataset.collate
 
         # Base-model samples are drawn before any update, whatever the reference strategy keeps in memory.
-        self.eval_prompts = load_eval_prompts(config.eval) if config.eval.prompts else []
-        self.eval_prompt_texts = [render_prompt(self.tokenizer, prompt) for prompt in self.eval_prompts]
-        self.reward = load_reward(config.eval.reward) if config.eval.reward else None
-        self.base_completions: list[str] = []
-        self.base_scores: Tensor | None = None
-        self.logged: LoggedSamples | None = None  # the last evaluation's completions, for the trackers
-        if self.reward is not None and accelerator.is_main_process:
-            self.base_completions, self.base_scores = self._sample_and_score(model)
+        self.evaluation = HeldOutEvaluation(
+            config.eval, self.tokenizer, config.run.output_dir, accelerator.is_main_process
+        )
+        self.evaluation.sample_base(model)
 
         strategy = config.reference_strategy
         self.reference: Any = None
@@ -163,21 +144,9 @@ class LLMRecipe(Recipe):
         """The core's inputs for a batch: summed completion log-probs of policy and reference, and lengths
         (and the per-token values when a configured loss or option needs them)."""
         size = len(batch["index"])
-        if self.train_dataset.paired and "token_logps" in self.token_inputs:
-            return self.token_pair_scores(model, batch), {}
-        reference = self.reference(batch) if self.reference is not None else None
         if self.train_dataset.paired:
-            logps, lengths = completion_logps(model, **select_rows(batch, slice(None)))
-            scores = PairScores(
-                policy_chosen=logps[:size],
-                policy_rejected=logps[size:],
-                ref_chosen=reference[:size] if reference is not None else None,
-                ref_rejected=reference[size:] if reference is not None else None,
-                chosen_lengths=lengths[:size],
-                rejected_lengths=lengths[size:],
-            )
-            return scores, {}
-
+            return paired_scores(model, batch, size, self.reference, self.token_inputs), {}
+        reference = self.reference(batch) if self.reference is not None else None
         logps, lengths = completion_logps(model, **select_rows(batch, slice(0, size)))
         desirable = batch["desirable"]
         metrics = {}
@@ -201,42 +170,6 @@ class LLMRecipe(Recipe):
         )
         return scores, metrics
 
-    def token_pair_scores(self, model: nn.Module, batch: dict[str, Tensor]) -> PairScores:
-        """Paired scores with per-token inputs: the policy's (and the reference's) per-token log-probs, with the
-        per-token KL between them for TDPO and WPO's log Σ p² when configured."""
-        size = len(batch["index"])
-        rows = select_rows(batch, slice(None))
-        with_kl = "token_kl" in self.token_inputs
-        policy = completion_token_logps(
-            model, **rows, keep_logits=with_kl, with_log_sum_sq_probs="token_vocab" in self.token_inputs
-        )
-        reference = self.reference.tokens(rows, keep_logits=with_kl) if self.reference is not None else None
-        kl = token_kl(reference.logits, policy.logits) if with_kl else None
-
-        def side(part: slice) -> TokenScores:
-            return TokenScores(
-                policy=policy.token_logps[part],
-                mask=policy.mask[part],
-                reference=reference.token_logps[part] if reference is not None else None,
-                kl=kl[part] if kl is not None else None,
-                log_sum_sq_probs=policy.log_sum_sq_probs[part]
-                if policy.log_sum_sq_probs is not None
-                else None,
-            )
-
-        chosen, rejected = slice(0, size), slice(size, None)
-        sums, lengths = policy.sums, policy.lengths
-        return PairScores(
-            policy_chosen=sums[chosen],
-            policy_rejected=sums[rejected],
-            ref_chosen=reference.sums[chosen] if reference is not None else None,
-            ref_rejected=reference.sums[rejected] if reference is not None else None,
-            chosen_lengths=lengths[chosen],
-            rejected_lengths=lengths[rejected],
-            chosen_tokens=side(chosen),
-            rejected_tokens=side(rejected),
-        )
-
     def training_step(self, model: nn.Module, batch: dict[str, Tensor]) -> StepOutput:
         if self.reference_sync is not None:
             self.reference_sync.before_micro_batch(self.micro_batches, model)
@@ -253,45 +186,8 @@ class LLMRecipe(Recipe):
         )
 
     # --- evaluation ---------------------------------------------------------------------------------------------
-    def _sample_and_score(self, model: nn.Module) -> tuple[list[str], Tensor]:
-        was_training = model.training
-        model.eval()
-        completions = generate_completions(model, self.tokenizer, self.eval_prompts, self.config.eval)
-        model.train(was_training)
-        return completions, score(self.reward, self.eval_prompt_texts, completions)
-
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
-        if self.reward is None or not self.accelerator.is_main_process:
-            return {}
-        completions, aligned_scores = self._sample_and_score(model)
-        self._write_samples(completions, aligned_scores, step)
-        count = self.config.eval.logged_samples
-        self.logged = LoggedSamples(
-            [prompt_label(prompt) for prompt in self.eval_prompts[:count]],
-            {"base": self.base_completions[:count], "aligned": completions[:count]},
-            {"base": self.base_scores[:count].tolist(), "aligned": aligned_scores[:count].tolist()},
-            score_name=self.config.eval.reward.split(":")[-1],
-        )
-        return {
-            "win_rate": win_rate(aligned_scores, self.base_scores),
-            "reward_aligned": aligned_scores.mean().item(),
-            "reward_base": self.base_scores.mean().item(),
-        }
-
-    def _write_samples(self, completions: list[str], scores: Tensor, step: int) -> None:
-        """Base and aligned completions side by side with their rewards, for reading."""
-        path = Path(self.config.run.output_dir) / "samples" / f"step-{step:07d}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w") as out:
-            for i, prompt in enumerate(self.eval_prompt_texts):
-                row = {
-                    "prompt": prompt,
-                    "base": self.base_completions[i],
-                    "base_reward": self.base_scores[i].item(),
-                    "aligned": completions[i],
-                    "aligned_reward": scores[i].item(),
-                }
-                out.write(json.dumps(row) + "\n")
+        return self.evaluation(model, step)
 
     # --- resumption ---------------------------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:
@@ -310,7 +206,7 @@ class LLMRecipe(Recipe):
             self.margin_baseline.load_state_dict(state["margin_baseline"])
 
     def logged_samples(self) -> LoggedSamples | None:
-        return self.logged
+        return self.evaluation.logged
 
     # --- export -------------------------------------------------------------------------------------------------
     def card_facts(self) -> CardFacts:

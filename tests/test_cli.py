@@ -48,24 +48,27 @@ def test_bare_diffalign_prints_the_help(capsys):
 def test_train_help_says_that_kind_picks_the_trainer(capsys):
     text = " ".join(help_text(["train", "--help"], capsys).split())
     assert "`kind:` picks the trainer" in text
-    for kind in ("diffusion", "llm"):
+    for kind in ("diffusion", "llm", "llm_online"):
         assert f"kind: {kind} runs" in text
 
 
 def test_every_kind_has_an_importable_config_class_command_and_entry_point():
     from diffalign.diffusion.trainer import train as diffusion_train
     from diffalign.eval.run import evaluate
+    from diffalign.llm.online import train as llm_online_train
     from diffalign.llm.report import evaluate as evaluate_llm
     from diffalign.llm.trainer import train as llm_train
 
     assert {kind: entry.command for kind, entry in CONFIG_KINDS.items()} == {
         "diffusion": "train",
         "llm": "train",
+        "llm_online": "train",
         "eval": "eval",
         "llm_eval": "eval",
     }
     assert entry_point("diffusion") is diffusion_train
     assert entry_point("llm") is llm_train
+    assert entry_point("llm_online") is llm_online_train
     assert entry_point("eval") is evaluate
     assert entry_point("llm_eval") is evaluate_llm
     for kind in CONFIG_KINDS:

@@ -8,6 +8,7 @@ shards a tiny model with torch's fully_shard on CPU (accelerate 1.15 sets up FSD
 
 import copy
 import json
+import os
 import random
 import signal
 import subprocess
@@ -68,7 +69,9 @@ def torchrun(processes: int, *arguments: str) -> None:
     # --standalone: a free rendezvous port, so that runs started at the same time (other test sessions) never meet.
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     command += arguments
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    # tests/ on the path: configs may name reward functions of tests/online_rewards.py.
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
@@ -280,6 +283,47 @@ def test_kto_reference_point_spans_the_processes_and_a_checkpoint_resumes_under_
     resume = str(switched / "checkpoints" / "step-0000002")
     launch(write_llm_config(model, unpaired, switched, "kto", batch_size=4, resume=resume, **accumulate), processes=1)
     assert losses(switched) == pytest.approx(reference, abs=1e-5)
+
+
+def write_online_config(model: Path, prompts: Path, output: Path, **run) -> Path:
+    config = {
+        "kind": "llm_online",
+        "method": "grpo",
+        "model": {"pretrained": str(model), "trainable": "lora", "lora": {"rank": 4}},
+        "data": {"path": str(prompts), "max_prompt_length": 32},
+        "rollout": {"group_size": 2, "max_new_tokens": 8},
+        "rewards": [{"function": "online_rewards:letter_share"}],
+        # The std of every process's rewards, and DAPO's normaliser over every process's tokens.
+        "advantages": {"scale": "batch"},
+        "policy": {"loss_type": "dapo"},
+        "optim": {"lr": 500.0, "eps": 1000.0, "warmup_steps": 0, "scheduler": "constant", "max_grad_norm": None},
+        "run": {
+            "output_dir": str(output),
+            "log_every": 1,
+            "checkpoint_every": 100,
+            "trackers": [],
+            "progress_bar": False,
+            "mixed_precision": "no",
+            **run,
+        },
+    }
+    path = output.with_suffix(".json")
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_grpo_on_two_processes_matches_one_process(tiny_llm, tmp_path):
+    """Each process samples its prompts' groups from the prompts' sample ids: 2 processes × 2 prompts sample,
+    score and train like 1 × 4, with the advantages' batch std and DAPO's token count over both processes."""
+    model, paired, _ = tiny_llm  # the prompt column of the pair data
+    single, double = tmp_path / "single", tmp_path / "double"
+    launch(write_online_config(model, paired, single, batch_size=4, max_steps=3), processes=1)
+    launch(write_online_config(model, paired, double, batch_size=2, max_steps=3), processes=2)
+    reference = losses(single)
+    assert sorted(reference) == [1, 2, 3] and len(set(reference.values())) == 3
+    assert losses(double) == pytest.approx(reference, abs=1e-5)
+    for name in ("reward/mean", "reward/std", "completions/length"):
+        assert metric(double, name) == pytest.approx(metric(single, name), abs=1e-6), name
 
 
 # --- FSDP2 on CPU: the engine-facing code with really sharded parameters -----------------------------------

@@ -14,7 +14,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import soundfile
 import torch
 from accelerate.utils import extract_model_from_parallel
@@ -26,18 +25,12 @@ from diffalign.diffusion.families import DiffusionFamily
 from diffalign.eval.prompts import read_prompts
 from diffalign.progress import progress
 from diffalign.rewards import Audio, Samples, build_scorer
+from diffalign.training.seeding import (
+    derived_seed as derived_seed,  # the diffusion methods import it from here
+)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg"}
-
-
-def derived_seed(*numbers: int) -> int:
-    """A 64-bit seed mixed from ``numbers`` (NumPy's SeedSequence), e.g. (item seed, stream, sample index).
-
-    Streams of one item (generation, selection, noise) then never overlap, whatever the numbers' sizes.
-    """
-    high, low = np.random.SeedSequence([int(number) for number in numbers]).generate_state(2)
-    return (int(high) << 32) | int(low)
 
 
 def trainable_weights(model: nn.Module) -> dict[str, Tensor]:
