@@ -14,10 +14,11 @@ import pytest
 import torch
 import yaml
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
+from helpers import write_random_pairs
 from huggingface_hub import ModelCard
 from peft import LoraConfig
 from safetensors.torch import load_file
-from test_diffusion_trainer import config_for, write_pairs
+from test_diffusion_trainer import config_for
 from tiny_pipelines import build_tiny_sd
 
 from diffalign.cli import main
@@ -40,7 +41,7 @@ def tiny_sd(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory) -> Path:
-    return write_pairs(tmp_path_factory.mktemp("data") / "pairs.parquet")
+    return write_random_pairs(tmp_path_factory.mktemp("data") / "pairs.parquet", count=16)
 
 
 def checkpoint(run: Path, step: int) -> Path:

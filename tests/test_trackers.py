@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import write_random_pairs
 from PIL import Image
-from test_diffusion_trainer import config_for, write_pairs
+from test_diffusion_trainer import config_for
 from tiny_pipelines import build_tiny_sd
 
 from diffalign.config import from_dict
@@ -32,7 +33,7 @@ def tiny_sd(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory) -> Path:
-    return write_pairs(tmp_path_factory.mktemp("data") / "pairs.parquet")
+    return write_random_pairs(tmp_path_factory.mktemp("data") / "pairs.parquet", count=16)
 
 
 def test_tensorboard_gets_the_labelled_grid_and_the_prompts_at_every_evaluation(tiny_sd, pairs_file, tmp_path):
