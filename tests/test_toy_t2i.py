@@ -6,6 +6,7 @@ import io
 import json
 import os
 import sys
+import time
 import types
 
 import numpy as np
@@ -204,9 +205,10 @@ def test_clip_ranks_matching_captions_above_the_others():
 # --------------------------------------------------------------------------------------- preference data
 
 
+@pytest.mark.parametrize("toy", ["toy-t2i", "toy-t2i-flow"])  # the U-Net toy and the SD3-architecture one
 @pytest.mark.parametrize("split", ["train", "heldout"])
-def test_preference_data_schema_and_label_distribution(split):
-    table = pq.read_table(ASSETS / "data" / f"{split}.parquet")
+def test_preference_data_schema_and_label_distribution(split, toy):
+    table = pq.read_table(ASSETS.parent / toy / "data" / f"{split}.parquet")
     assert {"caption", "jpg_0", "jpg_1", "label_0"} <= set(table.column_names)
     assert set(table.column("caption").to_pylist()) == set(t2i.load_prompts(split))
     labels = torch.tensor(table.column("label_0").to_pylist())
@@ -324,3 +326,27 @@ def test_cli_builds_one_toy_or_all_side_by_side(tmp_path, monkeypatch, capsys):
     assert all(int(pid) != os.getpid() for _, pid in traces)  # each built in a worker process
     output = capsys.readouterr().out  # the workers' own lines go to the real stdout, not to capsys
     assert "[one] done in" in output and "built one, two in" in output
+
+
+def test_cli_builds_a_toy_after_the_toys_it_reuses(tmp_path, monkeypatch):
+    def build_base(output_dir, seed):
+        time.sleep(0.5)  # still building when a worker would start the next toy
+        output_dir.mkdir(parents=True)
+        (output_dir / "model.txt").write_text("base")
+
+    def build_reuser(output_dir, seed):  # fails unless the toy it reuses is already built
+        output_dir.mkdir(parents=True)
+        (output_dir / "model.txt").write_text((output_dir.parent / "toy-base" / "model.txt").read_text() + "+reuser")
+
+    for name, build in (("base", build_base), ("reuser", build_reuser)):
+        module = types.ModuleType(f"diffalign.toy.fake_{name}")
+        module.build = build
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setattr(
+        toy_cli,
+        "TOYS",
+        {"base": ("diffalign.toy.fake_base", "toy-base"), "reuser": ("diffalign.toy.fake_reuser", "toy-reuser")},
+    )
+    monkeypatch.setattr(toy_cli, "REUSES", {"reuser": ("base",)})
+    assert toy_cli.main(["build", "all", "--assets-dir", str(tmp_path), "--jobs", "2"]) == 0
+    assert (tmp_path / "toy-reuser" / "model.txt").read_text() == "base+reuser"

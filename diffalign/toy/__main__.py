@@ -1,8 +1,8 @@
-"""Rebuild the shipped toy models: ``python -m diffalign.toy build all|t2i|llm|t2m``.
+"""Rebuild the shipped toy models: ``python -m diffalign.toy build all|t2i|llm|t2m|t2i-flow``.
 
 ``build all`` runs the toys side by side, one process per CPU core (each builder trains on one thread: small
 models run faster on one uncontended core than on two shared ones), so the whole world rebuilds in the time of
-its slowest toy.
+its slowest chain of toys: a toy that reuses another's models starts once that one is built.
 """
 
 from __future__ import annotations
@@ -19,12 +19,16 @@ from pathlib import Path
 
 ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets"
 
-# toy name → (module with a ``build(output_dir, seed)`` function, folder under assets/)
+# toy name → (module with a ``build(output_dir, seed)`` function, folder under assets/); a toy comes after the
+# toys it reuses.
 TOYS = {
     "t2i": ("diffalign.toy.t2i", "toy-t2i"),
     "llm": ("diffalign.toy.llm", "toy-llm"),
     "t2m": ("diffalign.toy.music", "toy-t2m"),
+    "t2i-flow": ("diffalign.toy.t2i_flow", "toy-t2i-flow"),
 }
+# toy name → the toys whose built models it reads (from the same assets folder).
+REUSES = {"t2i-flow": ("t2i",)}
 
 
 def build_toy(name: str, assets_dir: Path, seed: int, threads: int | None = None) -> None:
@@ -63,7 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs > 1 and len(names) > 1:
         # fork: workers inherit this process's view of the toys (and run no torch code before forking).
         with ProcessPoolExecutor(min(args.jobs, len(names)), mp_context=multiprocessing.get_context("fork")) as pool:
-            for future in [pool.submit(build_toy, name, args.assets_dir, args.seed, 1) for name in names]:
+            futures = {}
+            for name in names:
+                for reused in REUSES.get(name, ()):
+                    if reused in futures:
+                        futures[reused].result()  # built before the toy that reads it
+                futures[name] = pool.submit(build_toy, name, args.assets_dir, args.seed, 1)
+            for future in futures.values():
                 future.result()  # re-raises a worker's error
     else:
         for name in names:

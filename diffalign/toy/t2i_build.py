@@ -23,18 +23,25 @@ import json
 import logging
 import math
 import string
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import (
     CLIPConfig,
     CLIPImageProcessor,
@@ -44,6 +51,8 @@ from transformers import (
     CLIPTokenizer,
 )
 
+from diffalign.diffusion.families.base import DiffusionFamily
+from diffalign.diffusion.families.stable_diffusion import StableDiffusionFamily
 from diffalign.toy import t2i
 from diffalign.toy.bpe import train_bpe
 from diffalign.toy.prompts import write_prompt_files
@@ -63,22 +72,11 @@ NOISE_SCHEDULE = dict(
 
 
 @dataclass
-class T2IBuildConfig:
-    """How much of everything to train and sample. The defaults build the shipped assets (see
-    ``assets/README.md`` for their time and size); tiny values give a quick smoke build."""
+class ImageBuildSettings:
+    """What the toy image builders share: the scenes the denoiser learns from, its captions, and how the
+    preference data are sampled from the built pipeline and labelled."""
 
-    scenes: int = 24_000  # rendered captioned scenes, shared by CLIP and UNet training
-    autoencoder_scenes: int = 8_000  # scenes for the VAE, a third of them off-palette or two-tone
-    clip_steps: int = 500
-    clip_batch_size: int = 256
-    vae_steps: int = 1500
-    vae_batch_size: int = 32
-    vae_learning_rate: float = 2e-3
-    vae_kl_weight: float = 1e-6
-    unet_steps: int = 2500
-    unet_batch_size: int = 64
-    unet_learning_rate: float = 1e-3
-    unet_ema_decay: float = 0.998
+    scenes: int = 24_000  # rendered captioned scenes (the t2i build also trains CLIP on them)
     empty_caption_fraction: float = 0.1  # unconditional training for classifier-free guidance
     partial_caption_fraction: float = 0.15  # captions without size and/or colour ("a red circle", "a circle")
     train_images_per_prompt: int = 32
@@ -87,7 +85,6 @@ class T2IBuildConfig:
     guidance_scale: float = 4.0
     tie_fraction: float = 0.05  # pairs with the closest rewards get label 0.5
     label_flip_fraction: float = 0.1  # of the other pairs, labels flipped at random
-    subject_images: int = 5
     threads: int = 1  # a busy shared CPU runs small models faster on one thread than on contended two
 
     def __post_init__(self) -> None:
@@ -101,8 +98,45 @@ class T2IBuildConfig:
         for name in ("empty_caption_fraction", "partial_caption_fraction", "tie_fraction", "label_flip_fraction"):
             if not 0 <= getattr(self, name) < 0.5:
                 raise ValueError(f"{name} must be in [0, 0.5), got {getattr(self, name)!r}")
+
+
+@dataclass
+class DenoiserTraining:
+    """How long and how fast a toy denoiser trains; the weights kept are the EMA of the trained ones."""
+
+    steps: int
+    batch_size: int
+    learning_rate: float
+    ema_decay: float
+    warmup_steps: int = 100
+
+
+@dataclass
+class T2IBuildConfig(ImageBuildSettings):
+    """How much of everything to train and sample. The defaults build the shipped assets (see
+    ``assets/README.md`` for their time and size); tiny values give a quick smoke build."""
+
+    autoencoder_scenes: int = 8_000  # scenes for the VAE, a third of them off-palette or two-tone
+    clip_steps: int = 500
+    clip_batch_size: int = 256
+    vae_steps: int = 1500
+    vae_batch_size: int = 32
+    vae_learning_rate: float = 2e-3
+    vae_kl_weight: float = 1e-6
+    unet_steps: int = 2500
+    unet_batch_size: int = 64
+    unet_learning_rate: float = 1e-3
+    unet_ema_decay: float = 0.998
+    subject_images: int = 5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0 <= self.unet_ema_decay < 1:
             raise ValueError(f"unet_ema_decay must be in [0, 1), got {self.unet_ema_decay!r}")
+
+    @property
+    def unet_training(self) -> DenoiserTraining:
+        return DenoiserTraining(self.unet_steps, self.unet_batch_size, self.unet_learning_rate, self.unet_ema_decay)
 
 
 # ------------------------------------------------------------------------------------------ text side
@@ -329,7 +363,7 @@ def make_unet(cross_attention_dim: int) -> UNet2DConditionModel:
     )
 
 
-def _training_captions(scenes: SceneBatch, config: T2IBuildConfig, generator: torch.Generator) -> list[str]:
+def training_captions(scenes: SceneBatch, config: ImageBuildSettings, generator: torch.Generator) -> list[str]:
     """Each scene's caption: full, partial (size and/or colour left out) or empty."""
     draw = torch.rand(len(scenes.shapes), generator=generator).tolist()
     drop = torch.randint(3, (len(scenes.shapes),), generator=generator).tolist()  # 0: size, 1: colour, 2: both
@@ -344,6 +378,49 @@ def _training_captions(scenes: SceneBatch, config: T2IBuildConfig, generator: to
         else:
             captions.append(t2i.make_caption(shape, colour, size))
     return captions
+
+
+def train_denoiser(
+    family: DiffusionFamily,
+    denoiser: nn.Module,
+    latent_means: Tensor,
+    latent_stds: Tensor,
+    text_inputs: dict[str, Tensor],
+    text_index: Tensor,
+    training: DenoiserTraining,
+    generator: torch.Generator,
+) -> nn.Module:
+    """Denoising training with the family's own objective (noise levels, noising, target and denoiser call, as
+    the alignment methods use them), on posterior samples of the scaled VAE latents; ``text_inputs`` hold the
+    denoiser's conditioning per distinct caption and ``text_index`` each scene's caption. Returns the EMA
+    weights."""
+    ema_denoiser = copy.deepcopy(denoiser).requires_grad_(False)
+    optimizer = torch.optim.AdamW(denoiser.parameters(), lr=training.learning_rate, weight_decay=0.01)
+    schedule = _cosine_schedule(optimizer, training.steps, warmup=training.warmup_steps)
+    name = type(denoiser).__name__
+    denoiser.train()
+    for step in range(training.steps):
+        indices = torch.randint(len(latent_means), (training.batch_size,), generator=generator)
+        latents = latent_means[indices] + latent_stds[indices] * torch.randn(
+            latent_means[indices].shape, generator=generator
+        )
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = family.sample_timesteps(len(indices), latents.device, generator)
+        inputs = {key: value[text_index[indices]] for key, value in text_inputs.items()}
+        noisy = family.add_noise(latents, noise, timesteps)
+        prediction = family.predict(denoiser, noisy, timesteps, inputs)
+        loss = F.mse_loss(prediction, family.target(latents, noise, timesteps))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(denoiser.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        with torch.no_grad():
+            for ema_parameter, parameter in zip(ema_denoiser.parameters(), denoiser.parameters()):
+                ema_parameter.lerp_(parameter, 1 - training.ema_decay)
+        if step % _log_every(training.steps) == 0 or step == training.steps - 1:
+            log.info("  %s step %d/%d  loss %.4f", name, step + 1, training.steps, loss.item())
+    return ema_denoiser.eval()
 
 
 def train_unet(
@@ -361,33 +438,18 @@ def train_unet(
     with torch.no_grad():
         context = text_encoder(_tokenize(tokenizer, texts))[0]  # [texts, 77, 64]
     text_index = torch.tensor([texts.index(caption) for caption in captions])
-    noise_scheduler = DDIMScheduler(**NOISE_SCHEDULE)
+    family = StableDiffusionFamily.from_modules(noise_scheduler=DDPMScheduler(**NOISE_SCHEDULE))
     unet = make_unet(text_encoder.config.hidden_size)
-    ema_unet = copy.deepcopy(unet).requires_grad_(False)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.unet_learning_rate, weight_decay=0.01)
-    schedule = _cosine_schedule(optimizer, config.unet_steps, warmup=100)
-    unet.train()
-    for step in range(config.unet_steps):
-        indices = torch.randint(len(latent_means), (config.unet_batch_size,), generator=generator)
-        latents = latent_means[indices] + latent_stds[indices] * torch.randn(
-            latent_means[indices].shape, generator=generator
-        )
-        noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.randint(noise_scheduler.config.num_train_timesteps, (len(indices),), generator=generator)
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        prediction = unet(noisy, timesteps, context[text_index[indices]]).sample
-        loss = F.mse_loss(prediction, noise)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        with torch.no_grad():
-            for ema_parameter, parameter in zip(ema_unet.parameters(), unet.parameters()):
-                ema_parameter.lerp_(parameter, 1 - config.unet_ema_decay)
-        if step % _log_every(config.unet_steps) == 0 or step == config.unet_steps - 1:
-            log.info("  unet step %d/%d  loss %.4f", step + 1, config.unet_steps, loss.item())
-    return ema_unet.eval()
+    return train_denoiser(
+        family,
+        unet,
+        latent_means,
+        latent_stds,
+        {"encoder_hidden_states": context},
+        text_index,
+        config.unet_training,
+        generator,
+    )
 
 
 def make_scheduler() -> DDIMScheduler:
@@ -398,12 +460,17 @@ def make_scheduler() -> DDIMScheduler:
 # ------------------------------------------------------------------------------------- preference data
 
 
+# A loaded toy pipeline, or one with some call arguments bound (functools.partial): called with prompts,
+# num_inference_steps, guidance_scale, generator and output_type="pt".
+ImagePipeline = Callable[..., Any]
+
+
 @torch.no_grad()
 def sample_images(
-    pipeline: StableDiffusionPipeline,
+    pipeline: ImagePipeline,
     prompts: list[str],
     generator: torch.Generator,
-    config: T2IBuildConfig,
+    config: ImageBuildSettings,
     batch_size: int = 256,
 ) -> Tensor:
     """``[N,3,32,32]`` images in [0,1] for ``prompts``, quantised to 8 bits as they will be stored."""
@@ -453,10 +520,10 @@ def _pairings(count: int, generator: torch.Generator) -> Iterator[tuple[int, int
 
 
 def build_preference_split(
-    pipeline: StableDiffusionPipeline,
+    pipeline: ImagePipeline,
     prompts: list[str],
     images_per_prompt: int,
-    config: T2IBuildConfig,
+    config: ImageBuildSettings,
     generator: torch.Generator,
 ) -> tuple[pa.Table, Tensor, list[str]]:
     """Sample ``images_per_prompt`` images per prompt, pair them, label the pairs.
@@ -506,6 +573,27 @@ def sample_quality(images: Tensor, prompts: list[str]) -> dict[str, float]:
         "mean_reward": float(t2i.toy_reward(images, prompts).mean()),
         "mean_centredness": float(t2i.centredness(images).mean()),
     }
+
+
+def write_preference_data(
+    pipeline: ImagePipeline, output_dir: Path, config: ImageBuildSettings, stages: BuildStages
+) -> dict[str, dict[str, float]]:
+    """The train and held-out preference splits in ``output_dir/data`` (random streams 8 and 9 of the build) and
+    the prompt files; returns the checker's quality on each split's samples."""
+    data_dir = output_dir / "data"
+    data_dir.mkdir(exist_ok=True)
+    quality = {}
+    for offset, (split, per_prompt) in enumerate(
+        (("train", config.train_images_per_prompt), ("heldout", config.heldout_images_per_prompt))
+    ):
+        table, images, prompts = build_preference_split(
+            pipeline, t2i.load_prompts(split), per_prompt, config, stages.generator(8 + offset)
+        )
+        pq.write_table(table, data_dir / f"{split}.parquet")
+        quality[split] = sample_quality(images, prompts)
+        log.info("[%s] %s: %d pairs; checker on the samples: %s", stages.label, split, table.num_rows, quality[split])
+    write_prompt_files(output_dir / "prompts", t2i.load_prompts)
+    return quality
 
 
 # ------------------------------------------------------------------------------------------ subject set
@@ -586,7 +674,7 @@ def build_toy_t2i(output_dir: str | Path, seed: int = 0, config: T2IBuildConfig 
             tokenizer,
             latent_means * scaling_factor,
             latent_stds * scaling_factor,
-            _training_captions(scenes, config, generator(6)),
+            training_captions(scenes, config, generator(6)),
             config,
             generator(7),
         )
@@ -605,21 +693,9 @@ def build_toy_t2i(output_dir: str | Path, seed: int = 0, config: T2IBuildConfig 
         # The preference data come from the pipeline exactly as saved and loaded.
         pipeline = StableDiffusionPipeline.from_pretrained(output_dir)
         pipeline.set_progress_bar_config(disable=True)
-        data_dir = output_dir / "data"
-        data_dir.mkdir(exist_ok=True)
-        quality = {}
-        for offset, (split, per_prompt) in enumerate(
-            (("train", config.train_images_per_prompt), ("heldout", config.heldout_images_per_prompt))
-        ):
-            table, images, prompts = build_preference_split(
-                pipeline, t2i.load_prompts(split), per_prompt, config, generator(8 + offset)
-            )
-            pq.write_table(table, data_dir / f"{split}.parquet")
-            quality[split] = sample_quality(images, prompts)
-            log.info("[t2i] %s: %d pairs; checker on the samples: %s", split, table.num_rows, quality[split])
+        quality = write_preference_data(pipeline, output_dir, config, stages)
 
     build_subject_set(output_dir / "subject", config.subject_images, generator(10))
-    write_prompt_files(output_dir / "prompts", t2i.load_prompts)
 
     info = {
         "seed": seed,
