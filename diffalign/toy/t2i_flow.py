@@ -184,7 +184,11 @@ def build_toy_t2i_flow(
         texts = sorted(set(captions))
         with torch.no_grad():  # the conditioning the SD3 family computes: the pipeline's own encode_prompt
             prompt_embeds, _, pooled, _ = pipeline.encode_prompt(
-                texts, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False, max_sequence_length=T5_TOKENS
+                texts,
+                prompt_2=None,
+                prompt_3=None,
+                do_classifier_free_guidance=False,
+                max_sequence_length=T5_TOKENS,
             )
         family = StableDiffusion3Family.from_modules(noise_scheduler=pipeline.scheduler)
         pipeline.transformer = train_denoiser(
@@ -221,7 +225,8 @@ def build_toy_t2i_flow(
         },
         "seconds": stages.timings,
         "bytes": directory_sizes(
-            output_dir, ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "data")
+            output_dir,
+            ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "data"),
         ),
         "quality": quality,
         "torch_threads": torch.get_num_threads(),
