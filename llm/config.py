@@ -111,6 +111,14 @@ class ReferenceConfig:
         if not 0.0 < self.mixup_alpha <= 1.0:
             raise ValueError(f"reference.mixup_alpha must be in (0, 1], got {self.mixup_alpha}")
 
+    def resolved(self, needed: bool, trainable: str) -> str:
+        """The strategy a trainer uses: ``auto`` made concrete for ``trainable``; ``none`` when not ``needed``."""
+        if not needed:
+            return "none"
+        if self.strategy == "auto":
+            return "adapter_disabled" if trainable == "lora" else "frozen_copy"
+        return self.strategy
+
 
 @dataclass
 class LLMEvalConfig:
@@ -215,12 +223,8 @@ class LLMTrainConfig:
 
     @property
     def reference_strategy(self) -> str:
-        """The resolved strategy: ``auto`` made concrete; ``none`` when no configured loss needs a reference."""
-        if not self.needs_reference:
-            return "none"
-        if self.reference.strategy == "auto":
-            return "adapter_disabled" if self.model.trainable == "lora" else "frozen_copy"
-        return self.reference.strategy
+        """The resolved strategy; ``none`` when no configured loss needs a reference."""
+        return self.reference.resolved(self.needs_reference, self.model.trainable)
 
 
 @dataclass

@@ -158,9 +158,5 @@ class LLMOnlineTrainConfig:
 
     @property
     def reference_strategy(self) -> str:
-        """``auto`` made concrete; ``none`` when nothing needs a reference."""
-        if not self.needs_reference:
-            return "none"
-        if self.reference.strategy == "auto":
-            return "adapter_disabled" if self.model.trainable == "lora" else "frozen_copy"
-        return self.reference.strategy
+        """The resolved strategy; ``none`` when nothing needs a reference."""
+        return self.reference.resolved(self.needs_reference, self.model.trainable)
