@@ -723,9 +723,13 @@ def test_evaluation_writes_wavs_and_a_spectrogram_grid_and_scores_audio(
 
     from PIL import Image
 
+    from diffalign.eval.grid import labelled_grid
+
     grid = Image.open(tmp_path / "samples" / "step-0000001.png")
-    frames = length // (sample_rate // 100)
-    assert grid.size == (2 * frames * 2, 2 * 64 * 2)  # (2 clips × frames, 2 rows × 64 mel bands), upscaled ×2
+    # A labelled grid of base and aligned rows × 2 prompts, each tile a clip's 64 mel bands × its 10 ms frames.
+    spectrograms, zeros = torch.zeros(2, 3, 64, length // (sample_rate // 100)), torch.zeros(2)
+    rows, scores = {"base": spectrograms, "aligned": spectrograms}, {"base": zeros, "aligned": zeros}
+    assert grid.size == labelled_grid(rows, PROMPTS[:2], scores, "test_audio_loudness")[1].size
 
 
 def test_unknown_family_messages_list_the_audio_pipelines(tmp_path):

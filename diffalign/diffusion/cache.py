@@ -224,6 +224,70 @@ def _from_every_process(accelerator: Any | None, value: Any) -> list[Any]:
     return gather_object([value])
 
 
+@dataclass
+class _PairKeys:
+    """Per record, in record order (``None`` for a record that stands for an unreadable pair)."""
+
+    image_keys: list[tuple[str, str] | None]
+    captions: list[str | None]
+    labels: list[float | None]
+    skipped: Counter[str]
+
+
+def _encode_pair_images(
+    records: Iterable[PairRecord | BadRowError],
+    build: _ImageBuild,
+    rank: tuple[int, int],
+    skip_bad_rows: bool,
+    total: int | None,
+) -> _PairKeys:
+    """Content keys of every record's two images; this process (``rank``: index, count) encodes the ones that fall
+    to it and the cache does not hold."""
+    process, processes = rank
+    pairs = _PairKeys([], [], [], Counter())
+    with build.in_dtype():
+        image_settings = json.dumps(
+            {"decoder": build.decoder.settings(), "vae": module_fingerprint(build.vae)}, sort_keys=True
+        )
+        for record in progress(records, total=total, desc="latent cache", unit="pair"):
+            if isinstance(record, BadRowError):
+                if not skip_bad_rows:
+                    raise ValueError(f"{record}. {SKIP_HINT}") from None
+                pairs.skipped[record.reason] += 1
+                pairs.image_keys.append(None)
+                pairs.captions.append(None)
+                pairs.labels.append(None)
+                continue
+            keys = (
+                content_hash(image_settings, record.media[0]),
+                content_hash(image_settings, record.media[1]),
+            )
+            pairs.image_keys.append(keys)
+            pairs.captions.append(record.caption)
+            pairs.labels.append(record.label)
+            for key, data in zip(keys, record.media):
+                if _owner(key, processes) == process:
+                    build.add(key, data, record.location)
+        build.finish()
+    return pairs
+
+
+def _readable_pairs(
+    image_keys: list[tuple[str, str] | None], bad_keys: dict[str, str], skipped: Counter[str]
+) -> list[int]:
+    """Indices of the pairs whose two images were encoded; the others are counted in ``skipped`` by reason."""
+    pair_indices = []
+    for index, keys in enumerate(image_keys):
+        if keys is None:
+            continue
+        reasons = [bad_keys[key] for key in keys if key in bad_keys]
+        if reasons:
+            skipped[reasons[0]] += 1
+        else:
+            pair_indices.append(index)
+    return pair_indices
+
+
 def build_pair_cache(
     records: Iterable[PairRecord | BadRowError],
     decoder: MediaDecoder,
@@ -257,32 +321,11 @@ def build_pair_cache(
     root = Path(cache_dir)
     processes = accelerator.num_processes if accelerator is not None else 1
     process = accelerator.process_index if accelerator is not None else 0
-    build = _ImageBuild(decoder, _ShardStore(root / "images", shard_size), vae, batch_size, vae_dtype, skip_bad_rows)
+    build = _ImageBuild(
+        decoder, _ShardStore(root / "images", shard_size), vae, batch_size, vae_dtype, skip_bad_rows
+    )
     texts = _ShardStore(root / "texts", shard_size)
-    skipped: Counter[str] = Counter()
-    captions: list[str | None] = []
-    labels: list[float | None] = []
-    image_keys: list[tuple[str, str] | None] = []
-
-    with build.in_dtype():
-        image_settings = json.dumps({"decoder": decoder.settings(), "vae": module_fingerprint(vae)}, sort_keys=True)
-        for record in progress(records, total=total, desc="latent cache", unit="pair"):
-            if isinstance(record, BadRowError):
-                if not skip_bad_rows:
-                    raise ValueError(f"{record}. {SKIP_HINT}") from None
-                skipped[record.reason] += 1
-                image_keys.append(None)
-                captions.append(None)
-                labels.append(None)
-                continue
-            keys = (content_hash(image_settings, record.media[0]), content_hash(image_settings, record.media[1]))
-            image_keys.append(keys)
-            captions.append(record.caption)
-            labels.append(record.label)
-            for key, data in zip(keys, record.media):
-                if _owner(key, processes) == process:
-                    build.add(key, data, record.location)
-        build.finish()
+    pairs = _encode_pair_images(records, build, (process, processes), skip_bad_rows, total)
 
     # Every process's corrupt images and counts, then every process's shards.
     reports = _from_every_process(accelerator, (build.bad_keys, build.encoded))
@@ -291,21 +334,15 @@ def build_pair_cache(
     if accelerator is not None:
         accelerator.wait_for_everyone()
     build.images.refresh()
-
-    pair_indices = []
-    for index, keys in enumerate(image_keys):
-        if keys is None:
-            continue
-        reasons = [bad_keys[key] for key in keys if key in bad_keys]
-        if reasons:
-            skipped[reasons[0]] += 1
-        else:
-            pair_indices.append(index)
+    image_keys, captions, skipped = pairs.image_keys, pairs.captions, pairs.skipped
+    pair_indices = _readable_pairs(image_keys, bad_keys, skipped)
     _require_entries(build.images, [key for index in pair_indices for key in image_keys[index]], root)
 
     unique_captions = list(dict.fromkeys(["", *(captions[index] for index in pair_indices)]))
     missing = [caption for caption in unique_captions if caption_key(text_encoder_id, caption) not in texts]
-    mine = [caption for caption in missing if _owner(caption_key(text_encoder_id, caption), processes) == process]
+    mine = [
+        caption for caption in missing if _owner(caption_key(text_encoder_id, caption), processes) == process
+    ]
     _encode_captions(mine, texts, encode_prompts, text_encoder_id, batch_size)
     if accelerator is not None:
         accelerator.wait_for_everyone()
@@ -329,7 +366,7 @@ def build_pair_cache(
         raise ValueError(f"latent cache {root}: no pair could be encoded ({stats})")
     return PairCache(
         captions=captions,
-        labels=labels,
+        labels=pairs.labels,
         decoder=decoder,
         augmentations=build.augmentations,
         image_keys=image_keys,
