@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from diffalign.config import ConfigError, LoadError
-from diffalign.hub import RepoType, check_source
+from diffalign.hub import RepoType, check_push_possible, check_source
 
 DATA_SUFFIXES = {".jsonl", ".json", ".parquet", ".arrow", ".txt", ".csv", ".tsv"}
 
@@ -30,6 +30,13 @@ def require_writable(key: str, folder: str | Path) -> None:
         raise ConfigError(
             f"{key}: {path} is not writable ({error.strerror}); point {key} at a folder this user can write"
         ) from None
+
+
+def require_output_dir(run: Any) -> None:
+    """The run's folder is writable, and a push at the end is possible: refused before the folder is made."""
+    if run.push_to_hub:
+        check_push_possible(run.hub_repo_id)
+    require_writable("run.output_dir", run.output_dir)
 
 
 def require_path_or_hub_id(key: str, value: str, *, repo_type: RepoType = "model") -> None:
@@ -101,7 +108,7 @@ def preflight_diffusion(config: Any) -> None:
         require_writable("model.reference_cache", model.reference_cache)
     if config.eval.prompts_file is not None and not Path(config.eval.prompts_file).is_file():
         raise ConfigError(f"eval.prompts_file: {config.eval.prompts_file} does not exist")
-    require_writable("run.output_dir", config.run.output_dir)
+    require_output_dir(config.run)
 
 
 def preflight_llm(config: Any) -> None:
@@ -130,4 +137,4 @@ def preflight_llm(config: Any) -> None:
         require_writable("reference.cache_dir", config.reference.cache_dir)
     if config.eval.prompts is not None:
         require_path_or_hub_id("eval.prompts", config.eval.prompts, repo_type="dataset")
-    require_writable("run.output_dir", config.run.output_dir)
+    require_output_dir(config.run)
