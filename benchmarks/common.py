@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 
 def benchmark_parser(description: str | None, models: list[str]) -> argparse.ArgumentParser:
@@ -60,3 +62,26 @@ def write_record(args: argparse.Namespace, rows: list[dict], versions: dict[str,
         "rows": rows,
     }
     args.json.write_text(json.dumps(record, indent=2))
+
+
+def measure(step, device: torch.device, warmup: int, steps: int, count_flops: bool = True):
+    """(seconds per step, peak GiB on a GPU, FLOPs per step or None) of ``step`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        step()
+    flops = None
+    if count_flops:
+        with FlopCounterMode(display=False) as counter:
+            step()
+        flops = counter.get_total_flops()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    loss.item()  # one sync at the end, as a real loop's logging does
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = (time.perf_counter() - start) / steps
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return elapsed, peak, flops

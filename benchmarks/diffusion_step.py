@@ -37,18 +37,16 @@ import contextlib
 import copy
 import dataclasses
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import real_example
 import torch
 import torch.nn.functional as F
-from common import benchmark_parser, machine, parse_benchmark_args, trainables, write_record
+from common import benchmark_parser, machine, measure, parse_benchmark_args, trainables, write_record
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from peft import LoraConfig
-from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from diffalign.diffusion.families.stable_diffusion import StableDiffusionFamily, StableDiffusionXLFamily
@@ -213,29 +211,6 @@ def our_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss.detach()
-
-
-def measure(step, device: torch.device, warmup: int, steps: int, count_flops: bool = True):
-    """(seconds per step, peak GiB, FLOPs per step or None)."""
-    for _ in range(warmup):
-        step()
-    flops = None
-    if count_flops:
-        with FlopCounterMode(display=False) as counter:
-            step()
-        flops = counter.get_total_flops()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    loss.item()  # one sync at the end, as a real loop's logging does
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elapsed = (time.perf_counter() - start) / steps
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return elapsed, peak, flops
 
 
 def measure_baseline(models, parameters, trainable, weight_dtype, pixels, token_ids, autocast, args):

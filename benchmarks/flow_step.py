@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from typing import Any
 import diffusers
 import torch
 import torch.nn.functional as F
-from common import benchmark_parser, machine, parse_benchmark_args, trainables, write_record
+from common import benchmark_parser, machine, measure, parse_benchmark_args, trainables, write_record
 from diffusers import (
     AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
@@ -215,23 +214,6 @@ def our_step(method: DiffusionDPO, denoiser, optimizer, batch: LatentPairBatch, 
     return loss.detach()
 
 
-def measure(step, device: torch.device, warmup: int, steps: int) -> tuple[float, float]:
-    """(seconds per step, peak GiB on a GPU)."""
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    loss.item()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return (time.perf_counter() - start) / steps, peak
-
-
 def measure_baseline(
     args, models: Models, trainable: str, parameters, inputs, autocast
 ) -> tuple[float, float]:
@@ -242,7 +224,7 @@ def measure_baseline(
         ref_transformer.disable_adapters()
     optimizer = torch.optim.AdamW(parameters, lr=1e-6)
     step = lambda: baseline_step(args.model, models, ref_transformer, optimizer, *inputs, autocast)  # noqa: E731
-    return measure(step, torch.device(args.device), args.warmup, args.steps)
+    return measure(step, torch.device(args.device), args.warmup, args.steps, count_flops=False)[:2]
 
 
 def run(args, trainable: str) -> list[dict]:
@@ -276,8 +258,8 @@ def run(args, trainable: str) -> list[dict]:
     method = DiffusionDPO(family, ReferenceDenoiser(denoiser, frozen_copy=trainable == "full"))
     optimizer = torch.optim.AdamW(parameters, lr=1e-6, fused=device.type == "cuda")
     ours = measure(
-        lambda: our_step(method, denoiser, optimizer, batch, autocast), device, args.warmup, args.steps
-    )
+        lambda: our_step(method, denoiser, optimizer, batch, autocast), device, args.warmup, args.steps, False
+    )[:2]
     print(f"  {trainable} diffalign: {1000 * ours[0]:.1f} ms/step", flush=True)
     return [
         {"step": name, "trainable": trainable, "seconds": seconds, "peak": peak}
