@@ -1,5 +1,13 @@
+"""Fixtures shared by the test modules. Importing ``online_rewards`` registers the test scorers (``test_mean_red``,
+``test_fad``, ``test_vendi``) that configs name."""
+
+from pathlib import Path
+
+import online_rewards  # noqa: F401
 import pytest
 import torch
+from helpers import write_random_pairs
+from tiny_pipelines import build_tiny_sd
 
 
 @pytest.fixture(scope="module")
@@ -9,3 +17,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory) -> Path:
+    """A tiny SD1.5-like pipeline with random weights, in a folder ``sd`` of its own (a test may run from its
+    parent and name it by the relative path ``sd``)."""
+    return build_tiny_sd(tmp_path_factory.mktemp("models") / "sd")
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory) -> Path:
+    """Eight Pick-a-Pic-style rows of random images (:func:`helpers.write_random_pairs`)."""
+    return write_random_pairs(tmp_path_factory.mktemp("data") / "pairs.parquet")

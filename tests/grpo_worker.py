@@ -3,7 +3,7 @@ registered, for runs launched with torchrun (the CLI alone knows only the packag
 
 import sys
 
-import test_dragon  # noqa: F401 (registers the test_mean_red scorer)
+import online_rewards  # noqa: F401 (registers the test_mean_red scorer)
 
 from diffalign.cli import main
 

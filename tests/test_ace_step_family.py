@@ -3,16 +3,12 @@ at tiny widths, with a tiny Qwen3 text encoder and a byte-level tokenizer: condi
 stock AceStepPipeline, training draws, flow-matching DPO against its formula written out here, the frames-first
 latents, and LoRA and full DPO steps whose outputs load with the pipeline's own loaders."""
 
-import io
 import json
 import math
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-import soundfile
 import torch
 import torch.nn.functional as F
 from diffusers import (
@@ -22,13 +18,13 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
 )
 from diffusers.pipelines.ace_step.modeling_ace_step import AceStepConditionEncoder
+from helpers import AUDIO_PAIR_COLUMNS, diffusion_config, merged, write_audio_pairs
 from peft import LoraConfig
 from safetensors import safe_open
 from safetensors.torch import load_file
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3Model
 
-from diffalign.config import from_dict
 from diffalign.diffusion.config import DiffusionTrainConfig
 from diffalign.diffusion.families import FamilyOptions, load_family
 from diffalign.diffusion.methods import LatentPairBatch, pair_noise
@@ -117,63 +113,20 @@ def stock_pipeline(model_dir: Path) -> AceStepPipeline:
     return pipeline
 
 
-def wav(samples: np.ndarray, rate: int) -> bytes:
-    buffer = io.BytesIO()
-    soundfile.write(buffer, samples, rate, format="WAV", subtype="PCM_16")
-    return buffer.getvalue()
-
-
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory) -> Path:
-    """audio-alpaca's schema: tonal stereo 22.05 kHz winners, noisy mono 16 kHz losers, 0.2–0.5 s long."""
-    rng = np.random.default_rng(0)
-    chosen, rejected = [], []
-    for number in range(4):
-        seconds = 0.2 + 0.1 * number
-        time = np.arange(round(seconds * 22_050)) / 22_050
-        note = 0.3 * np.sin(2 * np.pi * (220 + 40 * number) * time)
-        chosen.append({"bytes": wav(np.stack([note, 0.5 * note], axis=1), 22_050), "path": f"w{number}.wav"})
-        noise = 0.2 * rng.standard_normal(round(seconds * 16_000))
-        rejected.append({"bytes": wav(noise, 16_000), "path": f"l{number}.wav"})
-    table = {"prompt": ["a calm piano", "a loud fast drum beat", "soft rain", "a guitar melody"], "chosen": chosen,
-             "rejected": rejected}
-    path = tmp_path_factory.mktemp("ace-step-data") / "audio_alpaca.parquet"
-    pq.write_table(pa.table(table), path)
-    return path
+    """Four audio-alpaca pairs, 0.2–0.5 s long."""
+    prompts = ["a calm piano", "a loud fast drum beat", "soft rain", "a guitar melody"]
+    return write_audio_pairs(tmp_path_factory.mktemp("ace-step-data") / "audio_alpaca.parquet", prompts, 0.2, 0.1)
 
 
 def config_for(model_dir: Path, pairs: Path, output: Path, **sections) -> DiffusionTrainConfig:
-    raw = {
-        "model": {
-            "pretrained": str(model_dir),
-            "trainable": "lora",
-            "lora": {"rank": 4, "alpha": 16.0, "target_modules": LORA_TARGETS},
-            "audio_seconds": SECONDS,
-        },
-        "data": {
-            "source": str(pairs),
-            "caption_column": "prompt",
-            "image_0_column": "chosen",
-            "image_1_column": "rejected",
-            "label_0_column": None,
-            "caption_dropout": 0.25,
-        },
-        "loss": {"type": ["sigmoid"], "beta": 500.0},
-        "optim": {"lr": 1e-3, "warmup_steps": 0, "scheduler": "constant"},
-        "run": {
-            "output_dir": str(output),
-            "max_steps": 1,
-            "batch_size": 2,
-            "log_every": 1,
-            "checkpoint_every": 1,
-            "trackers": [],
-            "progress_bar": False,
-            "mixed_precision": "no",
-        },
+    ace_step = {
+        "model": {"lora": {"alpha": 16.0, "target_modules": LORA_TARGETS}, "audio_seconds": SECONDS},
+        "data": AUDIO_PAIR_COLUMNS,
+        "loss": {"beta": 500.0},
     }
-    for section, values in sections.items():
-        raw.setdefault(section, {}).update(values)
-    return from_dict(DiffusionTrainConfig, raw)
+    return diffusion_config(model_dir, pairs, output, **merged(ace_step, sections))
 
 
 def velocity_by_hand(transformer, family, noisy: torch.Tensor, t: torch.Tensor, embeds: dict) -> torch.Tensor:

@@ -8,7 +8,6 @@ checked against diffusers' CosineDPMSolverMultistepScheduler.
 
 import importlib
 import importlib.util
-import io
 import json
 import math
 import sys
@@ -16,8 +15,6 @@ import types
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import soundfile
 import torch
@@ -36,8 +33,8 @@ from diffusers import (
     StableAudioProjectionModel,
     UNet2DConditionModel,
 )
+from helpers import AUDIO_PAIR_COLUMNS, diffusion_config, merged, trainable_snapshot, write_audio_pairs
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import load_file
 from scipy import stats
 from tiny_pipelines import t5_tokenizer
 from transformers import (
@@ -55,7 +52,6 @@ from transformers import (
     T5EncoderModel,
 )
 
-from diffalign.config import from_dict
 from diffalign.diffusion.config import DiffusionTrainConfig
 from diffalign.diffusion.data import DiffusionDataConfig, load_preference_pairs
 from diffalign.diffusion.families import load_family
@@ -297,66 +293,14 @@ def models(tmp_path_factory) -> dict[str, Path]:
 # --- audio-alpaca pairs --------------------------------------------------------------------------------------
 
 
-def wav(samples: np.ndarray, rate: int) -> bytes:
-    buffer = io.BytesIO()
-    soundfile.write(buffer, samples, rate, format="WAV", subtype="PCM_16")
-    return buffer.getvalue()
-
-
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory) -> Path:
-    """audio-alpaca's schema: tonal stereo 22.05 kHz winners, noisy mono 16 kHz losers, 0.1–0.5 s long."""
-    rng = np.random.default_rng(0)
-    chosen, rejected = [], []
-    for number in range(8):
-        seconds = 0.1 + 0.05 * number
-        time = np.arange(round(seconds * 22_050)) / 22_050
-        note = 0.3 * np.sin(2 * np.pi * (220 + 40 * number) * time)
-        chosen.append({"bytes": wav(np.stack([note, 0.5 * note], axis=1), 22_050), "path": f"w{number}.wav"})
-        noise = 0.2 * rng.standard_normal(round(seconds * 16_000))
-        rejected.append({"bytes": wav(noise, 16_000), "path": f"l{number}.wav"})
-    table = {
-        "prompt": PROMPTS * 2,
-        "chosen": chosen,
-        "rejected": rejected,
-        "strategy": ["inverse", "temporal"] * 4,
-    }
-    path = tmp_path_factory.mktemp("audio-data") / "audio_alpaca.parquet"
-    pq.write_table(pa.table(table), path)
-    return path
+    """Eight audio-alpaca pairs, 0.1–0.45 s long."""
+    return write_audio_pairs(tmp_path_factory.mktemp("audio-data") / "audio_alpaca.parquet", PROMPTS * 2, 0.1, 0.05)
 
 
 def config_for(model_dir: Path, pairs: Path, output: Path, **sections) -> DiffusionTrainConfig:
-    raw = {
-        "model": {"pretrained": str(model_dir), "trainable": "lora", "lora": {"rank": 4}},
-        "data": {
-            "source": str(pairs),
-            "caption_column": "prompt",
-            "image_0_column": "chosen",
-            "image_1_column": "rejected",
-            "label_0_column": None,
-            "caption_dropout": 0.25,
-        },
-        "loss": {"type": ["sigmoid"], "beta": 5000.0},
-        "optim": {"lr": 1e-3, "warmup_steps": 0, "scheduler": "constant"},
-        "run": {
-            "output_dir": str(output),
-            "max_steps": 1,
-            "batch_size": 2,
-            "log_every": 1,
-            "checkpoint_every": 1,
-            "trackers": [],
-            "progress_bar": False,
-            "mixed_precision": "no",
-        },
-    }
-    for section, values in sections.items():
-        raw.setdefault(section, {}).update(values)
-    return from_dict(DiffusionTrainConfig, raw)
-
-
-def trainable_snapshot(output: Path) -> dict[str, torch.Tensor]:
-    return load_file(sorted((output / "checkpoints").iterdir())[-1] / "trainable.safetensors")
+    return diffusion_config(model_dir, pairs, output, **merged({"data": AUDIO_PAIR_COLUMNS}, sections))
 
 
 # --- one DPO step per family, and its saved output -----------------------------------------------------------

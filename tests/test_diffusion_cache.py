@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from diffusers import AutoencoderKL
-from test_diffusion_data import image_bytes, make_config, pick_a_pic_columns, reference_pixels, write_parquet
+from helpers import data_config, image_bytes, pick_a_pic_columns, reference_pixels, write_parquet
 from torch import nn
 
 from diffalign.diffusion.cache import (
@@ -68,7 +68,7 @@ class FakeTextEncoder:
 
 
 def pairs_and_decoder(source: Path, **overrides):
-    config = make_config(source, **overrides)
+    config = data_config(source, **overrides)
     return load_preference_pairs(config), image_decoder(config)
 
 
@@ -421,7 +421,7 @@ def test_build_pair_dataset_with_a_cache_dir(tmp_path, source):
         encode_prompts=text_encoder,
         frozen_modules=lambda: {"vae": vae, "text_encoder": nn.Linear(3, 3)},
     )
-    config = make_config(source, cache_dir=str(tmp_path / "cache"))
+    config = data_config(source, cache_dir=str(tmp_path / "cache"))
     dataset, collate, stats = build_pair_dataset(config, family=family, seed=0)
     assert isinstance(dataset, CachedPairDataset) and len(dataset) == 5
     assert stats["pairs"] == 5 and stats["cache_images_encoded"] == 10

@@ -6,7 +6,6 @@ import io
 import json
 import logging
 import math
-from pathlib import Path
 
 import datasets
 import numpy as np
@@ -14,6 +13,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import (
+    RESOLUTION,
+    data_config,
+    image_bytes,
+    pick_a_pic_columns,
+    reference_pixels,
+    write_parquet,
+)
 from PIL import Image
 
 from diffalign import hub as hub_access
@@ -27,66 +34,12 @@ from diffalign.diffusion.data import (
 )
 from diffalign.diffusion.training_data import build_pair_dataset
 
-RESOLUTION = 16
-
-
-# --- helpers shared with test_diffusion_cache.py -------------------------------------------------------------
-
-
-def random_image(seed: int, height: int = 20, width: int = 30) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-
-
-def image_bytes(seed: int, height: int = 20, width: int = 30, image_format: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(random_image(seed, height, width)).save(buffer, format=image_format)
-    return buffer.getvalue()
-
-
-def pick_a_pic_columns(count: int, labels: list[float] | None = None) -> dict[str, list]:
-    """``count`` rows: caption ``"caption i"``, images from seeds ``i`` and ``1000 + i``, labels 1, 0, 1, ..."""
-    return {
-        "caption": [f"caption {i}" for i in range(count)],
-        "jpg_0": [image_bytes(i) for i in range(count)],
-        "jpg_1": [image_bytes(1000 + i) for i in range(count)],
-        "label_0": labels if labels is not None else [float(i % 2 == 0) for i in range(count)],
-    }
-
-
-def write_parquet(path: Path, columns: dict[str, list]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table(columns), path)
-    return path
-
-
-def make_config(source: Path | str, **overrides) -> DiffusionDataConfig:
-    return DiffusionDataConfig(source=str(source), resolution=RESOLUTION, **overrides)
-
-
-def reference_pixels(data: bytes, resolution: int = RESOLUTION, flip: bool = False) -> torch.Tensor:
-    """The official transforms written out with PIL: shorter side to ``resolution`` (bilinear), centre crop,
-    optional flip, then (x/255 − 0.5)/0.5."""
-    image = Image.open(io.BytesIO(data)).convert("RGB")
-    width, height = image.size
-    if height <= width:
-        new_height, new_width = resolution, int(resolution * width / height)
-    else:
-        new_height, new_width = int(resolution * height / width), resolution
-    image = image.resize((new_width, new_height), Image.BILINEAR)
-    top, left = round((new_height - resolution) / 2), round((new_width - resolution) / 2)
-    image = image.crop((left, top, left + resolution, top + resolution))
-    if flip:
-        image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    array = np.asarray(image, dtype=np.float32) / 255
-    return torch.from_numpy((array - 0.5) / 0.5).permute(2, 0, 1)
-
-
 # --- sources ---------------------------------------------------------------------------------------------------
 
 
 def test_parquet_pairs_are_winner_first(tmp_path):
     columns = pick_a_pic_columns(4, labels=[1.0, 0.0, 1.0, 0.0])
-    pairs = load_preference_pairs(make_config(write_parquet(tmp_path / "pairs.parquet", columns)))
+    pairs = load_preference_pairs(data_config(write_parquet(tmp_path / "pairs.parquet", columns)))
     assert len(pairs) == 4
     for index in range(4):
         chosen, rejected = pairs.media_bytes(index)
@@ -97,7 +50,7 @@ def test_parquet_pairs_are_winner_first(tmp_path):
     assert pairs.labels == [1.0] * 4
     assert pairs.captions == columns["caption"]
 
-    item = PreferencePairDataset(pairs, image_decoder(make_config("x", random_flip=False)))[1]
+    item = PreferencePairDataset(pairs, image_decoder(data_config("x", random_flip=False)))[1]
     torch.testing.assert_close(
         item["chosen_pixels"], reference_pixels(columns["jpg_1"][1]), atol=1e-6, rtol=0
     )
@@ -119,7 +72,7 @@ def test_arrow_stream_and_file_formats_are_concatenated_with_their_own_rows(tmp_
         pa.ipc.new_file(sink, pa.table(second).schema) as out,
     ):
         out.write_table(pa.table(second))
-    pairs = load_preference_pairs(make_config(tmp_path))
+    pairs = load_preference_pairs(data_config(tmp_path))
     assert pairs.captions == first["caption"] + second["caption"]
     assert pairs.location(1) == f"{tmp_path / 'a.arrow'}, row 2"
     assert pairs.location(4) == f"{tmp_path / 'b.arrow'}, row 2"
@@ -132,11 +85,11 @@ def test_directory_source_picks_the_split_files(tmp_path):
     validation["caption"] = [f"validation {i}" for i in range(4)]
     write_parquet(tmp_path / "data" / "validation-00000-of-00001.parquet", validation)
 
-    train = load_preference_pairs(make_config(tmp_path))
+    train = load_preference_pairs(data_config(tmp_path))
     assert len(train) == 5
     assert train.location(3) == f"{tmp_path / 'data' / 'train-00001-of-00002.parquet'}, row 2"
-    assert load_preference_pairs(make_config(tmp_path, split="validation")).captions == validation["caption"]
-    assert len(load_preference_pairs(make_config(tmp_path / "data" / "train-*.parquet"))) == 5
+    assert load_preference_pairs(data_config(tmp_path, split="validation")).captions == validation["caption"]
+    assert len(load_preference_pairs(data_config(tmp_path / "data" / "train-*.parquet"))) == 5
 
 
 def test_jsonl_index_with_an_image_folder(tmp_path):
@@ -152,7 +105,7 @@ def test_jsonl_index_with_an_image_folder(tmp_path):
     rows[2]["jpg_1"] = str(tmp_path / "images" / "2_b.jpg")  # absolute paths work too
     (tmp_path / "index.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n\n")
 
-    pairs = load_preference_pairs(make_config(tmp_path / "index.jsonl"))
+    pairs = load_preference_pairs(data_config(tmp_path / "index.jsonl"))
     assert pairs.media_bytes(0) == (
         (tmp_path / "images/0_b.jpg").read_bytes(),
         (tmp_path / "images/0_a.png").read_bytes(),
@@ -170,7 +123,7 @@ def test_image_feature_dicts_written_by_datasets(tmp_path):
     dataset.to_parquet(str(tmp_path / "pairs.parquet"))
     assert pa.types.is_struct(pq.read_schema(tmp_path / "pairs.parquet").field("jpg_0").type)
 
-    pairs = load_preference_pairs(make_config(tmp_path / "pairs.parquet"))
+    pairs = load_preference_pairs(data_config(tmp_path / "pairs.parquet"))
     assert pairs.media_bytes(0) == (columns["jpg_0"][0], columns["jpg_1"][0])
     assert pairs.media_bytes(1) == (columns["jpg_1"][1], columns["jpg_0"][1])
 
@@ -186,7 +139,7 @@ def test_hub_dataset_is_read_as_its_raw_table(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     monkeypatch.setattr(hub_access, "check_source", lambda *args: None)  # no hub to ask here (tests/test_hub.py)
-    pairs = load_preference_pairs(make_config("someone/pick-a-pic-mini", split="validation"))
+    pairs = load_preference_pairs(data_config("someone/pick-a-pic-mini", split="validation"))
     assert requested == [("someone/pick-a-pic-mini", "validation")]
     assert pairs.media_bytes(1) == (columns["jpg_1"][1], columns["jpg_0"][1])
     assert pairs.location(2) == "someone/pick-a-pic-mini[validation], row 3"
@@ -203,12 +156,12 @@ def test_unavailable_hub_dataset_names_the_local_alternatives(monkeypatch):
         match=r"data.source='someone/pairs': cannot load the hub dataset \(split 'train'\) \(ConnectionError: "
         r"offline mode is enabled\); on a connected machine run `hf download someone/pairs --repo-type dataset",
     ):
-        load_preference_pairs(make_config("someone/pairs"))
+        load_preference_pairs(data_config("someone/pairs"))
 
 
 def test_missing_local_file_and_empty_source(tmp_path):
     with pytest.raises(ValueError, match=r"file .*nothing\.parquet does not exist"):
-        load_preference_pairs(make_config(tmp_path / "nothing.parquet"))
+        load_preference_pairs(data_config(tmp_path / "nothing.parquet"))
     with pytest.raises(ValueError, match="data.source is empty"):
         load_preference_pairs(DiffusionDataConfig())
 
@@ -219,7 +172,7 @@ def test_missing_local_file_and_empty_source(tmp_path):
 def test_ties_are_dropped_and_counted(tmp_path, caplog):
     source = write_parquet(tmp_path / "p.parquet", pick_a_pic_columns(5, labels=[1.0, 0.5, 0.0, 0.5, 1.0]))
     with caplog.at_level(logging.INFO, logger="diffalign.diffusion.data"):
-        pairs = load_preference_pairs(make_config(source))
+        pairs = load_preference_pairs(data_config(source))
     assert pairs.captions == ["caption 0", "caption 2", "caption 4"]
     assert pairs.stats == {
         "rows_read": 5,
@@ -234,7 +187,7 @@ def test_ties_are_dropped_and_counted(tmp_path, caplog):
 def test_kept_ties_carry_the_soft_label_in_stored_order(tmp_path):
     columns = pick_a_pic_columns(3, labels=[0.5, 0.0, 0.5])
     pairs = load_preference_pairs(
-        make_config(write_parquet(tmp_path / "p.parquet", columns), drop_ties=False)
+        data_config(write_parquet(tmp_path / "p.parquet", columns), drop_ties=False)
     )
     assert pairs.labels == [0.5, 1.0, 0.5]
     assert pairs.media_bytes(0) == (columns["jpg_0"][0], columns["jpg_1"][0])
@@ -245,7 +198,7 @@ def test_kept_ties_carry_the_soft_label_in_stored_order(tmp_path):
 def test_without_a_label_column_the_first_image_wins(tmp_path):
     columns = pick_a_pic_columns(2)
     columns = {"prompt": columns["caption"], "chosen": columns["jpg_0"], "rejected": columns["jpg_1"]}
-    config = make_config(
+    config = data_config(
         write_parquet(tmp_path / "p.parquet", columns),
         caption_column="prompt",
         image_0_column="chosen",
@@ -261,7 +214,7 @@ def test_max_pairs_keeps_the_first_valid_pairs(tmp_path):
     source = write_parquet(
         tmp_path / "p.parquet", pick_a_pic_columns(6, labels=[0.5, 1.0, 0.0, 1.0, 0.0, 1.0])
     )
-    pairs = load_preference_pairs(make_config(source, max_pairs=2))
+    pairs = load_preference_pairs(data_config(source, max_pairs=2))
     assert pairs.captions == ["caption 1", "caption 2"]
     assert pairs.stats["rows_read"] == 3
 
@@ -288,9 +241,9 @@ def test_bad_parquet_row_names_file_row_and_fix(tmp_path, column, value, reason,
     columns[column][2] = value
     source = write_parquet(tmp_path / "pairs.parquet", columns)
     with pytest.raises(ValueError, match=rf"pairs\.parquet, row 3: {problem}.*data\.skip_bad_rows: true"):
-        load_preference_pairs(make_config(source))
+        load_preference_pairs(data_config(source))
 
-    pairs = load_preference_pairs(make_config(source, skip_bad_rows=True))
+    pairs = load_preference_pairs(data_config(source, skip_bad_rows=True))
     assert pairs.captions == ["caption 0", "caption 1", "caption 3"]
     assert pairs.stats["bad_rows_skipped"] == 1
     assert pairs.stats[f"skipped_{reason}"] == 1
@@ -324,8 +277,8 @@ def test_bad_jsonl_row_names_file_line_and_fix(tmp_path, change, reason, problem
     rows[1].update(change)
     (tmp_path / "index.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
     with pytest.raises(ValueError, match=rf"index\.jsonl, row 2 \(line 2\): {problem}.*skip_bad_rows"):
-        load_preference_pairs(make_config(tmp_path / "index.jsonl"))
-    pairs = load_preference_pairs(make_config(tmp_path / "index.jsonl", skip_bad_rows=True))
+        load_preference_pairs(data_config(tmp_path / "index.jsonl"))
+    pairs = load_preference_pairs(data_config(tmp_path / "index.jsonl", skip_bad_rows=True))
     assert pairs.captions == ["caption 0", "caption 2"]
     assert pairs.stats[f"skipped_{reason}"] == 1
 
@@ -337,11 +290,11 @@ def test_jsonl_row_without_a_key_is_a_bad_row_and_a_broken_line_fails(tmp_path):
     lines = [json.dumps(row), json.dumps({key: value for key, value in row.items() if key != "caption"})]
     (tmp_path / "index.jsonl").write_text("\n".join(lines))
     with pytest.raises(ValueError, match=r"index\.jsonl, row 2 \(line 2\): the caption .* is missing"):
-        load_preference_pairs(make_config(tmp_path / "index.jsonl"))
+        load_preference_pairs(data_config(tmp_path / "index.jsonl"))
 
     (tmp_path / "index.jsonl").write_text(lines[0] + "\n{not json\n")
     with pytest.raises(ValueError, match=r"index\.jsonl, line 2: not valid JSON"):
-        load_preference_pairs(make_config(tmp_path / "index.jsonl", skip_bad_rows=True))
+        load_preference_pairs(data_config(tmp_path / "index.jsonl", skip_bad_rows=True))
 
 
 def test_missing_column_names_the_file_the_columns_and_the_setting(tmp_path):
@@ -351,8 +304,8 @@ def test_missing_column_names_the_file_the_columns_and_the_setting(tmp_path):
     with pytest.raises(
         ValueError, match=r"pairs\.parquet: column 'caption' not found.*'prompt'.*data\.caption_column"
     ):
-        load_preference_pairs(make_config(source))
-    assert len(load_preference_pairs(make_config(source, caption_column="prompt"))) == 2
+        load_preference_pairs(data_config(source))
+    assert len(load_preference_pairs(data_config(source, caption_column="prompt"))) == 2
 
 
 def test_skips_are_counted_per_reason_and_logged_once(tmp_path, caplog):
@@ -363,7 +316,7 @@ def test_skips_are_counted_per_reason_and_logged_once(tmp_path, caplog):
     columns["jpg_0"][4] = b"\x89PNG broken"
     source = write_parquet(tmp_path / "p.parquet", columns)
     with caplog.at_level(logging.WARNING, logger="diffalign.diffusion.data"):
-        pairs = load_preference_pairs(make_config(source, skip_bad_rows=True))
+        pairs = load_preference_pairs(data_config(source, skip_bad_rows=True))
     assert pairs.stats == {
         "rows_read": 7,
         "pairs": 3,
@@ -383,7 +336,7 @@ def test_skips_are_counted_per_reason_and_logged_once(tmp_path, caplog):
 def test_without_verification_a_corrupt_image_fails_when_read(tmp_path):
     columns = pick_a_pic_columns(3)
     columns["jpg_1"][1] = b"garbage"
-    config = make_config(write_parquet(tmp_path / "p.parquet", columns), verify_media=False)
+    config = data_config(write_parquet(tmp_path / "p.parquet", columns), verify_media=False)
     dataset = PreferencePairDataset(load_preference_pairs(config), image_decoder(config))
     dataset[0]
     with pytest.raises(ValueError, match=r"p\.parquet, row 2: cannot decode the image"):
@@ -397,7 +350,7 @@ def test_without_verification_a_corrupt_image_fails_when_read(tmp_path):
 def test_pixels_follow_the_official_transforms(tmp_path, height, width):
     columns = pick_a_pic_columns(2)
     columns["jpg_0"] = [image_bytes(i, height, width) for i in range(2)]
-    config = make_config(write_parquet(tmp_path / "p.parquet", columns), random_flip=False)
+    config = data_config(write_parquet(tmp_path / "p.parquet", columns), random_flip=False)
     item = PreferencePairDataset(load_preference_pairs(config), image_decoder(config))[0]
     assert item["chosen_pixels"].shape == (3, RESOLUTION, RESOLUTION)
     assert item["chosen_pixels"].dtype == torch.float32
@@ -416,10 +369,10 @@ def test_flip_is_drawn_once_per_pair_and_applied_to_both_images(tmp_path):
     columns = pick_a_pic_columns(16)
     source = write_parquet(tmp_path / "p.parquet", columns)
     plain = PreferencePairDataset(
-        load_preference_pairs(make_config(source, random_flip=False)),
-        image_decoder(make_config(source, random_flip=False)),
+        load_preference_pairs(data_config(source, random_flip=False)),
+        image_decoder(data_config(source, random_flip=False)),
     )
-    flipping_config = make_config(source, random_flip=True)
+    flipping_config = data_config(source, random_flip=True)
     flipping = PreferencePairDataset(
         load_preference_pairs(flipping_config), image_decoder(flipping_config), seed=3
     )
@@ -438,7 +391,7 @@ def test_flip_is_drawn_once_per_pair_and_applied_to_both_images(tmp_path):
 
 def test_random_crop_reports_where_it_cropped(tmp_path):
     columns = pick_a_pic_columns(12)
-    config = make_config(write_parquet(tmp_path / "p.parquet", columns), crop="random", random_flip=True)
+    config = data_config(write_parquet(tmp_path / "p.parquet", columns), crop="random", random_flip=True)
     dataset = PreferencePairDataset(load_preference_pairs(config), image_decoder(config), seed=1)
     lefts, flips = set(), 0
     for index in range(len(dataset)):
@@ -512,7 +465,7 @@ def test_caption_dropout_extremes(many_pairs):
 
 
 def test_collate_pairs_batches_every_field(tmp_path):
-    config = make_config(write_parquet(tmp_path / "p.parquet", pick_a_pic_columns(3)))
+    config = data_config(write_parquet(tmp_path / "p.parquet", pick_a_pic_columns(3)))
     dataset = PreferencePairDataset(load_preference_pairs(config), image_decoder(config))
     items = [dataset[index] for index in range(3)]
     batch = collate_pairs(items)
@@ -563,7 +516,7 @@ def test_config_defaults_follow_the_official_sd15_launcher():
 
 
 def test_build_pair_dataset_without_cache_yields_pixels(tmp_path):
-    config = make_config(write_parquet(tmp_path / "p.parquet", pick_a_pic_columns(4, [1.0, 0.5, 0.0, 1.0])))
+    config = data_config(write_parquet(tmp_path / "p.parquet", pick_a_pic_columns(4, [1.0, 0.5, 0.0, 1.0])))
     dataset, collate, stats = build_pair_dataset(config, family=None, seed=0)
     assert isinstance(dataset, PreferencePairDataset) and collate is collate_pairs
     assert len(dataset) == 3 and stats["ties_dropped"] == 1

@@ -22,11 +22,6 @@ MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
 
 
 @pytest.fixture(scope="module")
-def sd_dir(tmp_path_factory):
-    return build_tiny_sd(tmp_path_factory.mktemp("sd"))
-
-
-@pytest.fixture(scope="module")
 def sdxl_dir(tmp_path_factory):
     return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl"))
 

@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 from accelerate.utils import set_seed
+from helpers import diffusion_config
 from safetensors.torch import load_file
-from test_inpo import one_step_config, pairs_file  # noqa: F401 (a fixture)
-from tiny_pipelines import build_tiny_sd
 
 from diffalign.diffusion.trainer import DiffusionRecipe, train
 from diffalign.training import make_accelerator, run_training
@@ -16,13 +15,8 @@ from diffalign.training import make_accelerator, run_training
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def sd_dir(tmp_path_factory):
-    return build_tiny_sd(tmp_path_factory.mktemp("sd") / "sd")
-
-
 def sync_config(sd_dir, pairs, output, max_steps=2, **run):
-    return one_step_config(
+    return diffusion_config(
         sd_dir,
         pairs,
         output,
@@ -32,7 +26,7 @@ def sync_config(sd_dir, pairs, output, max_steps=2, **run):
     )
 
 
-def test_the_reference_moves_as_trls_sync_callback_and_the_base_model_stays(sd_dir, pairs_file, tmp_path):  # noqa: F811
+def test_the_reference_moves_as_trls_sync_callback_and_the_base_model_stays(sd_dir, pairs_file, tmp_path):
     """After step 1 (τ = 1): ref ← 0.6·θ_1 + 0.4·θ_0; step 2 trains against it; evaluation's base is θ_0."""
     config = sync_config(sd_dir, pairs_file, tmp_path)
     accelerator = make_accelerator(config.run)
@@ -53,7 +47,7 @@ def test_the_reference_moves_as_trls_sync_callback_and_the_base_model_stays(sd_d
         assert torch.equal(parameter, initial[name]), name
 
 
-def test_a_resumed_run_continues_from_the_moved_reference(sd_dir, pairs_file, tmp_path):  # noqa: F811
+def test_a_resumed_run_continues_from_the_moved_reference(sd_dir, pairs_file, tmp_path):
     train(sync_config(sd_dir, pairs_file, tmp_path / "straight", max_steps=3))
     train(sync_config(sd_dir, pairs_file, tmp_path / "resumed", max_steps=2))
     train(sync_config(sd_dir, pairs_file, tmp_path / "resumed", max_steps=3, resume="latest"))
@@ -63,6 +57,6 @@ def test_a_resumed_run_continues_from_the_moved_reference(sd_dir, pairs_file, tm
         assert torch.equal(straight[name], resumed[name]), name
 
 
-def test_syncing_needs_a_full_fine_tune(sd_dir, pairs_file, tmp_path):  # noqa: F811
+def test_syncing_needs_a_full_fine_tune(sd_dir, pairs_file, tmp_path):
     with pytest.raises(ValueError, match="reference_sync_steps"):
-        one_step_config(sd_dir, pairs_file, tmp_path, model={"trainable": "lora", "reference_sync_steps": 2})
+        diffusion_config(sd_dir, pairs_file, tmp_path, model={"trainable": "lora", "reference_sync_steps": 2})

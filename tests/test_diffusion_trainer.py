@@ -6,19 +6,12 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
-from helpers import write_random_pairs
+from helpers import diffusion_config, trainable_snapshot
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 from tiny_pipelines import build_tiny_sd, build_tiny_sdxl
 
-from diffalign.config import from_dict
-from diffalign.diffusion.config import DiffusionTrainConfig
 from diffalign.diffusion.trainer import train
-
-
-@pytest.fixture(scope="module")
-def pairs_file(tmp_path_factory) -> Path:
-    return write_random_pairs(tmp_path_factory.mktemp("data") / "pairs.parquet", count=16)
 
 
 @pytest.fixture(scope="module")
@@ -31,41 +24,13 @@ def models(tmp_path_factory) -> dict[tuple[str, str], Path]:
     }
 
 
-def config_for(model_dir: Path, data_file: Path, output: Path, **sections) -> DiffusionTrainConfig:
-    raw = {
-        "model": {"pretrained": str(model_dir), "trainable": "lora", "lora": {"rank": 4}},
-        "data": {"source": str(data_file), "resolution": 16, "caption_dropout": 0.25},
-        "loss": {"type": ["sigmoid"], "beta": 5000.0},
-        "optim": {"lr": 1e-3, "warmup_steps": 0, "scheduler": "constant"},
-        "run": {
-            "output_dir": str(output),
-            "max_steps": 2,
-            "batch_size": 2,
-            "log_every": 1,
-            "checkpoint_every": 2,
-            "trackers": [],
-            "progress_bar": False,
-            "mixed_precision": "no",
-        },
-    }
-    for section, values in sections.items():
-        raw.setdefault(section, {}).update(values)
-    return from_dict(DiffusionTrainConfig, raw)
-
-
-def trainable_snapshot(output: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(sorted((output / "checkpoints").iterdir())[-1] / "trainable.safetensors")
-
-
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
 @pytest.mark.parametrize("trainable", ["lora", "full"])
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 def test_one_step_trains_only_what_it_should(models, pairs_file, tmp_path, family, trainable, prediction):
     model_dir = models[(family, prediction)]
-    config = config_for(
-        model_dir, pairs_file, tmp_path / "run", model={"trainable": trainable}, run={"max_steps": 1}
+    config = diffusion_config(
+        model_dir, pairs_file, tmp_path / "run", model={"trainable": trainable}, run={"max_steps": 1}, steps=2
     )
     metrics = train(config)
     assert (
@@ -83,7 +48,7 @@ def test_one_step_trains_only_what_it_should(models, pairs_file, tmp_path, famil
 
 def test_lora_output_loads_into_a_stock_pipeline_and_changes_it(models, pairs_file, tmp_path):
     model_dir = models[("sd", "epsilon")]
-    train(config_for(model_dir, pairs_file, tmp_path, optim={"lr": 0.05}))
+    train(diffusion_config(model_dir, pairs_file, tmp_path, optim={"lr": 0.05}, steps=2))
     pipeline = StableDiffusionPipeline.from_pretrained(
         model_dir, safety_checker=None, requires_safety_checker=False
     )
@@ -113,7 +78,7 @@ def test_lora_with_alpha_other_than_rank_loads_at_the_trained_strength(models, p
 
     model_dir = models[("sd", "epsilon")]
     lora = {"rank": 4, "alpha": 64.0, "target_modules": ["to_k", "to_q", "to_v", "to_out.0"]}
-    train(config_for(model_dir, pairs_file, tmp_path, model={"lora": lora}, optim={"lr": 0.05}))
+    train(diffusion_config(model_dir, pairs_file, tmp_path, model={"lora": lora}, optim={"lr": 0.05}, steps=2))
 
     trained_unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
     trained_unet.add_adapter(LoraConfig(r=4, lora_alpha=64, target_modules=lora["target_modules"]))
@@ -137,7 +102,7 @@ def test_lora_with_alpha_other_than_rank_loads_at_the_trained_strength(models, p
 
 def test_full_unet_output_loads_with_from_pretrained(models, pairs_file, tmp_path):
     model_dir = models[("sdxl", "epsilon")]
-    train(config_for(model_dir, pairs_file, tmp_path, model={"trainable": "full"}))
+    train(diffusion_config(model_dir, pairs_file, tmp_path, model={"trainable": "full"}, steps=2))
     unet = UNet2DConditionModel.from_pretrained(tmp_path / "final" / "unet")
     trained = trainable_snapshot(tmp_path)
     assert all(torch.equal(unet.state_dict()[name], value) for name, value in trained.items())
@@ -148,9 +113,9 @@ def test_full_unet_output_loads_with_from_pretrained(models, pairs_file, tmp_pat
 def test_resume_reproduces_the_uninterrupted_loss_trajectory(models, pairs_file, tmp_path):
     model_dir = models[("sd", "epsilon")]
     run = {"max_steps": 4, "checkpoint_every": 2}
-    full = train(config_for(model_dir, pairs_file, tmp_path / "full", run=run))
-    train(config_for(model_dir, pairs_file, tmp_path / "split", run={**run, "max_steps": 2}))
-    resumed = train(config_for(model_dir, pairs_file, tmp_path / "split", run={**run, "resume": "latest"}))
+    full = train(diffusion_config(model_dir, pairs_file, tmp_path / "full", run=run, steps=2))
+    train(diffusion_config(model_dir, pairs_file, tmp_path / "split", run={**run, "max_steps": 2}, steps=2))
+    resumed = train(diffusion_config(model_dir, pairs_file, tmp_path / "split", run={**run, "resume": "latest"}, steps=2))
     assert resumed["loss"] == full["loss"]  # the last step's loss, bit for bit
     full_weights, resumed_weights = (
         trainable_snapshot(tmp_path / "full"),
@@ -165,14 +130,14 @@ def test_accumulating_two_half_batches_equals_one_batch(models, pairs_file, tmp_
     # every |gradient| the update is lr/eps × the gradient, so comparing weights compares gradients.
     # A moderate β keeps the second step's loss from amplifying the first step's rounding by β = 5000.
     settings = {"optim": {"lr": 1e4, "eps": 1e4, "max_grad_norm": None}, "loss": {"beta": 50.0}}
-    large = train(config_for(model_dir, pairs_file, tmp_path / "large", run={"batch_size": 4}, **settings))
+    large = train(diffusion_config(model_dir, pairs_file, tmp_path / "large", run={"batch_size": 4}, **settings, steps=2))
     accumulated = train(
-        config_for(
+        diffusion_config(
             model_dir,
             pairs_file,
             tmp_path / "acc",
             run={"batch_size": 2, "gradient_accumulation_steps": 2},
-            **settings,
+            **settings, steps=2,
         )
     )
     assert accumulated["loss"] == pytest.approx(large["loss"], rel=1e-5)  # thread count changes the rounding

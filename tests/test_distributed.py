@@ -8,7 +8,6 @@ shards a tiny model with torch's fully_shard on CPU (accelerate 1.15 sets up FSD
 
 import copy
 import json
-import os
 import random
 import signal
 import subprocess
@@ -22,10 +21,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from fsdp_worker import make_optimizer, make_policy, probe, train_steps
-from helpers import random_png
+from helpers import quiet_run, random_png, torchrun
 from safetensors.torch import load_file
-from test_llm_trainer import build_tiny_llm
-from tiny_pipelines import build_tiny_sd
+from tiny_pipelines import build_tiny_llm, build_tiny_sd
 
 from diffalign.toy.llm import train_tokenizer
 
@@ -35,17 +33,6 @@ pytestmark = pytest.mark.slow
 
 
 def write_config(directory: Path, model: Path, data: Path, output: Path, data_settings: dict | None = None, **run) -> Path:
-    run_settings = {
-        "output_dir": str(output),
-        "max_steps": 4,
-        "batch_size": 2,
-        "log_every": 1,
-        "checkpoint_every": 2,
-        "trackers": [],
-        "progress_bar": False,
-        "mixed_precision": "no",
-        **run,
-    }
     config = {
         "kind": "diffusion",
         "model": {"pretrained": str(model), "trainable": "lora", "lora": {"rank": 4}},
@@ -58,21 +45,11 @@ def write_config(directory: Path, model: Path, data: Path, output: Path, data_se
         # per step, which at these learning rates wipes it out (or flips and grows it).
         "loss": {"type": ["sigmoid"], "beta": 100.0},
         "optim": {"lr": 50.0, "eps": 1000.0, "weight_decay": 0.0, "warmup_steps": 0, "scheduler": "constant", "max_grad_norm": 0.3},
-        "run": run_settings,
+        "run": quiet_run(output, **{"max_steps": 4, "batch_size": 2, "checkpoint_every": 2, **run}),
     }
     path = output.with_suffix(".json")  # JSON is YAML
     path.write_text(json.dumps(config))
     return path
-
-
-def torchrun(processes: int, *arguments: str) -> None:
-    # --standalone: a free rendezvous port, so that runs started at the same time (other test sessions) never meet.
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-    command += arguments
-    # tests/ on the path: configs may name reward functions of tests/online_rewards.py.
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 def launch(config: Path, processes: int) -> None:
@@ -231,16 +208,7 @@ def write_llm_config(model: Path, data: Path, output: Path, loss: str, **run) ->
         "loss": {"type": [loss], "beta": 1.0},
         # Plain SGD (lr/eps = 0.5), as in write_config: Adam would blow rounding noise up to full-size steps.
         "optim": {"lr": 500.0, "eps": 1000.0, "warmup_steps": 0, "scheduler": "constant", "max_grad_norm": None},
-        "run": {
-            "output_dir": str(output),
-            "max_steps": 4,
-            "log_every": 1,
-            "checkpoint_every": 2,
-            "trackers": [],
-            "progress_bar": False,
-            "mixed_precision": "no",
-            **run,
-        },
+        "run": quiet_run(output, **{"max_steps": 4, "checkpoint_every": 2, **run}),
     }
     path = output.with_suffix(".json")
     path.write_text(json.dumps(config))
@@ -297,15 +265,7 @@ def write_online_config(model: Path, prompts: Path, output: Path, **run) -> Path
         "advantages": {"scale": "batch"},
         "policy": {"loss_type": "dapo"},
         "optim": {"lr": 500.0, "eps": 1000.0, "warmup_steps": 0, "scheduler": "constant", "max_grad_norm": None},
-        "run": {
-            "output_dir": str(output),
-            "log_every": 1,
-            "checkpoint_every": 100,
-            "trackers": [],
-            "progress_bar": False,
-            "mixed_precision": "no",
-            **run,
-        },
+        "run": quiet_run(output, **{"checkpoint_every": 100, **run}),
     }
     path = output.with_suffix(".json")
     path.write_text(json.dumps(config))

@@ -3,7 +3,6 @@ instance-to-distribution and leave-one-out distribution rewards), the DPO and KT
 generations, exemplar loading, audio decoding, bounded memory and a training run."""
 
 import gc
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +10,8 @@ import soundfile
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
+from helpers import diffusion_config
 from PIL import Image
-from tiny_pipelines import build_tiny_sd
 
 from diffalign.config import ConfigError, from_dict
 from diffalign.diffusion.config import DiffusionTrainConfig, MethodConfig
@@ -30,46 +29,9 @@ from diffalign.diffusion.models import make_trainable
 from diffalign.diffusion.reference import ReferenceDenoiser
 from diffalign.diffusion.trainer import train
 from diffalign.losses import LossConfig, compute_loss
-from diffalign.rewards import Audio, Encoder, Scorer, register_scorer
-from diffalign.rewards.distribution import FrechetScorer, VendiScorer
+from diffalign.rewards import Audio
 
 PROMPTS = ["a red circle", "a large blue square", "a small green circle"]
-
-
-class MeanRedScorer(Scorer):
-    """A stand-in instance-wise reward: the mean of the red channel."""
-
-    modality = "image"
-
-    def forward(self, images, prompts=None, reference=None):
-        return self.output(images[:, 0].mean(dim=(1, 2)))
-
-
-class MeanColourEncoder(Encoder):
-    """A stand-in encoder: an image's mean colour (3-D), unit-normalised."""
-
-    modality = "image"
-    identity = "test:mean-colour"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.anchor = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
-
-    def embed(self, images):
-        if not torch.is_tensor(images):
-            arrays = [np.asarray(image, dtype=np.float32) / 255 for image in images]
-            images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-        return F.normalize(images.float().mean(dim=(2, 3)), dim=1)
-
-
-register_scorer("test_mean_red")(lambda device="cpu", dtype=torch.float32: MeanRedScorer(device, dtype))
-register_scorer("test_fad")(lambda reduction="set": FrechetScorer(MeanColourEncoder(), reduction))
-register_scorer("test_vendi")(lambda reduction="set": VendiScorer(MeanColourEncoder(), reduction))
-
-
-@pytest.fixture(scope="module")
-def sd_dir(tmp_path_factory) -> Path:
-    return build_tiny_sd(tmp_path_factory.mktemp("sd"))
 
 
 def dragon_config(**settings) -> DragonSettings:
@@ -299,27 +261,11 @@ def test_generation_does_not_grow_memory_over_steps(sd_dir):
 def test_a_training_run_from_prompts_alone(sd_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
-    config = from_dict(
-        DiffusionTrainConfig,
-        {
-            "model": {"pretrained": str(sd_dir), "trainable": "lora", "lora": {"rank": 4}},
-            "method": {
-                "name": "dragon",
-                "dragon": {"prompts_file": str(prompts), "reward": "test_mean_red", "num_inference_steps": 2},
-            },
-            "loss": {"type": ["sigmoid"], "beta": 5000.0},
-            "optim": {"lr": 1e-3, "scheduler": "constant"},
-            "run": {
-                "output_dir": str(tmp_path / "run"),
-                "max_steps": 2,
-                "batch_size": 2,
-                "log_every": 1,
-                "trackers": [],
-                "progress_bar": False,
-                "mixed_precision": "no",
-            },
-            "eval": {"prompts": PROMPTS, "reward": "test_mean_red", "num_inference_steps": 2},
-        },
+    dragon = {"prompts_file": str(prompts), "reward": "test_mean_red", "num_inference_steps": 2}
+    config = diffusion_config(
+        sd_dir, None, tmp_path / "run", steps=2,
+        method={"name": "dragon", "dragon": dragon},
+        eval={"prompts": PROMPTS, "reward": "test_mean_red", "num_inference_steps": 2},
     )
     metrics = train(config)
     assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0

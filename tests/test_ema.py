@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import RegressionRecipe
 from safetensors.torch import load_file
-from test_training_loop import RegressionRecipe
 
 from diffalign.config import ConfigError, from_dict
 from diffalign.training import OptimConfig, RunConfig, make_accelerator, run_training

@@ -19,8 +19,7 @@ import yaml
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 from scipy import stats
-from test_rewards_models import save_tiny_clap, save_tiny_clip
-from tiny_pipelines import build_tiny_sd
+from tiny_pipelines import build_tiny_sd, save_tiny_clap, save_tiny_clip
 
 from diffalign.cli import main
 from diffalign.config import ConfigError, from_dict, load_config

@@ -19,9 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile
 import torch
+from helpers import RegressionRecipe, data_config, image_bytes, pick_a_pic_columns, quiet_run, write_parquet
 from PIL import Image
-from test_diffusion_data import image_bytes, pick_a_pic_columns, write_parquet
-from test_training_loop import RegressionRecipe
 from transformers import AutoTokenizer
 
 from diffalign import cli
@@ -89,11 +88,7 @@ class LoopConfig:
 
 
 def loop_config(output: Path, **run) -> LoopConfig:
-    settings = dict(
-        output_dir=str(output), max_steps=6, batch_size=4, log_every=1, checkpoint_every=3, trackers=[],
-        progress_bar=False, mixed_precision="no",
-    )
-    return LoopConfig(run=RunConfig(**{**settings, **run}))
+    return LoopConfig(run=RunConfig(**quiet_run(output, **{"max_steps": 6, "batch_size": 4, "checkpoint_every": 3, **run})))
 
 
 def fit(config: LoopConfig, recipe: RegressionRecipe | None = None) -> RegressionRecipe:
@@ -355,26 +350,22 @@ def test_empty_llm_data_is_named(tokenizer, tmp_path):
 # --- diffusion data -------------------------------------------------------------------------------------------
 
 
-def diffusion_config(source: Path, **overrides) -> DiffusionDataConfig:
-    return DiffusionDataConfig(source=str(source), resolution=16, **overrides)
-
-
 def test_empty_diffusion_sources_are_named(tmp_path):
     empty = write_parquet(tmp_path / "empty.parquet", {key: [] for key in pick_a_pic_columns(1)})
     with pytest.raises(ValueError, match=rf"data.source: {empty} holds no rows"):
-        load_preference_pairs(diffusion_config(empty))
+        load_preference_pairs(data_config(empty))
     (tmp_path / "zero.parquet").write_bytes(b"")
     with pytest.raises(ValueError, match=r"zero.parquet is not a readable parquet file"):
-        load_preference_pairs(diffusion_config(tmp_path / "zero.parquet"))
+        load_preference_pairs(data_config(tmp_path / "zero.parquet"))
     (tmp_path / "index.jsonl").write_text("\n\n")
     with pytest.raises(ValueError, match=r"index.jsonl holds no rows"):
-        load_preference_pairs(diffusion_config(tmp_path / "index.jsonl"))
+        load_preference_pairs(data_config(tmp_path / "index.jsonl"))
 
 
 def test_an_empty_file_among_others_is_passed_over(tmp_path):
     write_parquet(tmp_path / "data" / "train-0.parquet", {key: [] for key in pick_a_pic_columns(1)})
     write_parquet(tmp_path / "data" / "train-1.parquet", pick_a_pic_columns(3))
-    pairs = load_preference_pairs(diffusion_config(tmp_path / "data"))
+    pairs = load_preference_pairs(data_config(tmp_path / "data"))
     assert len(pairs) == 3 and pairs.location(0).endswith("train-1.parquet, row 1")
 
 
@@ -390,12 +381,12 @@ def test_identical_and_extremely_elongated_image_pairs_are_refused_or_counted_sk
     columns["jpg_0"][2] = elongated_png(3000, 1)  # at 16 pixels a 48000×16 resize; at 1024, 3M×1024
     source = write_parquet(tmp_path / "pairs.parquet", columns)
     with pytest.raises(ValueError, match=r"pairs.parquet, row 2: columns 'jpg_0' and 'jpg_1' hold identical data"):
-        load_preference_pairs(diffusion_config(source))
+        load_preference_pairs(data_config(source))
     columns["jpg_1"][1] = image_bytes(7)
     elongated = write_parquet(tmp_path / "elongated.parquet", columns)
     with pytest.raises(ValueError, match=r"row 3: the image is 3000×1 pixels.*data.max_aspect_ratio=4"):
-        load_preference_pairs(diffusion_config(elongated))
-    pairs = load_preference_pairs(diffusion_config(source, skip_bad_rows=True))
+        load_preference_pairs(data_config(elongated))
+    pairs = load_preference_pairs(data_config(source, skip_bad_rows=True))
     assert pairs.captions == ["caption 0", "caption 3"]
     assert pairs.stats["skipped_identical_pair"] == 1 and pairs.stats["skipped_extreme_aspect_ratio"] == 1
 
@@ -421,8 +412,8 @@ def test_a_truncated_wav_is_a_corrupt_audio_skip_not_zero_padding(tmp_path):
     settings = dict(caption_column="prompt", image_0_column="chosen", image_1_column="rejected", label_0_column=None)
     decoder = AudioDecoder(sample_rate=16_000, num_samples=16_000)
     with pytest.raises(ValueError, match=r"audio.parquet, row 2: the WAV file is truncated"):
-        load_preference_pairs(diffusion_config(tmp_path / "audio.parquet", **settings), decoder)
-    pairs = load_preference_pairs(diffusion_config(tmp_path / "audio.parquet", skip_bad_rows=True, **settings), decoder)
+        load_preference_pairs(data_config(tmp_path / "audio.parquet", **settings), decoder)
+    pairs = load_preference_pairs(data_config(tmp_path / "audio.parquet", skip_bad_rows=True, **settings), decoder)
     assert pairs.captions == ["good"] and pairs.stats["skipped_corrupt_audio"] == 1
 
 
@@ -431,4 +422,4 @@ def test_diffusion_rows_are_numbered_from_one(tmp_path):
     columns["caption"][0] = ""
     source = write_parquet(tmp_path / "pairs.parquet", columns)
     with pytest.raises(ValueError, match=r"pairs.parquet, row 1: the caption"):
-        load_preference_pairs(diffusion_config(source))
+        load_preference_pairs(data_config(source))

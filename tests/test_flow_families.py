@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import test_dragon  # noqa: F401 (registers the test_mean_red scorer)
 import torch
 import torch.nn.functional as F
 from diffusers import (
@@ -20,12 +19,11 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
-from helpers import write_random_pairs
+from helpers import diffusion_config, merged
 from peft import LoraConfig
 from safetensors.torch import load_file
 from tiny_pipelines import build_tiny_flux, build_tiny_sd3
 
-from diffalign.config import from_dict
 from diffalign.diffusion.config import DiffusionTrainConfig
 from diffalign.diffusion.families import FamilyOptions, load_family
 from diffalign.diffusion.families.flux import FluxFamily
@@ -55,37 +53,18 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-@pytest.fixture(scope="module")
-def pairs_file(tmp_path_factory) -> Path:
-    return write_random_pairs(tmp_path_factory.mktemp("data") / "pairs.parquet")
+# The flow families' test runs: LoRA on the attention projections, 16 px samples, the toy's 8 text tokens.
+FLOW_MODEL = {
+    "lora": {"rank": 4, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]},
+    "sample_resolution": 16,
+    "max_text_length": 8,
+}
 
 
 def config_for(model_dir: Path, pairs: Path, output: Path, **sections) -> DiffusionTrainConfig:
-    raw = {
-        "model": {
-            "pretrained": str(model_dir),
-            "trainable": "lora",
-            "lora": {"rank": 4, "alpha": 16.0, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]},
-            "sample_resolution": 16,
-            "max_text_length": 8,
-        },
-        "data": {"source": str(pairs), "resolution": 16, "caption_dropout": 0.25},
-        "loss": {"type": ["sigmoid"], "beta": 500.0},
-        "optim": {"lr": 1e-3, "warmup_steps": 0, "scheduler": "constant"},
-        "run": {
-            "output_dir": str(output),
-            "max_steps": 1,
-            "batch_size": 2,
-            "log_every": 1,
-            "checkpoint_every": 1,
-            "trackers": [],
-            "progress_bar": False,
-            "mixed_precision": "no",
-        },
-    }
-    for section, values in sections.items():
-        raw.setdefault(section, {}).update(values)
-    return from_dict(DiffusionTrainConfig, raw)
+    """One LoRA DPO step of a flow family (LoRA alpha 16, β 500)."""
+    flow_dpo = {"model": merged(FLOW_MODEL, {"lora": {"alpha": 16.0}}), "loss": {"beta": 500.0}}
+    return diffusion_config(model_dir, pairs, output, **merged(flow_dpo, sections))
 
 
 def random_lora(denoiser: torch.nn.Module) -> None:

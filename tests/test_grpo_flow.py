@@ -9,11 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import test_dragon  # noqa: F401 (registers the test_mean_red scorer)
 import torch
+from helpers import diffusion_settings, torchrun
 from safetensors.torch import load_file
-from test_distributed import torchrun
-from test_flow_families import OPTIONS, PROMPTS, random_lora, velocity_by_hand
+from test_flow_families import FLOW_MODEL, OPTIONS, PROMPTS, random_lora, velocity_by_hand
 from tiny_pipelines import build_tiny_flux, build_tiny_sd, build_tiny_sd3
 
 from diffalign.config import ConfigError, from_dict
@@ -51,32 +50,14 @@ def grpo_settings(**settings) -> GRPOSettings:
 
 def raw_config(model_dir: Path, output: Path, grpo: dict | None = None, **run) -> dict:
     settings = dataclasses.asdict(grpo_settings(**(grpo or {})))
-    return {
-        "kind": "diffusion",
-        "model": {
-            "pretrained": str(model_dir),
-            "trainable": "lora",
-            "lora": {"rank": 4, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]},
-            "sample_resolution": 16,
-            "max_text_length": 8,
-        },
-        "data": {"resolution": 16},
-        "method": {"name": "grpo", "grpo": settings},
+    raw = diffusion_settings(
+        model_dir, None, output, steps=2, model=FLOW_MODEL, method={"name": "grpo", "grpo": settings},
         # eps far above every |gradient| and no weight decay make AdamW plain SGD (lr/eps = 3): Adam's 1/√v would
         # blow the all-reduce's fp32 rounding up into lr-sized steps.
-        "optim": {"lr": 3e3, "eps": 1e3, "weight_decay": 0.0, "warmup_steps": 0, "scheduler": "constant"},
-        "run": {
-            "output_dir": str(output),
-            "max_steps": 2,
-            "batch_size": 2,
-            "log_every": 1,
-            "checkpoint_every": 2,
-            "trackers": [],
-            "progress_bar": False,
-            "mixed_precision": "no",
-            **run,
-        },
-    }
+        optim={"lr": 3e3, "eps": 1e3, "weight_decay": 0.0}, run=run,
+    )
+    del raw["loss"]  # GRPO's loss is its policy gradient, set in method.grpo
+    return {"kind": "diffusion", **raw}
 
 
 def config_for(model_dir: Path, output: Path, grpo: dict | None = None, **run) -> DiffusionTrainConfig:

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMInverseScheduler, DDIMScheduler
-from helpers import write_random_pairs
+from helpers import diffusion_config
 from tiny_pipelines import build_tiny_sd, build_tiny_sdxl
 
 from diffalign.config import ConfigError, from_dict
@@ -219,32 +219,6 @@ def test_v_prediction_regresses_the_velocity_of_the_reparametrised_noise(tmp_pat
     torch.testing.assert_close(ours, -0.5 * errors, atol=1e-6, rtol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def pairs_file(tmp_path_factory) -> Path:
-    """Eight Pick-a-Pic-style rows (random images) in a parquet file."""
-    return write_random_pairs(tmp_path_factory.mktemp("data") / "pairs.parquet")
-
-
-def one_step_config(model_dir: Path, data: Path, output: Path, **sections) -> DiffusionTrainConfig:
-    raw = {
-        "model": {"pretrained": str(model_dir), "lora": {"rank": 4}},
-        "data": {"source": str(data), "resolution": 16},
-        "optim": {"lr": 1e-3, "warmup_steps": 0, "scheduler": "constant"},
-        "run": {
-            "output_dir": str(output),
-            "max_steps": 1,
-            "batch_size": 2,
-            "checkpoint_every": 1,
-            "trackers": [],
-            "progress_bar": False,
-            "mixed_precision": "no",
-        },
-    }
-    for section, values in sections.items():
-        raw.setdefault(section, {}).update(values)
-    return from_dict(DiffusionTrainConfig, raw)
-
-
 def trained_weights_changed(output: Path, model_dir: Path, trainable: str) -> bool:
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
@@ -262,7 +236,7 @@ def trained_weights_changed(output: Path, model_dir: Path, trainable: str) -> bo
 @pytest.mark.parametrize("family_name", ["sd", "sdxl"])
 @pytest.mark.parametrize("trainable", ["lora", "full"])
 def test_one_inpo_training_step(model_dirs, pairs_file, tmp_path, family_name, trainable):
-    config = one_step_config(
+    config = diffusion_config(
         model_dirs[family_name],
         pairs_file,
         tmp_path,

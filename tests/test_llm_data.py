@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import TOY_LLM
 from transformers import AutoTokenizer
 
 from diffalign.llm.batching import PreferenceDataset, collate_rows
@@ -18,8 +19,6 @@ from diffalign.llm.data import (
     load_preference_items,
     split_implicit_prompt,
 )
-
-TOY_LLM = Path(__file__).resolve().parents[1] / "assets" / "toy-llm"
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TOY_LLM, merged, quiet_run
 from safetensors.torch import load_file
-from test_llm_trainer import TOY_LLM, merge
 from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
 from diffalign.config import ConfigError, from_dict, load_config
@@ -47,18 +47,9 @@ def online_config(output_dir: Path, **sections: Any) -> LLMOnlineTrainConfig:
             {"function": "online_rewards:short_answer", "weight": WEIGHTS[1]},
         ],
         "optim": {"lr": 0.01, "weight_decay": 0.0, "scheduler": "constant"},
-        "run": {
-            "output_dir": str(output_dir),
-            "max_steps": 1,
-            "batch_size": 2,
-            "mixed_precision": "no",
-            "trackers": [],
-            "progress_bar": False,
-            "log_every": 1,
-            "checkpoint_every": 100,
-        },
+        "run": quiet_run(output_dir, max_steps=1, batch_size=2, checkpoint_every=100),
     }
-    return from_dict(LLMOnlineTrainConfig, merge(raw, sections))
+    return from_dict(LLMOnlineTrainConfig, merged(raw, sections))
 
 
 def make_recipe(tmp_path: Path, **sections: Any) -> OnlineLLMRecipe:
@@ -410,11 +401,11 @@ def test_resume_mid_run_is_exact(tmp_path):
         run={"max_steps": 4, "checkpoint_every": 3, "gradient_accumulation_steps": 2},
     )
     train(online_config(tmp_path / "straight", **sections))
-    stopped = merge(sections, {"run": {"max_steps": 3}})
+    stopped = merged(sections, {"run": {"max_steps": 3}})
     train(online_config(tmp_path / "resumed", **stopped))
     extra = torch.load(tmp_path / "resumed" / "checkpoints" / "step-0000003" / "extra.pt", weights_only=False)
     assert extra["micro_batches"] == 6 and len(extra["window_rollouts"]) == 2
-    train(online_config(tmp_path / "resumed", **merge(sections, {"run": {"resume": "latest"}})))
+    train(online_config(tmp_path / "resumed", **merged(sections, {"run": {"resume": "latest"}})))
     straight = load_file(tmp_path / "straight" / "checkpoints" / "step-0000004" / "trainable.safetensors")
     resumed = load_file(tmp_path / "resumed" / "checkpoints" / "step-0000004" / "trainable.safetensors")
     for name in straight:

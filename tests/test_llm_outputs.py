@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import TOY_LLM, llm_config
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from scipy import stats
-from test_llm_trainer import TOY_LLM, tiny_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from diffalign.cli import main
@@ -36,7 +36,7 @@ def run(tmp_path_factory) -> Path:
     """The toy LLM after 3 large LoRA steps, checkpointed every step, evaluated every step into TensorBoard."""
     output = tmp_path_factory.mktemp("llm") / "run"
     train(
-        tiny_config(
+        llm_config(
             TOY_LLM, output, eval=EVAL, optim={"lr": 3e-3},
             run={"max_steps": 3, "checkpoint_every": 1, "eval_every": 1, "trackers": ["tensorboard"]},
         )
@@ -53,7 +53,7 @@ def checkpoint_policy(run: Path, step: int) -> torch.nn.Module:
     """The policy rebuilt here from a checkpoint: the toy LLM with peft's LoRA, loaded with the weights."""
     from peft import get_peft_model
 
-    config = tiny_config(TOY_LLM, run)
+    config = llm_config(TOY_LLM, run)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(TOY_LLM), config.model.lora.peft_config(task_type="CAUSAL_LM"))
     weights = load_file(run / "checkpoints" / f"step-{step:07d}" / "trainable.safetensors")
     assert not model.load_state_dict(weights, strict=False).unexpected_keys
@@ -181,7 +181,7 @@ def test_full_and_adapter_checkpoints_export_as_their_final_folders(tmp_path, mo
 
     tiny = build_tiny_llm(tmp_path / "tiny")
     run = tmp_path / "run"
-    train(tiny_config(tiny, run, model=model, run={"max_steps": 2, "checkpoint_every": 1}))
+    train(llm_config(tiny, run, model=model, run={"max_steps": 2, "checkpoint_every": 1}))
     assert main(["export", str(run / "checkpoints" / "step-0000001"), str(tmp_path / "exported")]) == 0
     assert (tmp_path / "exported" / "adapter_config.json").is_file() == (model.get("save") == "adapter")
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")

@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_llm_trainer import build_tiny_llm, tiny_config
+from helpers import llm_config
+from tiny_pipelines import build_tiny_llm
 
 from diffalign.llm.trainer import LLMRecipe
 from diffalign.losses import LossConfig, compute_loss
@@ -102,7 +103,7 @@ def tiny_dir(tmp_path_factory):
 
 def drifted_recipe(tiny_dir, tmp_path, **sections) -> LLMRecipe:
     """A full fine-tune recipe whose policy has moved away from its frozen reference."""
-    config = tiny_config(
+    config = llm_config(
         tiny_dir, tmp_path, model={"trainable": "full"}, reference={"strategy": "frozen_copy"}, **sections
     )
     recipe = LLMRecipe(config, make_accelerator(config.run))

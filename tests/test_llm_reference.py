@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from accelerate import Accelerator
+from helpers import TOY_LLM
 from peft import LoraConfig, get_peft_model
-from test_llm_trainer import TOY_LLM, build_tiny_llm
+from tiny_pipelines import build_tiny_llm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from diffalign.llm import reference as reference_module

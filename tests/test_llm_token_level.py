@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.utils import set_seed
+from helpers import llm_config
 from safetensors.torch import load_file
-from test_llm_trainer import build_tiny_llm, tiny_config
+from tiny_pipelines import build_tiny_llm
 
 from diffalign.llm.logprobs import completion_logps
 from diffalign.llm.trainer import LLMRecipe, train
@@ -40,7 +41,7 @@ def test_token_level_scores_equal_a_naive_full_softmax_computation(tiny_dir, tmp
     """TDPO + WPO + LD-DPO configured: per-token log-probs, KL(πref ‖ πθ) and log Σ_v πθ(v)² of every completion
     token equal those of one unpadded sequence through the full softmax; the sums equal the default path's."""
     torch.manual_seed(0)
-    config = tiny_config(
+    config = llm_config(
         tiny_dir,
         tmp_path,
         model={"trainable": "full"},
@@ -84,7 +85,7 @@ def test_token_level_scores_equal_a_naive_full_softmax_computation(tiny_dir, tmp
 
 
 def test_the_default_path_computes_no_token_inputs(tiny_dir, tmp_path):
-    config = tiny_config(tiny_dir, tmp_path)
+    config = llm_config(tiny_dir, tmp_path)
     recipe = LLMRecipe(config, make_accelerator(config.run))
     scores, _ = recipe.pair_scores(recipe.model, recipe.collate([0, 1]))
     assert not scores.has_tokens
@@ -92,7 +93,7 @@ def test_the_default_path_computes_no_token_inputs(tiny_dir, tmp_path):
 
 def test_token_level_losses_refuse_a_precomputed_reference_before_any_model_loads(tiny_dir, tmp_path):
     with pytest.raises(ValueError, match="reference.strategy: precomputed stores summed ones"):
-        tiny_config(
+        llm_config(
             tiny_dir,
             tmp_path,
             loss={"type": ["sigmoid"], "ld_alpha": 0.5},
@@ -108,7 +109,7 @@ def test_tr_dpo_moves_the_reference_as_trls_sync_callback(tiny_dir, tmp_path):
     """TRL SyncRefModelCallback, on the end of step k·τ: ref ← α·θ_k + (1 − α)·ref. With τ = 1 and two steps,
     step 2 trains against α·θ_1 + (1 − α)·θ_0 and the reference ends there."""
     alpha = 0.6
-    config = tiny_config(
+    config = llm_config(
         tiny_dir,
         tmp_path,
         model={"trainable": "full"},
@@ -131,9 +132,9 @@ def test_tr_dpo_moves_the_reference_as_trls_sync_callback(tiny_dir, tmp_path):
 def test_tr_dpo_resumes_from_the_moved_reference(tiny_dir, tmp_path):
     sections = dict(model={"trainable": "full"}, reference={"strategy": "frozen_copy", "sync_steps": 1})
     run = {"max_steps": 3, "checkpoint_every": 1}
-    train(tiny_config(tiny_dir, tmp_path / "straight", run=run, **sections))
-    train(tiny_config(tiny_dir, tmp_path / "resumed", run={**run, "max_steps": 2}, **sections))
-    train(tiny_config(tiny_dir, tmp_path / "resumed", run={**run, "resume": "latest"}, **sections))
+    train(llm_config(tiny_dir, tmp_path / "straight", run=run, **sections))
+    train(llm_config(tiny_dir, tmp_path / "resumed", run={**run, "max_steps": 2}, **sections))
+    train(llm_config(tiny_dir, tmp_path / "resumed", run={**run, "resume": "latest"}, **sections))
     straight = trained(tmp_path / "straight" / "checkpoints" / "step-0000003")
     resumed = trained(tmp_path / "resumed" / "checkpoints" / "step-0000003")
     for name in straight:
@@ -142,12 +143,12 @@ def test_tr_dpo_resumes_from_the_moved_reference(tiny_dir, tmp_path):
 
 def test_tr_dpo_needs_a_frozen_copy_of_a_full_fine_tune(tiny_dir, tmp_path):
     with pytest.raises(ValueError, match="reference.sync_steps"):
-        tiny_config(tiny_dir, tmp_path, reference={"sync_steps": 4})  # LoRA: the reference is the base model
+        llm_config(tiny_dir, tmp_path, reference={"sync_steps": 4})  # LoRA: the reference is the base model
 
 
 def test_beta_dpo_keeps_a_running_margin_across_steps_and_resumes(tiny_dir, tmp_path):
     """M0 ← 0.9·M0 + 0.1·mean margin, before each batch's loss; saved with the checkpoint."""
-    config = tiny_config(tiny_dir, tmp_path, model={"trainable": "full"}, loss={"type": ["beta_dpo"]})
+    config = llm_config(tiny_dir, tmp_path, model={"trainable": "full"}, loss={"type": ["beta_dpo"]})
     recipe = moved_policy_recipe(config)
     batch = recipe.collate([0, 1, 2, 3])
     output = recipe.training_step(recipe.model, batch)

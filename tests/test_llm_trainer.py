@@ -3,90 +3,26 @@ gradient-accumulation equivalence, and outputs that load with transformers."""
 
 from __future__ import annotations
 
-import copy
 import math
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from helpers import TOY_LLM, llm_config
 from safetensors.torch import load_file
+from tiny_pipelines import build_tiny_llm
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerBase,
 )
 
-from diffalign.config import from_dict
-from diffalign.llm.config import LLMTrainConfig
 from diffalign.llm.logprobs import completion_logps
 from diffalign.llm.trainer import LLMRecipe, train
 from diffalign.losses import LOSSES
 from diffalign.training import make_accelerator
 
-TOY_LLM = Path(__file__).resolve().parents[1] / "assets" / "toy-llm"
 LINEAR_WEIGHTS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def build_tiny_llm(directory: Path, tokenizer: PreTrainedTokenizerBase | None = None) -> Path:
-    """A randomly initialised two-layer Llama with ``tokenizer`` (default: the toy LLM's), saved as a
-    transformers directory."""
-    tokenizer = tokenizer or AutoTokenizer.from_pretrained(TOY_LLM)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
-def merge(base: dict, update: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        out[key] = (
-            merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-        )
-    return out
-
-
-def tiny_config(model_dir: Path, output_dir: Path, **sections: Any) -> LLMTrainConfig:
-    raw = {
-        "kind": "llm",
-        "model": {"pretrained": str(model_dir), "trainable": "lora", "lora": {"rank": 4}},
-        "data": {
-            "path": str(TOY_LLM / "data" / "conversational_train.jsonl"),
-            "max_rows": 16,
-            "max_prompt_length": 32,
-            "max_length": 64,
-        },
-        "reference": {"cache_dir": str(output_dir / "reference-cache")},
-        # A large step, as in TRL's tests: one update must visibly move every trained weight.
-        "optim": {"lr": 0.01, "weight_decay": 0.0, "scheduler": "constant"},
-        "run": {
-            "output_dir": str(output_dir),
-            "max_steps": 1,
-            "batch_size": 4,
-            "mixed_precision": "no",
-            "trackers": [],
-            "progress_bar": False,
-            "log_every": 1,
-            "checkpoint_every": 100,
-        },
-    }
-    return from_dict(LLMTrainConfig, merge(raw, sections))
 
 
 @pytest.fixture(scope="module")
@@ -139,9 +75,9 @@ def test_every_loss_trains_one_step_with_each_reference(loss, strategy, tiny_dir
     if LOSSES[loss].needs_token_kl and strategy == "precomputed":
         # Precomputed references are summed log-probs; TDPO needs the reference's per-token distributions.
         with pytest.raises(ValueError, match="per-token log-probs, but reference.strategy: precomputed"):
-            tiny_config(tiny_dir, tmp_path, **sections)
+            llm_config(tiny_dir, tmp_path, **sections)
         return
-    metrics = train(tiny_config(tiny_dir, tmp_path, **sections))
+    metrics = train(llm_config(tiny_dir, tmp_path, **sections))
     assert math.isfinite(metrics["loss"]) and metrics["tokens_per_s"] > 0
     assert_trained_weights_moved(tiny_dir, tmp_path / "final", trainable)
     if strategy == "precomputed":
@@ -150,7 +86,7 @@ def test_every_loss_trains_one_step_with_each_reference(loss, strategy, tiny_dir
 
 @pytest.mark.parametrize("loss", REFERENCE_FREE_LOSSES)
 def test_reference_free_losses_train_one_step(loss, tiny_dir, tmp_path):
-    config = tiny_config(tiny_dir, tmp_path, loss=loss_settings(loss))
+    config = llm_config(tiny_dir, tmp_path, loss=loss_settings(loss))
     assert config.reference_strategy == "none"
     metrics = train(config)
     assert math.isfinite(metrics["loss"])
@@ -160,7 +96,7 @@ def test_reference_free_losses_train_one_step(loss, tiny_dir, tmp_path):
 def test_every_reference_strategy_gives_the_same_reference_logps(tiny_dir, tmp_path):
     scores = {}
     for strategy, trainable in STRATEGIES.items():
-        config = tiny_config(
+        config = llm_config(
             tiny_dir, tmp_path / strategy, model={"trainable": trainable}, reference={"strategy": strategy}
         )
         recipe = LLMRecipe(config, make_accelerator(config.run))
@@ -178,7 +114,7 @@ def test_every_reference_strategy_gives_the_same_reference_logps(tiny_dir, tmp_p
 
 def test_kto_reference_point_comes_from_mismatched_pairs(tiny_dir, tmp_path):
     """z0 = max(0, mean over the batch of policy − reference on (prompt_i, completion of another prompt))."""
-    config = tiny_config(
+    config = llm_config(
         tiny_dir,
         tmp_path,
         loss={"type": ["kto"]},
@@ -211,9 +147,9 @@ def trainable_after(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_resume_is_exact(tiny_dir, tmp_path):
     run = {"max_steps": 4, "checkpoint_every": 2}
-    train(tiny_config(tiny_dir, tmp_path / "straight", run=run))
-    train(tiny_config(tiny_dir, tmp_path / "resumed", run={**run, "max_steps": 2}))
-    train(tiny_config(tiny_dir, tmp_path / "resumed", run={**run, "resume": "latest"}))
+    train(llm_config(tiny_dir, tmp_path / "straight", run=run))
+    train(llm_config(tiny_dir, tmp_path / "resumed", run={**run, "max_steps": 2}))
+    train(llm_config(tiny_dir, tmp_path / "resumed", run={**run, "resume": "latest"}))
     straight = trainable_after(tmp_path / "straight" / "checkpoints" / "step-0000004")
     resumed = trainable_after(tmp_path / "resumed" / "checkpoints" / "step-0000004")
     assert straight.keys() == resumed.keys()
@@ -225,9 +161,9 @@ def test_gradient_accumulation_matches_the_large_batch(tiny_dir, tmp_path):
     # With eps ≫ |gradient|, Adam's first update is lr·g/eps: linear in the gradient, so a wrongly scaled
     # accumulation would show (Adam's usual first step, lr·sign(g), and gradient clipping would hide it).
     optim = {"lr": 1.0e4, "eps": 1.0e4, "max_grad_norm": None}
-    train(tiny_config(tiny_dir, tmp_path / "large", optim=optim, run={"batch_size": 8}))
+    train(llm_config(tiny_dir, tmp_path / "large", optim=optim, run={"batch_size": 8}))
     train(
-        tiny_config(
+        llm_config(
             tiny_dir,
             tmp_path / "accumulated",
             optim=optim,
@@ -242,8 +178,8 @@ def test_gradient_accumulation_matches_the_large_batch(tiny_dir, tmp_path):
 
 
 def test_adapter_output_loads_with_from_pretrained_like_the_merged_one(tiny_dir, tmp_path):
-    train(tiny_config(tiny_dir, tmp_path / "merged", run={"max_steps": 2}))
-    train(tiny_config(tiny_dir, tmp_path / "adapter", run={"max_steps": 2}, model={"save": "adapter"}))
+    train(llm_config(tiny_dir, tmp_path / "merged", run={"max_steps": 2}))
+    train(llm_config(tiny_dir, tmp_path / "adapter", run={"max_steps": 2}, model={"save": "adapter"}))
     assert (tmp_path / "adapter" / "final" / "adapter_config.json").is_file()
     assert not (tmp_path / "merged" / "final" / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged" / "final")
@@ -260,6 +196,6 @@ def test_adapter_output_loads_with_from_pretrained_like_the_merged_one(tiny_dir,
 
 
 def test_unpaired_data_with_a_paired_loss_is_rejected(tiny_dir, tmp_path):
-    config = tiny_config(tiny_dir, tmp_path, data=data_for("kto"))
+    config = llm_config(tiny_dir, tmp_path, data=data_for("kto"))
     with pytest.raises(ValueError, match=r"unpaired .* paired losses \['sigmoid'\]"):
         train(config)

@@ -14,12 +14,10 @@ import pytest
 import torch
 import yaml
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
-from helpers import write_random_pairs
+from helpers import diffusion_config
 from huggingface_hub import ModelCard
 from peft import LoraConfig
 from safetensors.torch import load_file
-from test_diffusion_trainer import config_for
-from tiny_pipelines import build_tiny_sd
 
 from diffalign.cli import main
 from diffalign.config import load_config, to_dict
@@ -32,16 +30,6 @@ LORA = {"rank": 4, "alpha": 8.0, "target_modules": ["to_k", "to_q", "to_v", "to_
 EVAL = {"prompts": ["a red circle", "a blue square"], "num_inference_steps": 2, "reward": "toy_t2i"}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory) -> Path:
-    return build_tiny_sd(tmp_path_factory.mktemp("models") / "sd")
-
-
-@pytest.fixture(scope="module")
-def pairs_file(tmp_path_factory) -> Path:
-    return write_random_pairs(tmp_path_factory.mktemp("data") / "pairs.parquet", count=16)
 
 
 def checkpoint(run: Path, step: int) -> Path:
@@ -64,12 +52,12 @@ def unet_with(model_dir: Path, weights: dict[str, torch.Tensor], lora: dict | No
     return unet.eval()
 
 
-def test_a_full_fine_tune_writes_a_pipeline_folder_with_provenance_and_a_card(tiny_sd, pairs_file, tmp_path, monkeypatch):
+def test_a_full_fine_tune_writes_a_pipeline_folder_with_provenance_and_a_card(sd_dir, pairs_file, tmp_path, monkeypatch):
     # Run from the models' folder with relative paths, as a user would from a repository.
-    monkeypatch.chdir(tiny_sd.parent)
+    monkeypatch.chdir(sd_dir.parent)
     run = tmp_path / "run"
-    config = config_for(
-        Path("sd"), pairs_file, run, model={"trainable": "full"}, eval=EVAL, run={"checkpoint_every": 1}
+    config = diffusion_config(
+        Path("sd"), pairs_file, run, steps=2, model={"trainable": "full"}, eval=EVAL, run={"checkpoint_every": 1}
     )
     metrics = train(config)
     final = run / "final"
@@ -80,36 +68,36 @@ def test_a_full_fine_tune_writes_a_pipeline_folder_with_provenance_and_a_card(ti
     state = pipeline.unet.state_dict()
     assert all(torch.equal(state[name], value) for name, value in trained.items())
     # The loaded folder samples what the base pipeline with the trained U-Net samples.
-    base = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
+    base = StableDiffusionPipeline.from_pretrained(sd_dir, safety_checker=None)
     reference = sample(base)
-    base.unet = unet_with(tiny_sd, trained)
+    base.unet = unet_with(sd_dir, trained)
     torch.testing.assert_close(sample(pipeline), sample(base), rtol=0, atol=1e-6)
     assert (sample(pipeline) - reference).abs().max() > 1e-4
 
     # Untouched weights are hard links to the base's; configs are copies (editing them leaves the base alone).
     for weights in ("text_encoder/model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
-        assert os.stat(final / weights).st_ino == os.stat(tiny_sd / weights).st_ino
+        assert os.stat(final / weights).st_ino == os.stat(sd_dir / weights).st_ino
     for small in ("text_encoder/config.json", "tokenizer/vocab.json", "model_index.json"):
-        assert (final / small).read_bytes() == (tiny_sd / small).read_bytes()
-        assert os.stat(final / small).st_ino != os.stat(tiny_sd / small).st_ino
+        assert (final / small).read_bytes() == (sd_dir / small).read_bytes()
+        assert os.stat(final / small).st_ino != os.stat(sd_dir / small).st_ino
 
     saved = yaml.safe_load((final / "config.yaml").read_text())
-    assert saved["model"]["pretrained"] == str(tiny_sd.resolve())
+    assert saved["model"]["pretrained"] == str(sd_dir.resolve())
     assert saved["data"]["source"] == str(pairs_file.resolve())
     provenance = saved["provenance"]
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert provenance["git_commit"] == commit and isinstance(provenance["git_dirty"], bool)
     assert provenance["diffalign_version"] == importlib.metadata.version("diffalign")
     assert provenance["libraries"]["diffusers"] == importlib.metadata.version("diffusers")
-    assert provenance["working_directory"] == str(tiny_sd.parent) and "exported" not in provenance
+    assert provenance["working_directory"] == str(sd_dir.parent) and "exported" not in provenance
     reloaded = load_config(final / "config.yaml")  # the provenance is no setting: the config loads as it is
-    assert reloaded.model.pretrained == str(tiny_sd.resolve()) and reloaded.model.trainable == "full"
+    assert reloaded.model.pretrained == str(sd_dir.resolve()) and reloaded.model.trainable == "full"
 
     card = ModelCard.load(final / "README.md")
     assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "text-to-image"
     assert card.data.base_model is None  # a local base is named in the text, not as a hub id
     assert {"diffalign", "dpo", "sigmoid", "full-fine-tune"} <= set(card.data.tags)
-    assert f"`{tiny_sd.resolve()}`" in card.text and "sigmoid, β = 5000.0" in card.text
+    assert f"`{sd_dir.resolve()}`" in card.text and "sigmoid, β = 5000.0" in card.text
     assert "| optimizer steps | 2, each on 2 examples (batch 2 × accumulation 1 × 1 processes) |" in card.text
     assert "| hardware | 1 × CPU, mixed precision no |" in card.text
     assert f"| win_rate | {metrics['eval/win_rate']:.4f} |" in card.text
@@ -126,20 +114,21 @@ def test_a_full_fine_tune_writes_a_pipeline_folder_with_provenance_and_a_card(ti
     exported_card = ModelCard.load(exported / "README.md")
     assert "| optimizer steps | 1, each" in exported_card.text and "## Evaluation" not in exported_card.text
     exported_config = yaml.safe_load((exported / "config.yaml").read_text())
-    assert exported_config["model"]["pretrained"] == str(tiny_sd.resolve())
+    assert exported_config["model"]["pretrained"] == str(sd_dir.resolve())
     assert exported_config["provenance"]["git_commit"] == commit and "exported" in exported_config["provenance"]
 
 
-def test_a_lora_checkpoint_exports_and_evaluates_at_its_trained_strength(tiny_sd, pairs_file, tmp_path):
+def test_a_lora_checkpoint_exports_and_evaluates_at_its_trained_strength(sd_dir, pairs_file, tmp_path):
     run = tmp_path / "run"
-    train(config_for(tiny_sd, pairs_file, run, model={"lora": LORA}, optim={"lr": 0.05}, run={"checkpoint_every": 1}))
+    lora_run = {"model": {"lora": LORA}, "optim": {"lr": 0.05}, "run": {"checkpoint_every": 1}}
+    train(diffusion_config(sd_dir, pairs_file, run, steps=2, **lora_run))
     exported = tmp_path / "exported"
     assert main(["export", str(checkpoint(run, 1)), str(exported)]) == 0
     assert sorted(p.name for p in exported.iterdir()) == ["README.md", "config.yaml", "pytorch_lora_weights.safetensors"]
 
-    pipeline = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
+    pipeline = StableDiffusionPipeline.from_pretrained(sd_dir, safety_checker=None)
     pipeline.load_lora_weights(exported)
-    trained = unet_with(tiny_sd, load_file(checkpoint(run, 1) / "trainable.safetensors"), LORA)
+    trained = unet_with(sd_dir, load_file(checkpoint(run, 1) / "trainable.safetensors"), LORA)
     generator = torch.Generator().manual_seed(0)
     latents, text = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(1, 16, 16, generator=generator)
     with torch.no_grad():
@@ -166,7 +155,7 @@ def test_a_lora_checkpoint_exports_and_evaluates_at_its_trained_strength(tiny_sd
         assert main(["eval", str(tmp_path / f"{name}.yaml")]) == 0
         reports[name] = json.loads((tmp_path / f"report-{name}" / "report.json").read_text())
     assert reports["checkpoint"]["aligned_kind"] == "checkpoint" and reports["exported"]["aligned_kind"] == "lora"
-    assert reports["checkpoint"]["base_model"] == str(tiny_sd.resolve())
+    assert reports["checkpoint"]["base_model"] == str(sd_dir.resolve())
     for role in ("base", "aligned"):
         assert [s["scores"]["toy_t2i"][role] for s in reports["checkpoint"]["samples"]] == pytest.approx(
             [s["scores"]["toy_t2i"][role] for s in reports["exported"]["samples"]], abs=1e-6
@@ -176,11 +165,11 @@ def test_a_lora_checkpoint_exports_and_evaluates_at_its_trained_strength(tiny_sd
         main(["export", str(checkpoint(run, 2)), str(exported)])
 
 
-def test_a_run_with_ema_exports_the_average_and_the_raw_weights_on_request(tiny_sd, pairs_file, tmp_path):
+def test_a_run_with_ema_exports_the_average_and_the_raw_weights_on_request(sd_dir, pairs_file, tmp_path):
     run = tmp_path / "run"
     train(
-        config_for(
-            tiny_sd, pairs_file, run, model={"lora": LORA}, optim={"lr": 0.05},
+        diffusion_config(
+            sd_dir, pairs_file, run, model={"lora": LORA}, optim={"lr": 0.05},
             run={"max_steps": 3, "checkpoint_every": 3, "ema": {"decay": 0.5, "every": 1}},
         )
     )
@@ -202,9 +191,9 @@ def test_a_run_with_ema_exports_the_average_and_the_raw_weights_on_request(tiny_
     assert "| weights | EMA, decay 0.5 every 1 steps |" in ModelCard.load(run / "final" / "README.md").text
 
 
-def test_push_to_hub_is_refused_offline_before_any_model_loads(tiny_sd, pairs_file, tmp_path, monkeypatch, capsys):
+def test_push_to_hub_is_refused_offline_before_any_model_loads(sd_dir, pairs_file, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    config = config_for(tiny_sd, pairs_file, tmp_path / "run", run={"push_to_hub": True, "hub_repo_id": "me/tiny"})
+    config = diffusion_config(sd_dir, pairs_file, tmp_path / "run", run={"push_to_hub": True, "hub_repo_id": "me/tiny"})
     path = tmp_path / "push.yaml"
     path.write_text(yaml.safe_dump(to_dict(config)))
     assert main(["train", str(path)]) == 2

@@ -9,13 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
+from helpers import diffusion_config
 from test_inpo import (  # noqa: F401
     lora_policy,
     method_config,
     model_dirs,
-    one_step_config,
     pair_batch,
-    pairs_file,
     trained_weights_changed,
 )
 
@@ -266,7 +265,7 @@ def test_normalize_states_needs_concatenated_states():
 @pytest.mark.parametrize("family_name", ["sd", "sdxl"])
 @pytest.mark.parametrize("trainable", ["lora", "full"])
 def test_one_ncp_training_step(model_dirs, pairs_file, tmp_path, family_name, trainable):  # noqa: F811
-    config = one_step_config(
+    config = diffusion_config(
         model_dirs[family_name],
         pairs_file,
         tmp_path,

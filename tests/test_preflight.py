@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_diffusion_data import pick_a_pic_columns, write_parquet
+from helpers import pick_a_pic_columns, write_parquet
 
 import diffalign.diffusion.trainer as diffusion_trainer
 from diffalign import progress as progress_bars

@@ -11,56 +11,21 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import random_images
 from PIL import Image
+from tiny_pipelines import LETTERS, save_tiny_clap, save_tiny_clip
 
 from diffalign.rewards import Audio, EmbeddedReference, build_scorer, gaussian_stats, lambda_harmonic_reward
 from diffalign.rewards.aesthetic import AestheticHead
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 PROMPTS = ["a red dog", "photo of a blue square", "a"]
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- tiny models, saved like real checkpoints -------------------------------------------------------------------
-
-
-def save_tiny_clip(directory: Path) -> Path:
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
-
-    directory.mkdir(parents=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for word in ("a", "red", "blue", "dog", "square", "photo", "of"):
-        vocab[f"{word}</w>"] = len(vocab)
-    for letter in LETTERS:
-        vocab.setdefault(letter, len(vocab))
-        vocab.setdefault(f"{letter}</w>", len(vocab))
-    (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text("#version: 0.2\n")
-    CLIPTokenizer(
-        str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=32
-    ).save_pretrained(directory)
-    tower = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
-    config = CLIPConfig(
-        text_config=dict(
-            **tower,
-            vocab_size=len(vocab),
-            max_position_embeddings=32,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        ),
-        vision_config=dict(**tower, image_size=32, patch_size=8),
-        projection_dim=8,
-    )
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(directory)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
-        directory
-    )
-    return directory
 
 
 def save_tiny_align(directory: Path) -> Path:
@@ -146,49 +111,6 @@ def save_tiny_open_clip_config(directory: Path) -> Path:
     return directory
 
 
-def save_tiny_clap(directory: Path) -> Path:
-    from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, RobertaTokenizer
-
-    directory.mkdir(parents=True)
-    vocab = {token: i for i, token in enumerate(["<s>", "<pad>", "</s>", "<unk>", "<mask>"])}
-    for letter in LETTERS:
-        vocab[letter] = len(vocab)
-        vocab[f"Ġ{letter}"] = len(vocab)
-    (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text("#version: 0.2\n")
-    RobertaTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt")).save_pretrained(directory)
-    config = ClapConfig(
-        text_config=dict(
-            vocab_size=len(vocab),
-            hidden_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=32,
-            max_position_embeddings=40,
-            pad_token_id=1,
-            bos_token_id=0,
-            eos_token_id=2,
-            projection_dim=8,
-        ),
-        audio_config=dict(
-            num_mel_bins=64,
-            depths=[1, 1],
-            num_attention_heads=[2, 2],
-            hidden_size=32,
-            patch_embeds_hidden_size=16,
-            enable_fusion=False,
-            projection_dim=8,
-            spec_size=128,
-        ),
-        projection_dim=8,
-    )
-    torch.manual_seed(0)
-    ClapModel(config).save_pretrained(directory)
-    # A 1 s window (the real models use 10 s) keeps the mel spectrogram small.
-    ClapFeatureExtractor(feature_size=64, max_length_s=1).save_pretrained(directory)
-    return directory
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("reward_models")
@@ -199,12 +121,6 @@ def models(tmp_path_factory) -> dict[str, Path]:
         "open_clip": save_tiny_open_clip_config(root / "open_clip"),
         "clap": save_tiny_clap(root / "clap"),
     }
-
-
-def random_images(count: int, size: tuple[int, int] = (32, 32), seed: int = 0) -> torch.Tensor:
-    """Images on the 0–255 grid, so PIL copies hold exactly the same pixels."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (count, 3, *size), generator=generator).float() / 255
 
 
 def as_pil(images: torch.Tensor) -> list[Image.Image]:

@@ -14,12 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import random_images
 from huggingface_hub import constants
-from test_rewards_models import PROMPTS, random_images, save_tiny_clip
+from tiny_pipelines import save_tiny_clip
 
 from diffalign.rewards import WeightsNotFoundError, build_scorer
 
 FAKE_COMMIT = "0" * 40
+
+PROMPTS = ["a red dog", "photo of a blue square"]  # words of the tiny CLIP's vocabulary
 
 
 def put_in_hub_cache(cache: Path, repo_id: str, files: Path) -> None:

@@ -11,8 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
+from helpers import diffusion_config
 from PIL import Image
-from tiny_pipelines import build_tiny_sd, text_config, tiny_tokenizer
+from tiny_pipelines import text_config, tiny_tokenizer
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
 from diffalign.config import from_dict
@@ -33,11 +34,6 @@ from diffalign.diffusion.trainer import train
 from diffalign.losses import LossConfig, compute_loss
 
 TEMPLATES = ["a [V] circle", "a red [V]"]
-
-
-@pytest.fixture(scope="module")
-def sd_dir(tmp_path_factory) -> Path:
-    return build_tiny_sd(tmp_path_factory.mktemp("sd"))
 
 
 @pytest.fixture(scope="module")
@@ -138,28 +134,15 @@ def test_subject_loading_and_its_errors(subject_dir, tmp_path):
 
 
 def training_config(sd_dir: Path, clip_dir: Path, subject_dir: Path, output: Path, **rpo) -> DiffusionTrainConfig:
-    return from_dict(
-        DiffusionTrainConfig,
-        {
-            "model": {"pretrained": str(sd_dir), "trainable": "lora", "lora": {"rank": 4}},
-            "method": {"name": "rpo", "rpo": rpo_settings(subject_dir, clip_dir, **rpo)},
-            "data": {"resolution": 16, "random_flip": False},
-            "loss": {"type": ["sigmoid", "sft"], "weights": [1.0, 2.0], "beta": 2.0},
-            "optim": {"lr": 2e-2, "scheduler": "constant"},
-            "run": {
-                "output_dir": str(output),
-                "seed": 3,
-                "max_steps": 4,
-                "batch_size": 2,
-                "log_every": 1,
-                "eval_every": 1,
-                "checkpoint_every": 100,
-                "trackers": [],
-                "progress_bar": False,
-                "mixed_precision": "no",
-            },
-        },
+    return diffusion_config(
+        sd_dir, None, output, steps=4,
+        method={"name": "rpo", "rpo": rpo_settings(subject_dir, clip_dir, **rpo)},
+        data={"random_flip": False},
+        loss={"type": ["sigmoid", "sft"], "weights": [1.0, 2.0], "beta": 2.0},
+        optim={"lr": 2e-2},
+        run={"seed": 3, "eval_every": 1, "checkpoint_every": 100},
     )
+
 
 
 @pytest.mark.parametrize("label_sampling", ["soft", "bernoulli"])

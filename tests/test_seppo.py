@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
+from helpers import diffusion_config
 from PIL import Image
-from tiny_pipelines import build_tiny_sd
 
 from diffalign.config import from_dict
 from diffalign.diffusion.config import DiffusionTrainConfig, MethodConfig
@@ -34,11 +34,6 @@ from diffalign.diffusion.trainer import train
 from diffalign.losses import LossConfig, compute_loss
 
 CAPTIONS = ["a red circle", "a large blue square", "a small green circle", "a blue circle"]
-
-
-@pytest.fixture(scope="module")
-def sd_dir(tmp_path_factory) -> Path:
-    return build_tiny_sd(tmp_path_factory.mktemp("sd"))
 
 
 @pytest.fixture(scope="module")
@@ -245,29 +240,10 @@ def test_bank_and_generation_do_not_grow_memory_over_steps(sd_dir):
 
 
 def run_config(model_dir: Path, data: Path, output: Path, **run) -> DiffusionTrainConfig:
-    return from_dict(
-        DiffusionTrainConfig,
-        {
-            "model": {"pretrained": str(model_dir), "trainable": "lora", "lora": {"rank": 4}},
-            "method": {
-                "name": "seppo",
-                "seppo": {"num_inference_steps": 2, "snapshot_every": 1, "bank_size": 2, "guidance_scale": 3.0},
-            },
-            "data": {"source": str(data), "resolution": 16, "caption_dropout": 0.0},
-            "loss": {"type": ["sigmoid"], "beta": 5000.0},
-            "optim": {"lr": 1e-3, "warmup_steps": 0, "scheduler": "constant"},
-            "run": {
-                "output_dir": str(output),
-                "max_steps": 4,
-                "batch_size": 2,
-                "log_every": 1,
-                "checkpoint_every": 2,
-                "trackers": [],
-                "progress_bar": False,
-                "mixed_precision": "no",
-                **run,
-            },
-        },
+    seppo = {"num_inference_steps": 2, "snapshot_every": 1, "bank_size": 2, "guidance_scale": 3.0}
+    return diffusion_config(
+        model_dir, data, output, steps=4,
+        method={"name": "seppo", "seppo": seppo}, data={"caption_dropout": 0.0}, run={"checkpoint_every": 2, **run},
     )
 
 

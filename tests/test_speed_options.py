@@ -6,9 +6,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from helpers import write_random_pairs
-from test_diffusion_trainer import config_for
-from tiny_pipelines import build_tiny_sd
+from helpers import diffusion_config, write_random_pairs
 
 from diffalign.diffusion.config import DiffusionTrainConfig
 from diffalign.diffusion.families import load_family
@@ -31,11 +29,6 @@ def pairs_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def sd_dir(tmp_path_factory) -> Path:
-    return build_tiny_sd(tmp_path_factory.mktemp("sd"))
-
-
-@pytest.fixture(scope="module")
 def other_sd_dir(sd_dir, tmp_path_factory) -> Path:
     """The same architecture with one denoiser weight changed: another model."""
     pipeline = StableDiffusionPipeline.from_pretrained(sd_dir, safety_checker=None, requires_safety_checker=False)
@@ -44,12 +37,6 @@ def other_sd_dir(sd_dir, tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("other-sd")
     pipeline.save_pretrained(directory)
     return directory
-
-
-def make_config(model_dir: Path, data_file: Path, output: Path, **sections) -> DiffusionTrainConfig:
-    """The trainer tests' tiny config, one step long, checkpointed at it."""
-    run = {"max_steps": 1, "checkpoint_every": 1, **sections.pop("run", {})}
-    return config_for(model_dir, data_file, output, run=run, **sections)
 
 
 def recipe_for(config: DiffusionTrainConfig) -> DiffusionRecipe:
@@ -117,9 +104,9 @@ def test_trainer_with_reference_cache_matches_on_the_fly_in_the_first_epoch_then
     sd_dir, pairs_file, tmp_path, latent_cache
 ):
     data = {"cache_dir": str(tmp_path / "latents")} if latent_cache else {}
-    plain = recipe_for(make_config(sd_dir, pairs_file, tmp_path / "plain", data=data))
+    plain = recipe_for(diffusion_config(sd_dir, pairs_file, tmp_path / "plain", data=data))
     cached = recipe_for(
-        make_config(
+        diffusion_config(
             sd_dir, pairs_file, tmp_path / "cached", data=data, model={"reference_cache": str(tmp_path / "ref")}
         )
     )
@@ -151,7 +138,7 @@ def test_reference_cache_is_reused_only_for_the_same_reference_data_and_seed(
 
     def build(model_dir=sd_dir, data_file=pairs_file, **sections):
         model = {"reference_cache": str(reference_dir), **sections.pop("model", {})}
-        config = make_config(model_dir, data_file, tmp_path / "run", model=model, **sections)
+        config = diffusion_config(model_dir, data_file, tmp_path / "run", model=model, **sections)
         return recipe_for(config)
 
     first = build()
@@ -174,7 +161,7 @@ def test_reference_cache_is_reused_only_for_the_same_reference_data_and_seed(
 
 
 def test_reference_cache_moves_a_frozen_copy_off_the_device_and_trains(sd_dir, pairs_file, tmp_path):
-    config = make_config(
+    config = diffusion_config(
         sd_dir,
         pairs_file,
         tmp_path / "run",
@@ -196,7 +183,7 @@ def test_reference_cache_moves_a_frozen_copy_off_the_device_and_trains(sd_dir, p
 )
 def test_reference_cache_is_refused_where_it_cannot_apply(sd_dir, pairs_file, tmp_path, sections, message):
     with pytest.raises(ValueError, match=message):
-        make_config(sd_dir, pairs_file, tmp_path, model={"reference_cache": str(tmp_path)}, **sections)
+        diffusion_config(sd_dir, pairs_file, tmp_path, model={"reference_cache": str(tmp_path)}, **sections)
 
 
 # --- host syncs ----------------------------------------------------------------------------------------------------
@@ -205,9 +192,9 @@ def test_reference_cache_is_refused_where_it_cannot_apply(sd_dir, pairs_file, tm
 def test_a_training_step_never_reads_a_tensor_on_the_host(sd_dir, pairs_file, tmp_path, monkeypatch):
     """On a GPU each of these waits for the device; the loop reduces metrics lazily, so a step needs none."""
     recipes = [
-        recipe_for(make_config(sd_dir, pairs_file, tmp_path / "a", data={"cache_dir": str(tmp_path / "latents")})),
+        recipe_for(diffusion_config(sd_dir, pairs_file, tmp_path / "a", data={"cache_dir": str(tmp_path / "latents")})),
         recipe_for(
-            make_config(
+            diffusion_config(
                 sd_dir,
                 pairs_file,
                 tmp_path / "b",
@@ -235,7 +222,7 @@ def test_a_training_step_never_reads_a_tensor_on_the_host(sd_dir, pairs_file, tm
 def test_a_training_step_walks_no_module_tree(sd_dir, pairs_file, tmp_path, monkeypatch):
     """Listing a U-Net's modules or parameters costs more than a small denoiser's forward: the reference's adapter
     switch finds the adapter layers once, so a step after the first walks no module tree."""
-    recipe = recipe_for(make_config(sd_dir, pairs_file, tmp_path / "a", data={"cache_dir": str(tmp_path / "latents")}))
+    recipe = recipe_for(diffusion_config(sd_dir, pairs_file, tmp_path / "a", data={"cache_dir": str(tmp_path / "latents")}))
     batch = batch_of(recipe, [1, 6])
     recipe.training_step(recipe.model, batch).loss.backward()
 
@@ -255,7 +242,7 @@ def test_a_training_step_walks_no_module_tree(sd_dir, pairs_file, tmp_path, monk
 
 
 def test_the_reference_is_the_base_model_and_the_switch_changes_nothing_else(sd_dir, pairs_file, tmp_path):
-    recipe = recipe_for(make_config(sd_dir, pairs_file, tmp_path / "a"))
+    recipe = recipe_for(diffusion_config(sd_dir, pairs_file, tmp_path / "a"))
     policy = recipe.model
     sample = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     timesteps = torch.tensor([10, 500])
@@ -295,7 +282,7 @@ def test_compiled_denoiser_trains_a_step_like_the_eager_one(sd_dir, pairs_file, 
 
     def one_step(name, compile_denoiser):
         model = {"compile": compile_denoiser, "compile_backend": backend}
-        config = make_config(sd_dir, pairs_file, tmp_path / name, model=model, optim=optim, loss=loss)
+        config = diffusion_config(sd_dir, pairs_file, tmp_path / name, model=model, optim=optim, loss=loss)
         metrics = train(config)
         checkpoint = sorted((tmp_path / name / "checkpoints").iterdir())[-1]
         return metrics, load_file(checkpoint / "trainable.safetensors")

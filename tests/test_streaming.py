@@ -10,9 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from test_diffusion_data import make_config, pick_a_pic_columns, write_parquet
-from test_training_loop import RegressionRecipe
-from test_training_loop import train as train_regression
+from helpers import RegressionRecipe, data_config, pick_a_pic_columns, train_regression, write_parquet
 from transformers import AutoTokenizer
 
 from diffalign.diffusion.data import (
@@ -149,10 +147,10 @@ def test_streamed_pairs_are_the_loaded_pairs_item_for_item(tmp_path):
     columns["caption"][4] = ""
     source = write_parquet(tmp_path / "pairs.parquet", columns)
     settings = dict(skip_bad_rows=True, caption_dropout=0.5)
-    loaded_config = make_config(source, **settings)
+    loaded_config = data_config(source, **settings)
     decoder = image_decoder(loaded_config)
     loaded = PreferencePairDataset(load_preference_pairs(loaded_config), decoder, caption_dropout=0.5, seed=3)
-    stream = StreamedPairs(make_config(source, streaming=True, shuffle_buffer=1, **settings), decoder, seed=3)
+    stream = StreamedPairs(data_config(source, streaming=True, shuffle_buffer=1, **settings), decoder, seed=3)
     batches = stream.batches(len(loaded), collate=collate_pairs)
     for epoch in range(2):
         streamed = next(batches)
@@ -169,7 +167,7 @@ def test_a_bad_streamed_row_names_its_file_and_row(tmp_path):
     columns = pick_a_pic_columns(4)
     columns["label_0"][2] = 0.7
     write_parquet(tmp_path / "data" / "train-1.parquet", columns)
-    config = make_config(tmp_path / "data", streaming=True, shuffle_buffer=1)
+    config = data_config(tmp_path / "data", streaming=True, shuffle_buffer=1)
     stream = StreamedPairs(config, image_decoder(config), seed=0)
     with pytest.raises(ValueError, match=r"train-1.parquet, row 3: label_0 is 0.7.*skip_bad_rows: true"):
         next(stream.batches(7, collate=collate_pairs))  # reaches the row in either shard order
@@ -177,7 +175,7 @@ def test_a_bad_streamed_row_names_its_file_and_row(tmp_path):
 
 def test_a_streamed_source_without_a_configured_column_is_refused(tmp_path):
     source = write_parquet(tmp_path / "pairs.parquet", pick_a_pic_columns(4))
-    config = make_config(source, streaming=True, caption_column="prompt")
+    config = data_config(source, streaming=True, caption_column="prompt")
     with pytest.raises(ValueError, match=r"column 'prompt' not found.*data.caption_column"):
         StreamedPairs(config, image_decoder(config), seed=0)
 

@@ -7,14 +7,11 @@ import io
 import json
 import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import write_random_pairs
+from helpers import diffusion_config
 from PIL import Image
-from test_diffusion_trainer import config_for
-from tiny_pipelines import build_tiny_sd
 
 from diffalign.config import from_dict
 from diffalign.diffusion.trainer import train
@@ -26,23 +23,13 @@ EVAL = {"prompts": ["a red circle", "a blue square"], "num_inference_steps": 2, 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory) -> Path:
-    return build_tiny_sd(tmp_path_factory.mktemp("models") / "sd")
-
-
-@pytest.fixture(scope="module")
-def pairs_file(tmp_path_factory) -> Path:
-    return write_random_pairs(tmp_path_factory.mktemp("data") / "pairs.parquet", count=16)
-
-
-def test_tensorboard_gets_the_labelled_grid_and_the_prompts_at_every_evaluation(tiny_sd, pairs_file, tmp_path):
+def test_tensorboard_gets_the_labelled_grid_and_the_prompts_at_every_evaluation(sd_dir, pairs_file, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import IMAGES, TENSORS, EventAccumulator
 
     run = tmp_path / "run"
     train(
-        config_for(
-            tiny_sd, pairs_file, run, eval=EVAL,
+        diffusion_config(
+            sd_dir, pairs_file, run, steps=2, eval=EVAL,
             run={"trackers": ["tensorboard"], "eval_every": 1, "wandb_project": "toy-project"},
         )
     )
@@ -68,7 +55,7 @@ def test_tensorboard_gets_the_labelled_grid_and_the_prompts_at_every_evaluation(
 
 
 def test_wandb_gets_the_grid_and_a_table_under_the_configured_project_name_and_tags(
-    tiny_sd, pairs_file, tmp_path, monkeypatch
+    sd_dir, pairs_file, tmp_path, monkeypatch
 ):
     wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -83,8 +70,8 @@ def test_wandb_gets_the_grid_and_a_table_under_the_configured_project_name_and_t
     monkeypatch.setattr(wandb, "init", recording_init)
     run = tmp_path / "run"
     train(
-        config_for(
-            tiny_sd, pairs_file, run, eval=EVAL,
+        diffusion_config(
+            sd_dir, pairs_file, run, steps=2, eval=EVAL,
             run={"trackers": ["wandb"], "wandb_project": "toy-project", "run_name": "first-try", "tags": ["a", "b"]},
         )
     )

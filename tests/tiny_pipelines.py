@@ -1,5 +1,6 @@
-"""Tiny pipelines with random weights, saved as real diffusers directories: SD1.5-like, SDXL-like, and the
-flow-matching SD3 and FLUX.1 layouts (16-channel VAEs with their published scale and shift)."""
+"""Tiny models with random weights, saved as real diffusers and transformers directories: SD1.5-like, SDXL-like,
+the flow-matching SD3 and FLUX.1 layouts (16-channel VAEs with their published scale and shift), a Llama, and
+CLIP and CLAP reward models."""
 
 from __future__ import annotations
 
@@ -19,11 +20,16 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from helpers import TOY_LLM
 from transformers import (
+    AutoTokenizer,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
@@ -230,4 +236,106 @@ def build_tiny_flux(directory: Path, guidance_embeds: bool = True) -> Path:
         tokenizer_2=t5_tokenizer(),
     )
     pipeline.save_pretrained(directory)
+    return directory
+
+
+def build_tiny_llm(directory: Path, tokenizer: PreTrainedTokenizerBase | None = None) -> Path:
+    """A randomly initialised two-layer Llama with ``tokenizer`` (default: the toy LLM's), saved as a
+    transformers directory."""
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(TOY_LLM)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def save_tiny_clip(directory: Path) -> Path:
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    directory.mkdir(parents=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for word in ("a", "red", "blue", "dog", "square", "photo", "of"):
+        vocab[f"{word}</w>"] = len(vocab)
+    for letter in LETTERS:
+        vocab.setdefault(letter, len(vocab))
+        vocab.setdefault(f"{letter}</w>", len(vocab))
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(
+        str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=32
+    ).save_pretrained(directory)
+    tower = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    config = CLIPConfig(
+        text_config=dict(
+            **tower,
+            vocab_size=len(vocab),
+            max_position_embeddings=32,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        ),
+        vision_config=dict(**tower, image_size=32, patch_size=8),
+        projection_dim=8,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(directory)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        directory
+    )
+    return directory
+
+
+def save_tiny_clap(directory: Path) -> Path:
+    from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, RobertaTokenizer
+
+    directory.mkdir(parents=True)
+    vocab = {token: i for i, token in enumerate(["<s>", "<pad>", "</s>", "<unk>", "<mask>"])}
+    for letter in LETTERS:
+        vocab[letter] = len(vocab)
+        vocab[f"Ġ{letter}"] = len(vocab)
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    RobertaTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt")).save_pretrained(directory)
+    config = ClapConfig(
+        text_config=dict(
+            vocab_size=len(vocab),
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=40,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            projection_dim=8,
+        ),
+        audio_config=dict(
+            num_mel_bins=64,
+            depths=[1, 1],
+            num_attention_heads=[2, 2],
+            hidden_size=32,
+            patch_embeds_hidden_size=16,
+            enable_fusion=False,
+            projection_dim=8,
+            spec_size=128,
+        ),
+        projection_dim=8,
+    )
+    torch.manual_seed(0)
+    ClapModel(config).save_pretrained(directory)
+    # A 1 s window (the real models use 10 s) keeps the mel spectrogram small.
+    ClapFeatureExtractor(feature_size=64, max_length_s=1).save_pretrained(directory)
     return directory
