@@ -7,7 +7,7 @@ import online_rewards  # noqa: F401
 import pytest
 import torch
 from helpers import write_random_pairs
-from tiny_pipelines import build_tiny_sd
+from tiny_pipelines import build_tiny_sd, build_tiny_sdxl
 
 
 @pytest.fixture(scope="module")
@@ -30,3 +30,10 @@ def sd_dir(tmp_path_factory) -> Path:
 def pairs_file(tmp_path_factory) -> Path:
     """Eight Pick-a-Pic-style rows of random images (:func:`helpers.write_random_pairs`)."""
     return write_random_pairs(tmp_path_factory.mktemp("data") / "pairs.parquet")
+
+
+@pytest.fixture(scope="module")
+def sd_sdxl_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny SD1.5-like and SDXL-like pipelines, under ``"sd"`` and ``"sdxl"``."""
+    root = tmp_path_factory.mktemp("models")
+    return {"sd": build_tiny_sd(root / "sd"), "sdxl": build_tiny_sdxl(root / "sdxl")}

@@ -23,8 +23,10 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from diffalign.config import from_dict
-from diffalign.diffusion.config import DiffusionTrainConfig
+from diffalign.diffusion.config import DiffusionTrainConfig, MethodConfig
 from diffalign.diffusion.data import DiffusionDataConfig
+from diffalign.diffusion.methods import LatentPairBatch
+from diffalign.diffusion.models import make_trainable
 from diffalign.llm.config import LLMTrainConfig
 from diffalign.training import OptimConfig, Recipe, RunConfig, StepOutput, make_accelerator, run_training
 
@@ -217,6 +219,54 @@ def llm_config(model_dir: Path, output: Path, **sections: dict) -> LLMTrainConfi
 def trainable_snapshot(output: Path) -> dict[str, torch.Tensor]:
     """The trained weights of a run's latest checkpoint."""
     return load_file(sorted((output / "checkpoints").iterdir())[-1] / "trainable.safetensors")
+
+
+# --- methods on tiny models -----------------------------------------------------------------------------------
+
+
+def method_settings(name: str, **settings) -> Any:
+    """The settings section ``method.<name>`` built from ``settings``."""
+    return getattr(from_dict(MethodConfig, {"name": name, name: settings}), name)
+
+
+def lora_policy(family) -> torch.nn.Module:
+    """The family's denoiser with LoRA adapters moved away from zero, so policy ≠ reference."""
+    policy = family.denoiser
+    make_trainable(policy, DiffusionTrainConfig().model)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, parameter in policy.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
+    return policy
+
+
+def latent_pairs(family, seeds=(101, 202, 303)) -> LatentPairBatch:
+    """Random SD-shaped latent pairs (4×8×8) for up to three toy prompts, a noise seed per pair."""
+    generator = torch.Generator().manual_seed(0)
+    shape = (len(seeds), 4, 8, 8)
+    prompts = ["a red circle", "a large blue square", "a small green circle"][: len(seeds)]
+    return LatentPairBatch(
+        chosen_latents=torch.randn(shape, generator=generator),
+        rejected_latents=torch.randn(shape, generator=generator),
+        prompt_embeds=family.encode_prompts(prompts),
+        noise_seeds=list(seeds),
+    )
+
+
+def trained_weights_changed(output: Path, model_dir: Path, trainable: str) -> bool:
+    """Whether the run's latest checkpoint differs from the model it started from (any LoRA B off zero, or any
+    full weight changed)."""
+    from diffusers import UNet2DConditionModel
+
+    trained = trainable_snapshot(output)
+    if trainable == "lora":
+        # LoRA B starts at zero: any non-zero B means the step reached the adapters.
+        return all("lora" in name for name in trained) and any(
+            value.abs().max() > 0 for name, value in trained.items() if "lora_B" in name
+        )
+    base = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet").state_dict()
+    return any(not torch.equal(trained[name], base[name]) for name in base)
 
 
 # --- the shared loop on a regression ----------------------------------------------------------------------------

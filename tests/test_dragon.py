@@ -10,11 +10,11 @@ import soundfile
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
-from helpers import diffusion_config
+from helpers import diffusion_config, method_settings
 from PIL import Image
 
-from diffalign.config import ConfigError, from_dict
-from diffalign.diffusion.config import DiffusionTrainConfig, MethodConfig
+from diffalign.config import ConfigError
+from diffalign.diffusion.config import DiffusionTrainConfig
 from diffalign.diffusion.families import load_family
 from diffalign.diffusion.methods import TrainingContext
 from diffalign.diffusion.methods.dragon import (
@@ -36,7 +36,7 @@ PROMPTS = ["a red circle", "a large blue square", "a small green circle"]
 
 def dragon_config(**settings) -> DragonSettings:
     defaults = {"num_inference_steps": 3, "reward": "test_mean_red", "prompts": PROMPTS}
-    return from_dict(MethodConfig, {"name": "dragon", "dragon": {**defaults, **settings}}).dragon
+    return method_settings("dragon", **{**defaults, **settings})
 
 
 def solid(colours: list[tuple[float, float, float]]) -> torch.Tensor:

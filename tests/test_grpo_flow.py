@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import diffusion_settings, torchrun
+from helpers import diffusion_settings, method_settings, torchrun
 from safetensors.torch import load_file
 from test_flow_families import FLOW_MODEL, OPTIONS, PROMPTS, random_lora, velocity_by_hand
 from tiny_pipelines import build_tiny_flux, build_tiny_sd, build_tiny_sd3
 
 from diffalign.config import ConfigError, from_dict
-from diffalign.diffusion.config import DiffusionTrainConfig, MethodConfig
+from diffalign.diffusion.config import DiffusionTrainConfig
 from diffalign.diffusion.families import load_family
 from diffalign.diffusion.families.flow import Trajectory
 from diffalign.diffusion.methods import TrainingContext
@@ -45,7 +45,7 @@ def grpo_settings(**settings) -> GRPOSettings:
         "generation_batch_size": 3,
         "rewards": [{"name": "test_mean_red"}],
     }
-    return from_dict(MethodConfig, {"name": "grpo", "grpo": {**defaults, **settings}}).grpo
+    return method_settings("grpo", **{**defaults, **settings})
 
 
 def raw_config(model_dir: Path, output: Path, grpo: dict | None = None, **run) -> dict:

@@ -1,63 +1,23 @@
 """DDIM-InPO on tiny SD1.5-like and SDXL-like models: the loss re-derived along the official procedure
 (diffusers' inverse scheduler, η·σ jitter, reparametrised ε*, Diffusion-DPO), options, training steps."""
 
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMInverseScheduler, DDIMScheduler
-from helpers import diffusion_config
-from tiny_pipelines import build_tiny_sd, build_tiny_sdxl
+from helpers import diffusion_config, latent_pairs, lora_policy, method_settings, trained_weights_changed
+from tiny_pipelines import build_tiny_sd
 
 from diffalign.config import ConfigError, from_dict
-from diffalign.diffusion.config import DiffusionTrainConfig, MethodConfig
+from diffalign.diffusion.config import DiffusionTrainConfig
 from diffalign.diffusion.families import load_family
-from diffalign.diffusion.methods import LatentPairBatch, pair_noise
+from diffalign.diffusion.methods import pair_noise
 from diffalign.diffusion.methods.inpo import JITTER_STREAM, DDIMInPO
-from diffalign.diffusion.models import make_trainable
 from diffalign.diffusion.reference import ReferenceDenoiser
 from diffalign.diffusion.trainer import train
 from diffalign.losses import LossConfig, compute_loss
-
-BUILDERS = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl}
-
-
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("models")
-    return {name: builder(root / name) for name, builder in BUILDERS.items()}
-
-
-def lora_policy(family) -> torch.nn.Module:
-    """The family's denoiser with LoRA adapters moved away from zero, so policy ≠ reference."""
-    policy = family.denoiser
-    make_trainable(policy, DiffusionTrainConfig().model)
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, parameter in policy.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
-    return policy
-
-
-def pair_batch(family, seeds=(101, 202, 303)) -> LatentPairBatch:
-    generator = torch.Generator().manual_seed(0)
-    shape = (len(seeds), 4, 8, 8)
-    prompts = ["a red circle", "a large blue square", "a small green circle"][: len(seeds)]
-    return LatentPairBatch(
-        chosen_latents=torch.randn(shape, generator=generator),
-        rejected_latents=torch.randn(shape, generator=generator),
-        prompt_embeds=family.encode_prompts(prompts),
-        noise_seeds=list(seeds),
-    )
-
-
-def method_config(name: str, **settings) -> Any:
-    """The settings section ``method.<name>`` built from ``settings``."""
-    return getattr(from_dict(MethodConfig, {"name": name, name: settings}), name)
 
 
 def official_inverted_pair(
@@ -111,14 +71,14 @@ def official_inverted_pair(
     [("reference", False, "scheduler"), ("policy", True, "scheduler"), ("policy", False, "one")],
 )
 def test_inpo_loss_equals_the_official_procedure(
-    model_dirs, family_name, inversion_model, exact_timestep, start_alpha
+    sd_sdxl_dirs, family_name, inversion_model, exact_timestep, start_alpha
 ):
     """L = −log σ(−½β[(Lθ_w − Lθ_l) − (Lref_w − Lref_l)]), L = mean (ε_model(x_t*, t) − ε*)², β = 2000,
     ε* = (x_t* − √ᾱ_t·x0)/√(1−ᾱ_t), written out here per pair."""
-    family = load_family(str(model_dirs[family_name]))
+    family = load_family(str(sd_sdxl_dirs[family_name]))
     policy = lora_policy(family)
-    batch = pair_batch(family)
-    settings = method_config(
+    batch = latent_pairs(family)
+    settings = method_settings(
         "inpo",
         inversion_model=inversion_model,
         invert_to_exact_timestep=exact_timestep,
@@ -176,23 +136,23 @@ class AdaptersDisabled(torch.nn.Module):
             self.model.enable_adapters()
 
 
-def test_inversion_starts_where_the_scheduler_config_says_by_default(model_dirs):
+def test_inversion_starts_where_the_scheduler_config_says_by_default(sd_sdxl_dirs):
     """The tiny pipelines' config (as SD1.5's) has set_alpha_to_one: false: the default start is
     alphas_cumprod[0], as the official code's inverse scheduler; ``one`` keeps ᾱ = 1."""
-    family = load_family(str(model_dirs["sd"]))
-    default = DDIMInPO(family, None, method_config("inpo", inversion_model="policy"))
+    family = load_family(str(sd_sdxl_dirs["sd"]))
+    default = DDIMInPO(family, None, method_settings("inpo", inversion_model="policy"))
     assert default.start_alpha == pytest.approx(family.noise_scheduler.alphas_cumprod[0].item())
     assert default.start_alpha < 1.0
-    one = DDIMInPO(family, None, method_config("inpo", inversion_model="policy", inversion_start_alpha="one"))
+    one = DDIMInPO(family, None, method_settings("inpo", inversion_model="policy", inversion_start_alpha="one"))
     assert one.start_alpha == 1.0
 
 
-def test_reference_free_losses_need_the_policy_to_invert(model_dirs):
-    family = load_family(str(model_dirs["sd"]))
+def test_reference_free_losses_need_the_policy_to_invert(sd_sdxl_dirs):
+    family = load_family(str(sd_sdxl_dirs["sd"]))
     with pytest.raises(ConfigError, match="inversion_model: policy"):
         from_dict(DiffusionTrainConfig, {"method": {"name": "inpo"}, "loss": {"type": ["cpo"]}})
-    method = DDIMInPO(family, None, method_config("inpo", inversion_model="policy"))
-    scores, _ = method.pair_scores(family.denoiser, pair_batch(family))
+    method = DDIMInPO(family, None, method_settings("inpo", inversion_model="policy"))
+    scores, _ = method.pair_scores(family.denoiser, latent_pairs(family))
     assert not scores.has_reference
     assert torch.isfinite(compute_loss(scores, LossConfig(type=["cpo"], beta=4000.0)).loss)
 
@@ -201,8 +161,8 @@ def test_v_prediction_regresses_the_velocity_of_the_reparametrised_noise(tmp_pat
     """v* = √ᾱ_t·ε* − √(1−ᾱ_t)·x0 with ε* from x_t*: the v-prediction form of the same target."""
     family = load_family(str(build_tiny_sd(tmp_path / "v", prediction_type="v_prediction")))
     policy = family.denoiser
-    batch = pair_batch(family)
-    method = DDIMInPO(family, None, method_config("inpo", inversion_model="policy", inversion_eta=0.0))
+    batch = latent_pairs(family)
+    method = DDIMInPO(family, None, method_settings("inpo", inversion_model="policy", inversion_eta=0.0))
     scores, _ = method.pair_scores(policy, batch)
 
     _, timesteps = pair_noise(family, batch)
@@ -219,25 +179,11 @@ def test_v_prediction_regresses_the_velocity_of_the_reparametrised_noise(tmp_pat
     torch.testing.assert_close(ours, -0.5 * errors, atol=1e-6, rtol=1e-4)
 
 
-def trained_weights_changed(output: Path, model_dir: Path, trainable: str) -> bool:
-    from diffusers import UNet2DConditionModel
-    from safetensors.torch import load_file
-
-    trained = load_file(sorted((output / "checkpoints").iterdir())[-1] / "trainable.safetensors")
-    if trainable == "lora":
-        # LoRA B starts at zero: any non-zero B means the step reached the adapters.
-        return all("lora" in name for name in trained) and any(
-            value.abs().max() > 0 for name, value in trained.items() if "lora_B" in name
-        )
-    base = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet").state_dict()
-    return any(not torch.equal(trained[name], base[name]) for name in base)
-
-
 @pytest.mark.parametrize("family_name", ["sd", "sdxl"])
 @pytest.mark.parametrize("trainable", ["lora", "full"])
-def test_one_inpo_training_step(model_dirs, pairs_file, tmp_path, family_name, trainable):
+def test_one_inpo_training_step(sd_sdxl_dirs, pairs_file, tmp_path, family_name, trainable):
     config = diffusion_config(
-        model_dirs[family_name],
+        sd_sdxl_dirs[family_name],
         pairs_file,
         tmp_path,
         model={"trainable": trainable},
@@ -248,4 +194,4 @@ def test_one_inpo_training_step(model_dirs, pairs_file, tmp_path, family_name, t
     # policy = reference before the first update (up to fp32 roundoff amplified by β)
     assert abs(metrics["loss"] - np.log(2)) < 1e-3
     assert metrics["grad_norm"] > 0
-    assert trained_weights_changed(tmp_path, model_dirs[family_name], trainable)
+    assert trained_weights_changed(tmp_path, sd_sdxl_dirs[family_name], trainable)

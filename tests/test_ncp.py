@@ -9,14 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
-from helpers import diffusion_config
-from test_inpo import (  # noqa: F401
-    lora_policy,
-    method_config,
-    model_dirs,
-    pair_batch,
-    trained_weights_changed,
-)
+from helpers import diffusion_config, latent_pairs, lora_policy, method_settings, trained_weights_changed
 
 from diffalign.config import ConfigError, from_dict
 from diffalign.diffusion.config import DiffusionTrainConfig, MethodConfig
@@ -104,15 +97,15 @@ CASES = {
 
 @pytest.mark.parametrize("family_name", ["sd", "sdxl"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_ncp_loss_equals_the_official_procedure(model_dirs, family_name, case):  # noqa: F811
+def test_ncp_loss_equals_the_official_procedure(sd_sdxl_dirs, family_name, case):
     """logits = (Lref_w − Lref_l) − (Lθ_w − Lθ_l) with L = c·mean (E(x̂) − E(x_target))² [+ latent MSE];
     official loss −log σ(2500·logits) = ours with β = 5000."""
     settings = CASES[case]
-    family = load_family(str(model_dirs[family_name]))
+    family = load_family(str(sd_sdxl_dirs[family_name]))
     policy = lora_policy(family)
-    batch = pair_batch(family)
+    batch = latent_pairs(family)
     method = NoiseConditionedPerception(
-        family, ReferenceDenoiser(policy, frozen_copy=False), method_config("ncp", **settings)
+        family, ReferenceDenoiser(policy, frozen_copy=False), method_settings("ncp", **settings)
     )
     scores, _ = method.pair_scores(policy, batch)
     output = compute_loss(scores, LossConfig(type=["sigmoid"], beta=OUR_BETA))
@@ -182,12 +175,12 @@ def test_ncp_loss_equals_the_official_procedure(model_dirs, family_name, case): 
     torch.testing.assert_close(output.loss.detach(), official, atol=1e-6, rtol=1e-5)
 
 
-def test_every_objective_runs_through_the_core(model_dirs):  # noqa: F811
+def test_every_objective_runs_through_the_core(sd_sdxl_dirs):
     """Given per-sample errors L (checked above), each loss type against its formula in the official β."""
-    family = load_family(str(model_dirs["sd"]))
+    family = load_family(str(sd_sdxl_dirs["sd"]))
     policy = lora_policy(family)
-    batch = pair_batch(family)
-    settings = method_config("ncp", encoded_latent="clean_at_zero")
+    batch = latent_pairs(family)
+    settings = method_settings("ncp", encoded_latent="clean_at_zero")
     with_reference, _ = NoiseConditionedPerception(
         family, ReferenceDenoiser(policy, frozen_copy=False), settings
     ).pair_scores(policy, batch)
@@ -226,14 +219,14 @@ def test_every_objective_runs_through_the_core(model_dirs):  # noqa: F811
 
 
 @pytest.mark.parametrize("trainable", ["lora", "full"])
-def test_the_encoder_is_the_frozen_pretrained_denoiser(model_dirs, trainable):  # noqa: F811
-    family = load_family(str(model_dirs["sdxl"]))
+def test_the_encoder_is_the_frozen_pretrained_denoiser(sd_sdxl_dirs, trainable):
+    family = load_family(str(sd_sdxl_dirs["sdxl"]))
     policy = family.denoiser
-    pretrained = UNet2DConditionModel.from_pretrained(model_dirs["sdxl"], subfolder="unet").eval()
+    pretrained = UNet2DConditionModel.from_pretrained(sd_sdxl_dirs["sdxl"], subfolder="unet").eval()
     config = DiffusionTrainConfig()
     config.model.trainable = trainable
     make_trainable(policy, config.model)
-    method = NoiseConditionedPerception(family, None, method_config("ncp", encoded_latent="clean_at_zero"))
+    method = NoiseConditionedPerception(family, None, method_settings("ncp", encoded_latent="clean_at_zero"))
     with torch.no_grad():  # training moves the policy; the encoder must not follow
         for parameter in policy.parameters():
             if parameter.requires_grad:
@@ -242,7 +235,7 @@ def test_the_encoder_is_the_frozen_pretrained_denoiser(model_dirs, trainable):  
     assert not any("lora" in name for name, _ in encoder.named_parameters())
     assert not any(parameter.requires_grad for parameter in encoder.parameters())
 
-    batch = pair_batch(family)
+    batch = latent_pairs(family)
     inputs = family.denoiser_inputs(batch.both_prompt_embeds(), {})
     latents, timesteps = batch.both_latents(), torch.tensor([3, 300, 900] * 2)
     with torch.no_grad():
@@ -264,9 +257,9 @@ def test_normalize_states_needs_concatenated_states():
 
 @pytest.mark.parametrize("family_name", ["sd", "sdxl"])
 @pytest.mark.parametrize("trainable", ["lora", "full"])
-def test_one_ncp_training_step(model_dirs, pairs_file, tmp_path, family_name, trainable):  # noqa: F811
+def test_one_ncp_training_step(sd_sdxl_dirs, pairs_file, tmp_path, family_name, trainable):
     config = diffusion_config(
-        model_dirs[family_name],
+        sd_sdxl_dirs[family_name],
         pairs_file,
         tmp_path,
         model={"trainable": trainable},
@@ -277,4 +270,4 @@ def test_one_ncp_training_step(model_dirs, pairs_file, tmp_path, family_name, tr
     # policy = reference before the first update (up to fp32 roundoff amplified by β)
     assert abs(metrics["loss"] - np.log(2)) < 1e-3
     assert metrics["grad_norm"] > 0
-    assert trained_weights_changed(tmp_path, model_dirs[family_name], trainable)
+    assert trained_weights_changed(tmp_path, sd_sdxl_dirs[family_name], trainable)

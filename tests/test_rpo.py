@@ -11,13 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
-from helpers import diffusion_config
+from helpers import diffusion_config, method_settings
 from PIL import Image
 from tiny_pipelines import text_config, tiny_tokenizer
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-from diffalign.config import from_dict
-from diffalign.diffusion.config import DiffusionTrainConfig, MethodConfig
+from diffalign.diffusion.config import DiffusionTrainConfig
 from diffalign.diffusion.families import load_family
 from diffalign.diffusion.methods import LatentPairBatch
 from diffalign.diffusion.methods.online import derived_seed
@@ -74,7 +73,7 @@ def rpo_settings(subject_dir: Path, clip_dir: Path, **settings) -> dict:
 
 
 def rpo_config(subject_dir: Path, clip_dir: Path, **settings) -> Any:
-    return from_dict(MethodConfig, {"name": "rpo", "rpo": rpo_settings(subject_dir, clip_dir, **settings)}).rpo
+    return method_settings("rpo", **rpo_settings(subject_dir, clip_dir, **settings))
 
 
 def cosines(clip_dir: Path, images: torch.Tensor, texts: list[str], reference: torch.Tensor):

@@ -13,11 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
-from helpers import diffusion_config
+from helpers import diffusion_config, method_settings
 from PIL import Image
 
-from diffalign.config import from_dict
-from diffalign.diffusion.config import DiffusionTrainConfig, MethodConfig
+from diffalign.diffusion.config import DiffusionTrainConfig
 from diffalign.diffusion.families import load_family
 from diffalign.diffusion.methods import LatentPairBatch, TrainingContext
 from diffalign.diffusion.methods.online import derived_seed
@@ -57,7 +56,7 @@ def pairs_file(tmp_path_factory) -> Path:
 
 
 def seppo_config(**settings) -> SeppoSettings:
-    return from_dict(MethodConfig, {"name": "seppo", "seppo": {"num_inference_steps": 3, **settings}}).seppo
+    return method_settings("seppo", **{"num_inference_steps": 3, **settings})
 
 
 def perturb_lora(model: torch.nn.Module, seed: int, scale: float = 0.05) -> None:

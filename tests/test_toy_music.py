@@ -15,14 +15,14 @@ import pyarrow.parquet as pq
 import pytest
 import soxr
 import torch
+from helpers import method_settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from diffusers import AutoencoderKL, DDIMScheduler, MusicLDMPipeline, UNet2DConditionModel
 from transformers import ClapFeatureExtractor, ClapModel, RobertaTokenizer, SpeechT5HifiGan
 
-from diffalign.config import from_dict, load_config
-from diffalign.diffusion.config import MethodConfig
+from diffalign.config import load_config
 from diffalign.diffusion.families import load_family
 from diffalign.diffusion.methods import TrainingContext
 from diffalign.diffusion.methods.dragon import DistributionalRewardOptimization
@@ -429,7 +429,7 @@ def test_dragon_generates_ranked_pairs_from_the_toy_model():
     """Online sampling through the MusicLDM pipeline (prompt embeddings) and best-vs-worst pairs."""
     family = load_family(str(ASSETS))
     settings = {"reward": "toy_t2m", "samples_per_prompt": 3, "pairing": "best_worst", "num_inference_steps": 2}
-    method = DistributionalRewardOptimization(family, None, from_dict(MethodConfig, {"name": "dragon", "dragon": settings}).dragon)
+    method = DistributionalRewardOptimization(family, None, method_settings("dragon", **settings))
     prompts = ["a loud slow low sine tone", "a quiet fast high saw arpeggio"]
     context = TrainingContext(step=0, seed=0, noise_seeds=[1, 2], encode=None)
     pairs, metrics = method.make_pairs(family.denoiser, {"caption": prompts}, context)
