@@ -30,6 +30,11 @@ class LLMModelConfig:
     # run.mixed_precision is bf16 on a GPU, fp32 otherwise. Trainable weights are always fp32 masters.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: str | None = None  # e.g. sdpa, flash_attention_2; None: transformers' default
+    # Pack each batch's rows into one sequence (position ids restart on every row) so no compute goes to
+    # padding. Pays off when rows differ in length, most with flash attention's variable-length kernels; with
+    # SDPA or eager attention the packed sequence gets one block-diagonal mask, whose attention cost grows with
+    # the square of the packed length.
+    padding_free: bool = False
     # Dropout makes the policy and reference log-probs of one batch disagree at step 0; TRL also turns it off.
     disable_dropout: bool = True
     # What a LoRA run writes to <output_dir>/final: the merged model or the adapter (both load with

@@ -1,4 +1,13 @@
-"""Per-token and per-sequence completion log-probs of a causal LM, without materialising a full log-softmax.
+"""Per-token and per-sequence completion log-probs of a causal LM, without materialising its full logits.
+
+Only positions that predict a completion token are scored: the model body gives their final hidden states, and
+the output projection (``lm_head``) runs on a chunk of them at a time, inside activation checkpointing, so
+neither the forward nor the autograd graph ever holds more than one chunk's ``[positions, vocab]`` logits. The
+idea is that of chunked/fused linear cross-entropy (Liger-Kernel, Hsu et al., arXiv 2410.10989; Cut
+Cross-Entropy, Wijmans et al., arXiv 2411.09009): the vocabulary-sized logits are a transient of each chunk and
+are recomputed in the backward pass rather than stored. With ``padding_free`` the rows are packed into one
+sequence whose position ids restart at every row, which transformers reads as separate sequences (a
+block-diagonal mask with SDPA, variable-length kernels with flash attention), so no compute goes to padding.
 
 The default path (``completion_logps``) returns summed log-probs. Token-level losses and options of the core
 (``ld_alpha``, ``use_weighting``, TDPO) need the per-token values, and TDPO the per-token KL between the
@@ -12,14 +21,23 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+# Logits elements (fp32) of one chunk of scored positions: 64 MiB, whatever the vocabulary.
+CHUNK_ELEMENTS = 2**24
+
+
+def chunk_positions(vocab_size: int) -> int:
+    """How many positions one chunk of the output projection scores."""
+    return max(1, CHUNK_ELEMENTS // vocab_size)
 
 
 def selective_log_softmax(logits: Tensor, tokens: Tensor, chunk_rows: int = 4) -> Tensor:
     """``log_softmax(logits)[..., tokens]`` computed as ``logit[token] − logsumexp(logits)``.
 
-    ``logits`` is ``[N, T, V]`` and ``tokens`` ``[N, T]``. A full log-softmax would allocate another
-    ``N×T×V`` tensor (gigabytes for a 150k vocabulary); here only ``chunk_rows`` rows are upcast to fp32 at a
-    time, so low-precision logits still get an fp32 logsumexp.
+    ``logits`` is ``[N, ..., V]`` and ``tokens`` ``[N, ...]``. A full log-softmax would allocate another
+    tensor of the logits' size; here only ``chunk_rows`` rows are upcast to fp32 at a time, so low-precision
+    logits still get an fp32 logsumexp.
     """
     out = torch.empty(tokens.shape, dtype=torch.float32, device=logits.device)
     for start in range(0, logits.shape[0], chunk_rows):
@@ -40,7 +58,9 @@ class TokenLogps:
 
     token_logps: Tensor  # [N, T − 1] fp32, 0 outside the completion
     mask: Tensor  # [N, T − 1] fp32, 1 on completion tokens
-    logits: Tensor | None = None  # [N, T − 1, V] the model's next-token logits, when kept (TDPO's KL)
+    # [M, V] the model's next-token logits at the M scored positions (``mask``'s ones, row-major), when kept
+    # (TDPO's KL)
+    logits: Tensor | None = None
     log_sum_sq_probs: Tensor | None = None  # [N, T − 1] log Σ_v p(v)², detached (WPO)
 
     @property
@@ -51,40 +71,131 @@ class TokenLogps:
     def lengths(self) -> Tensor:
         return self.mask.sum(dim=-1)
 
+    def spread(self, values: Tensor) -> Tensor:
+        """``[M]`` values of the scored positions laid out as ``[N, T − 1]``, 0 elsewhere."""
+        return spread(values, self.mask.bool())
 
-def log_sum_squared_probs(logits: Tensor, chunk_rows: int = 4) -> Tensor:
-    """log Σ_v softmax(logits)_v² = logsumexp(2·logits) − 2·logsumexp(logits), ``[N, T]`` fp32, no gradient."""
-    out = torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device)
+
+def spread(values: Tensor, mask: Tensor) -> Tensor:
+    out = values.new_zeros(mask.shape)
+    return out.masked_scatter(mask, values)
+
+
+def log_sum_squared_probs(logits: Tensor) -> Tensor:
+    """log Σ_v softmax(logits)_v² = logsumexp(2·logits) − 2·logsumexp(logits), over the last dim, no gradient."""
     with torch.no_grad():
-        for start in range(0, logits.shape[0], chunk_rows):
-            rows = logits[start : start + chunk_rows].float()
-            out[start : start + chunk_rows] = torch.logsumexp(2.0 * rows, dim=-1) - 2.0 * torch.logsumexp(
-                rows, dim=-1
-            )
-    return out
+        logits = logits.float()
+        return torch.logsumexp(2.0 * logits, dim=-1) - 2.0 * torch.logsumexp(logits, dim=-1)
 
 
-def token_kl(reference_logits: Tensor, policy_logits: Tensor, chunk_rows: int = 4) -> Tensor:
-    """KL(πref(·|prefix) ‖ πθ(·|prefix)) at every position, ``[N, T]`` fp32, differentiable in the policy's logits.
+def token_kl(reference_logits: Tensor, policy_logits: Tensor) -> Tensor:
+    """KL(πref(·|prefix) ‖ πθ(·|prefix)) at every scored position (``[M, V]`` logits in, ``[M]`` fp32 out),
+    differentiable in the policy's logits.
 
-    Computed a few rows at a time in fp32, so no second full-vocabulary tensor of the batch is kept besides what
-    autograd needs.
+    Computed a chunk of positions at a time in fp32, so no second full-vocabulary tensor of the batch is kept
+    besides what autograd needs.
     """
     rows = []
-    for start in range(0, policy_logits.shape[0], chunk_rows):
-        reference = torch.log_softmax(reference_logits[start : start + chunk_rows].float(), dim=-1)
-        policy = torch.log_softmax(policy_logits[start : start + chunk_rows].float(), dim=-1)
+    step = chunk_positions(policy_logits.shape[-1])
+    for start in range(0, policy_logits.shape[0], step):
+        reference = torch.log_softmax(reference_logits[start : start + step].float(), dim=-1)
+        policy = torch.log_softmax(policy_logits[start : start + step].float(), dim=-1)
         rows.append((reference.exp() * (reference - policy)).sum(dim=-1))
     return torch.cat(rows)
 
 
-def _forward_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    return model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    ).logits
+# --- the forward --------------------------------------------------------------------------------------------------
+
+
+def body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """The decoder stack and output projection of a transformers causal LM (peft-wrapped or not), or None for a
+    model that must run through its own forward: one inside a DDP, FSDP or DeepSpeed wrapper, whose forward
+    does the gradient synchronisation or gathers the shards."""
+    from peft import PeftModel
+    from torch.distributed.fsdp import FSDPModule
+    from transformers import PreTrainedModel
+
+    if isinstance(model, FSDPModule):
+        return None
+    if isinstance(model, PeftModel):
+        model = model.get_base_model()
+    if not isinstance(model, PreTrainedModel):
+        return None
+    head = model.get_output_embeddings()
+    body = model.get_decoder()
+    return (body, head) if head is not None and body is not model else None
+
+
+def _chunk_scores(
+    head: nn.Module, hidden: Tensor, targets: Tensor, temperature: float, with_sq: bool
+) -> tuple[Tensor, Tensor]:
+    """Log-probs of ``targets`` (and log Σ p², detached, when ``with_sq``) under ``head(hidden) / temperature``."""
+    logits = head(hidden).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    log_norm = torch.logsumexp(logits, dim=-1)
+    logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
+    sq = log_sum_squared_probs(logits) if with_sq else logps.new_empty(0)
+    return logps, sq
+
+
+def chunked_head_scores(
+    head: nn.Module, hidden: Tensor, targets: Tensor, *, temperature: float = 1.0, with_sq: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """``[M]`` log-probs of ``targets`` from ``[M, H]`` hidden states, ``chunk_positions`` rows at a time.
+
+    Under autograd each chunk is checkpointed: its logits are freed after the forward and recomputed (one more
+    projection of that chunk) when its gradient is needed, so at most one chunk's logits are alive.
+    """
+    step = chunk_positions(head.weight.shape[0])
+    logps, sqs = [], []
+    for start in range(0, hidden.shape[0], step):
+        args = (head, hidden[start : start + step], targets[start : start + step], temperature, with_sq)
+        if torch.is_grad_enabled():
+            chunk, sq = checkpoint(_chunk_scores, *args, use_reentrant=False)
+        else:
+            chunk, sq = _chunk_scores(*args)
+        logps.append(chunk)
+        sqs.append(sq)
+    return torch.cat(logps), torch.cat(sqs) if with_sq else None
+
+
+def packed_inputs(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The real tokens of every row as one ``[1, L]`` sequence, its position ids (restarting at 0 on each row)
+    and, for every padded position ``[N, T]``, its index in the packed sequence (-1 on padding)."""
+    real = attention_mask.bool()
+    positions = position_ids_from_mask(attention_mask)[real].unsqueeze(0)
+    index = torch.where(real.flatten(), real.flatten().long().cumsum(0) - 1, -1).view_as(real)
+    return input_ids[real].unsqueeze(0), positions, index
+
+
+def scored_features(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    scored: Tensor,
+    *,
+    padding_free: bool,
+    full_logits: bool,
+) -> tuple[Tensor, nn.Module | None]:
+    """The final hidden states ``[M, H]`` of the ``scored`` positions ``[N, T]`` (row-major) and the head to
+    apply to them; or, with ``full_logits`` or a model that runs only through its own forward, their logits
+    ``[M, V]`` and None."""
+    if padding_free:
+        ids, positions, index = packed_inputs(input_ids, attention_mask)
+        mask, keep = None, index[scored]
+    else:
+        ids, positions, mask = input_ids, position_ids_from_mask(attention_mask), attention_mask
+        keep = scored.flatten().nonzero().squeeze(-1)
+    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": False}
+    parts = body_and_head(model)
+    if parts is None:
+        selected = torch.zeros(ids.numel(), dtype=torch.bool, device=ids.device)
+        selected[keep] = True
+        return model(**inputs, logits_to_keep=selected.view_as(ids)).logits, None
+    body, head = parts
+    hidden = body(**inputs).last_hidden_state.flatten(0, 1)[keep]
+    return (head(hidden), None) if full_logits else (hidden, head)
 
 
 def completion_token_logps(
@@ -96,30 +207,47 @@ def completion_token_logps(
     keep_logits: bool = False,
     with_log_sum_sq_probs: bool = False,
     temperature: float = 1.0,
+    padding_free: bool = False,
 ) -> TokenLogps:
     """Per-token completion log-probs of each row (``TokenLogps``), with the logits (``keep_logits``) and WPO's
     log Σ p² (``with_log_sum_sq_probs``) when asked for.
 
     Logits at position t predict token t+1, so token t+1 counts when ``completion_mask[t+1]`` is set. With a
     ``temperature`` the log-probs are those of ``softmax(logits / temperature)``, the distribution online
-    methods sample from (as TRL's GRPOTrainer scores its completions).
+    methods sample from (as TRL's GRPOTrainer scores its completions). ``padding_free`` packs the rows into one
+    sequence (see the module docstring); the values are the padded forward's.
     """
-    logits = _forward_logits(model, input_ids, attention_mask)[:, :-1]
-    if temperature != 1.0:
-        logits = logits / temperature
-    mask = completion_mask[:, 1:].float()
-    token_logps = selective_log_softmax(logits, input_ids[:, 1:]) * mask
+    mask = completion_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
+    scored = torch.nn.functional.pad(mask, (0, 1))  # [N, T]: the positions that predict a completion token
+    targets = input_ids[:, 1:][mask]
+    features, head = scored_features(
+        model, input_ids, attention_mask, scored, padding_free=padding_free, full_logits=keep_logits
+    )
+    if head is not None:
+        logps, sq = chunked_head_scores(
+            head, features, targets, temperature=temperature, with_sq=with_log_sum_sq_probs
+        )
+        logits = None
+    else:
+        logits = features / temperature if temperature != 1.0 else features
+        logps = selective_log_softmax(logits, targets, chunk_rows=chunk_positions(logits.shape[-1]))
+        sq = log_sum_squared_probs(logits) if with_log_sum_sq_probs else None
     return TokenLogps(
-        token_logps=token_logps,
-        mask=mask,
+        token_logps=spread(logps, mask),
+        mask=mask.float(),
         logits=logits if keep_logits else None,
-        log_sum_sq_probs=log_sum_squared_probs(logits) if with_log_sum_sq_probs else None,
+        log_sum_sq_probs=spread(sq, mask) if sq is not None else None,
     )
 
 
 def completion_logps(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    completion_mask: Tensor,
+    *,
+    padding_free: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Summed log-probs of each row's completion tokens, and how many there are (both ``[N]``, fp32)."""
-    tokens = completion_token_logps(model, input_ids, attention_mask, completion_mask)
+    tokens = completion_token_logps(model, input_ids, attention_mask, completion_mask, padding_free=padding_free)
     return tokens.sums, tokens.lengths

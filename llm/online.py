@@ -139,6 +139,7 @@ class OnlineLLMRecipe(Recipe):
             self.reference = ModelReference(
                 reference_model if reference_model is not None else self.model,
                 adapter_disabled=strategy == "adapter_disabled",
+                padding_free=config.model.padding_free,
             )
         logger.info("method: %s, reference: %s", config.method, strategy)
 
@@ -205,7 +206,9 @@ class OnlineLLMRecipe(Recipe):
     def _add_advantages(self, policy: nn.Module, rollout: Rollout) -> None:
         """Old (and reference) log-probs, and the advantages from the rewards of the global batch."""
         config = self.config
-        old = completion_token_logps(policy, **rollout.rows, temperature=config.rollout.temperature)
+        old = completion_token_logps(
+            policy, **rollout.rows, temperature=config.rollout.temperature, padding_free=config.model.padding_free
+        )
         rollout.old_logps = old.token_logps
         if self.reference is not None:
             rollout.ref_logps = self.reference.tokens(
@@ -273,7 +276,12 @@ class OnlineLLMRecipe(Recipe):
         )
 
     def policy_gradient_loss(self, model: nn.Module, rollout: Rollout) -> tuple[Tensor, dict[str, Tensor]]:
-        new = completion_token_logps(model, **rollout.rows, temperature=self.config.rollout.temperature)
+        new = completion_token_logps(
+            model,
+            **rollout.rows,
+            temperature=self.config.rollout.temperature,
+            padding_free=self.config.model.padding_free,
+        )
         output = policy_gradient_loss(
             new.token_logps,
             rollout.old_logps,
@@ -288,7 +296,14 @@ class OnlineLLMRecipe(Recipe):
     def pair_loss(self, model: nn.Module, rollout: Rollout) -> tuple[Tensor, dict[str, Tensor]]:
         rows = torch.cat([rollout.pairs[:, 0], rollout.pairs[:, 1]])
         batch = {key: value[rows] for key, value in rollout.rows.items()}
-        scores = paired_scores(model, batch, rollout.pairs.shape[0], self.reference, self.token_inputs)
+        scores = paired_scores(
+            model,
+            batch,
+            rollout.pairs.shape[0],
+            self.reference,
+            self.token_inputs,
+            padding_free=self.config.model.padding_free,
+        )
         output = compute_loss_on_global_batch(scores, self.config.loss)
         return output.loss, output.metrics
 

@@ -31,9 +31,10 @@ logger = logging.getLogger("diffalign")
 class ModelReference:
     """Reference log-probs from a model: a frozen copy, or the PEFT policy with its adapter switched off."""
 
-    def __init__(self, model: nn.Module, *, adapter_disabled: bool) -> None:
+    def __init__(self, model: nn.Module, *, adapter_disabled: bool, padding_free: bool = False) -> None:
         self.model = model
         self.adapter_disabled = adapter_disabled
+        self.padding_free = padding_free  # model.padding_free: pack the rows into one sequence
 
     def _context(self) -> contextlib.AbstractContextManager:
         return self.model.disable_adapter() if self.adapter_disabled else contextlib.nullcontext()
@@ -42,7 +43,11 @@ class ModelReference:
     def __call__(self, batch: dict[str, Tensor]) -> Tensor:
         with self._context():
             logps, _ = completion_logps(
-                self.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+                self.model,
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["completion_mask"],
+                padding_free=self.padding_free,
             )
         return logps
 
@@ -60,6 +65,7 @@ class ModelReference:
                 batch["completion_mask"],
                 keep_logits=keep_logits,
                 temperature=temperature,
+                padding_free=self.padding_free,
             )
 
 

@@ -32,13 +32,15 @@ def paired_scores(
     num_pairs: int,
     reference: Reference | None,
     token_inputs: set[str],
+    *,
+    padding_free: bool = False,
 ) -> PairScores:
     """``PairScores`` of the batch's ``2·num_pairs`` rows, chosen first; ``token_inputs`` is
-    ``LossConfig.needed_inputs()``."""
+    ``LossConfig.needed_inputs()``; ``padding_free`` packs the policy's rows (``model.padding_free``)."""
     if "token_logps" in token_inputs:
-        return token_pair_scores(model, batch, num_pairs, reference, token_inputs)
+        return token_pair_scores(model, batch, num_pairs, reference, token_inputs, padding_free=padding_free)
     reference_logps = reference(batch) if reference is not None else None
-    logps, lengths = completion_logps(model, **select_rows(batch, slice(None)))
+    logps, lengths = completion_logps(model, **select_rows(batch, slice(None)), padding_free=padding_free)
     chosen, rejected = slice(0, num_pairs), slice(num_pairs, None)
     return PairScores(
         policy_chosen=logps[chosen],
@@ -56,6 +58,8 @@ def token_pair_scores(
     num_pairs: int,
     reference: Reference | None,
     token_inputs: set[str],
+    *,
+    padding_free: bool = False,
 ) -> PairScores:
     """Paired scores with per-token inputs: the policy's (and the reference's) per-token log-probs, with the
     per-token KL between them for TDPO and WPO's log Σ p² when configured. ``reference`` must then be a model
@@ -63,10 +67,14 @@ def token_pair_scores(
     rows = select_rows(batch, slice(None))
     with_kl = "token_kl" in token_inputs
     policy = completion_token_logps(
-        model, **rows, keep_logits=with_kl, with_log_sum_sq_probs="token_vocab" in token_inputs
+        model,
+        **rows,
+        keep_logits=with_kl,
+        with_log_sum_sq_probs="token_vocab" in token_inputs,
+        padding_free=padding_free,
     )
     reference_tokens = reference.tokens(rows, keep_logits=with_kl) if reference is not None else None
-    kl = token_kl(reference_tokens.logits, policy.logits) if with_kl else None
+    kl = policy.spread(token_kl(reference_tokens.logits, policy.logits)) if with_kl else None
 
     def side(part: slice) -> TokenScores:
         return TokenScores(

@@ -86,10 +86,14 @@ class LLMRecipe(Recipe):
             )
             self.reference = precomputed_reference
         elif strategy == "frozen_copy":
-            self.reference = ModelReference(frozen_copy(model), adapter_disabled=False)
+            self.reference = ModelReference(
+                frozen_copy(model), adapter_disabled=False, padding_free=config.model.padding_free
+            )
         self.model = make_trainable(model, config.model, config.run.gradient_checkpointing)
         if strategy == "adapter_disabled":
-            self.reference = ModelReference(self.model, adapter_disabled=True)
+            self.reference = ModelReference(
+                self.model, adapter_disabled=True, padding_free=config.model.padding_free
+            )
         logger.info("reference: %s", strategy)
         self.token_inputs = config.loss.needed_inputs()
         self.reference_sync = None
@@ -144,10 +148,14 @@ class LLMRecipe(Recipe):
         """The core's inputs for a batch: summed completion log-probs of policy and reference, and lengths
         (and the per-token values when a configured loss or option needs them)."""
         size = len(batch["index"])
+        padding_free = self.config.model.padding_free
         if self.train_dataset.paired:
-            return paired_scores(model, batch, size, self.reference, self.token_inputs), {}
+            scores = paired_scores(
+                model, batch, size, self.reference, self.token_inputs, padding_free=padding_free
+            )
+            return scores, {}
         reference = self.reference(batch) if self.reference is not None else None
-        logps, lengths = completion_logps(model, **select_rows(batch, slice(0, size)))
+        logps, lengths = completion_logps(model, **select_rows(batch, slice(0, size)), padding_free=padding_free)
         desirable = batch["desirable"]
         metrics = {}
         kl_reference_point = None
@@ -155,7 +163,9 @@ class LLMRecipe(Recipe):
             # KTO's z0: a detached batch estimate of KL(πθ‖πref) from mismatched pairs, mean over all processes,
             # clamped at 0 (Ethayarajh et al., arXiv 2402.01306).
             with torch.no_grad():
-                mismatched, _ = completion_logps(model, **select_rows(batch, slice(size, None)))
+                mismatched, _ = completion_logps(
+                    model, **select_rows(batch, slice(size, None)), padding_free=padding_free
+                )
             kl_reference_point = mean_over_processes(mismatched - reference[size:]).clamp(min=0)
             metrics["kl_reference_point"] = kl_reference_point
         reference = reference[:size] if reference is not None else None

@@ -1,13 +1,18 @@
-"""Completion log-probs against a naive full-softmax computation, with left and right padding."""
+"""Completion log-probs against a naive full-softmax computation: left and right padding, packed rows, the
+chunked output projection (values and gradients, LoRA and full, tied embeddings), and that it never forms the
+logits of more than one chunk of positions."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from diffalign.llm import logprobs
 from diffalign.llm.batching import collate_rows
-from diffalign.llm.logprobs import completion_logps, selective_log_softmax
+from diffalign.llm.logprobs import completion_logps, completion_token_logps, selective_log_softmax, token_kl
 
 
 @pytest.fixture(scope="module")
@@ -64,19 +69,178 @@ def test_left_and_right_padding_agree(model):
     torch.testing.assert_close(left, right, atol=1e-5, rtol=0)
 
 
-def test_gradient_flows_only_through_completion_tokens(model):
-    """Changing a prompt token's logit row must not change anything; changing a completion token's must."""
-    batch = collate_rows([[1, 2, 3]], [[4, 5]], 0, "right")
-    logits = torch.zeros(1, 5, 50, requires_grad=True)
+def tied_qwen2() -> Qwen2ForCausalLM:
+    torch.manual_seed(1)
+    config = Qwen2Config(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    return Qwen2ForCausalLM(config).eval()
 
-    class FixedLogits(torch.nn.Module):
-        def forward(self, **kwargs):
-            return type("Output", (), {"logits": logits})()
 
-    logp, _ = completion_logps(FixedLogits(), **batch)
-    logp.sum().backward()
-    # Position t predicts token t+1: rows 2 and 3 predict the completion tokens 4 and 5.
-    touched = logits.grad.abs().sum(-1)[0]
-    assert touched[2] > 0 and touched[3] > 0
-    assert touched[0] == 0 and touched[1] == 0 and touched[4] == 0
-    assert logp.item() == pytest.approx(2 * -torch.log(torch.tensor(50.0)).item(), abs=1e-5)
+def with_lora(model: nn.Module) -> nn.Module:
+    torch.manual_seed(2)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    return get_peft_model(model, config)
+
+
+def make_policy(name: str) -> nn.Module:
+    """A tiny fp32 policy: ``llama`` (untied head) or ``qwen2-tied``, fully trainable or with a LoRA."""
+    architecture, trainable = name.rsplit("-", 1)
+    if architecture == "llama":
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=50,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+        model = LlamaForCausalLM(config).eval()
+    else:
+        model = tied_qwen2()
+    return with_lora(model) if trainable == "lora" else model
+
+
+PROMPTS = [[3, 4, 5, 6], [7], [8, 9], [10, 11, 12]]
+COMPLETIONS = [[13, 14], [15, 16, 17, 18, 19], [20], [21, 22, 23]]
+
+
+def naive_token_logps(model: nn.Module, batch: dict, temperature: float = 1.0) -> torch.Tensor:
+    """The plain path: the model's full ``[N, T, V]`` logits, a full log-softmax, the next tokens gathered."""
+    mask = batch["attention_mask"]
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=mask,
+        position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        use_cache=False,
+    ).logits[:, :-1]
+    log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    picked = log_probs.gather(-1, batch["input_ids"][:, 1:].unsqueeze(-1)).squeeze(-1)
+    return picked * batch["completion_mask"][:, 1:]
+
+
+def gradients(model: nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad()
+    loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 3 positions on the 50-token vocabulary, so every batch spans several chunks."""
+    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 150)
+    return 3
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("policy", ["llama-full", "llama-lora", "qwen2-full", "qwen2-lora"])
+def test_chunked_logps_and_gradients_equal_the_full_logits_path(policy, side, padding_free, small_chunks):
+    model = make_policy(policy)
+    batch = collate_rows(PROMPTS, COMPLETIONS, pad_token_id=0, padding_side=side)
+    # Weights of the tokens, so that the gradient depends on each token's log-prob, not only on their sum.
+    weights = torch.linspace(0.5, 1.5, batch["input_ids"].shape[1] - 1)
+
+    expected = naive_token_logps(model, batch, temperature=0.7)
+    expected_grads = gradients(model, (expected * weights).sum())
+    got = completion_token_logps(model, **batch, temperature=0.7, padding_free=padding_free)
+    got_grads = gradients(model, (got.token_logps * weights).sum())
+
+    torch.testing.assert_close(got.token_logps, expected.detach(), atol=1e-5, rtol=1e-5)
+    assert got.lengths.tolist() == [2, 5, 1, 3]
+    assert got_grads.keys() == expected_grads.keys() and len(got_grads) > 0
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_the_output_projection_sees_one_chunk_of_completion_positions_at_a_time(small_chunks):
+    """A hook on lm_head: no call (forward, or its recomputation in backward) projects more than one chunk,
+    and together the forward calls project exactly the positions that predict a completion token."""
+    model = make_policy("qwen2-full")
+    projected = []
+    model.lm_head.register_forward_hook(lambda module, args, output: projected.append(output.shape))
+    batch = collate_rows(PROMPTS, COMPLETIONS, pad_token_id=0, padding_side="right")
+    logps, lengths = completion_logps(model, **batch)
+    forward_calls = len(projected)
+    logps.sum().backward()
+
+    assert all(len(shape) == 2 and shape[0] <= small_chunks and shape[1] == 50 for shape in projected)
+    assert sum(shape[0] for shape in projected[:forward_calls]) == lengths.sum() == 11
+    assert len(projected) == 2 * forward_calls  # each chunk recomputed once in backward
+    assert model.model.embed_tokens.weight.grad is not None  # the tied head's gradient reaches the embedding
+
+
+def test_padding_free_runs_one_packed_sequence_with_restarting_positions(small_chunks):
+    """The packed forward sees one row of the real tokens only, with positions that restart on every row."""
+    model = make_policy("llama-full")
+    seen = {}
+
+    def record(module, args, kwargs):
+        seen.update(ids=kwargs["input_ids"], positions=kwargs["position_ids"], mask=kwargs["attention_mask"])
+
+    model.model.register_forward_pre_hook(record, with_kwargs=True)
+    batch = collate_rows(PROMPTS, COMPLETIONS, pad_token_id=0, padding_side="left")
+    with torch.no_grad():
+        padded, _ = completion_logps(model, **batch)
+        packed, _ = completion_logps(model, **batch, padding_free=True)
+    rows = [p + c for p, c in zip(PROMPTS, COMPLETIONS)]
+    assert seen["ids"].tolist() == [[token for row in rows for token in row]]
+    assert seen["positions"].tolist() == [[i for row in rows for i in range(len(row))]]
+    assert seen["mask"] is None
+    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=0)
+
+
+class Wrapped(nn.Module):
+    """A model reachable only through its forward, as under DDP or DeepSpeed."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.module = model
+
+    def forward(self, **kwargs):
+        return self.module(**kwargs)
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_a_wrapped_model_gets_only_the_completion_logits_from_its_forward(padding_free):
+    model = make_policy("llama-lora")
+    projected = []
+    model.get_base_model().lm_head.register_forward_hook(lambda m, a, output: projected.append(output.shape))
+    batch = collate_rows(PROMPTS, COMPLETIONS, pad_token_id=0, padding_side="right")
+    expected = naive_token_logps(model, batch)
+    projected.clear()
+    got = completion_token_logps(Wrapped(model), **batch, padding_free=padding_free)
+    torch.testing.assert_close(got.token_logps, expected.detach(), atol=1e-5, rtol=1e-5)
+    assert projected == [torch.Size([11, 50])]
+
+
+def test_kept_logits_log_sum_sq_probs_and_token_kl_equal_the_full_rows(small_chunks):
+    policy = make_policy("qwen2-lora")
+    batch = collate_rows(PROMPTS, COMPLETIONS, pad_token_id=0, padding_side="right")
+    mask = batch["completion_mask"][:, 1:].bool()
+    with torch.no_grad():
+        full = policy(**batch, use_cache=False).logits[:, :-1]
+        with policy.disable_adapter():
+            reference_full = policy(**batch, use_cache=False).logits[:, :-1]
+            reference = completion_token_logps(policy, **batch, keep_logits=True)
+    kept = completion_token_logps(policy, **batch, keep_logits=True)
+    chunked = completion_token_logps(policy, **batch, with_log_sum_sq_probs=True)
+
+    torch.testing.assert_close(kept.logits, full[mask], atol=1e-5, rtol=0)
+    log_probs = torch.log_softmax(full.double(), dim=-1)
+    expected_sq = torch.logsumexp(2 * log_probs, dim=-1) * mask
+    torch.testing.assert_close(chunked.log_sum_sq_probs.double(), expected_sq, atol=1e-5, rtol=0)
+    torch.testing.assert_close(chunked.token_logps, kept.token_logps, atol=1e-5, rtol=0)
+    reference_log_probs = torch.log_softmax(reference_full.double(), dim=-1)
+    expected_kl = (reference_log_probs.exp() * (reference_log_probs - log_probs)).sum(-1) * mask
+    kl = kept.spread(token_kl(reference.logits, kept.logits))
+    torch.testing.assert_close(kl.double(), expected_kl, atol=1e-5, rtol=0)
