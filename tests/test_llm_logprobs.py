@@ -14,20 +14,22 @@ from diffalign.llm import logprobs
 from diffalign.llm.batching import collate_rows
 from diffalign.llm.logprobs import completion_logps, completion_token_logps, selective_log_softmax, token_kl
 
+# A 50-token vocabulary, two layers of width 32: the shapes both tiny models below share.
+TINY_SHAPES = dict(
+    vocab_size=50,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+
 
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=50,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(LlamaConfig(**TINY_SHAPES)).eval()
 
 
 def naive_completion_logp(model, prompt: list[int], completion: list[int]) -> float:
@@ -71,17 +73,7 @@ def test_left_and_right_padding_agree(model):
 
 def tied_qwen2() -> Qwen2ForCausalLM:
     torch.manual_seed(1)
-    config = Qwen2Config(
-        vocab_size=50,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    return Qwen2ForCausalLM(config).eval()
+    return Qwen2ForCausalLM(Qwen2Config(**TINY_SHAPES, tie_word_embeddings=True)).eval()
 
 
 def with_lora(model: nn.Module) -> nn.Module:
