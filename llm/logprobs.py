@@ -107,6 +107,10 @@ def token_kl(reference_logits: Tensor, policy_logits: Tensor) -> Tensor:
 # --- the forward --------------------------------------------------------------------------------------------------
 
 
+# Config attributes of models whose forward changes the logits after lm_head.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
 def body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     """The decoder stack and output projection of a transformers causal LM (peft-wrapped or not), or None for a
     model that must run through its own forward: one inside a DDP, FSDP or DeepSpeed wrapper, whose forward
@@ -120,6 +124,10 @@ def body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     if isinstance(model, PeftModel):
         model = model.get_base_model()
     if not isinstance(model, PreTrainedModel):
+        return None
+    # Gemma's soft-capping and Cohere's and Granite's logit scales act on lm_head's output inside the model's
+    # forward: the head alone would give other logits.
+    if any(getattr(model.config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS):
         return None
     head = model.get_output_embeddings()
     body = model.get_decoder()

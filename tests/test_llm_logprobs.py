@@ -8,7 +8,14 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from diffalign.llm import logprobs
 from diffalign.llm.batching import collate_rows
@@ -61,6 +68,20 @@ def test_completion_logps_equal_naive_computation(model, side):
     expected = [naive_completion_logp(model, p, c) for p, c in zip(prompts, completions)]
     torch.testing.assert_close(logps.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-4, rtol=0)
     assert lengths.tolist() == [2, 5, 1]
+
+
+def test_a_model_that_soft_caps_its_logits_is_scored_through_its_own_forward():
+    """Gemma 2 soft-caps lm_head's output in its forward (c·tanh(logits/c), here c = 0.3): the log-probs are
+    those of the capped logits, which projecting the hidden states through lm_head alone would miss (by 8e-3)."""
+    torch.manual_seed(2)
+    config = Gemma2Config(**TINY_SHAPES, head_dim=8, final_logit_softcapping=0.3)
+    model = Gemma2ForCausalLM(config).eval()
+    assert logprobs.body_and_head(model) is None
+    prompts, completions = [[3, 4, 5], [7]], [[10, 11], [12, 13, 14]]
+    with torch.no_grad():
+        logps, _ = completion_logps(model, **collate_rows(prompts, completions, pad_token_id=0, padding_side="right"))
+    expected = [naive_completion_logp(model, p, c) for p, c in zip(prompts, completions)]
+    torch.testing.assert_close(logps.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-4, rtol=0)
 
 
 def test_left_and_right_padding_agree(model):
