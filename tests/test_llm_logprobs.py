@@ -33,10 +33,14 @@ TINY_SHAPES = dict(
 )
 
 
-@pytest.fixture(scope="module")
-def model():
+def tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
     return LlamaForCausalLM(LlamaConfig(**TINY_SHAPES)).eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
 
 
 def naive_completion_logp(model, prompt: list[int], completion: list[int]) -> float:
@@ -106,20 +110,7 @@ def with_lora(model: nn.Module) -> nn.Module:
 def make_policy(name: str) -> nn.Module:
     """A tiny fp32 policy: ``llama`` (untied head) or ``qwen2-tied``, fully trainable or with a LoRA."""
     architecture, trainable = name.rsplit("-", 1)
-    if architecture == "llama":
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=50,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-        model = LlamaForCausalLM(config).eval()
-    else:
-        model = tied_qwen2()
+    model = tiny_llama() if architecture == "llama" else tied_qwen2()
     return with_lora(model) if trainable == "lora" else model
 
 
