@@ -229,11 +229,12 @@ def method_settings(name: str, **settings) -> Any:
     return getattr(from_dict(MethodConfig, {"name": name, name: settings}), name)
 
 
-def lora_policy(family) -> torch.nn.Module:
-    """The family's denoiser with LoRA adapters moved away from zero, so policy ≠ reference."""
+def lora_policy(family, seed: int = 5) -> torch.nn.Module:
+    """The family's denoiser with LoRA adapters moved away from zero (B ~ 0.05·N(0, 1), drawn from ``seed``), so
+    policy ≠ reference."""
     policy = family.denoiser
     make_trainable(policy, DiffusionTrainConfig().model)
-    generator = torch.Generator().manual_seed(5)
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in policy.named_parameters():
             if "lora_B" in name:

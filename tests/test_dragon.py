@@ -10,11 +10,10 @@ import soundfile
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
-from helpers import diffusion_config, method_settings
+from helpers import diffusion_config, lora_policy, method_settings
 from PIL import Image
 
 from diffalign.config import ConfigError
-from diffalign.diffusion.config import DiffusionTrainConfig
 from diffalign.diffusion.families import load_family
 from diffalign.diffusion.methods import TrainingContext
 from diffalign.diffusion.methods.dragon import (
@@ -25,7 +24,6 @@ from diffalign.diffusion.methods.dragon import (
     split_sets,
 )
 from diffalign.diffusion.methods.online import decode_samples, derived_seed, load_exemplars, sample_latents
-from diffalign.diffusion.models import make_trainable
 from diffalign.diffusion.reference import ReferenceDenoiser
 from diffalign.diffusion.trainer import train
 from diffalign.losses import LossConfig, compute_loss
@@ -122,21 +120,10 @@ def test_distribution_reward_is_attributed_by_leave_one_out(sd_dir):
         DistributionalRewardOptimization(family, None, dragon_config(reward="test_vendi"))
 
 
-def lora_policy(family) -> torch.nn.Module:
-    policy = family.denoiser
-    make_trainable(policy, DiffusionTrainConfig().model)
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, parameter in policy.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
-    return policy
-
-
 @pytest.mark.parametrize("loss_type", ["sigmoid", "kto"])
 def test_loss_on_generated_sets_equals_the_formula(sd_dir, loss_type):
     family = load_family(str(sd_dir))
-    policy = lora_policy(family)
+    policy = lora_policy(family, seed=3)
     method = DistributionalRewardOptimization(
         family, ReferenceDenoiser(policy, frozen_copy=False), dragon_config(samples_per_prompt=4)
     )
@@ -242,7 +229,7 @@ def live_tensor_count() -> int:
 
 def test_generation_does_not_grow_memory_over_steps(sd_dir):
     family = load_family(str(sd_dir))
-    policy = lora_policy(family)
+    policy = lora_policy(family, seed=3)
     method = DistributionalRewardOptimization(family, ReferenceDenoiser(policy, frozen_copy=False), dragon_config())
     optimizer = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=1e-3)
     counts = []
