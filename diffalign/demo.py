@@ -37,6 +37,8 @@ def run_demo(output_dir: str, overrides: list[str]) -> dict[str, float]:
             f"({prompts} prompts × {config.eval.samples_per_prompt} seeds) under the toy reward "
             f"(mean reward {metrics['eval/reward_base']:.3f} → {metrics['eval/reward_aligned']:.3f})"
         )
+    for name in config.eval.metrics:
+        print(f"mean {name}, base → aligned: {metrics[f'eval/{name}_base']:.3f} → {metrics[f'eval/{name}_aligned']:.3f}")
     output = Path(config.run.output_dir)
     if grids:
         print(

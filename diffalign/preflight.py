@@ -79,6 +79,19 @@ def _first_row_keys(path: Path) -> list[str]:
     return []
 
 
+def require_scorers(eval_config: Any) -> None:
+    """``eval.reward`` and every ``eval.metrics`` entry name a registered scorer: a typo there would otherwise
+    surface at the first evaluation, after the training it was meant to judge."""
+    from diffalign.rewards import scorer_names
+
+    named = {f"eval.metrics[{index}]": name for index, name in enumerate(eval_config.metrics)}
+    if eval_config.reward is not None:
+        named["eval.reward"] = eval_config.reward
+    for key, name in named.items():
+        if name not in scorer_names():
+            raise ConfigError(f"{key}: {name!r} is not a registered scorer; choose one of {scorer_names()}")
+
+
 def preflight_diffusion(config: Any) -> None:
     """Paths, columns and output folders of a diffusion run (``DiffusionTrainConfig``)."""
     from diffalign.diffusion.data import check_columns, is_local_source, source_files
@@ -108,6 +121,7 @@ def preflight_diffusion(config: Any) -> None:
         require_writable("model.reference_cache", model.reference_cache)
     if config.eval.prompts_file is not None and not Path(config.eval.prompts_file).is_file():
         raise ConfigError(f"eval.prompts_file: {config.eval.prompts_file} does not exist")
+    require_scorers(config.eval)
     require_output_dir(config.run)
 
 

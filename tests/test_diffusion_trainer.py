@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from tiny_pipelines import build_tiny_sd, build_tiny_sdxl
 
 from diffalign.diffusion.trainer import train
+from diffalign.rewards import Scorer, register_scorer
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +149,32 @@ def test_accumulating_two_half_batches_equals_one_batch(models, pairs_file, tmp_
     scale = max(value.abs().max().item() for value in large_weights.values())
     for name, value in large_weights.items():  # equal up to fp32 summation order
         torch.testing.assert_close(accumulated_weights[name], value, rtol=0, atol=1e-5 * scale)
+
+
+SCORED_IMAGES: list[torch.Tensor] = []
+
+
+class RecordedRedScorer(Scorer):
+    """The mean red channel of each image, recording the images it scored."""
+
+    modality = "image"
+
+    def forward(self, images, prompts=None, reference=None):
+        SCORED_IMAGES.append(images.clone())
+        return self.output(images[:, 0].mean(dim=(1, 2)))
+
+
+register_scorer("test_recorded_red")(lambda device="cpu", dtype=torch.float32: RecordedRedScorer(device, dtype))
+
+
+def test_eval_metrics_are_the_means_of_further_scorers_on_the_base_and_the_aligned_samples(
+    sd_dir, pairs_file, tmp_path
+):
+    SCORED_IMAGES.clear()
+    evaluation = {"prompts": ["a red circle", "a blue square"], "num_inference_steps": 2, "metrics": ["test_recorded_red"]}
+    metrics = train(diffusion_config(sd_dir, pairs_file, tmp_path / "run", eval=evaluation))
+    base, aligned = SCORED_IMAGES  # the base model is sampled once, then the trained one
+    assert metrics["eval/test_recorded_red_base"] == pytest.approx(base[:, 0].mean().item())
+    assert metrics["eval/test_recorded_red_aligned"] == pytest.approx(aligned[:, 0].mean().item())
+    assert not torch.equal(base, aligned)
+    assert "eval/win_rate" not in metrics  # without eval.reward there is nothing to compare sample by sample

@@ -47,6 +47,14 @@ def test_a_missing_column_and_an_unwritable_folder_are_named(tmp_path):
         preflight_diffusion(toy_config(tmp_path, "model.vae=/nowhere/vae"))
 
 
+def test_an_unknown_eval_scorer_is_named_before_the_model_is_read(tmp_path):
+    with pytest.raises(ConfigError, match=r"eval.reward: 'toy_t2' is not a registered scorer; choose one of \["):
+        preflight_diffusion(toy_config(tmp_path, "eval.reward=toy_t2"))
+    with pytest.raises(ConfigError, match=r"eval.metrics\[1\]: 'centredness' is not a registered scorer"):
+        preflight_diffusion(toy_config(tmp_path, "eval.metrics=[toy_t2i,centredness]"))
+    preflight_diffusion(toy_config(tmp_path, "eval.metrics=[toy_t2i_centredness]"))
+
+
 def test_bars_are_off_when_switched_off_and_when_output_is_not_a_terminal(monkeypatch):
     monkeypatch.setattr(progress_bars, "_enabled", True)
     assert progress_bars.progress(range(3), desc="x").disable  # pytest's captured stderr is not a terminal

@@ -333,6 +333,7 @@ def test_every_listed_scorer_is_registered():
         "pickscore",
         "toy_llm",
         "toy_t2i",
+        "toy_t2i_centredness",
         "toy_t2m",
         "vendi",
     }

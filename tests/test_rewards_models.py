@@ -473,6 +473,20 @@ def test_toy_t2i_scorer_wraps_the_toy_reward():
         scorer(as_pil(scenes.images), scenes.captions)
 
 
+def test_toy_t2i_centredness_is_the_factor_the_toy_reward_multiplies_fidelity_by():
+    from diffalign.toy.t2i import prompt_fidelity, sample_scenes, toy_reward
+
+    scenes = sample_scenes(8, torch.Generator().manual_seed(1))
+    centred = build_scorer("toy_t2i_centredness", dtype="float64")(scenes.images)
+    # reward = fidelity · (1 + centredness) / 2, so centredness = 2 · reward / fidelity − 1 (rendered scenes are
+    # faithful: fidelity near 1).
+    fidelity = prompt_fidelity(scenes.images, scenes.captions).double()
+    assert (fidelity > 0.5).all()
+    from_reward = 2 * toy_reward(scenes.images, scenes.captions).double() / fidelity - 1
+    torch.testing.assert_close(centred, from_reward, atol=1e-5, rtol=1e-5)
+    assert centred.std() > 0.05 and ((centred > 0) & (centred <= 1)).all()
+
+
 def test_toy_llm_scorer_wraps_the_toy_reward():
     from diffalign.toy.llm import CATEGORIES, all_prompts, parse_request, render_answer, toy_reward
 

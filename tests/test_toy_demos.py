@@ -47,7 +47,10 @@ def test_demo_aligns_the_toy_image_model_and_its_lora_loads_in_diffusers(tmp_pat
     metrics = final_eval(output_dir)
     assert metrics["eval/win_rate"] >= 0.65, metrics  # 0.708 measured (README)
     assert metrics["eval/reward_aligned"] > metrics["eval/reward_base"] + 0.015, metrics
+    centred_base, centred_aligned = metrics["eval/toy_t2i_centredness_base"], metrics["eval/toy_t2i_centredness_aligned"]
+    assert centred_aligned > centred_base + 0.03, metrics  # 0.314 → 0.374 measured (docs/experiments.md)
     assert "held-out samples (12 prompts × 8 seeds)" in printed
+    assert f"mean toy_t2i_centredness, base → aligned: {centred_base:.3f} → {centred_aligned:.3f}" in printed
     assert (output_dir / "samples" / "step-0000300.png").is_file()
 
     pipeline = StableDiffusionPipeline.from_pretrained(ROOT / "assets" / "toy-t2i", safety_checker=None)

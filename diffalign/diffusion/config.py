@@ -122,6 +122,9 @@ class DiffusionEvalConfig:
     guidance_scale: float = 5.0
     seed: int = 0
     reward: str | None = None  # a scorer name from diffalign.rewards, e.g. toy_t2i
+    # More scorers, each reported as its mean base → aligned (`eval/<name>_base`, `eval/<name>_aligned`): what a
+    # reward is made of (toy_t2i_centredness), or a second opinion on it.
+    metrics: list[str] = field(default_factory=list)
     grid_prompts: int = 8  # how many prompts go into the before/after image grid
 
 

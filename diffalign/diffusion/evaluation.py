@@ -42,8 +42,8 @@ class SampleEvaluation:
         self.base_model = base_model
         self.output_dir = output_dir
         self.prompts = eval_prompts(config)
-        self._base: tuple[Samples, Tensor | None] | None = None
-        self._scorer = None
+        self._base: tuple[Samples, dict[str, Tensor]] | None = None
+        self._scorers: dict[str, nn.Module] = {}
         self.logged: LoggedSamples | None = None  # the last evaluation's grid and samples, for the trackers
 
     def _generate(self, denoiser: nn.Module) -> Samples:
@@ -56,15 +56,20 @@ class SampleEvaluation:
             guidance_scale=self.config.guidance_scale,
         )
 
-    def _score(self, samples: Samples) -> Tensor | None:
-        if not self.config.reward:
-            return None
-        if self._scorer is None:
-            from diffalign.rewards import build_scorer
+    def _score(self, samples: Samples) -> dict[str, Tensor]:
+        """Each sample's score under ``eval.reward`` and every ``eval.metrics`` scorer, by scorer name."""
+        keys = {name: f"eval.metrics[{index}]" for index, name in enumerate(self.config.metrics)}
+        if self.config.reward:
+            keys[self.config.reward] = "eval.reward"
+        scores = {}
+        for name, key in keys.items():
+            if name not in self._scorers:
+                from diffalign.rewards import build_scorer
 
-            with under_key("eval.reward"):
-                self._scorer = build_scorer(self.config.reward)
-        return self._scorer(samples, self.prompts).float().cpu()
+                with under_key(key):
+                    self._scorers[name] = build_scorer(name)
+            scores[name] = self._scorers[name](samples, self.prompts).float().cpu()
+        return scores
 
     @torch.no_grad()
     def __call__(self, model: nn.Module, step: int) -> dict[str, float]:
@@ -79,14 +84,19 @@ class SampleEvaluation:
         base_samples, base_scores = self._base
         aligned_samples = self._generate(model)
         aligned_scores = self._score(aligned_samples)
-        self.logged = self._save_grid(base_samples, aligned_samples, base_scores, aligned_scores, step)
-        if aligned_scores is None:
-            return {}
-        return {
-            "win_rate": win_rate(aligned_scores, base_scores),
-            "reward_aligned": aligned_scores.mean().item(),
-            "reward_base": base_scores.mean().item(),
-        }
+        reward = self.config.reward
+        self.logged = self._save_grid(
+            base_samples, aligned_samples, base_scores.get(reward), aligned_scores.get(reward), step
+        )
+        metrics = {}
+        for name in self.config.metrics:
+            metrics[f"{name}_base"] = base_scores[name].mean().item()
+            metrics[f"{name}_aligned"] = aligned_scores[name].mean().item()
+        if reward:
+            metrics["win_rate"] = win_rate(aligned_scores[reward], base_scores[reward])
+            metrics["reward_aligned"] = aligned_scores[reward].mean().item()
+            metrics["reward_base"] = base_scores[reward].mean().item()
+        return metrics
 
     def _save_grid(
         self, base: Samples, aligned: Samples, base_scores: Tensor | None, aligned_scores: Tensor | None, step: int

@@ -16,6 +16,13 @@ from diffalign.rewards.inputs import check_images, resample
 from diffalign.rewards.registry import register_scorer
 
 
+def image_tensor(images: Tensor, scorer: str) -> Tensor:
+    """The toy image world's measurements work on tensors; PIL images are refused with the fix."""
+    if not isinstance(check_images(images), Tensor):
+        raise ValueError(f"{scorer} scores image tensors [B,3,H,W] in [0, 1], not PIL images")
+    return images
+
+
 class ToyT2IScorer(Scorer):
     """:func:`diffalign.toy.t2i.toy_reward`: prompt fidelity times centredness of the drawn shape, in [0, 1]."""
 
@@ -24,9 +31,20 @@ class ToyT2IScorer(Scorer):
     def forward(self, images: Tensor, prompts: Sequence[str] | None = None, reference: None = None) -> Tensor:
         from diffalign.toy.t2i import toy_reward
 
-        if not isinstance(check_images(images), Tensor):
-            raise ValueError("toy_t2i scores image tensors [B,3,H,W] in [0, 1], not PIL images")
+        images = image_tensor(images, "toy_t2i")
         return self.output(toy_reward(images, check_prompts(prompts, len(images), "toy_t2i")))
+
+
+class ToyT2ICentrednessScorer(Scorer):
+    """:func:`diffalign.toy.t2i.centredness`: how near the frame's centre the drawn shape is, in [0, 1]; the
+    factor of the toy reward that alignment moves and a person can see (prompts are not needed)."""
+
+    modality = "image"
+
+    def forward(self, images: Tensor, prompts: Sequence[str] | None = None, reference: None = None) -> Tensor:
+        from diffalign.toy.t2i import centredness
+
+        return self.output(centredness(image_tensor(images, "toy_t2i_centredness")))
 
 
 class ToyT2MScorer(Scorer):
@@ -65,6 +83,13 @@ class ToyLLMScorer(Scorer):
 @register_scorer("toy_t2i")
 def toy_t2i(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> ToyT2IScorer:
     return ToyT2IScorer(device, dtype)
+
+
+@register_scorer("toy_t2i_centredness")
+def toy_t2i_centredness(
+    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> ToyT2ICentrednessScorer:
+    return ToyT2ICentrednessScorer(device, dtype)
 
 
 @register_scorer("toy_t2m")
