@@ -65,17 +65,22 @@ def test_dpo_loss_equals_the_official_formula(builder, tmp_path):
     noise = torch.randn_like(batch.chosen_latents)
     timesteps = torch.randint(0, 1000, (3,))
     alphas = family.noise_scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
-    inputs = family.denoiser_inputs(batch.prompt_embeds, {})
+    pair_embeds = {name: torch.cat([embeds, embeds]) for name, embeds in batch.prompt_embeds.items()}
+    inputs = family.denoiser_inputs(pair_embeds, {})
 
-    def error(model, latents):
-        noisy = alphas.sqrt() * latents + (1 - alphas).sqrt() * noise
-        prediction = model(noisy, timesteps, **inputs).sample
-        return ((prediction - noise) ** 2).mean(dim=(1, 2, 3))
+    # As the official script, winners and losers in one forward ([w; l], the same ε and t for both): separate
+    # forwards may take other CPU kernels, whose rounding β = 5000 magnifies to 3e-4 in the loss.
+    def errors(model):
+        latents = torch.cat([batch.chosen_latents, batch.rejected_latents])
+        pair_noise, pair_alphas = noise.repeat(2, 1, 1, 1), alphas.repeat(2, 1, 1, 1)
+        noisy = pair_alphas.sqrt() * latents + (1 - pair_alphas).sqrt() * pair_noise
+        prediction = model(noisy, timesteps.repeat(2), **inputs).sample
+        return ((prediction - pair_noise) ** 2).mean(dim=(1, 2, 3)).chunk(2)
 
     with torch.no_grad():
-        model_w, model_l = error(policy, batch.chosen_latents), error(policy, batch.rejected_latents)
+        model_w, model_l = errors(policy)
         policy.disable_adapters()
-        ref_w, ref_l = error(policy, batch.chosen_latents), error(policy, batch.rejected_latents)
+        ref_w, ref_l = errors(policy)
         policy.enable_adapters()
     inside = -0.5 * 5000 * ((model_w - model_l) - (ref_w - ref_l))
     official = -F.logsigmoid(inside).mean()
