@@ -378,8 +378,10 @@ def test_two_processes_equal_one_process_with_the_global_batch(model_dirs, tmp_p
         for name, rel in tolerance.items():
             assert double[step][name] == pytest.approx(single[step][name], rel=rel, abs=1e-7), (step, name)
     single_weights, double_weights = final_weights(tmp_path / "single"), final_weights(tmp_path / "double")
+    # The same rounding reaches the weights after 3 steps: 1.8e-7 at most on an AMD EPYC. An advantage normalised
+    # per process instead of over the global batch changes the step itself, far beyond 1e-6.
     for key, value in single_weights.items():
-        torch.testing.assert_close(double_weights[key], value, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(double_weights[key], value, rtol=1e-5, atol=1e-6)
 
 
 # --- refusals ------------------------------------------------------------------------------------------------------
