@@ -82,14 +82,16 @@ def _first_row_keys(path: Path) -> list[str]:
 def require_scorers(eval_config: Any) -> None:
     """``eval.reward`` and every ``eval.metrics`` entry name a registered scorer: a typo there would otherwise
     surface at the first evaluation, after the training it was meant to judge."""
-    from diffalign.rewards import scorer_names
+    from diffalign.rewards.registry import require_registered
 
     named = {f"eval.metrics[{index}]": name for index, name in enumerate(eval_config.metrics)}
     if eval_config.reward is not None:
         named["eval.reward"] = eval_config.reward
     for key, name in named.items():
-        if name not in scorer_names():
-            raise ConfigError(f"{key}: {name!r} is not a registered scorer; choose one of {scorer_names()}")
+        try:
+            require_registered(key, name)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
 
 def preflight_diffusion(config: Any) -> None:

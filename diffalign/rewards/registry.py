@@ -42,6 +42,12 @@ def scorer_names() -> list[str]:
     return sorted(_SCORERS)
 
 
+def require_registered(key: str, name: str) -> None:
+    """``name`` is a registered scorer; raises a ``ValueError`` naming the config ``key`` and the choices."""
+    if name not in _SCORERS:
+        raise ValueError(f"{key}: {name!r} is not a registered scorer; choose one of {scorer_names()}")
+
+
 def build_scorer(name: str, **options: Any) -> Scorer:
     """The scorer registered as ``name``, built with ``options`` (a config mapping; ``dtype`` may be a string)."""
     if name not in _SCORERS:
@@ -70,10 +76,7 @@ class ScorerConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.name not in _SCORERS:
-            raise ValueError(
-                f"name: {self.name!r} is not a registered scorer; choose one of {scorer_names()}"
-            )
+        require_registered("name", self.name)
 
     def build(self) -> Scorer:
         return build_scorer(self.name, **self.options)
