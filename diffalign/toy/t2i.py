@@ -426,10 +426,14 @@ def prompt_fidelity(images: Tensor, prompts: list[str]) -> Tensor:
     return _fidelity(_measure(images), prompts)
 
 
+def _centredness(measured: _Measurements) -> Tensor:
+    offset = measured.centres - 0.5
+    return torch.exp(-(offset**2).sum(1) / (2 * CENTRE_SIGMA**2))
+
+
 def centredness(images: Tensor) -> Tensor:
     """``exp(-d² / 2σ²)`` with d the distance of the shape's centroid from the image centre: ``[B]`` in (0,1]."""
-    offset = _measure(images).centres - 0.5
-    return torch.exp(-(offset**2).sum(1) / (2 * CENTRE_SIGMA**2))
+    return _centredness(_measure(images))
 
 
 def toy_reward(images: Tensor, prompts: list[str]) -> Tensor:
@@ -441,9 +445,7 @@ def toy_reward(images: Tensor, prompts: list[str]) -> Tensor:
     """
     _check_prompts(images, prompts)
     measured = _measure(images)
-    offset = measured.centres - 0.5
-    centred = torch.exp(-(offset**2).sum(1) / (2 * CENTRE_SIGMA**2))
-    return _fidelity(measured, prompts) * (1 + centred) / 2
+    return _fidelity(measured, prompts) * (1 + _centredness(measured)) / 2
 
 
 # ------------------------------------------------------------------------------------------ subject set
