@@ -88,6 +88,37 @@ def make_trainable(model: nn.Module, config: LLMModelConfig, gradient_checkpoint
     return model
 
 
+def plain_weights(policy: nn.Module) -> dict[str, torch.Tensor]:
+    """The policy's weights under the plain model's parameter names, as a rollout engine loads them.
+
+    A full fine-tune's are its own state. A peft LoRA policy's are its base weights with each active adapter's
+    delta ``(alpha / rank)·B·A`` added, in the base weights' dtype. The sum is formed out of place: merging
+    into a bf16 base and unmerging again would round the base weights a little at every rollout, and the live
+    policy must keep its adapter and its base weights bit for bit.
+    """
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    if not isinstance(policy, PeftModel):
+        return dict(policy.state_dict())
+    base = policy.get_base_model()
+    weights = {
+        key.replace(".base_layer.", "."): value
+        for key, value in base.state_dict().items()
+        if ".lora_" not in key
+    }
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer) and not module.merged:
+            base_weight = module.get_base_layer().weight
+            delta = sum(
+                module.get_delta_weight(adapter)
+                for adapter in module.active_adapters
+                if adapter in module.scaling
+            )
+            weights[f"{name}.weight"] = (base_weight + delta).to(base_weight.dtype)
+    return weights
+
+
 def save_policy(model: nn.Module, tokenizer: Any, config: LLMModelConfig, output_dir: Path) -> None:
     """Write what ``AutoModelForCausalLM.from_pretrained(output_dir)`` loads: the full (merged) model, or the
     LoRA adapter with the base model's path in its ``adapter_config.json`` (loading it needs peft)."""

@@ -54,7 +54,7 @@ from diffalign.llm.online_config import LLMOnlineTrainConfig
 from diffalign.llm.prompts import PromptDataset, load_prompt_items
 from diffalign.llm.reference import ModelReference
 from diffalign.llm.rewards import load_rewards, score_completions
-from diffalign.llm.rollout import SAMPLERS
+from diffalign.llm.rollout import build_sampler
 from diffalign.llm.scores import ROW_KEYS, paired_scores
 from diffalign.losses import compute_advantages, kl_penalised_rewards, policy_gradient_loss
 from diffalign.losses.advantages import combine_rewards, grouped, std_of
@@ -144,18 +144,11 @@ class OnlineLLMRecipe(Recipe):
         logger.info("method: %s, reference: %s", config.method, strategy)
 
         self.rewards = load_rewards(config.rewards, accelerator.device, dtype)
-        rollout = config.rollout
-        self.sampler = SAMPLERS[rollout.backend](
-            self.tokenizer,
-            max_new_tokens=rollout.max_new_tokens,
-            temperature=rollout.temperature,
-            top_p=rollout.top_p,
-            top_k=rollout.top_k,
-            batch_size=rollout.batch_size,
-        )
+        self.sampler = build_sampler(config, self.tokenizer, dtype)
         # Dr. GRPO's L_max is the completion budget (TRL's max_completion_length), not the padded row width.
         self.policy_config = dataclasses.replace(
-            config.policy, max_completion_length=config.policy.max_completion_length or rollout.max_new_tokens
+            config.policy,
+            max_completion_length=config.policy.max_completion_length or config.rollout.max_new_tokens,
         )
         self.advantage_config = dataclasses.replace(
             config.advantages, reward_weights=[reward.weight for reward in config.rewards]
@@ -334,6 +327,10 @@ class OnlineLLMRecipe(Recipe):
 def train(config: LLMOnlineTrainConfig) -> dict[str, float]:
     """Align ``config.model`` online on ``config.data``'s prompts; returns the final metrics."""
     accelerator = make_accelerator(config.run)
+    if config.rollout.backend == "vllm":
+        from diffalign.llm.vllm_sampler import require_vllm
+
+        require_vllm(accelerator)
     set_seed(config.run.seed)
     recipe = OnlineLLMRecipe(config, accelerator)
     return run_training(recipe, run=config.run, optim=config.optim, accelerator=accelerator, config=config)

@@ -41,12 +41,34 @@ class PromptDataConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """The engine of ``rollout.backend: vllm``: one per training process, on its GPU (``llm/vllm_sampler.py``)."""
+
+    # The share of the GPU's memory the engine takes for its weights and KV cache; training has the rest
+    # (TRL's vllm_gpu_memory_utilization, whose default this is).
+    gpu_memory_utilization: float = 0.3
+    # The longest prompt plus completion the engine plans its KV cache for; null: data.max_prompt_length +
+    # rollout.max_new_tokens, or the model's own limit when prompts are not cut.
+    max_model_len: int | None = None
+    enforce_eager: bool = False  # true: no CUDA graphs (a faster start, slower decoding)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"rollout.vllm.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"rollout.vllm.max_model_len must be >= 2 or null, got {self.max_model_len}")
+
+
+@dataclass
 class RolloutConfig:
     """How completions are sampled (TRL's GRPOConfig names in the comments)."""
 
-    backend: Literal["transformers"] = (
-        "transformers"  # a vLLM backend is not yet supported (see llm/rollout.py)
-    )
+    # transformers: the policy's own generate (any device); vllm: a colocated vLLM engine (CUDA GPUs, the
+    # vllm extra; use_vllm with vllm_mode colocate), loaded with the policy's weights before every rollout.
+    backend: Literal["transformers", "vllm"] = "transformers"
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
     group_size: int = 8  # G completions per prompt (num_generations)
     max_new_tokens: int = 256  # max_completion_length
     temperature: float = 1.0
@@ -56,7 +78,7 @@ class RolloutConfig:
     # policy moves away from the sampling policy and the ratio's clipping matters. The loop's batches on the
     # reuse steps are not sampled from: every rollout draws fresh prompts.
     iterations: int = 1
-    batch_size: int = 64  # rows per generate call
+    batch_size: int = 64  # rows per generate call of the transformers backend (vLLM schedules its own)
 
     def __post_init__(self) -> None:
         for key in ("group_size", "max_new_tokens", "iterations", "batch_size"):

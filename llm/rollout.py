@@ -7,23 +7,24 @@ transformers' warpers do, ``argmax(logits + g)`` with ``g = −log(−log u)`` a
 row's generator is an exact sample of ``softmax(logits)``. A completion then depends only on its prompt and
 its seed, so resumed, accumulated and multi-process runs generate the same completions.
 
-A backend turns prompts and seeds into completion token ids (``CompletionSampler``). The transformers one is the
-default and the only one today; a vLLM engine is the natural second for GPUs: it would implement ``sample``
-with one request per row (``SamplingParams(seed=..., temperature=..., top_p=..., top_k=...,
-max_tokens=...)``), load the policy's weights after every optimizer step, and be registered in ``SAMPLERS``
-under a new ``rollout.backend`` value. Old log-probs are recomputed by the training model in either case, so
-the backend only has to sample.
+A backend turns prompts and seeds into completion token ids (``CompletionSampler``): this one, the default, on
+any device, or a colocated vLLM engine on GPUs (``llm/vllm_sampler.py``); ``build_sampler`` picks it from
+``rollout.backend``. Old log-probs are recomputed by the training model in either case, so a backend only has
+to sample.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor, nn
 from transformers import LogitsProcessor, LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
 
 from diffalign.llm.batching import pad
+
+if TYPE_CHECKING:
+    from diffalign.llm.online_config import LLMOnlineTrainConfig
 
 
 class CompletionSampler(Protocol):
@@ -118,4 +119,28 @@ def cut_at_eos(token_ids: list[int], eos_token_id: int) -> list[int]:
     return token_ids[: token_ids.index(eos_token_id) + 1] if eos_token_id in token_ids else token_ids
 
 
-SAMPLERS = {"transformers": TransformersSampler}
+def build_sampler(config: LLMOnlineTrainConfig, tokenizer: Any, dtype: torch.dtype) -> CompletionSampler:
+    """The sampler of ``config.rollout.backend``."""
+    rollout = config.rollout
+    sampling = dict(
+        max_new_tokens=rollout.max_new_tokens,
+        temperature=rollout.temperature,
+        top_p=rollout.top_p,
+        top_k=rollout.top_k,
+    )
+    if rollout.backend == "transformers":
+        return TransformersSampler(tokenizer, batch_size=rollout.batch_size, **sampling)
+    from diffalign.llm.vllm_sampler import VLLMSampler, start_engine
+
+    prompt_length = config.data.max_prompt_length
+    engine, sampling_params = start_engine(
+        config.model.pretrained,
+        revision=config.model.revision,
+        dtype=dtype,
+        seed=config.run.seed,
+        gpu_memory_utilization=rollout.vllm.gpu_memory_utilization,
+        max_model_len=rollout.vllm.max_model_len
+        or (prompt_length + rollout.max_new_tokens if prompt_length is not None else None),
+        enforce_eager=rollout.vllm.enforce_eager,
+    )
+    return VLLMSampler(engine, sampling_params, eos_token_id=tokenizer.eos_token_id, **sampling)

@@ -367,7 +367,6 @@ def test_a_reward_model_scores_by_its_first_logit(tmp_path):
         ({"advantages": {"reward_weights": [1.0, 2.0]}}, r"rewards\[i\].weight"),
         ({"method": "online_dpo", "loss": {"type": ["kto"]}}, r"unpaired losses \['kto'\]"),
         ({"rollout": {"group_size": 1}}, "at least 2 completions"),
-        ({"rollout": {"backend": "vllm"}}, r"choose one of \['transformers'\]"),
         ({"rewards": [{"function": "diffalign.toy.llm.toy_reward"}]}, "must be 'module:function'"),
     ],
 )
