@@ -155,6 +155,25 @@ def test_families_take_their_latent_factors_from_the_vae(model_dirs):
     assert "scaling_factor" not in stable_audio.vae.config
 
 
+def test_sampling_reads_no_scheduler_file_after_loading(model_dirs, monkeypatch):
+    """Online methods sample every step: with a hub id, a scheduler read per call was a network check per call."""
+    from diffusers.configuration_utils import ConfigMixin
+
+    family = load_family(str(model_dirs["sd"]))
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a scheduler file was read while sampling")
+
+    monkeypatch.setattr(ConfigMixin, "load_config", classmethod(no_reading))  # what every from_pretrained reads
+    pipeline = family.build_pipeline(family.denoiser)
+    # The pipeline's sampler as its scheduler_config.json sets it.
+    assert pipeline.scheduler.config.num_train_timesteps == family.scheduler_config["num_train_timesteps"]
+    assert pipeline.scheduler.config.set_alpha_to_one == family.scheduler_config.get("set_alpha_to_one", True)
+    generator = [torch.Generator().manual_seed(0)]
+    latents = family.sample(family.denoiser, ["a red circle"], generator, num_inference_steps=2, guidance_scale=1.0)
+    assert torch.isfinite(latents).all()
+
+
 def test_importing_the_llm_trainer_does_not_import_diffusers():
     code = "import sys, diffalign.llm.trainer; print(sorted(m for m in sys.modules if m.split('.')[0] == 'diffusers'))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

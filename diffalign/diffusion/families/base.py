@@ -312,8 +312,10 @@ class DDPMFamily(DiffusionFamily):
         self, pretrained_path: str, timesteps: TimestepSettings | None = None, options: FamilyOptions | None = None
     ) -> None:
         super().__init__(pretrained_path, timesteps, options)
+        # Read once: pipelines built for sampling take their scheduler from it without touching the disk or hub.
+        self.scheduler_config = DDPMScheduler.load_config(pretrained_path, subfolder="scheduler")
         # Whatever sampler the pipeline ships (DDIM, Euler, ...), training noise follows its DDPM schedule.
-        self.noise_scheduler = DDPMScheduler.from_pretrained(pretrained_path, subfolder="scheduler")
+        self.noise_scheduler = DDPMScheduler.from_config(self.scheduler_config)
 
     @property
     def prediction_type(self) -> str:

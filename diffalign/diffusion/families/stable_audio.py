@@ -110,8 +110,8 @@ class StableAudioFamily(DiffusionFamily):
     ) -> None:
         super().__init__(pretrained_path, timesteps, options)
         # Any scheduler class reads scheduler_config.json; the cosine scheduler's own class imports only with torchsde.
-        scheduler_config = DDPMScheduler.load_config(pretrained_path, subfolder="scheduler")
-        self.schedule = SigmaSchedule.from_scheduler_config(scheduler_config, f"{pretrained_path}/scheduler")
+        self.scheduler_config = DDPMScheduler.load_config(pretrained_path, subfolder="scheduler")
+        self.schedule = SigmaSchedule.from_scheduler_config(self.scheduler_config, f"{pretrained_path}/scheduler")
         self.tokenizer = AutoTokenizer.from_pretrained(pretrained_path, subfolder="tokenizer")
         self.text_encoder = T5EncoderModel.from_pretrained(pretrained_path, subfolder="text_encoder")
         self.projection_model = StableAudioProjectionModel.from_pretrained(pretrained_path, subfolder="projection_model")
@@ -142,7 +142,7 @@ class StableAudioFamily(DiffusionFamily):
             projection_model=self.projection_model,
             tokenizer=self.tokenizer,
             transformer=denoiser,
-            scheduler=CosineDPMSolverMultistepScheduler.from_pretrained(self.pretrained_path, subfolder="scheduler"),
+            scheduler=CosineDPMSolverMultistepScheduler.from_config(self.scheduler_config),
         )
 
     # --- conditioning -----------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ class StableDiffusionFamily(ImageVAEFamily):
             text_encoder=self.text_encoder,
             tokenizer=self.tokenizer,
             unet=denoiser,
-            scheduler=DDIMScheduler.from_pretrained(self.pretrained_path, subfolder="scheduler"),
+            scheduler=DDIMScheduler.from_config(self.scheduler_config),
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
@@ -96,7 +96,7 @@ class StableDiffusionXLFamily(ImageVAEFamily):
             tokenizer=self.tokenizer,
             tokenizer_2=self.tokenizer_2,
             unet=denoiser,
-            scheduler=DDIMScheduler.from_pretrained(self.pretrained_path, subfolder="scheduler"),
+            scheduler=DDIMScheduler.from_config(self.scheduler_config),
         )
 
     @torch.no_grad()
