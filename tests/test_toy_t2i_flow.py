@@ -150,7 +150,7 @@ def test_latent_factors_give_zero_mean_and_unit_variance():
 
 
 def test_base_model_meets_the_quality_bar_but_leaves_room_for_alignment(pipeline):
-    """Shape and colour right far more often than chance (1/18; the shipped model: 0.71 on the held-out preference
+    """Shape and colour right far more often than chance (1/18; the shipped model: 0.984 on the held-out preference
     samples), shapes not reliably centred."""
     prompts = [p for p in t2i.all_captions() for _ in range(2)]  # 72 samples
     images = pipeline(
@@ -166,7 +166,7 @@ def test_base_model_meets_the_quality_bar_but_leaves_room_for_alignment(pipeline
     shape_and_colour = np.mean(
         [d["shape"] == a["shape"] and d["colour"] == a["colour"] for d, a in zip(detections, asked)]
     )
-    assert shape_and_colour >= 0.6, f"shape-and-colour accuracy {shape_and_colour:.2f} (chance 0.06)"
+    assert shape_and_colour >= 0.9, f"shape-and-colour accuracy {shape_and_colour:.2f} (chance 0.06)"
     assert t2i.centredness(images).mean() < 0.6
 
 
@@ -175,7 +175,7 @@ def test_build_info_records_the_base_quality_of_the_preference_samples():
     for split in ("train", "heldout"):
         table = pq.read_table(ASSETS / "data" / f"{split}.parquet")
         assert quality[split]["samples"] == table.num_rows  # two images a pair, every image in two pairs
-        assert quality[split]["shape_and_colour_accuracy"] >= 0.65
+        assert quality[split]["shape_and_colour_accuracy"] >= 0.95
         assert 0.2 < quality[split]["mean_centredness"] < 0.6
 
 
@@ -232,18 +232,23 @@ def test_small_build_is_reproducible_and_loads_with_the_stock_pipeline(tmp_path)
 
 
 @pytest.mark.slow
-def test_toy_flow_grpo_config_aligns_the_flow_toy(tmp_path):
-    """The shipped Flow-GRPO config from the command line, evaluated by the trainer on the held-out prompts. Two
-    runs measured 0.781 and 0.698 win rate (toy reward 0.470 → 0.642 and 0.594, docs/experiments.md); the bar
-    here is the effect both show, a clear majority of wins and a reward gain, not the 75% target."""
-    output_dir = tmp_path / "grpo"
+@pytest.mark.parametrize(
+    "config, min_win_rate, min_reward_gain",
+    [("toy_flow_grpo.yaml", 0.75, 0.1), ("toy_flow_dpo.yaml", 0.7, 0.01)],
+)
+def test_shipped_flow_config_aligns_the_flow_toy(tmp_path, config, min_win_rate, min_reward_gain):
+    """A shipped config from the command line, evaluated by the trainer on the held-out prompts (96 comparisons)
+    against the issue's bars: Flow-GRPO 75%, Diffusion-DPO 70%. Measured on one thread and on two alike:
+    Flow-GRPO 0.927 (toy reward 0.613 → 0.850), Diffusion-DPO 0.781 (0.613 → 0.632); docs/experiments.md."""
+    output_dir = tmp_path / "run"
     command = [
         sys.executable,
         "-m",
         "diffalign",
         "train",
-        "configs/toy_flow_grpo.yaml",
+        f"configs/{config}",
         f"run.output_dir={output_dir}",
+        f"data.cache_dir={output_dir / 'cache'}",
     ]
     command += ["run.progress_bar=false", "run.trackers=[]"]
     root = TOY_T2I_FLOW_DIR.parents[1]
@@ -253,5 +258,5 @@ def test_toy_flow_grpo_config_aligns_the_flow_toy(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     final = [record for record in records if "eval/win_rate" in record][-1]
-    assert final["eval/win_rate"] >= 0.65, final
-    assert final["eval/reward_aligned"] > final["eval/reward_base"] + 0.1, final
+    assert final["eval/win_rate"] >= min_win_rate, final
+    assert final["eval/reward_aligned"] > final["eval/reward_base"] + min_reward_gain, final

@@ -64,7 +64,7 @@ class T2IFlowBuildConfig(ImageBuildSettings):
     transformer_layers: int = 4
     transformer_width: int = 64
     attention_heads: int = 2
-    transformer_steps: int = 3000
+    transformer_steps: int = 9000
     transformer_batch_size: int = 64
     transformer_learning_rate: float = 1e-3
     transformer_ema_decay: float = 0.998
