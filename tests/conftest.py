@@ -1,6 +1,7 @@
 """Fixtures shared by the test modules. Importing ``online_rewards`` registers the test scorers (``test_mean_red``,
 ``test_fad``, ``test_vendi``) that configs name."""
 
+import os
 from pathlib import Path
 
 import online_rewards  # noqa: F401
@@ -8,6 +9,18 @@ import pytest
 import torch
 from helpers import write_random_pairs
 from tiny_pipelines import build_tiny_sd, build_tiny_sdxl
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, share the cores among the workers: torch's default of one thread per core in every
+    worker oversubscribes the CPU and runs slower than one worker alone. Subprocesses (torchrun, the CLI) inherit
+    the share through ``OMP_NUM_THREADS``."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cores // workers)
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import os
 import subprocess
 import sys
@@ -317,6 +318,29 @@ def train_regression(tmp_path: Path, recipe: RegressionRecipe | None = None, **r
 
 
 # --- several processes ------------------------------------------------------------------------------------------
+
+
+def run_diffalign(*arguments: str, cwd: Path) -> str:
+    """``python -m diffalign ARGUMENTS`` from CWD, offline and on one thread; fails the test with the output's tail
+    if it fails, else returns what it printed. One thread: a toy run's trajectory depends on the order of its
+    floating-point sums, so the figures the slow tests assert are the one-thread figures of docs/experiments.md,
+    the same on any machine and under any number of pytest-xdist workers."""
+    # No time limit: on a loaded machine these runs take several times their recorded figures, and how long they
+    # take is not what they check.
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "diffalign", *arguments], cwd=cwd, env=environment, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def final_eval(output_dir: Path) -> dict[str, float]:
+    """The last evaluation record of a run's ``metrics.jsonl``."""
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [record for record in records if any(key.startswith("eval/") for key in record)]
+    assert evaluations, f"no evaluation in {output_dir / 'metrics.jsonl'}"
+    return evaluations[-1]
 
 
 def torchrun(processes: int, *arguments: str) -> None:

@@ -1,41 +1,20 @@
 """The shipped toy jobs end to end, as a user runs them from the command line: `diffalign demo` (the README's main
 job), the toy LLM DPO, GRPO and online DPO configs and the toy λ-Harmonic RPO config. Each evaluates itself on
-held-out prompts; the figures they reach on a 2-core CPU are in the README's methods table. The bounds here sit a
-little below those figures, so that a regression fails while thread counts and
-BLAS builds may still move a sample or two."""
+held-out prompts; the figures they reach are in the README's methods table. The bounds here sit a little below
+those figures, so that a regression fails while another CPU's or BLAS build's sums may still move a sample or two.
+"""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import final_eval, run_diffalign
 
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
-
-
-def run_cli(*arguments: str, cwd: Path) -> str:
-    # No time limit: on a loaded machine these runs take several times their README figures, and how long they
-    # take is not what they check.
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "diffalign", *arguments], cwd=cwd, env=environment, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
-
-
-def final_eval(output_dir: Path) -> dict[str, float]:
-    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    evaluations = [record for record in records if any(key.startswith("eval/") for key in record)]
-    assert evaluations, f"no evaluation in {output_dir / 'metrics.jsonl'}"
-    return evaluations[-1]
 
 
 def test_demo_aligns_the_toy_image_model_and_its_lora_loads_in_diffusers(tmp_path):
@@ -43,7 +22,7 @@ def test_demo_aligns_the_toy_image_model_and_its_lora_loads_in_diffusers(tmp_pat
 
     output_dir = tmp_path / "demo"
     # Run from elsewhere: the demo finds its config and the shipped assets relative to the package.
-    printed = run_cli("demo", "--output-dir", str(output_dir), "run.progress_bar=false", "run.trackers=[]", cwd=tmp_path)
+    printed = run_diffalign("demo", "--output-dir", str(output_dir), "run.progress_bar=false", "run.trackers=[]", cwd=tmp_path)
     metrics = final_eval(output_dir)
     assert metrics["eval/win_rate"] >= 0.65, metrics  # 0.708 measured (README)
     assert metrics["eval/reward_aligned"] > metrics["eval/reward_base"] + 0.015, metrics
@@ -69,7 +48,7 @@ def test_toy_llm_dpo_config_aligns_the_toy_llm_and_loads_in_transformers(tmp_pat
     from transformers import AutoModelForCausalLM
 
     output_dir = tmp_path / "llm"
-    run_cli(
+    run_diffalign(
         "train", "configs/toy_llm_dpo.yaml", f"run.output_dir={output_dir}", "run.progress_bar=false", "run.trackers=[]", cwd=ROOT
     )
     metrics = final_eval(output_dir)
@@ -82,7 +61,7 @@ def test_toy_llm_dpo_config_aligns_the_toy_llm_and_loads_in_transformers(tmp_pat
 @pytest.mark.parametrize(("config", "bar"), [("toy_llm_grpo.yaml", 0.73), ("toy_llm_online_dpo.yaml", 0.72)])
 def test_toy_llm_online_configs_align_the_toy_llm(config, bar, tmp_path):
     output_dir = tmp_path / "online"
-    run_cli("train", f"configs/{config}", f"run.output_dir={output_dir}", "run.progress_bar=false", "run.trackers=[]", cwd=ROOT)
+    run_diffalign("train", f"configs/{config}", f"run.output_dir={output_dir}", "run.progress_bar=false", "run.trackers=[]", cwd=ROOT)
     metrics = final_eval(output_dir)
     assert metrics["eval/win_rate"] >= bar, metrics  # 0.760 and 0.755 measured (README)
     assert metrics["eval/reward_aligned"] > metrics["eval/reward_base"] + 0.2, metrics
@@ -90,7 +69,7 @@ def test_toy_llm_online_configs_align_the_toy_llm(config, bar, tmp_path):
 
 def test_toy_rpo_config_keeps_a_checkpoint_that_beats_base_on_the_lambda_harmonic_reward(tmp_path):
     output_dir = tmp_path / "rpo"
-    run_cli("train", "configs/toy_rpo.yaml", f"run.output_dir={output_dir}", "run.progress_bar=false", "run.trackers=[]", cwd=ROOT)
+    run_diffalign("train", "configs/toy_rpo.yaml", f"run.output_dir={output_dir}", "run.progress_bar=false", "run.trackers=[]", cwd=ROOT)
     metrics = final_eval(output_dir)
     # 0.742 against 0.644 measured (README).
     assert metrics["eval/rpo/validation_reward"] > metrics["eval/rpo/validation_reward_base"] + 0.05, metrics

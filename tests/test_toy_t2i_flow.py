@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import final_eval, run_diffalign
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -247,22 +246,9 @@ def test_shipped_flow_config_aligns_the_flow_toy(tmp_path, config, min_win_rate,
     Flow-GRPO 0.927 (toy reward 0.613 → 0.850), Diffusion-DPO 0.781 (0.613 → 0.632), online DPO 0.719
     (0.613 → 0.640), DRAGON 0.760 (0.613 → 0.633); docs/experiments.md."""
     output_dir = tmp_path / "run"
-    command = [
-        sys.executable,
-        "-m",
-        "diffalign",
-        "train",
-        f"configs/{config}",
-        f"run.output_dir={output_dir}",
-        f"data.cache_dir={output_dir / 'cache'}",
-    ]
-    command += ["run.progress_bar=false", "run.trackers=[]"]
-    root = TOY_T2I_FLOW_DIR.parents[1]
-    result = subprocess.run(
-        command, cwd=root, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    final = [record for record in records if "eval/win_rate" in record][-1]
+    overrides = [f"run.output_dir={output_dir}", f"data.cache_dir={output_dir / 'cache'}"]
+    overrides += ["run.progress_bar=false", "run.trackers=[]"]
+    run_diffalign("train", f"configs/{config}", *overrides, cwd=TOY_T2I_FLOW_DIR.parents[1])
+    final = final_eval(output_dir)
     assert final["eval/win_rate"] >= min_win_rate, final
     assert final["eval/reward_aligned"] > final["eval/reward_base"] + min_reward_gain, final
