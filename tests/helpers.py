@@ -323,8 +323,8 @@ def train_regression(tmp_path: Path, recipe: RegressionRecipe | None = None, **r
 def run_diffalign(*arguments: str, cwd: Path) -> str:
     """``python -m diffalign ARGUMENTS`` from CWD, offline and on one thread; fails the test with the output's tail
     if it fails, else returns what it printed. One thread: a toy run's trajectory depends on the order of its
-    floating-point sums, so the figures the slow tests assert are the one-thread figures of docs/experiments.md,
-    the same on any machine and under any number of pytest-xdist workers."""
+    floating-point sums, so the slow tests reproduce the one-thread figures of docs/experiments.md whatever the
+    core count and the number of pytest-xdist workers (another CPU's kernels may still move a sample or two)."""
     # No time limit: on a loaded machine these runs take several times their recorded figures, and how long they
     # take is not what they check.
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
