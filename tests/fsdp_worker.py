@@ -142,6 +142,10 @@ def main() -> None:
             next(policy.parameters()).to_local().view(-1)[-1] = float("nan")
     finite.append(parameters_finite(policy))
     (args.output / f"finite-{state.process_index}.json").write_text(json.dumps(finite))
+    # As the trainers' accelerator.end_training() does: a process that exits with its gloo group alive can abort
+    # in the group's teardown (std::terminate, SIGABRT of one rank; seen once in CI).
+    state.wait_for_everyone()
+    state.destroy_process_group()
 
 
 if __name__ == "__main__":
