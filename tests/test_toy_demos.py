@@ -1,5 +1,6 @@
 """The shipped toy jobs end to end, as a user runs them from the command line: `diffalign demo` (the README's main
-job), the toy LLM DPO, GRPO and online DPO configs and the toy λ-Harmonic RPO config. Each evaluates itself on
+job), the toy music DPO and DRAGON configs, the toy LLM DPO, GRPO and online DPO configs and the toy λ-Harmonic
+RPO config. Each evaluates itself on
 held-out prompts; the figures they reach are in the README's methods table. The bounds here sit a little below
 those figures, so that a regression fails while another CPU's or BLAS build's sums may still move a sample or two.
 """
@@ -42,6 +43,15 @@ def test_demo_aligns_the_toy_image_model_and_its_lora_loads_in_diffusers(tmp_pat
     base = sample()
     pipeline.load_lora_weights(output_dir / "final")
     assert (sample() - base).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(("config", "bar"), [("toy_music_dpo.yaml", 0.65), ("toy_music_dragon.yaml", 0.85)])
+def test_toy_music_configs_make_the_toy_music_model_ring_longer(config, bar, tmp_path):
+    output_dir = tmp_path / "music"
+    run_diffalign("train", f"configs/{config}", f"run.output_dir={output_dir}", "run.progress_bar=false", "run.trackers=[]", cwd=ROOT)
+    metrics = final_eval(output_dir)
+    assert metrics["eval/win_rate"] >= bar, metrics  # 0.757 and 0.993 measured (README)
+    assert metrics["eval/reward_aligned"] > metrics["eval/reward_base"] + 0.05, metrics
 
 
 def test_toy_llm_dpo_config_aligns_the_toy_llm_and_loads_in_transformers(tmp_path):

@@ -1,6 +1,6 @@
 """The toy text-to-music world: the checker that hears the captioned attributes, the scripted reward and its
 scorer, audio files, the shipped assets (stock classes, offline), their recorded quality bars on a fresh sample,
-the preference data, a small reproducible build, and a Diffusion-DPO run of the shipped config."""
+the preference data and a small reproducible build (the shipped configs' runs: test_toy_demos.py)."""
 
 from __future__ import annotations
 
@@ -22,11 +22,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from diffusers import AutoencoderKL, DDIMScheduler, MusicLDMPipeline, UNet2DConditionModel
 from transformers import ClapFeatureExtractor, ClapModel, RobertaTokenizer, SpeechT5HifiGan
 
-from diffalign.config import load_config
 from diffalign.diffusion.families import load_family
 from diffalign.diffusion.methods import TrainingContext
 from diffalign.diffusion.methods.dragon import DistributionalRewardOptimization
-from diffalign.diffusion.trainer import train
 from diffalign.rewards import Audio, build_scorer
 from diffalign.toy import music
 from diffalign.toy.music_build import (
@@ -113,37 +111,36 @@ def test_sample_quality_scores_only_the_attributes_each_prompt_names():
 
 def test_reward_follows_its_formula_on_constructed_clips():
     specs = [
-        spec(),  # faithful, ringing
-        spec(decay=0.03),  # faithful, plucked
-        spec(register="high", root=71),  # wrong register
-        spec(tempo="fast", notes_per_second=8.0),  # wrong tempo
-        spec(kind="chord", timbre="saw", minor=True),  # kind and timbre are not scored
+        spec(),  # ringing
+        spec(decay=0.03),  # plucked
+        spec(register="high", root=71),  # ringing, not the asked register
+        spec(tempo="fast", notes_per_second=8.0, decay=0.3),  # half-way, not the asked tempo
         spec(kind="arpeggio", timbre="square", register="low", root=47, tempo="fast", notes_per_second=8.0, decay=1.0),
     ]
-    prompts = ["a loud slow mid sine tone"] * 4 + ["a slow mid clip", "a fast low square arpeggio"]
+    prompts = ["a loud slow mid sine tone"] * 4 + ["a fast low square arpeggio"]
     waveforms = music.synthesize(specs)
     reward = music.toy_reward(waveforms, music.SAMPLE_RATE, prompts)
 
     measured = music.measure(waveforms)
-    registers = list(music.REGISTERS)
-    expected = []
-    for i, prompt in enumerate(prompts):
-        asked = music.parse_caption(prompt)
-        fast = measured.fast_prob[i]
-        register = measured.register_probs[i, registers.index(asked["register"])]
-        tempo = fast if asked["tempo"] == "fast" else 1 - fast
-        expected.append(measured.presence[i] * register * tempo * (1 + measured.sustain[i]) / 2)
-    torch.testing.assert_close(reward, torch.stack(expected))
+    rms = music._frame_rms(waveforms)
+    sustain = (rms.mean(1) / (music.GATE * rms.amax(1))).clamp(0, 1)
+    presence = ((rms.amax(1) - 0.005) / 0.01).clamp(0, 1)
+    torch.testing.assert_close(sustain, measured.sustain)
+    torch.testing.assert_close(reward, presence * (1 + sustain) / 2)
 
-    assert reward[0] > 0.95 and reward[4] > 0.85 and reward[5] > 0.85
-    assert 0.5 < reward[1] < 0.65  # right register and tempo, short notes: the sustain factor alone is lost
-    assert reward[2] < 0.01 and reward[3] < 0.1
+    assert reward[0] > 0.95 and reward[2] > 0.95 and reward[4] > 0.8
+    assert 0.5 < reward[1] < 0.65  # short notes: the sustain factor alone is lost
+    assert reward[1] < reward[3] < reward[0]
+    # The prompt is not scored: the same clips under other prompts score the same.
+    torch.testing.assert_close(music.toy_reward(waveforms, music.SAMPLE_RATE, ["a quiet fast high saw chord"] * 5), reward)
     assert torch.equal(music.toy_reward(waveforms, music.SAMPLE_RATE, prompts), reward)  # deterministic
     assert music.toy_reward(torch.zeros(1, music.CLIP_SAMPLES), music.SAMPLE_RATE, ["a slow tone"]).item() == 0.0
+    with pytest.raises(ValueError, match="one prompt per clip"):
+        music.toy_reward(waveforms, music.SAMPLE_RATE, prompts[:2])
 
 
 def test_toy_t2m_scorer_is_the_reward_behind_the_scorer_interface():
-    waveforms = music.synthesize([spec(), spec(decay=0.05), spec(register="low", root=47)])
+    waveforms = music.synthesize([spec(), spec(decay=0.3), spec(decay=0.05)])
     prompts = ["a slow mid tone"] * 3
     scorer = build_scorer("toy_t2m", dtype="float64")
     assert scorer.modality == "audio" and scorer.higher_is_better and not scorer.set_level
@@ -409,17 +406,12 @@ def test_preference_data_schema_labels_and_stored_rewards(split, build_info):
     assert 0.75 <= agreement <= 0.97, agreement  # 10% of labels flipped at random
 
 
-def test_train_labels_are_decided_by_fidelity_not_sustain():
-    """What the pairs teach (as ``toy_reward``'s docstring states): the chosen clip is the more faithful one in
-    most pairs, but rings longer in only about half of them: the pairs teach prompt fidelity, hardly sustain."""
-    table, chosen, rejected = decoded_split("train")
-    prompts = table.column("prompt").to_pylist()
-    more_faithful = music.prompt_fidelity(chosen, music.SAMPLE_RATE, prompts) > music.prompt_fidelity(
-        rejected, music.SAMPLE_RATE, prompts
-    )
+def test_train_labels_are_decided_by_sustain():
+    """What the pairs teach (as ``toy_reward``'s docstring states): the chosen clip rings longer in most pairs,
+    all but the flipped labels and the ties."""
+    _, chosen, rejected = decoded_split("train")
     rings_longer = music.measure(chosen).sustain > music.measure(rejected).sustain
-    assert more_faithful.float().mean() >= 0.75, more_faithful.float().mean()
-    assert 0.4 <= rings_longer.float().mean() <= 0.6, rings_longer.float().mean()
+    assert 0.8 <= rings_longer.float().mean() <= 0.95, rings_longer.float().mean()
 
 
 # ----------------------------------------------------------------------------------- online pairs
@@ -437,31 +429,3 @@ def test_dragon_generates_ranked_pairs_from_the_toy_model():
     assert pairs.chosen_latents.shape == pairs.rejected_latents.shape == (2, *latent_shape)
     assert not torch.equal(pairs.chosen_latents, pairs.rejected_latents)
     assert metrics["dragon/reward_positive"] >= metrics["dragon/reward"] >= metrics["dragon/reward_negative"]
-
-
-# ------------------------------------------------------------------------------------------ end to end
-
-
-@pytest.mark.slow
-def test_toy_music_dpo_config_learns_the_training_preferences(tmp_path, monkeypatch):
-    """The shipped config as `diffalign train` runs it (paths relative to the checkout), shortened to 100 steps
-    and a small evaluation. The policy learns to rank the training pairs as the labels do (reward accuracy from
-    chance to above 0.6 in 100 steps; the full 200 steps reach 0.7). Its held-out win rate over base is short of
-    the 70% target (60.4% for the full config, README, methods table), so that is not asserted here."""
-    monkeypatch.chdir(ROOT)
-    overrides = [
-        f"run.output_dir={tmp_path / 'run'}",
-        f"data.cache_dir={tmp_path / 'cache'}",
-        "run.trackers=[]",
-        "run.progress_bar=false",
-        "run.max_steps=100",
-        "run.checkpoint_every=100",
-        "eval.max_prompts=4",
-        "eval.samples_per_prompt=1",
-    ]
-    metrics = train(load_config(ROOT / "configs" / "toy_music_dpo.yaml", overrides))
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    accuracies = [record["reward_accuracy"] for record in records if "reward_accuracy" in record]
-    assert accuracies[0] < 0.55 and accuracies[-1] >= 0.6 and accuracies[-1] > accuracies[0] + 0.1, accuracies
-    assert 0 <= metrics["eval/reward_aligned"] <= 1 and 0 <= metrics["eval/win_rate"] <= 1
-    assert (tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors").is_file()

@@ -48,8 +48,8 @@ class ToyT2ICentrednessScorer(Scorer):
 
 
 class ToyT2MScorer(Scorer):
-    """:func:`diffalign.toy.music.toy_reward`: pitch-register and tempo fidelity to the prompt times the
-    sustain of the notes, in [0, 1]. The toy world is 16 kHz; audio at another rate is resampled first."""
+    """:func:`diffalign.toy.music.toy_reward`: how long the notes ring (presence times (1 + sustain)/2), in
+    [0, 1]. The toy world is 16 kHz; audio at another rate is resampled first."""
 
     modality = "audio"
 

@@ -11,10 +11,9 @@ five attributes, e.g. "a loud fast high square arpeggio":
 
 Things a caption does not fix vary freely: the root within its register, major or minor, the arpeggio
 pattern, the exact tempo and level, the start, and above all how fast each note decays (from a 30 ms pluck
-to a sustained note). The scripted preference (:func:`toy_reward`) asks for the register and tempo of the
-caption *and* sustained notes; the base model (``assets/toy-t2m``, built by
-:mod:`diffalign.toy.music_build`) follows register and tempo only part of the time and decays notes at
-random, which leaves preference alignment a job to do. The checker (:func:`describe`) names the value of each
+to a sustained note). The scripted preference (:func:`toy_reward`) asks for sustained notes; the base model
+(``assets/toy-t2m``, built by :mod:`diffalign.toy.music_build`) decays its notes at random, which leaves
+preference alignment a job to do. The checker (:func:`describe`) names the value of each
 of the five attributes it hears in a clip, so that a model's samples can be scored against every attribute
 their caption names, as :func:`t2i.detect_shape <diffalign.toy.t2i.detect_shape>` does for scenes.
 
@@ -577,16 +576,17 @@ def prompt_fidelity(waveforms: Tensor, sample_rate: int, prompts: Sequence[str])
 def toy_reward(waveforms: Tensor, sample_rate: int, prompts: Sequence[str]) -> Tensor:
     """The scripted preference of the toy music world: ``[B]`` in [0,1], higher is better, deterministic.
 
-    ``reward = presence · p(register) · p(tempo) · (1 + sustain) / 2``. The register comes from the
-    lowest strong peak of the clip's spectrum, the tempo from the median interval between spectral-flux
-    onsets, the sustain from the mean over the peak of the frame RMS. A faithful clip scores between 0.5
-    (plucked notes) and 1 (notes that ring); an unfaithful one scores near 0, so fidelity dominates: in the
-    shipped preference pairs the chosen clip is the more faithful one in 81% of pairs but rings longer in
-    only 51%.
+    ``reward = presence · (1 + sustain) / 2``: a clip scores between 0.5 (plucked notes) and 1 (notes that
+    ring through their gate); silence scores 0. The sustain is the mean over the peak of the frame RMS. As the
+    image world's centredness, sustain is what the caption leaves free, what the base model does at random
+    and what preference alignment can add. Prompt fidelity (:func:`prompt_fidelity`, :func:`describe`) is
+    not part of it: the base model follows register and tempo only part of the time, and with fidelity as a
+    factor its flips between two samples of one prompt decided the comparisons (docs/experiments.md, "The toy
+    music build"). ``prompts`` are checked (one per clip) and otherwise unused.
     """
     _check_prompts(waveforms, prompts)
     measured = measure(waveforms, sample_rate)
-    return _fidelity(measured, prompts) * (1 + measured.sustain) / 2
+    return measured.presence * (1 + measured.sustain) / 2
 
 
 # ---------------------------------------------------------------------------------------- audio files
