@@ -122,7 +122,7 @@ def test_reward_follows_its_formula_on_constructed_clips():
     reward = music.toy_reward(waveforms, music.SAMPLE_RATE, prompts)
 
     measured = music.measure(waveforms)
-    rms = music._frame_rms(waveforms)
+    rms = music.frame_rms(waveforms)
     sustain = (rms.mean(1) / (music.GATE * rms.amax(1))).clamp(0, 1)
     presence = ((rms.amax(1) - 0.005) / 0.01).clamp(0, 1)
     torch.testing.assert_close(sustain, measured.sustain)

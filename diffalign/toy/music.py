@@ -409,7 +409,7 @@ def _check_waveforms(waveforms: Tensor, sample_rate: int) -> Tensor:
     return waveforms.detach().float().cpu()
 
 
-def _frame_rms(waveforms: Tensor, frame: int = 2 * HOP_LENGTH, hop: int = HOP_LENGTH) -> Tensor:
+def frame_rms(waveforms: Tensor, frame: int = 2 * HOP_LENGTH, hop: int = HOP_LENGTH) -> Tensor:
     """RMS of ``frame``-sample frames every ``hop`` samples (default 20 ms every 10 ms): ``[B, frames]``."""
     return waveforms.unfold(1, frame, hop).pow(2).mean(-1).sqrt()
 
@@ -457,7 +457,7 @@ def _notes_per_second(rms: Tensor) -> Tensor:
     """Note rate from the median interval between onsets: peaks of the rise in log frame energy.
 
     Every note ends in a gap, so each onset is a rise of the energy envelope; ``rms`` are the clips'
-    :func:`_frame_rms`. Clips with fewer than two onsets count as one note per clip.
+    :func:`frame_rms`. Clips with fewer than two onsets count as one note per clip.
     """
     log_rms = torch.log(rms.clamp(min=1e-8))
     log_rms = torch.maximum(log_rms, log_rms.amax(1, keepdim=True) - ONSET_RANGE_NATS)
@@ -478,7 +478,7 @@ def _notes_per_second(rms: Tensor) -> Tensor:
 def measure(waveforms: Tensor, sample_rate: int = SAMPLE_RATE) -> Measurements:
     """Measure pitch register, note rate, sustain and presence of 16 kHz clips ``[B, T]``."""
     waveforms = _check_waveforms(waveforms, sample_rate)
-    rms = _frame_rms(waveforms)
+    rms = frame_rms(waveforms)
     peak_rms = rms.amax(1)
     lowest_pitch = hz_to_midi(_Spectrum.of(waveforms).lowest_pitch())
     centres = torch.tensor([lowest + (ROOT_SPAN - 1) / 2 for lowest in REGISTERS.values()])
@@ -529,7 +529,7 @@ def describe(waveforms: Tensor, sample_rate: int = SAMPLE_RATE) -> list[dict[str
     roots = spectrum.lowest_pitch()
     fundamental = spectrum.at(roots).clamp_min(1e-12)
     second, third = spectrum.at(2 * roots) / fundamental, spectrum.at(3 * roots) / fundamental
-    onset_rms = _frame_rms(waveforms, HOP_LENGTH, HOP_LENGTH // 2).amax(1)
+    onset_rms = frame_rms(waveforms, HOP_LENGTH, HOP_LENGTH // 2).amax(1)
     kinds = _kind(spectrum, waveforms, roots)
     detections = []
     for i in range(len(waveforms)):

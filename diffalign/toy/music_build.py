@@ -26,6 +26,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -70,11 +71,40 @@ NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.01
 
 
 @dataclass
-class MusicBuildConfig:
+class MusicDataSettings:
+    """What every toy music builder shares: the clips it trains on, their captions, and how its preference data
+    are sampled and labelled."""
+
+    clips: int = 6_000  # synthesized captioned clips, shared by every stage
+    empty_caption_fraction: float = 0.1  # unconditional training for classifier-free guidance
+    partial_caption_fraction: float = 0.15  # captions naming only some attributes ("a fast sine arpeggio")
+    train_samples_per_prompt: int = 8
+    heldout_samples_per_prompt: int = 2
+    sampling_steps: int = 25
+    guidance_scale: float = 3.0
+    tie_fraction: float = 0.05  # pairs with the closest rewards are marked as ties
+    label_flip_fraction: float = 0.1  # of the other pairs, chosen and rejected swapped at random
+    quality_clips: int = 96  # fresh synthesized clips on which the built autoencoders are measured
+    threads: int = 1  # a busy shared CPU runs small models faster on one thread than on contended two
+
+    def __post_init__(self) -> None:
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if field.type == "int" and value < 1:
+                raise ValueError(f"{field.name} must be a positive integer, got {value!r}")
+        for name in ("train_samples_per_prompt", "heldout_samples_per_prompt"):
+            if getattr(self, name) % 2:
+                raise ValueError(f"{name} must be even (clips are paired), got {getattr(self, name)}")
+        for name in ("empty_caption_fraction", "partial_caption_fraction", "tie_fraction", "label_flip_fraction"):
+            if not 0 <= getattr(self, name) < 0.5:
+                raise ValueError(f"{name} must be in [0, 0.5), got {getattr(self, name)!r}")
+
+
+@dataclass
+class MusicBuildConfig(MusicDataSettings):
     """How much of everything to train and sample. The defaults build the shipped assets (see
     ``assets/README.md`` for their time and size); tiny values give a quick smoke build."""
 
-    clips: int = 6_000  # synthesized captioned clips, shared by every stage
     clap_steps: int = 1000
     clap_batch_size: int = 128
     # The preference pairs reach the trainer as VAE latents: a VAE that loses how long the notes ring hides the
@@ -90,36 +120,24 @@ class MusicBuildConfig:
     unet_batch_size: int = 64
     unet_learning_rate: float = 2e-3
     unet_ema_decay: float = 0.995
-    empty_caption_fraction: float = 0.1  # unconditional training for classifier-free guidance
-    partial_caption_fraction: float = 0.15  # captions naming only some attributes ("a fast sine arpeggio")
-    train_samples_per_prompt: int = 8
-    heldout_samples_per_prompt: int = 2
-    sampling_steps: int = 25
-    guidance_scale: float = 3.0
-    tie_fraction: float = 0.05  # pairs with the closest rewards are marked as ties
-    label_flip_fraction: float = 0.1  # of the other pairs, chosen and rejected swapped at random
     exemplars: int = 48
-    quality_clips: int = 96  # fresh synthesized clips on which CLAP retrieval and vocoding are measured
-    threads: int = 1  # a busy shared CPU runs small models faster on one thread than on contended two
 
     def __post_init__(self) -> None:
-        for field in fields(self):
-            value = getattr(self, field.name)
-            if field.type == "int" and value < 1:
-                raise ValueError(f"{field.name} must be a positive integer, got {value!r}")
-        for name in ("train_samples_per_prompt", "heldout_samples_per_prompt"):
-            if getattr(self, name) % 2:
-                raise ValueError(f"{name} must be even (clips are paired), got {getattr(self, name)}")
+        super().__post_init__()
         for name in ("vae_crop_frames", "vocoder_crop_frames"):
             if getattr(self, name) % 4 or getattr(self, name) > music.MEL_FRAMES:
                 raise ValueError(
                     f"{name} must be a multiple of 4 up to {music.MEL_FRAMES}, got {getattr(self, name)}"
                 )
-        for name in ("empty_caption_fraction", "partial_caption_fraction", "tie_fraction", "label_flip_fraction"):
-            if not 0 <= getattr(self, name) < 0.5:
-                raise ValueError(f"{name} must be in [0, 0.5), got {getattr(self, name)!r}")
         if not 0 <= self.unet_ema_decay < 1:
             raise ValueError(f"unet_ema_decay must be in [0, 1), got {self.unet_ema_decay!r}")
+
+
+class ClipSampler(Protocol):
+    """What the preference data are sampled from: a toy model's own sampling loop, or a family's."""
+
+    def generate(self, prompts: list[str], steps: int, guidance_scale: float, generator: torch.Generator) -> Tensor:
+        """Clips ``[len(prompts), CLIP_SAMPLES]`` at 16 kHz, drawn from ``generator``."""
 
 
 def _cosine_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -497,7 +515,7 @@ def make_unet() -> UNet2DConditionModel:
     )
 
 
-def _training_captions(specs: list[ClipSpec], config: MusicBuildConfig, generator: torch.Generator) -> list[str]:
+def _training_captions(specs: list[ClipSpec], config: MusicDataSettings, generator: torch.Generator) -> list[str]:
     """Each clip's caption: full, partial (each attribute kept with probability 1/2) or empty."""
     draw = torch.rand(len(specs), generator=generator).tolist()
     keep = (torch.rand(len(specs), len(ATTRIBUTES), generator=generator) < 0.5).tolist()
@@ -586,7 +604,7 @@ def preference_pairs(
 
 
 def build_preference_split(
-    model: ToyMusicModel, prompts: list[str], samples_per_prompt: int, config: MusicBuildConfig, generator: torch.Generator
+    model: ClipSampler, prompts: list[str], samples_per_prompt: int, config: MusicDataSettings, generator: torch.Generator
 ) -> tuple[pa.Table, Tensor, list[str]]:
     """Sample ``samples_per_prompt`` clips per prompt, pair them, label the pairs.
 
