@@ -335,6 +335,7 @@ def test_every_listed_scorer_is_registered():
         "toy_t2i",
         "toy_t2i_centredness",
         "toy_t2m",
+        "toy_t2m_fidelity",
         "vendi",
     }
     # A fresh interpreter: other test modules register scorers of their own into this process's registry.

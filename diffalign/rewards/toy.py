@@ -52,17 +52,36 @@ class ToyT2MScorer(Scorer):
     [0, 1]. The toy world is 16 kHz; audio at another rate is resampled first."""
 
     modality = "audio"
+    name = "toy_t2m"
 
-    def forward(self, audio: Audio, prompts: Sequence[str] | None = None, reference: None = None) -> Tensor:
+    def score(self, waveforms: Tensor, prompts: list[str]) -> Tensor:
         from diffalign.toy.music import SAMPLE_RATE, toy_reward
 
+        return toy_reward(waveforms, SAMPLE_RATE, prompts)
+
+    def forward(self, audio: Audio, prompts: Sequence[str] | None = None, reference: None = None) -> Tensor:
+        from diffalign.toy.music import SAMPLE_RATE
+
         if not isinstance(audio, Audio):
-            raise ValueError(f"toy_t2m scores Audio (waveforms [B,T] with their sample rate), got {type(audio).__name__}")
-        prompts = check_prompts(prompts, len(audio), "toy_t2m")
+            raise ValueError(f"{self.name} scores Audio (waveforms [B,T] with their sample rate), got {type(audio).__name__}")
+        prompts = check_prompts(prompts, len(audio), self.name)
         waveforms = audio.waveforms.detach().float().cpu()
         if audio.sample_rate != SAMPLE_RATE:
             waveforms = torch.from_numpy(np.stack(resample(audio, SAMPLE_RATE)))
-        return self.output(toy_reward(waveforms, SAMPLE_RATE, prompts))
+        return self.output(self.score(waveforms, prompts))
+
+
+class ToyT2MFidelityScorer(ToyT2MScorer):
+    """:func:`diffalign.toy.music.prompt_fidelity`: presence times how surely the register and tempo the prompt
+    names are heard, in [0, 1]. Not rewarded by ``toy_t2m``: as a metric it shows whether a rise in that reward
+    kept the music asked for (noise rings through its gate, and scores 1 there)."""
+
+    name = "toy_t2m_fidelity"
+
+    def score(self, waveforms: Tensor, prompts: list[str]) -> Tensor:
+        from diffalign.toy.music import SAMPLE_RATE, prompt_fidelity
+
+        return prompt_fidelity(waveforms, SAMPLE_RATE, prompts)
 
 
 class ToyLLMScorer(Scorer):
@@ -95,6 +114,11 @@ def toy_t2i_centredness(
 @register_scorer("toy_t2m")
 def toy_t2m(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> ToyT2MScorer:
     return ToyT2MScorer(device, dtype)
+
+
+@register_scorer("toy_t2m_fidelity")
+def toy_t2m_fidelity(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> ToyT2MFidelityScorer:
+    return ToyT2MFidelityScorer(device, dtype)
 
 
 @register_scorer("toy_llm")
