@@ -27,6 +27,7 @@ from diffalign.diffusion.methods import TrainingContext
 from diffalign.diffusion.methods.dragon import DistributionalRewardOptimization
 from diffalign.rewards import Audio, build_scorer
 from diffalign.toy import music
+from diffalign.toy.music_ace import TOY_T2M_ACE_DIR
 from diffalign.toy.music_build import (
     VOCODER_LOSS_FLOOR,
     MusicBuildConfig,
@@ -157,6 +158,20 @@ def test_toy_t2m_scorer_is_the_reward_behind_the_scorer_interface():
         scorer(waveforms, prompts)
     with pytest.raises(ValueError, match="toy_t2m needs a list of 3 prompt"):
         scorer(Audio(waveforms, music.SAMPLE_RATE), prompts[:2])
+
+
+def test_toy_t2m_fidelity_scorer_is_the_prompt_fidelity_the_reward_leaves_out():
+    waveforms = music.synthesize([spec(), spec(register="high", root=71), spec(tempo="fast", notes_per_second=8.0)])
+    prompts = ["a slow mid tone", "a slow mid tone", "a slow mid tone"]
+    scorer = build_scorer("toy_t2m_fidelity", dtype="float64")
+    assert scorer.modality == "audio" and scorer.higher_is_better
+    scores = scorer(Audio(waveforms, music.SAMPLE_RATE), prompts)
+    torch.testing.assert_close(scores, music.prompt_fidelity(waveforms, music.SAMPLE_RATE, prompts).double())
+    # The clip that is what the prompt asks for scores above the wrong register and the wrong tempo, which the
+    # toy reward (sustain alone) cannot tell apart.
+    assert scores[0] > 0.8 and scores[1] < 0.2 and scores[2] < 0.2
+    with pytest.raises(ValueError, match="toy_t2m_fidelity scores Audio"):
+        scorer(waveforms, prompts)
 
 
 def test_prompt_files_are_the_splits_one_per_line(tmp_path):
@@ -372,17 +387,20 @@ def test_exemplars_are_sustained_clips_with_their_clap_embeddings(model):
 
 
 @functools.cache
-def decoded_split(split: str) -> tuple[pa.Table, torch.Tensor, torch.Tensor]:
-    """A shipped preference split with its chosen and rejected clips decoded, once per test session."""
-    table = pq.read_table(ASSETS / "data" / f"{split}.parquet")
+def decoded_split(split: str, root: Path = ASSETS) -> tuple[pa.Table, torch.Tensor, torch.Tensor]:
+    """A shipped preference split of the toy in ``root`` with its chosen and rejected clips decoded, once per test
+    session."""
+    table = pq.read_table(root / "data" / f"{split}.parquet")
     chosen = torch.stack([music.read_audio(data) for data in table.column("chosen").to_pylist()])
     rejected = torch.stack([music.read_audio(data) for data in table.column("rejected").to_pylist()])
     return table, chosen, rejected
 
 
+@pytest.mark.parametrize("root", [ASSETS, TOY_T2M_ACE_DIR], ids=["toy-t2m", "toy-t2m-ace"])  # both architectures
 @pytest.mark.parametrize("split", ["train", "heldout"])
-def test_preference_data_schema_labels_and_stored_rewards(split, build_info):
-    table, chosen, rejected = decoded_split(split)
+def test_preference_data_schema_labels_and_stored_rewards(split, root):
+    build_info = json.loads((root / "build_info.json").read_text())
+    table, chosen, rejected = decoded_split(split, root)
     assert table.column_names == ["prompt", "chosen", "rejected", "strategy", "tie", "chosen_reward", "rejected_reward"]
     per_prompt = build_info["config"][f"{split}_samples_per_prompt"]
     prompts = table.column("prompt").to_pylist()

@@ -1,4 +1,4 @@
-"""Rebuild the shipped toy models: ``python -m diffalign.toy build all|t2i|llm|t2m|t2i-flow``.
+"""Rebuild the shipped toy models: ``python -m diffalign.toy build all|t2i|llm|t2m|t2i-flow|t2m-ace``.
 
 ``build all`` runs the toys side by side, one process per CPU core (each builder trains on one thread: small
 models run faster on one uncontended core than on two shared ones), so the whole world rebuilds in the time of
@@ -25,6 +25,7 @@ TOYS = {
     "t2i": ("diffalign.toy.t2i", "toy-t2i"),
     "llm": ("diffalign.toy.llm", "toy-llm"),
     "t2m": ("diffalign.toy.music", "toy-t2m"),
+    "t2m-ace": ("diffalign.toy.music_ace", "toy-t2m-ace"),
     "t2i-flow": ("diffalign.toy.t2i_flow", "toy-t2i-flow"),
 }
 # toy name → the toys whose built models it reads (from the same assets folder).
