@@ -36,6 +36,7 @@ from diffalign.eval.statistics import mean_interval, win_rate_interval
 from diffalign.rewards import Audio, build_scorer
 
 PROMPTS = ["a red circle", "a blue square", "a small green circle"]
+FLOW_TOY = Path(__file__).resolve().parents[1] / "assets" / "toy-t2i-flow"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -517,6 +518,53 @@ def test_eval_of_a_training_run_takes_the_base_model_from_its_config(models, tmp
     assert not torch.allclose(base, aligned)
 
 
+def test_eval_of_a_run_without_t5_samples_both_models_with_the_runs_text_encoders(tmp_path):
+    """The run's ``model:`` options reach the base pipeline: a run that dropped SD3's T5 (the flow toy ships none)
+    is sampled without it and with its text length; eval used to load every text encoder and failed."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel.from_pretrained(FLOW_TOY, subfolder="transformer")
+    with torch.no_grad():
+        for parameter in transformer.parameters():
+            parameter.add_(0.02 * torch.randn_like(parameter))
+    final = tmp_path / "run" / "final"
+    transformer.save_pretrained(final / "transformer")
+    model = {"pretrained": str(FLOW_TOY), "trainable": "full", "drop_text_encoders": ["text_encoder_3"]}
+    (final / "config.yaml").write_text(yaml.safe_dump({"kind": "diffusion", "model": {**model, "max_text_length": 8}}))
+    prompts = ["a small red circle", "a large blue square"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    report = run_eval(
+        tmp_path,
+        {
+            "model": {"aligned": str(tmp_path / "run")},
+            "prompts": {"source": str(tmp_path / "prompts.txt")},
+            "scorers": [{"name": "toy_t2i"}],
+            "report": {"output_dir": str(tmp_path / "report"), "grid_prompts": 2, "save_samples": False},
+        },
+    )
+    pipeline = StableDiffusion3Pipeline.from_pretrained(FLOW_TOY, text_encoder_3=None, tokenizer_3=None)
+    pipeline.set_progress_bar_config(disable=True)
+    toy_reward = build_scorer("toy_t2i")
+    for role, denoiser in (("base", pipeline.transformer), ("aligned", transformer)):
+        pipeline.transformer = denoiser
+        images = torch.cat(
+            [
+                pipeline(
+                    prompt,
+                    generator=torch.Generator().manual_seed(index),
+                    num_inference_steps=STEPS,
+                    guidance_scale=GUIDANCE,
+                    max_sequence_length=8,
+                    output_type="pt",
+                ).images
+                for index, prompt in enumerate(prompts)
+            ]
+        )
+        expected = toy_reward(quantised(images.float()), prompts)
+        torch.testing.assert_close(per_sample(report, "toy_t2i", role).float(), expected, rtol=1e-3, atol=1e-4)
+
+
 def test_eval_of_an_audio_family_writes_clips_spectrograms_and_audio_scores(models, tmp_path, monkeypatch):
     """The audio path against the family interface: a stand-in family whose sampler returns :class:`Audio`
     (the tiny SD pipeline's images read out as 8 kHz waveforms), scored with a tiny CLAP and a CLAP FAD against
@@ -536,7 +584,7 @@ def test_eval_of_an_audio_family_writes_clips_spectrograms_and_audio_scores(mode
             )
             return Audio(images.flatten(1) * 2 - 1, self.sample_rate)
 
-    monkeypatch.setattr("diffalign.eval.run.load_family", lambda path, vae=None: WaveformFamily(path, vae))
+    monkeypatch.setattr("diffalign.eval.run.load_family", lambda path, vae=None, options=None: WaveformFamily(path, vae, options=options))
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS))
     report = run_eval(
         tmp_path,

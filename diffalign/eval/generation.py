@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from diffalign.config import SourceNotFoundError, from_dict
 from diffalign.diffusion.config import DiffusionModelConfig
 from diffalign.diffusion.export import load_trained_denoiser
-from diffalign.diffusion.families import DiffusionFamily
+from diffalign.diffusion.families import DiffusionFamily, FamilyOptions
 from diffalign.diffusion.sampling import generate_samples
 from diffalign.progress import progress
 from diffalign.rewards import Audio
@@ -45,6 +45,14 @@ class AlignedSource:
         """``model.pretrained`` and ``model.vae`` of the training run, when the weights came with its config."""
         model = (self.run_config or {}).get("model") or {}
         return model.get("pretrained"), model.get("vae")
+
+    def family_options(self) -> FamilyOptions:
+        """The run's ``model:`` options (text encoders it dropped, text length, sample size), so that both models
+        are sampled as the run sampled them; the defaults without a run config."""
+        model = (self.run_config or {}).get("model")
+        if not model:
+            return FamilyOptions()
+        return from_dict(DiffusionModelConfig, model, prefix="model.").family_options()
 
 
 def locate_aligned(path: str) -> AlignedSource:

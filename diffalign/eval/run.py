@@ -94,7 +94,7 @@ def sample_both_models(
     if vae_path:
         check_source("model.vae", vae_path)
     with loading("model.base", base_path, "diffusers pipeline"):
-        family = load_family(base_path, vae_path)
+        family = load_family(base_path, vae_path, options=aligned_source.family_options())
     settings = config.generation
     dtype = parse_dtype(settings.dtype)
     for module in [*family.frozen_modules().values(), family.denoiser]:
