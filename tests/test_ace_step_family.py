@@ -236,6 +236,17 @@ def test_unguided_trajectory_log_probs_are_recomputed_exactly_and_guided_ones_ar
             assert torch.exp(log_prob - trajectory.log_probs[:, step]).sub(1).abs().max() < 1e-5
 
 
+def test_guided_grpo_is_refused_when_the_config_loads():
+    """The same limit as above, found before any model loads: the shipped ACE-Step GRPO config samples unguided."""
+    from diffalign.config import ConfigError, load_config
+
+    root = Path(__file__).resolve().parents[1]
+    config, toy = root / "configs" / "toy_ace_music_grpo.yaml", f"model.pretrained={root / 'assets' / 'toy-t2m-ace'}"
+    assert load_config(config, [toy]).method.grpo.guidance_scale == 1.0
+    with pytest.raises(ConfigError, match=r"method.grpo.guidance_scale > 1 .* AceStepFamily .* change the setting"):
+        load_config(config, [toy, "method.grpo.guidance_scale=3.0"])
+
+
 # --- training draws and flow-matching DPO ---------------------------------------------------------------------------
 
 

@@ -208,6 +208,8 @@ CAPABILITY_NEEDS = {
     "ddpm_schedule": "a discrete DDPM noise schedule",
     "unet_encoder": "a U-Net denoiser (conv_in, down_blocks, mid_block)",
     "flow_matching": "a flow-matching (rectified-flow) model",
+    "stepwise_guidance": "guidance that depends on the current step alone (method.grpo.guidance_scale > 1 recomputes "
+    "each guided step's log-prob on its own)",
 }
 WEIGHTING_NEEDS = {"min_snr": "ddpm_schedule", "sigma_sqrt": "flow_matching", "cosmap": "flow_matching"}
 
@@ -215,13 +217,18 @@ WEIGHTING_NEEDS = {"min_snr": "ddpm_schedule", "sigma_sqrt": "flow_matching", "c
 def check_family_support(config: DiffusionTrainConfig, family: type[DiffusionFamily]) -> None:
     """Refuse a method, option, ``timesteps.weighting`` or ``data.resolution`` ``family`` cannot take, naming both."""
     method = METHODS[config.method.name]
-    missing = sorted(method.requires - family.capabilities)
+    # What the method always needs comes first: settings cannot fix a family that lacks it.
+    missing = sorted(method.requires - family.capabilities) or sorted(method.requirements(config) - family.capabilities)
     if missing:
         runnable = sorted(name for name, other in METHODS.items() if other.requires <= family.capabilities)
+        fix = (
+            f"choose a method that runs on it ({', '.join(runnable)})"
+            if method.requires & set(missing)
+            else "change the setting named above"
+        )
         raise ValueError(
             f"method.name: {config.method.name!r} needs {' and '.join(CAPABILITY_NEEDS[c] for c in missing)}, "
-            f"which {family.__name__} (model.pretrained: {config.model.pretrained}) does not have; choose a "
-            f"method that runs on it ({', '.join(runnable)})"
+            f"which {family.__name__} (model.pretrained: {config.model.pretrained}) does not have; {fix}"
         )
     options = config.model.family_options()
     unsupported = sorted(options.non_default() - family.supported_options)

@@ -71,6 +71,7 @@ class FramesFirst(LatentNormalization):
 
 class AceStepFamily(FlowMatchFamily):
     pipeline_class = AceStepPipeline
+    capabilities = frozenset({"flow_matching"})  # APG's momentum ties each guided step to the earlier ones
     hub_pipeline_tag = "text-to-audio"
     denoiser_subfolder = "transformer"
     supported_options = frozenset({"max_text_length", "audio_seconds"})

@@ -113,7 +113,8 @@ class DiffusionFamily(ABC):
     ``capabilities`` declares what some methods and settings need beyond this interface (the config refuses a
     method whose ``requires`` a family lacks, before any model loads): ``ddpm_schedule`` (a discrete ᾱ schedule:
     DDIM inversion, DDPM steps, SNR), ``unet_encoder`` (a U-Net's ``conv_in``/``down_blocks``/``mid_block``: NCP's
-    feature space), ``flow_matching`` (rectified-flow noising, σ-weighted losses, SDE sampling with log-probs).
+    feature space), ``flow_matching`` (rectified-flow noising, σ-weighted losses, SDE sampling with log-probs),
+    ``stepwise_guidance`` (a guided sampling step depends on that step alone, so its log-prob can be recomputed).
     """
 
     denoiser: nn.Module

@@ -98,7 +98,7 @@ class Transition:
 class FlowMatchFamily(DiffusionFamily):
     """Rectified-flow families: ``timesteps`` are σ in (0, 1], the denoiser predicts the velocity ``ε − x0``."""
 
-    capabilities = frozenset({"flow_matching"})
+    capabilities = frozenset({"flow_matching", "stepwise_guidance"})
     default_density: ClassVar[str] = "logit_normal"
     noise_scheduler: FlowMatchEulerDiscreteScheduler
 

@@ -81,10 +81,11 @@ class DiffusionMethod(ABC):
     """Turns a training batch into a loss, with the family, the policy and the reference.
 
     Class attributes declare what the method needs, checked when the config loads (before any model):
-    ``requires`` the family capabilities it uses (see :class:`DiffusionFamily`), ``supports_reference_cache``
-    whether its reference errors are a fixed function of the pair (``model.reference_cache``), ``scores_lengths``
-    whether its scores carry lengths (one unit per sample), which length-normalised losses need. ``selection_metric``
-    names an :meth:`evaluate` metric whose best value the training loop keeps in ``output_dir/best``.
+    ``requires`` the family capabilities it uses (see :class:`DiffusionFamily`; :meth:`requirements` adds those its
+    settings need), ``supports_reference_cache`` whether its reference errors are a fixed function of the pair
+    (``model.reference_cache``), ``scores_lengths`` whether its scores carry lengths (one unit per sample), which
+    length-normalised losses need. ``selection_metric`` names an :meth:`evaluate` metric whose best value the
+    training loop keeps in ``output_dir/best``.
     """
 
     name: ClassVar[str]  # set by register_method
@@ -104,6 +105,11 @@ class DiffusionMethod(ABC):
     @classmethod  # noqa: B027 (a hook: most methods accept any config)
     def check_config(cls, config: DiffusionTrainConfig) -> None:
         """Refuse settings this method cannot train with (raise ``ValueError`` naming the key and the fix)."""
+
+    @classmethod
+    def requirements(cls, config: DiffusionTrainConfig) -> frozenset[str]:
+        """The family capabilities this run needs: ``requires``, plus any that its settings add."""
+        return cls.requires
 
     @classmethod
     def uses_reference(cls, config: DiffusionTrainConfig) -> bool:

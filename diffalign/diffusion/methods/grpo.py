@@ -276,6 +276,11 @@ class FlowGRPO(DiffusionMethod):
             )
 
     @classmethod
+    def requirements(cls, config: DiffusionTrainConfig) -> frozenset[str]:
+        guided = config.method.grpo.guidance_scale > 1
+        return (cls.requires | {"stepwise_guidance"}) if guided else cls.requires
+
+    @classmethod
     def uses_reference(cls, config: DiffusionTrainConfig) -> bool:
         return config.method.grpo.kl_beta > 0
 
