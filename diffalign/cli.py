@@ -8,6 +8,7 @@ import logging
 import sys
 
 from diffalign.config import CONFIG_KINDS, ConfigError, LoadError, entry_point, kinds_for, load_config
+from diffalign.demo import DEFAULT_DEMO, DEMO_CONFIGS
 
 DESCRIPTION = (
     "diffalign: align diffusion models and LLMs with human preferences on one shared loss core. "
@@ -55,7 +56,7 @@ def command_losses(args: argparse.Namespace) -> int:
 def command_demo(args: argparse.Namespace) -> int:
     from diffalign.demo import run_demo
 
-    metrics = run_demo(args.output_dir, args.overrides)
+    metrics = run_demo(args.output_dir, args.overrides, args.method)
     print_metrics(metrics)
     return 0
 
@@ -156,13 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="align the toy text-to-image model with Diffusion-DPO",
-        description="Run Diffusion-DPO (LoRA) on the shipped toy text-to-image pipeline on CPU, then sample base "
-        "and aligned models on held-out prompts with the same seeds, print the win rate under the toy reward "
-        "and write a labelled before/after image grid (prompts, rewards).",
+        help="align a shipped toy text-to-image model on the CPU and show what changed",
+        description="Run a shipped toy job on the CPU in a few minutes (default: Flow-GRPO (LoRA) on the "
+        "SD3-architecture toy, configs/toy_flow_grpo.yaml; --method dpo: Diffusion-DPO (LoRA) on the U-Net toy, "
+        "configs/toy_dpo.yaml), then sample base and aligned models on held-out prompts with the same seeds, print "
+        "the win rate under the toy reward and write a labelled before/after image grid (prompts, rewards).",
     )
+    demo.add_argument("--method", choices=sorted(DEMO_CONFIGS), default=DEFAULT_DEMO, help="which toy job to run")
     demo.add_argument("--output-dir", default="outputs/demo", help="where the run, grid and LoRA are written")
-    demo.add_argument("overrides", nargs="*", help="section.key=value overrides of configs/toy_dpo.yaml")
+    demo.add_argument("overrides", nargs="*", help="section.key=value overrides of the job's config")
     demo.set_defaults(handler=command_demo)
 
     evaluation = commands.add_parser(

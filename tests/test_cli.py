@@ -154,3 +154,24 @@ def test_prompts_writes_disjoint_train_and_heldout_files_from_a_caption_table(tm
     capsys.readouterr()
     assert main([*argv[:-1], "11"]) == 2
     assert "config error: --heldout 11: the source has 11 distinct prompts" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("method", "anchored"),
+    [
+        ("flow-grpo", {"model.pretrained", "method.grpo.prompts_file", "eval.prompts_file"}),
+        ("dpo", {"model.pretrained", "data.source", "eval.prompts_file"}),
+    ],
+)
+def test_demo_anchors_its_configs_asset_paths_at_the_repository(method, anchored):
+    """The demo runs from any directory: every ``assets/`` path of its config becomes an absolute override."""
+    import yaml
+
+    from diffalign.demo import DEMO_CONFIGS, repository_paths
+
+    path = ROOT / "configs" / DEMO_CONFIGS[method]
+    overrides = repository_paths(yaml.safe_load(path.read_text()))
+    assert {override.split("=")[0] for override in overrides} == anchored
+    config = load_config(path, overrides)
+    assert Path(config.model.pretrained) == ROOT / "assets" / Path(config.model.pretrained).name
+    assert Path(config.eval.prompts_file).is_absolute() and Path(config.eval.prompts_file).is_file()
