@@ -217,15 +217,14 @@ WEIGHTING_NEEDS = {"min_snr": "ddpm_schedule", "sigma_sqrt": "flow_matching", "c
 def check_family_support(config: DiffusionTrainConfig, family: type[DiffusionFamily]) -> None:
     """Refuse a method, option, ``timesteps.weighting`` or ``data.resolution`` ``family`` cannot take, naming both."""
     method = METHODS[config.method.name]
-    # What the method always needs comes first: settings cannot fix a family that lacks it.
-    missing = sorted(method.requires - family.capabilities) or sorted(method.requirements(config) - family.capabilities)
+    missing = sorted(method.requires - family.capabilities)
     if missing:
         runnable = sorted(name for name, other in METHODS.items() if other.requires <= family.capabilities)
-        fix = (
-            f"choose a method that runs on it ({', '.join(runnable)})"
-            if method.requires & set(missing)
-            else "change the setting named above"
-        )
+        fix = f"choose a method that runs on it ({', '.join(runnable)})"
+    else:  # the method runs on this family, but not with these settings
+        missing = sorted(method.requirements(config) - family.capabilities)
+        fix = "change the setting named above"
+    if missing:
         raise ValueError(
             f"method.name: {config.method.name!r} needs {' and '.join(CAPABILITY_NEEDS[c] for c in missing)}, "
             f"which {family.__name__} (model.pretrained: {config.model.pretrained}) does not have; {fix}"
