@@ -351,6 +351,12 @@ def pipeline_samples(
         pipeline.unet = UNet2DConditionModel.from_pretrained(unet)
     if lora:
         pipeline.load_lora_weights(models["lora"])
+    return samples_one_prompt_at_a_time(pipeline, prompts)
+
+
+def samples_one_prompt_at_a_time(pipeline, prompts: list[str], **arguments) -> torch.Tensor:
+    """``pipeline``'s samples, one prompt at a time with the generator seeded by its index (eval's seeds):
+    ``[N,3,H,W]`` floats in [0,1]."""
     pipeline.set_progress_bar_config(disable=True)
     images = [
         pipeline(
@@ -359,6 +365,7 @@ def pipeline_samples(
             num_inference_steps=STEPS,
             guidance_scale=GUIDANCE,
             output_type="pt",
+            **arguments,
         ).images
         for index, prompt in enumerate(prompts)
     ]
@@ -544,24 +551,11 @@ def test_eval_of_a_run_without_t5_samples_both_models_with_the_runs_text_encoder
         },
     )
     pipeline = StableDiffusion3Pipeline.from_pretrained(FLOW_TOY, text_encoder_3=None, tokenizer_3=None)
-    pipeline.set_progress_bar_config(disable=True)
     toy_reward = build_scorer("toy_t2i")
     for role, denoiser in (("base", pipeline.transformer), ("aligned", transformer)):
         pipeline.transformer = denoiser
-        images = torch.cat(
-            [
-                pipeline(
-                    prompt,
-                    generator=torch.Generator().manual_seed(index),
-                    num_inference_steps=STEPS,
-                    guidance_scale=GUIDANCE,
-                    max_sequence_length=8,
-                    output_type="pt",
-                ).images
-                for index, prompt in enumerate(prompts)
-            ]
-        )
-        expected = toy_reward(quantised(images.float()), prompts)
+        images = samples_one_prompt_at_a_time(pipeline, prompts, max_sequence_length=8)
+        expected = toy_reward(quantised(images), prompts)
         torch.testing.assert_close(per_sample(report, "toy_t2i", role).float(), expected, rtol=1e-3, atol=1e-4)
 
 
