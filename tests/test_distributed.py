@@ -79,6 +79,7 @@ def setup(tmp_path_factory):
     return root, build_tiny_sd(root / "model"), root / "pairs.parquet"
 
 
+@pytest.mark.slow(minutes=1)
 def test_two_processes_match_one_process_and_resume_under_one(setup):
     root, model, data = setup
     single = root / "single"

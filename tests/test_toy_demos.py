@@ -43,6 +43,7 @@ def lora_changes_the_stock_pipelines_samples(pipeline, lora: Path) -> bool:
     return (sample() - base).abs().max().item() > 1e-3
 
 
+@pytest.mark.slow(minutes=4.5)
 def test_demo_centres_the_flow_toys_shapes_and_its_lora_loads_in_diffusers(tmp_path):
     """The default demo (Flow-GRPO on the SD3-architecture toy). Measured (docs/experiments.md): win rate 0.938,
     centredness 0.325 → 0.952, the grid's aligned shapes visibly in the middle."""
@@ -59,6 +60,7 @@ def test_demo_centres_the_flow_toys_shapes_and_its_lora_loads_in_diffusers(tmp_p
     assert lora_changes_the_stock_pipelines_samples(pipeline, output_dir / "final")
 
 
+@pytest.mark.slow(minutes=4.5)
 def test_dpo_demo_aligns_the_toy_image_model_and_its_lora_loads_in_diffusers(tmp_path):
     """``diffalign demo --method dpo`` (configs/toy_dpo.yaml). Measured (README): win rate 0.708, centredness
     0.314 → 0.374."""
@@ -73,7 +75,13 @@ def test_dpo_demo_aligns_the_toy_image_model_and_its_lora_loads_in_diffusers(tmp
     assert lora_changes_the_stock_pipelines_samples(pipeline, output_dir / "final")
 
 
-@pytest.mark.parametrize(("config", "bar"), [("toy_music_dpo.yaml", 0.65), ("toy_music_dragon.yaml", 0.85)])
+@pytest.mark.parametrize(
+    ("config", "bar"),
+    [
+        pytest.param("toy_music_dpo.yaml", 0.65, marks=pytest.mark.slow(minutes=5)),
+        pytest.param("toy_music_dragon.yaml", 0.85, marks=pytest.mark.slow(minutes=6.5)),
+    ],
+)
 def test_toy_music_configs_make_the_toy_music_model_ring_longer(config, bar, tmp_path):
     output_dir = tmp_path / "music"
     run_diffalign("train", f"configs/{config}", f"run.output_dir={output_dir}", "run.progress_bar=false", "run.trackers=[]", cwd=ROOT)
@@ -96,7 +104,13 @@ def test_toy_llm_dpo_config_aligns_the_toy_llm_and_loads_in_transformers(tmp_pat
     assert model.config.model_type == AutoModelForCausalLM.from_pretrained(ROOT / "assets" / "toy-llm").config.model_type
 
 
-@pytest.mark.parametrize(("config", "bar"), [("toy_llm_grpo.yaml", 0.73), ("toy_llm_online_dpo.yaml", 0.72)])
+@pytest.mark.parametrize(
+    ("config", "bar"),
+    [
+        pytest.param("toy_llm_grpo.yaml", 0.73, marks=pytest.mark.slow(minutes=1.7)),
+        pytest.param("toy_llm_online_dpo.yaml", 0.72, marks=pytest.mark.slow(minutes=1)),
+    ],
+)
 def test_toy_llm_online_configs_align_the_toy_llm(config, bar, tmp_path):
     output_dir = tmp_path / "online"
     run_diffalign("train", f"configs/{config}", f"run.output_dir={output_dir}", "run.progress_bar=false", "run.trackers=[]", cwd=ROOT)
@@ -105,6 +119,7 @@ def test_toy_llm_online_configs_align_the_toy_llm(config, bar, tmp_path):
     assert metrics["eval/reward_aligned"] > metrics["eval/reward_base"] + 0.2, metrics
 
 
+@pytest.mark.slow(minutes=1)
 def test_toy_rpo_config_keeps_a_checkpoint_that_beats_base_on_the_lambda_harmonic_reward(tmp_path):
     output_dir = tmp_path / "rpo"
     run_diffalign("train", "configs/toy_rpo.yaml", f"run.output_dir={output_dir}", "run.progress_bar=false", "run.trackers=[]", cwd=ROOT)

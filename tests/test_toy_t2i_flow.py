@@ -230,13 +230,12 @@ def test_small_build_is_reproducible_and_loads_with_the_stock_pipeline(tmp_path)
 # ------------------------------------------------------------------------------------------- alignment
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "config, min_win_rate, min_reward_gain",
     [
-        ("toy_flow_dpo.yaml", 0.7, 0.01),
-        ("toy_flow_online_dpo.yaml", 0.65, 0.01),
-        ("toy_flow_dragon.yaml", 0.7, 0.01),
+        pytest.param("toy_flow_dpo.yaml", 0.7, 0.01, marks=pytest.mark.slow(minutes=0.8)),
+        pytest.param("toy_flow_online_dpo.yaml", 0.65, 0.01, marks=pytest.mark.slow(minutes=3.2)),
+        pytest.param("toy_flow_dragon.yaml", 0.7, 0.01, marks=pytest.mark.slow(minutes=3.2)),
     ],
 )
 def test_shipped_flow_config_aligns_the_flow_toy(tmp_path, config, min_win_rate, min_reward_gain):
