@@ -1,5 +1,6 @@
 """The installed package: `llm/` ships as `diffalign.llm`, and every sub-package is in the wheel."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -12,6 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
+    """The wheel, built from a copy of what the build reads: setuptools builds in the source tree's ``build/``,
+    where two pytest-xdist workers building at once collide (and a stale folder would leak into the wheel)."""
+    source = tmp_path_factory.mktemp("source")
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy2(ROOT / name, source / name)
+    for name in ("diffalign", "llm"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
         [
@@ -19,7 +27,7 @@ def wheel(tmp_path_factory) -> Path:
             "-m",
             "pip",
             "wheel",
-            str(ROOT),
+            str(source),
             "--no-deps",
             "--no-build-isolation",
             "-q",
