@@ -23,17 +23,18 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
+def slow_minutes(item: pytest.Item) -> float:
+    """A test's ``slow(minutes=...)`` hint: 0.5 for a ``slow`` test without one, 0 for a test not marked ``slow``."""
+    marker = item.get_closest_marker("slow")
+    return 0.0 if marker is None else float(marker.kwargs.get("minutes", 0.5))
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The end-to-end runs marked ``slow`` first, longest first by their ``slow(minutes=...)`` hint (0.5 when
-    none is given), then the short tests in collection order. pytest-xdist then hands out one test at a time
-    (``--maxschedchunk 1`` in pyproject.toml): the long runs spread over the workers from the start and the short
-    tests fill the gaps, instead of a chunk of long runs queueing on one worker while the other idles at the end."""
-
-    def minutes(item: pytest.Item) -> float:
-        marker = item.get_closest_marker("slow")
-        return 0.0 if marker is None else float(marker.kwargs.get("minutes", 0.5))
-
-    items.sort(key=minutes, reverse=True)  # stable: equal hints keep their collection order
+    """The end-to-end runs marked ``slow`` first, longest first by :func:`slow_minutes`, then the short tests in
+    collection order. pytest-xdist then hands out one test at a time (``--maxschedchunk 1`` in pyproject.toml):
+    the long runs spread over the workers from the start and the short tests fill the gaps, instead of a chunk of
+    long runs queueing on one worker while the other idles at the end."""
+    items.sort(key=slow_minutes, reverse=True)  # stable: equal hints keep their collection order
 
 
 @pytest.fixture(scope="module")

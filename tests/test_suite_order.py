@@ -4,7 +4,7 @@ the workers that pytest-xdist hands them to one at a time finish together."""
 from dataclasses import dataclass
 
 import pytest
-from conftest import pytest_collection_modifyitems
+from conftest import pytest_collection_modifyitems, slow_minutes
 
 
 @dataclass
@@ -33,5 +33,5 @@ def test_this_sessions_order_has_the_slow_runs_first_longest_first(request):
     items = request.session.items
     slow = [item.get_closest_marker("slow") is not None for item in items]
     assert slow == sorted(slow, reverse=True)
-    hints = [item.get_closest_marker("slow").kwargs.get("minutes", 0.5) for item in items if item.get_closest_marker("slow")]
+    hints = [slow_minutes(item) for item in items if item.get_closest_marker("slow")]
     assert hints == sorted(hints, reverse=True)
