@@ -1,9 +1,10 @@
 """The toy LLM world: a tiny Llama asked to list things in a given format, which it does only sometimes.
 
 A user asks e.g. "List three fruits as a numbered list." The base model was pretrained on procedurally
-generated dialogues in which the assistant uses the asked format half of the time (otherwise another of the
-four formats) and gives the asked number of items 80% of the time, so sampling it satisfies the request in
-roughly a third of answers (33% on held-out prompts in the shipped build). `toy_reward` scores an answer
+generated dialogues in which the assistant uses the asked format 60% of the time (otherwise another of the
+four formats) and gives the asked number of items 85% of the time (`FOLLOW_FORMAT_PROB`, `RIGHT_COUNT_PROB`);
+the small model learns that imperfectly, and sampling it satisfies the request in about a third of answers
+(`build_info.json` records the shipped build's rate on held-out prompts). `toy_reward` scores an answer
 against the request; the preference data under `assets/toy-llm/data/` are the base model's own samples
 labelled by that reward. Alignment is visible as a
 rise in the share of answers that follow the request on held-out prompts.
