@@ -1,13 +1,16 @@
-"""Files a run writes: ordinary permissions, the free space for disk-full errors, damaged cache files."""
+"""Files a run writes: ordinary permissions, whole-or-absent tensor files and model folders, the free space for
+disk-full errors, damaged cache files."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 
@@ -32,6 +35,47 @@ def respect_umask(path: Path) -> None:
     paths = [path, *path.rglob("*")] if path.is_dir() else [path]
     for item in paths:
         os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+
+
+def save_tensors_atomically(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` to the safetensors file ``path`` with the umask's mode, whole or not at all.
+
+    The file is written beside ``path`` and renamed onto it, so a crash or a full disk never leaves a truncated
+    file where a reader (a cache lookup, the next run) would take it for a complete one.
+    """
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        save_file(tensors, str(temporary), metadata=metadata)
+        respect_umask(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def folder_written_whole(folder: Path) -> Iterator[Path]:
+    """A staging folder beside ``folder`` that takes ``folder``'s place only when the ``with`` block completes.
+
+    A model folder (``final/``, ``best/``, an export) is many files; written in place, a crash, a signal or a full
+    disk midway leaves a folder a loader takes for complete, or destroys the earlier ``best/``. Here a failure
+    leaves ``folder`` as it was (or absent) and removes the staging folder, so a retry starts clean.
+    """
+    staging = folder.with_name(f".{folder.name}.partial")
+    previous = folder.with_name(f".{folder.name}.previous")
+    for leftover in (staging, previous):  # from a run killed while it wrote
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        if folder.exists():
+            folder.rename(previous)
+        staging.rename(folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if previous.exists() and not folder.exists():
+            previous.rename(folder)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def free_space(path: Path) -> str:

@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from diffalign.files import read_cache_file, respect_umask
+from diffalign.files import read_cache_file, save_tensors_atomically
 from diffalign.hashing import ContentHash
 from diffalign.llm.batching import PreferenceDataset
 from diffalign.llm.data import tokenizer_fingerprint
@@ -127,10 +126,7 @@ def load_or_precompute(
         logger.info("precomputing reference log-probs of %d items into %s", len(dataset), path)
         logps = precompute_reference_logps(model, dataset, batch_size)
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_suffix(".tmp")
-        save_file({"reference_logps": logps}, staging)
-        respect_umask(staging)
-        staging.replace(path)
+        save_tensors_atomically({"reference_logps": logps}, path)
     accelerator.wait_for_everyone()
     if cached:
         logger.info("reference log-probs read from the cache %s", path)

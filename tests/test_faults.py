@@ -27,7 +27,8 @@ from diffalign import cli
 from diffalign.config import ConfigError, load_config
 from diffalign.diffusion.cache import _ShardStore
 from diffalign.diffusion.data import DiffusionDataConfig, load_preference_pairs
-from diffalign.files import current_umask
+from diffalign.diffusion.methods.seppo import CheckpointBank
+from diffalign.files import current_umask, read_cache_file, save_tensors_atomically
 from diffalign.llm.config import LLMDataConfig
 from diffalign.llm.data import load_preference_items
 from diffalign.training import OptimConfig, RunConfig, make_accelerator, run_training
@@ -253,6 +254,61 @@ def test_a_damaged_cache_shard_names_its_path(tmp_path):
     shard.write_bytes(shard.read_bytes()[:20])
     with pytest.raises(ValueError, match=rf"cache file {shard} is damaged.*delete it"):
         _ShardStore(tmp_path / "images", shard_size=1)
+
+
+def half_written_save(tensors, filename, metadata=None):
+    Path(filename).write_bytes(b"\x08\x00 half a file")
+    raise OSError(28, "No space left on device")
+
+
+def test_a_failed_tensor_file_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "reference.safetensors"
+    save_tensors_atomically({"errors": torch.ones(3)}, path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~current_umask()  # not safetensors' 0600
+    monkeypatch.setattr("diffalign.files.save_file", half_written_save)
+    with pytest.raises(OSError, match="No space left"):
+        save_tensors_atomically({"errors": torch.zeros(3)}, path)
+    assert read_cache_file(path)["errors"].tolist() == [1.0, 1.0, 1.0]
+    assert [item.name for item in tmp_path.iterdir()] == ["reference.safetensors"]
+
+
+def test_a_seppo_bank_file_is_whole_or_absent(tmp_path, monkeypatch):
+    monkeypatch.setattr("diffalign.files.save_file", half_written_save)
+    bank = CheckpointBank(2, directory=str(tmp_path / "bank"))
+    with pytest.raises(OSError, match="No space left"):
+        bank.add(1, {"weight": torch.ones(2)})
+    assert list((tmp_path / "bank").iterdir()) == []
+
+
+class BestModelRecipe(RegressionRecipe):
+    """Its evaluation improves every time, so each evaluation rewrites ``best/``; export ``fail_at`` hits a full
+    disk after writing part of its folder."""
+
+    selection_metric = "score"
+
+    def __init__(self, output_dir: Path, fail_at: int) -> None:
+        super().__init__(output_dir)
+        self.exports, self.fail_at = 0, fail_at
+
+    def evaluate(self, model, step):
+        return {"score": float(step)}
+
+    def save_final(self, model, output_dir):
+        self.exports += 1
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "export.txt").write_text(str(self.exports))
+        if self.exports == self.fail_at:
+            raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("fail_at", [2, 3])  # the second best/, the final/
+def test_a_failed_model_folder_write_keeps_the_earlier_best_and_leaves_nothing_half_written(tmp_path, fail_at):
+    recipe = BestModelRecipe(tmp_path, fail_at)
+    with pytest.raises(OSError, match="No space left"):
+        fit(loop_config(tmp_path, eval_every=2, max_steps=6), recipe)
+    assert (tmp_path / "best" / "export.txt").read_text() == str(fail_at - 1)
+    assert not (tmp_path / "final").exists()
+    assert not [item.name for item in tmp_path.iterdir() if item.name.startswith(".")]  # no staging left
 
 
 def test_resuming_under_a_changed_config_is_refused_unless_allowed_and_then_recorded(tmp_path):

@@ -118,11 +118,22 @@ def test_a_full_fine_tune_writes_a_pipeline_folder_with_provenance_and_a_card(sd
     assert exported_config["provenance"]["git_commit"] == commit and "exported" in exported_config["provenance"]
 
 
-def test_a_lora_checkpoint_exports_and_evaluates_at_its_trained_strength(sd_dir, pairs_file, tmp_path):
+def card_on_a_full_disk(folder: Path, *args, **kwargs) -> None:
+    (folder / "README.md").write_text("half a card")
+    raise OSError(28, "No space left on device")
+
+
+def test_a_lora_checkpoint_exports_and_evaluates_at_its_trained_strength(sd_dir, pairs_file, tmp_path, monkeypatch):
     run = tmp_path / "run"
     lora_run = {"model": {"lora": LORA}, "optim": {"lr": 0.05}, "run": {"checkpoint_every": 1}}
     train(diffusion_config(sd_dir, pairs_file, run, steps=2, **lora_run))
     exported = tmp_path / "exported"
+    # A disk that fills while the card is written leaves no folder that looks exported, and a retry succeeds.
+    with monkeypatch.context() as patch:
+        patch.setattr("diffalign.export.describe_folder", card_on_a_full_disk)
+        with pytest.raises(OSError, match="No space left"):
+            main(["export", str(checkpoint(run, 1)), str(exported)])
+    assert not exported.exists() and not list(tmp_path.glob(".exported*"))
     assert main(["export", str(checkpoint(run, 1)), str(exported)]) == 0
     assert sorted(p.name for p in exported.iterdir()) == ["README.md", "config.yaml", "pytorch_lora_weights.safetensors"]
 

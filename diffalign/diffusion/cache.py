@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Iterator
@@ -36,14 +35,13 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from diffalign.diffusion.data import SKIP_HINT, BadRowError, PairRecord, split_index
 from diffalign.diffusion.families.base import LatentNormalization
 from diffalign.diffusion.transforms import CorruptMediaError, MediaDecoder, draw_pair_randomness
-from diffalign.files import damaged_cache, respect_umask
+from diffalign.files import damaged_cache, save_tensors_atomically
 from diffalign.hashing import content_hash, module_fingerprint
 from diffalign.progress import progress
 
@@ -117,10 +115,7 @@ class _ShardStore:
         if not self._pending_keys:
             return
         path = self.folder / f"{uuid.uuid4().hex}.safetensors"
-        temporary = self.folder / f".{path.name}.tmp"
-        save_file(self._pending, str(temporary), metadata={"format": "pt"})
-        respect_umask(temporary)
-        os.replace(temporary, path)
+        save_tensors_atomically(self._pending, path, {"format": "pt"})
         self.index.update(dict.fromkeys(self._pending_keys, path))
         for name in self._pending:
             self.names.setdefault(name.split("/", 1)[0], []).append(name)

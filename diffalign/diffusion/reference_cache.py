@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,7 +33,6 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
@@ -44,7 +42,7 @@ from diffalign.diffusion.families import DiffusionFamily
 from diffalign.diffusion.methods.base import LatentPairBatch
 from diffalign.diffusion.methods.dpo import DiffusionDPO
 from diffalign.diffusion.reference import ReferenceDenoiser
-from diffalign.files import read_cache_file, respect_umask
+from diffalign.files import read_cache_file, save_tensors_atomically
 from diffalign.hashing import ContentHash, module_fingerprint
 from diffalign.progress import progress
 from diffalign.training.loop import move_to_device
@@ -227,11 +225,8 @@ def load_or_build_reference_errors(
                 )
             if accelerator.is_main_process:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                temporary = path.with_name(f".{path.name}.tmp")
                 metadata = {"format": "pt", "parts": json.dumps(parts, sort_keys=True, default=str)}
-                save_file({"pair_index": pair_index, "errors": errors}, str(temporary), metadata=metadata)
-                respect_umask(temporary)
-                os.replace(temporary, path)
+                save_tensors_atomically({"pair_index": pair_index, "errors": errors}, path, metadata)
             logger.info(
                 "reference cache: %d pairs computed in %.1f s -> %s",
                 len(pair_index),

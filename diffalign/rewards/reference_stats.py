@@ -15,10 +15,9 @@ from typing import Any
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
-from diffalign.files import respect_umask
+from diffalign.files import save_tensors_atomically
 from diffalign.hashing import content_hash
 from diffalign.rewards.base import Audio
 from diffalign.rewards.embedding_metrics import GaussianStats, gaussian_stats
@@ -48,13 +47,8 @@ def reference_stats(
 def save_stats(stats: GaussianStats, path: str | Path, encoder_identity: str = "") -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(
-        ".partial"
-    )  # written then renamed: a crash never leaves a truncated cache file
     tensors = {"mean": stats.mean.detach().cpu().contiguous(), "cov": stats.cov.detach().cpu().contiguous()}
-    save_file(tensors, partial, metadata={"count": str(stats.count), "encoder": encoder_identity})
-    respect_umask(partial)
-    partial.replace(path)
+    save_tensors_atomically(tensors, path, {"count": str(stats.count), "encoder": encoder_identity})
 
 
 def load_stats(path: str | Path) -> GaussianStats:

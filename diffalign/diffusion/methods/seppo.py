@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from diffalign.diffusion.families import DiffusionFamily
@@ -65,6 +65,7 @@ from diffalign.diffusion.methods.online import (
     trainable_weights,
 )
 from diffalign.diffusion.reference import ReferenceDenoiser
+from diffalign.files import save_tensors_atomically
 from diffalign.losses import PairScores
 
 # Random streams of one item (see online.derived_seed), apart from its diffusion noise.
@@ -114,7 +115,7 @@ class CheckpointBank:
             self._weights[step] = weights
         else:
             self.directory.mkdir(parents=True, exist_ok=True)
-            save_file({name: value.contiguous() for name, value in weights.items()}, self._path(step))
+            save_tensors_atomically({name: value.contiguous() for name, value in weights.items()}, self._path(step))
 
     def _admission_slot(self, seed: int) -> int | None:
         """Where checkpoint number ``offered`` goes: a slot index, or None when the bank does not keep it."""
