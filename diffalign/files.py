@@ -37,19 +37,26 @@ def respect_umask(path: Path) -> None:
         os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
 
 
-def save_tensors_atomically(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write ``tensors`` to the safetensors file ``path`` with the umask's mode, whole or not at all.
+@contextlib.contextmanager
+def file_written_whole(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path``, renamed onto it with the umask's mode when the ``with`` block completes.
 
-    The file is written beside ``path`` and renamed onto it, so a crash or a full disk never leaves a truncated
-    file where a reader (a cache lookup, the next run) would take it for a complete one.
+    A crash or a full disk midway never leaves a truncated (or, for a Parquet writer closed on the way out, a
+    valid but partial) file where a reader (a cache lookup, the next run) would take it for a complete one.
     """
-    temporary = path.with_name(f".{path.name}.tmp")
+    temporary = path.with_name(f".{path.name}.partial")
     try:
-        save_file(tensors, str(temporary), metadata=metadata)
+        yield temporary
         respect_umask(temporary)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def save_tensors_atomically(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` to the safetensors file ``path``, whole or not at all (see :func:`file_written_whole`)."""
+    with file_written_whole(path) as temporary:
+        save_file(tensors, str(temporary), metadata=metadata)
 
 
 @contextlib.contextmanager

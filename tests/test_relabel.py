@@ -145,6 +145,8 @@ def test_bad_rows_fail_with_their_location_or_are_skipped_and_counted(tmp_path):
         ValueError, match=r"pairs.parquet, row 3: column 'jpg_1'.*not a readable image.*skip_bad_rows"
     ):
         relabel(config, scorer=Brightness())
+    # The first batch was relabelled before row 3 failed; no partial file is left to pass for the whole output.
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["pairs.parquet"]
 
     config.skip_bad_rows = True
     summary = relabel(config, scorer=Brightness())

@@ -33,6 +33,7 @@ from diffalign.config import ConfigError, apply_override, from_dict, to_dict
 from diffalign.diffusion.data import BadRowError, _media_bytes
 from diffalign.eval.media import decode_audio, decode_image, images_as_batch
 from diffalign.eval.scoring import ScoringConfig, build_with_reference
+from diffalign.files import file_written_whole
 from diffalign.progress import progress
 from diffalign.rewards import Audio, Scorer
 
@@ -126,28 +127,29 @@ def relabel(config: RelabelConfig, scorer: Scorer | None = None) -> dict[str, An
     counts: Counter[str] = Counter()
     writer: pq.ParquetWriter | None = None
     bar = progress(total=sum(pq.ParquetFile(path).metadata.num_rows for path in sources), desc="relabelling", unit="pair")
-    try:
-        for path in sources:
-            parquet = pq.ParquetFile(path)
-            _check_columns(parquet.schema_arrow.names, schema, path)
-            if writer is None:
-                writer = pq.ParquetWriter(output, parquet.schema_arrow)
-            elif parquet.schema_arrow.remove_metadata() != writer.schema.remove_metadata():
-                raise ValueError(
-                    f"{path}: its columns differ from the first source file's; relabel one schema at a time"
-                )
-            row = 0
-            for batch in parquet.iter_batches(batch_size=config.scorer.batch_size):
-                table = pa.Table.from_batches([batch])
-                writer.write_table(
-                    _relabel_batch(table, path, row, schema, scorer, reference, config, counts)
-                )
-                row += table.num_rows
-                bar.update(table.num_rows)
-    finally:
-        bar.close()
-        if writer is not None:
-            writer.close()
+    with file_written_whole(output) as staging:
+        try:
+            for path in sources:
+                parquet = pq.ParquetFile(path)
+                _check_columns(parquet.schema_arrow.names, schema, path)
+                if writer is None:
+                    writer = pq.ParquetWriter(staging, parquet.schema_arrow)
+                elif parquet.schema_arrow.remove_metadata() != writer.schema.remove_metadata():
+                    raise ValueError(
+                        f"{path}: its columns differ from the first source file's; relabel one schema at a time"
+                    )
+                row = 0
+                for batch in parquet.iter_batches(batch_size=config.scorer.batch_size):
+                    table = pa.Table.from_batches([batch])
+                    writer.write_table(
+                        _relabel_batch(table, path, row, schema, scorer, reference, config, counts)
+                    )
+                    row += table.num_rows
+                    bar.update(table.num_rows)
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
     summary = _summary(config, counts)
     summary_path = output.with_suffix(".summary.json")
     summary_path.write_text(json.dumps(summary, indent=2))
