@@ -323,7 +323,7 @@ def test_an_interrupted_build_resumes_without_recomputing(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         build(pairs, decoder, tmp_path / "cache", vae, batch_size=2, shard_size=2)
     assert calls == [2, 2, 2, 2]
-    (tmp_path / "cache" / "images" / ".leftover.safetensors.tmp").write_bytes(b"half a shard")
+    (tmp_path / "cache" / "images" / ".leftover.safetensors.partial").write_bytes(b"half a shard")
     del vae.encode
 
     text_encoder = FakeTextEncoder()
