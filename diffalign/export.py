@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from diffalign.files import folder_written_whole, respect_umask
+from diffalign.files import folder_written_whole
 from diffalign.hub import check_push_possible, push_folder
 from diffalign.model_card import describe_folder
 from diffalign.training.checkpoint_model import read_checkpoint_model
@@ -40,7 +40,6 @@ def export_checkpoint(
     with folder_written_whole(output_dir) as staging:
         facts = getattr(importlib.import_module(module_name), function_name)(model, staging)
         describe_folder(staging, model.config, facts, model.summary(), title, exported=True)
-        respect_umask(staging)
     if hub_repo_id is not None:
         push_folder(output_dir, hub_repo_id, private=hub_private, message=f"diffalign export of {checkpoint.name}")
     return output_dir

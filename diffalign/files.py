@@ -65,15 +65,19 @@ def folder_written_whole(folder: Path) -> Iterator[Path]:
 
     A model folder (``final/``, ``best/``, an export) is many files; written in place, a crash, a signal or a full
     disk midway leaves a folder a loader takes for complete, or destroys the earlier ``best/``. Here a failure
-    leaves ``folder`` as it was (or absent) and removes the staging folder, so a retry starts clean.
+    leaves ``folder`` as it was (or absent) and removes the staging folder, so a retry starts clean. The folder
+    gets the umask's mode.
     """
     staging = folder.with_name(f".{folder.name}.partial")
     previous = folder.with_name(f".{folder.name}.previous")
-    for leftover in (staging, previous):  # from a run killed while it wrote
-        shutil.rmtree(leftover, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)  # from a run killed while it wrote
+    if previous.exists() and not folder.exists():  # a run killed between the two renames below
+        previous.rename(folder)
+    shutil.rmtree(previous, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
         yield staging
+        respect_umask(staging)
         if folder.exists():
             folder.rename(previous)
         staging.rename(folder)

@@ -28,7 +28,7 @@ from diffalign.config import ConfigError, load_config
 from diffalign.diffusion.cache import _ShardStore
 from diffalign.diffusion.data import DiffusionDataConfig, load_preference_pairs
 from diffalign.diffusion.methods.seppo import CheckpointBank
-from diffalign.files import current_umask, read_cache_file, save_tensors_atomically
+from diffalign.files import current_umask, folder_written_whole, read_cache_file, save_tensors_atomically
 from diffalign.llm.config import LLMDataConfig
 from diffalign.llm.data import load_preference_items
 from diffalign.training import OptimConfig, RunConfig, make_accelerator, run_training
@@ -309,6 +309,16 @@ def test_a_failed_model_folder_write_keeps_the_earlier_best_and_leaves_nothing_h
     assert (tmp_path / "best" / "export.txt").read_text() == str(fail_at - 1)
     assert not (tmp_path / "final").exists()
     assert not [item.name for item in tmp_path.iterdir() if item.name.startswith(".")]  # no staging left
+
+
+def test_a_model_folder_set_aside_by_a_killed_write_is_restored(tmp_path):
+    # A kill between moving the old best/ aside and renaming the new one in leaves only the old copy.
+    (tmp_path / ".best.previous").mkdir()
+    (tmp_path / ".best.previous" / "export.txt").write_text("old")
+    with pytest.raises(OSError, match="No space left"), folder_written_whole(tmp_path / "best"):
+        raise OSError(28, "No space left on device")
+    assert (tmp_path / "best" / "export.txt").read_text() == "old"
+    assert [item.name for item in tmp_path.iterdir()] == ["best"]
 
 
 def test_resuming_under_a_changed_config_is_refused_unless_allowed_and_then_recorded(tmp_path):

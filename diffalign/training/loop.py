@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from diffalign.config import save_config, to_dict
-from diffalign.files import folder_written_whole, respect_umask
+from diffalign.files import folder_written_whole
 from diffalign.hub import check_push_possible, push_folder
 from diffalign.model_card import CardFacts, TrainingSummary, describe_folder
 from diffalign.progress import configure_progress
@@ -577,7 +577,6 @@ class TrainingLoop:
             if self.config_record is not None:  # the model travels with the config that produced it
                 summary = TrainingSummary(self.state.step, self.state.num_processes, self.state.device, metrics)
                 describe_folder(staging, self.config_record, self.recipe.card_facts(), summary, self.run.run_name)
-            respect_umask(staging)
 
 
 def device_name(device: torch.device) -> str:
