@@ -239,5 +239,7 @@ def to_dict(config: Any) -> dict:
 
 def save_config(config: Any, path: str | Path) -> None:
     """Write the resolved config (every default filled in) so a run can be reproduced from its output."""
+    from diffalign.files import write_text_whole  # files imports torch; the config module stays light
+
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    write_text_whole(Path(path), yaml.safe_dump(to_dict(config), sort_keys=False))

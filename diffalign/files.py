@@ -53,6 +53,12 @@ def file_written_whole(path: Path) -> Iterator[Path]:
         temporary.unlink(missing_ok=True)
 
 
+def write_text_whole(path: Path, text: str) -> None:
+    """Write ``text`` to ``path``, whole or not at all (see :func:`file_written_whole`)."""
+    with file_written_whole(path) as temporary:
+        temporary.write_text(text)
+
+
 def save_tensors_atomically(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write ``tensors`` to the safetensors file ``path``, whole or not at all (see :func:`file_written_whole`)."""
     with file_written_whole(path) as temporary:

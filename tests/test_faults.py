@@ -24,10 +24,12 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from diffalign import cli
-from diffalign.config import ConfigError, load_config
+from diffalign.config import ConfigError, load_config, save_config
 from diffalign.diffusion.cache import _ShardStore
 from diffalign.diffusion.data import DiffusionDataConfig, load_preference_pairs
 from diffalign.diffusion.methods.seppo import CheckpointBank
+from diffalign.eval import report as eval_report
+from diffalign.eval.prompts import PromptSetConfig, write_prompt_split
 from diffalign.files import current_umask, folder_written_whole, read_cache_file, save_tensors_atomically
 from diffalign.llm.config import LLMDataConfig
 from diffalign.llm.data import load_preference_items
@@ -270,6 +272,46 @@ def test_a_failed_tensor_file_write_leaves_the_old_file_and_no_temporary(tmp_pat
         save_tensors_atomically({"errors": torch.zeros(3)}, path)
     assert read_cache_file(path)["errors"].tolist() == [1.0, 1.0, 1.0]
     assert [item.name for item in tmp_path.iterdir()] == ["reference.safetensors"]
+
+
+def disk_fills_on_text_write(monkeypatch, at_write: int = 1) -> None:
+    """From the ``at_write``-th ``Path.write_text`` on, each writes half its text and fails as a full disk does."""
+    real_write_text = Path.write_text
+    writes = []
+
+    def write_text(self, text, *args, **kwargs):
+        writes.append(self.name)
+        if len(writes) < at_write:
+            return real_write_text(self, text, *args, **kwargs)
+        real_write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+
+
+def test_a_full_disk_midway_through_a_prompt_split_keeps_the_earlier_split(tmp_path, monkeypatch):
+    (tmp_path / "prompts.txt").write_text("".join(f"prompt {number}\n" for number in range(20)))
+    source, output = PromptSetConfig(source=str(tmp_path / "prompts.txt")), tmp_path / "split"
+    write_prompt_split(source, output, heldout=5, seed=0)
+    earlier = {name: (output / name).read_text() for name in ("heldout.txt", "train.txt")}
+    disk_fills_on_text_write(monkeypatch, at_write=2)  # heldout.txt written, train.txt not
+    with pytest.raises(OSError, match="No space left"):
+        write_prompt_split(source, output, heldout=5, seed=1)
+    # Never a new heldout.txt beside the old train.txt, whose prompts would then overlap it.
+    assert {path.name: path.read_text() for path in output.iterdir()} == earlier
+
+
+def test_a_full_disk_leaves_no_truncated_eval_report_or_run_config(tmp_path, monkeypatch):
+    monkeypatch.setattr(eval_report, "write_sample_views", lambda *arguments: {})
+    disk_fills_on_text_write(monkeypatch)
+    with pytest.raises(OSError, match="No space left"):
+        eval_report.write_report(
+            tmp_path, header={"model": "m"}, prompts=["a"], seeds=[0], results=[], base_samples=None,
+            aligned_samples=None, confidence=0.95, grid_prompts=0, save_samples=False,
+        )
+    with pytest.raises(OSError, match="No space left"):
+        save_config(RunConfig(), tmp_path / "config.yaml")
+    assert list(tmp_path.iterdir()) == []  # neither a report.json nor a config.yaml a reader takes for whole
 
 
 def test_a_seppo_bank_file_is_whole_or_absent(tmp_path, monkeypatch):

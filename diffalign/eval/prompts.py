@@ -19,6 +19,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from diffalign.config import ConfigError, LoadError, SourceNotFoundError
+from diffalign.files import file_written_whole
 from diffalign.hub import check_hub_repo, hub_offline
 
 logger = logging.getLogger(__name__)
@@ -279,6 +280,10 @@ def write_prompt_split(
     random.Random(seed).shuffle(unique)
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "heldout.txt").write_text("".join(f"{prompt}\n" for prompt in unique[:heldout]))
-    (output / "train.txt").write_text("".join(f"{prompt}\n" for prompt in unique[heldout:]))
+    # Both files are written before either replaces an earlier split: a failure midway never pairs a new
+    # heldout.txt with an old train.txt (whose prompts could then overlap it).
+    heldout_path, train_path = output / "heldout.txt", output / "train.txt"
+    with file_written_whole(heldout_path) as heldout_file, file_written_whole(train_path) as train_file:
+        heldout_file.write_text("".join(f"{prompt}\n" for prompt in unique[:heldout]))
+        train_file.write_text("".join(f"{prompt}\n" for prompt in unique[heldout:]))
     return {"distinct_prompts": len(unique), "train": len(unique) - heldout, "heldout": heldout}

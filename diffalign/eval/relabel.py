@@ -33,7 +33,7 @@ from diffalign.config import ConfigError, apply_override, from_dict, to_dict
 from diffalign.diffusion.data import BadRowError, _media_bytes
 from diffalign.eval.media import decode_audio, decode_image, images_as_batch
 from diffalign.eval.scoring import ScoringConfig, build_with_reference
-from diffalign.files import file_written_whole
+from diffalign.files import file_written_whole, write_text_whole
 from diffalign.progress import progress
 from diffalign.rewards import Audio, Scorer
 
@@ -152,7 +152,7 @@ def relabel(config: RelabelConfig, scorer: Scorer | None = None) -> dict[str, An
                 writer.close()
     summary = _summary(config, counts)
     summary_path = output.with_suffix(".summary.json")
-    summary_path.write_text(json.dumps(summary, indent=2))
+    write_text_whole(summary_path, json.dumps(summary, indent=2))
     logger.info("relabelled %d pairs into %s (summary: %s)", summary["rows_written"], output, summary_path)
     return summary
 

@@ -14,6 +14,7 @@ from diffalign.diffusion.sampling import save_samples as save_sample_grid
 from diffalign.eval.generation import Samples
 from diffalign.eval.media import write_png, write_wav
 from diffalign.eval.statistics import ScorerResult, format_interval
+from diffalign.files import write_text_whole
 from diffalign.rewards import Audio
 
 BASE_COLOUR, ALIGNED_COLOUR = "#8c8c8c", "#1f77b4"
@@ -65,9 +66,9 @@ def write_report(
         ],
         "files": files,
     }
-    (output_dir / "report.json").write_text(json.dumps(report, indent=2))
+    write_text_whole(output_dir / "report.json", json.dumps(report, indent=2))
     plot_scores(report, output_dir / "plot.png")
-    (output_dir / "report.md").write_text(markdown(report))
+    write_text_whole(output_dir / "report.md", markdown(report))
     return report
 
 
