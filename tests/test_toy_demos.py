@@ -79,14 +79,14 @@ def test_dpo_demo_aligns_the_toy_image_model_and_its_lora_loads_in_diffusers(tmp
     ("config", "bar"),
     [
         pytest.param("toy_music_dpo.yaml", 0.65, marks=pytest.mark.slow(minutes=5)),
-        pytest.param("toy_music_dragon.yaml", 0.85, marks=pytest.mark.slow(minutes=6.5)),
+        pytest.param("toy_music_dragon.yaml", 0.85, marks=pytest.mark.slow(minutes=4.3)),
     ],
 )
 def test_toy_music_configs_make_the_toy_music_model_ring_longer(config, bar, tmp_path):
     output_dir = tmp_path / "music"
     run_diffalign("train", f"configs/{config}", f"run.output_dir={output_dir}", "run.progress_bar=false", "run.trackers=[]", cwd=ROOT)
     metrics = final_eval(output_dir)
-    assert metrics["eval/win_rate"] >= bar, metrics  # 0.757 and 0.993 measured (README)
+    assert metrics["eval/win_rate"] >= bar, metrics  # 0.757 and 0.931 measured (README)
     assert metrics["eval/reward_aligned"] > metrics["eval/reward_base"] + 0.05, metrics
 
 
