@@ -10,6 +10,7 @@ import math
 import os
 import signal
 import stat
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from diffalign.eval.prompts import PromptSetConfig, write_prompt_split
 from diffalign.files import current_umask, folder_written_whole, read_cache_file, save_tensors_atomically
 from diffalign.llm.config import LLMDataConfig
 from diffalign.llm.data import load_preference_items
+from diffalign.toy import __main__ as toy_main
 from diffalign.training import OptimConfig, RunConfig, make_accelerator, run_training
 from diffalign.training.checkpoint import CheckpointWriteError, CorruptCheckpointError, list_checkpoints
 from diffalign.training.loop import NonFiniteUpdateError
@@ -361,6 +363,23 @@ def test_a_model_folder_set_aside_by_a_killed_write_is_restored(tmp_path):
         raise OSError(28, "No space left on device")
     assert (tmp_path / "best" / "export.txt").read_text() == "old"
     assert [item.name for item in tmp_path.iterdir()] == ["best"]
+
+
+def test_a_failed_toy_rebuild_leaves_the_earlier_toy_whole(tmp_path, monkeypatch):
+    class InterruptedBuild:
+        @staticmethod
+        def build(output_dir: Path, seed: int) -> None:
+            (output_dir / "model_index.json").write_text('{"_class_name": ')
+            raise KeyboardInterrupt
+
+    monkeypatch.setitem(sys.modules, "interrupted_toy_build", InterruptedBuild)
+    monkeypatch.setitem(toy_main.TOYS, "t2i", ("interrupted_toy_build", "toy-t2i"))
+    (tmp_path / "toy-t2i").mkdir()
+    (tmp_path / "toy-t2i" / "model_index.json").write_text("{}")
+    with pytest.raises(KeyboardInterrupt):
+        toy_main.build_toy("t2i", tmp_path, seed=0)
+    assert [path.name for path in tmp_path.iterdir()] == ["toy-t2i"]
+    assert (tmp_path / "toy-t2i" / "model_index.json").read_text() == "{}"
 
 
 def test_resuming_under_a_changed_config_is_refused_unless_allowed_and_then_recorded(tmp_path):

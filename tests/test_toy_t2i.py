@@ -308,7 +308,7 @@ def test_cli_builds_one_toy_or_all_side_by_side(tmp_path, monkeypatch, capsys):
     fake = types.ModuleType("diffalign.toy.fake_toy")
 
     def build(output_dir, seed):  # leaves a trace on disk, so it is seen from a worker process too
-        output_dir.mkdir(parents=True)
+        output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "seed.txt").write_text(f"{seed} {os.getpid()}")
 
     fake.build = build
@@ -331,11 +331,11 @@ def test_cli_builds_one_toy_or_all_side_by_side(tmp_path, monkeypatch, capsys):
 def test_cli_builds_a_toy_after_the_toys_it_reuses(tmp_path, monkeypatch):
     def build_base(output_dir, seed):
         time.sleep(0.5)  # still building when a worker would start the next toy
-        output_dir.mkdir(parents=True)
+        output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "model.txt").write_text("base")
 
     def build_reuser(output_dir, seed):  # fails unless the toy it reuses is already built
-        output_dir.mkdir(parents=True)
+        output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "model.txt").write_text((output_dir.parent / "toy-base" / "model.txt").read_text() + "+reuser")
 
     for name, build in (("base", build_base), ("reuser", build_reuser)):

@@ -19,8 +19,8 @@ from pathlib import Path
 
 ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets"
 
-# toy name → (module with a ``build(output_dir, seed)`` function, folder under assets/); a toy comes after the
-# toys it reuses.
+# toy name → (module with a ``build(output_dir, seed)`` function that fills the empty folder ``output_dir``, folder
+# under assets/); a toy comes after the toys it reuses.
 TOYS = {
     "t2i": ("diffalign.toy.t2i", "toy-t2i"),
     "llm": ("diffalign.toy.llm", "toy-llm"),
@@ -36,8 +36,9 @@ def build_toy(name: str, assets_dir: Path, seed: int, threads: int | None = None
     """Build one toy into ``assets_dir/<folder>``, on ``threads`` torch threads (default: torch's)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # again in a worker process
     module_name, folder = TOYS[name]
-    # Imported here: each toy pulls in its own heavy dependencies.
+    # Imported here: each toy pulls in its own heavy dependencies (and diffalign.files pulls in torch).
     module = importlib.import_module(module_name)
+    from diffalign.files import folder_written_whole
     if threads is not None:
         import torch
 
@@ -45,7 +46,9 @@ def build_toy(name: str, assets_dir: Path, seed: int, threads: int | None = None
     output_dir = assets_dir / folder
     print(f"[{name}] building into {output_dir} (seed {seed})", flush=True)
     start = time.perf_counter()
-    module.build(output_dir, seed)
+    # Built beside the toy and swapped in at the end: a failed or interrupted rebuild leaves the earlier toy whole.
+    with folder_written_whole(output_dir) as staging:
+        module.build(staging, seed)
     minutes, seconds = divmod(time.perf_counter() - start, 60)
     print(f"[{name}] done in {int(minutes)}m{seconds:04.1f}s", flush=True)
 
