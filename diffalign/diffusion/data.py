@@ -323,7 +323,7 @@ def check_columns(name: str, column_names: Sequence[str], config: DiffusionDataC
             )
 
 
-def _check_caption(value: Any, column: str) -> str:
+def check_caption(value: Any, column: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise BadRowError(
             "missing_caption", f"the caption (column {column!r}) is missing or empty: {value!r}"
@@ -331,7 +331,7 @@ def _check_caption(value: Any, column: str) -> str:
     return value
 
 
-def _check_label(value: Any, column: str) -> float:
+def check_label(value: Any, column: str) -> float:
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not is_number or math.isnan(value) or value not in (0, 0.5, 1):
         raise BadRowError(
@@ -342,7 +342,7 @@ def _check_label(value: Any, column: str) -> float:
     return float(value)
 
 
-def _media_bytes(value: Any, base_dir: Path | None, column: str) -> bytes:
+def read_media_bytes(value: Any, base_dir: Path | None, column: str) -> bytes:
     if isinstance(value, dict):
         value = value.get("bytes") if value.get("bytes") is not None else value.get("path")
     if value is None:
@@ -368,7 +368,7 @@ def _media_bytes(value: Any, base_dir: Path | None, column: str) -> bytes:
 
 def _pair_bytes(table: _Table, row: int, columns: tuple[str, str]) -> tuple[bytes, bytes]:
     """The stored bytes of a row's two pair members, which must differ."""
-    first, second = (_media_bytes(table.value(column, row), table.base_dir(row), column) for column in columns)
+    first, second = (read_media_bytes(table.value(column, row), table.base_dir(row), column) for column in columns)
     if first == second:
         raise BadRowError(
             "identical_pair", f"columns {columns[0]!r} and {columns[1]!r} hold identical data: nothing to prefer"
@@ -412,8 +412,8 @@ class PreferencePairs:
                     break
                 rows_read += 1
                 try:
-                    caption = _check_caption(captions[row], config.caption_column)
-                    label_0 = _check_label(labels[row], config.label_0_column) if labels is not None else 1.0
+                    caption = check_caption(captions[row], config.caption_column)
+                    label_0 = check_label(labels[row], config.label_0_column) if labels is not None else 1.0
                     if label_0 == 0.5 and config.drop_ties:
                         ties_dropped += 1
                         continue

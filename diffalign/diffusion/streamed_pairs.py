@@ -19,12 +19,12 @@ from diffalign.diffusion.data import (
     BadRowError,
     DiffusionDataConfig,
     PairRecord,
-    _check_caption,
-    _check_label,
-    _media_bytes,
+    check_caption,
     check_columns,
+    check_label,
     decoded_pair_item,
     is_local_source,
+    read_media_bytes,
     source_files,
 )
 from diffalign.diffusion.transforms import CorruptMediaError, MediaDecoder
@@ -57,14 +57,14 @@ def open_pair_source(config: DiffusionDataConfig) -> ShardedSource:
 def check_pair_row(row: dict[str, Any], location: RowLocation, config: DiffusionDataConfig) -> PairRecord:
     """The :class:`PairRecord` of a raw row, winner first; raises :class:`BadRowError` or, for a dropped tie,
     :class:`DroppedRow`."""
-    caption = _check_caption(row.get(config.caption_column), config.caption_column)
+    caption = check_caption(row.get(config.caption_column), config.caption_column)
     label_0 = (
-        _check_label(row.get(config.label_0_column), config.label_0_column) if config.label_0_column else 1.0
+        check_label(row.get(config.label_0_column), config.label_0_column) if config.label_0_column else 1.0
     )
     if label_0 == 0.5 and config.drop_ties:
         raise DroppedRow("ties_dropped")
     columns = (config.image_0_column, config.image_1_column)
-    first, second = (_media_bytes(row.get(column), location.base_dir, column) for column in columns)
+    first, second = (read_media_bytes(row.get(column), location.base_dir, column) for column in columns)
     if first == second:
         raise BadRowError(
             "identical_pair",

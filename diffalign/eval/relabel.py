@@ -30,7 +30,7 @@ import torch
 import yaml
 
 from diffalign.config import ConfigError, apply_override, from_dict, to_dict
-from diffalign.diffusion.data import BadRowError, _media_bytes
+from diffalign.diffusion.data import BadRowError, read_media_bytes
 from diffalign.eval.media import decode_audio, decode_image, images_as_batch
 from diffalign.eval.scoring import ScoringConfig, build_with_reference
 from diffalign.files import file_written_whole, write_text_whole
@@ -258,7 +258,7 @@ def _order_by_preference(table: pa.Table, labels: torch.Tensor, schema: PairSche
 
 
 def _decode(value: Any, folder: Path, column: str, modality: str, where: str) -> Any:
-    data = _media_bytes(value, folder, column)
+    data = read_media_bytes(value, folder, column)
     try:
         return decode_image(data, where) if modality == "image" else decode_audio(data, where)
     except ValueError as error:

@@ -51,19 +51,17 @@ from diffalign.toy.music import CLIP_SAMPLES, SAMPLE_RATE
 from diffalign.toy.music_build import (
     ClipSet,
     MusicDataSettings,
-    _cosine_schedule,
-    _log_every,
-    _optimise,
-    _training_captions,
     build_preference_split,
     caption_variants,
     make_clips,
+    optimise,
     sample_quality,
+    training_captions,
     variant_caption,
     vocoder_loss,
 )
 from diffalign.toy.prompts import write_prompt_files
-from diffalign.toy.stages import BuildStages, directory_sizes
+from diffalign.toy.stages import BuildStages, cosine_schedule, directory_sizes, log_interval
 from diffalign.toy.t2i_build import DenoiserTraining, train_denoiser
 
 log = logging.getLogger(__name__)
@@ -148,7 +146,7 @@ def train_vae(clips: ClipSet, config: MusicAceBuildConfig, generator: torch.Gene
     reconstruction from a posterior sample, plus ``vae_kl_weight`` × the KL per latent element."""
     vae = make_vae()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_learning_rate, betas=(0.8, 0.99), weight_decay=0.0)
-    schedule = _cosine_schedule(optimizer, config.vae_steps, warmup=30)
+    schedule = cosine_schedule(optimizer, config.vae_steps, warmup=30)
     crop = config.vae_crop_frames * FRAME_SAMPLES
     starts_per_clip = (CLIP_SAMPLES - crop) // FRAME_SAMPLES + 1
     vae.train()
@@ -165,8 +163,8 @@ def train_vae(clips: ClipSet, config: MusicAceBuildConfig, generator: torch.Gene
             + config.vae_envelope_weight * envelope_loss(reconstruction, target)
             + config.vae_kl_weight * kl
         )
-        _optimise(loss, optimizer, schedule, vae.parameters(), clip=1.0)
-        if step % _log_every(config.vae_steps) == 0 or step == config.vae_steps - 1:
+        optimise(loss, optimizer, schedule, vae.parameters(), clip=1.0)
+        if step % log_interval(config.vae_steps) == 0 or step == config.vae_steps - 1:
             log.info("  vae step %d/%d  loss %.3f  kl %.2f", step + 1, config.vae_steps, loss.item(), kl.item())
     return vae.eval()
 
@@ -280,7 +278,7 @@ def train_transformer(
         posteriors = [family.encode(clips.waveforms[i : i + 200].unsqueeze(1)) for i in range(0, len(clips.waveforms), 200)]
     means = family.to_latents(torch.cat([posterior.mean for posterior in posteriors]))
     stds = family.to_latents(torch.cat([posterior.std for posterior in posteriors]))  # the normalisation's scale is 1
-    captions = _training_captions(clips.specs, config, generator)
+    captions = training_captions(clips.specs, config, generator)
     texts = sorted(set(captions))
     embeds = family.encode_prompts(texts)
     return train_denoiser(

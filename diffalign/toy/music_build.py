@@ -59,7 +59,7 @@ from diffalign.toy.music import (
     ToyMusicModel,
 )
 from diffalign.toy.prompts import write_prompt_files
-from diffalign.toy.stages import BuildStages, directory_sizes
+from diffalign.toy.stages import BuildStages, cosine_schedule, directory_sizes, log_interval
 
 log = logging.getLogger(__name__)
 
@@ -140,20 +140,7 @@ class ClipSampler(Protocol):
         """Clips ``[len(prompts), CLIP_SAMPLES]`` at 16 kHz, drawn from ``generator``."""
 
 
-def _cosine_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def _log_every(steps: int) -> int:
-    return max(1, steps // 8)
-
-
-def _optimise(loss: Tensor, optimizer: torch.optim.Optimizer, schedule, parameters, clip: float | None = None) -> None:
+def optimise(loss: Tensor, optimizer: torch.optim.Optimizer, schedule, parameters, clip: float | None = None) -> None:
     loss.backward()
     if clip is not None:
         torch.nn.utils.clip_grad_norm_(parameters, clip)
@@ -316,7 +303,7 @@ def train_clap(
     tokens = tokenize(tokenizer, [variant_caption(variant) for variant in variants])
     consistent = _consistent(variants, specs)
     optimizer = torch.optim.AdamW(clap.parameters(), lr=2e-3, weight_decay=0.01)
-    schedule = _cosine_schedule(optimizer, config.clap_steps, warmup=50)
+    schedule = cosine_schedule(optimizer, config.clap_steps, warmup=50)
     clap.train()
     for step in range(config.clap_steps):
         indices = torch.randint(len(features), (config.clap_batch_size,), generator=generator)
@@ -330,11 +317,11 @@ def train_clap(
             (clap.logit_scale_t.exp() * similarity.T)[present], (match.T / match.sum(0)[:, None].clamp_min(1))[present]
         )
         loss = (audio_to_text + text_to_audio) / 2
-        _optimise(loss, optimizer, schedule, clap.parameters())
+        optimise(loss, optimizer, schedule, clap.parameters())
         with torch.no_grad():  # as CLIP: temperatures capped at 100
             clap.logit_scale_a.clamp_(0, math.log(100))
             clap.logit_scale_t.clamp_(0, math.log(100))
-        if step % _log_every(config.clap_steps) == 0 or step == config.clap_steps - 1:
+        if step % log_interval(config.clap_steps) == 0 or step == config.clap_steps - 1:
             log.info("  clap step %d/%d  loss %.3f", step + 1, config.clap_steps, loss.item())
     return clap.eval()
 
@@ -393,7 +380,7 @@ def train_vae(mels: Tensor, config: MusicBuildConfig, generator: torch.Generator
     perceptual loss: pure tones need neither)."""
     vae = make_vae()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
-    schedule = _cosine_schedule(optimizer, config.vae_steps, warmup=30)
+    schedule = cosine_schedule(optimizer, config.vae_steps, warmup=30)
     vae.train()
     for step in range(config.vae_steps):
         crops = _crops(mels, config.vae_crop_frames, config.vae_batch_size, generator)[0].unsqueeze(1)
@@ -401,8 +388,8 @@ def train_vae(mels: Tensor, config: MusicBuildConfig, generator: torch.Generator
         latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
         mse = F.mse_loss(vae.decode(latents).sample, crops)
         kl = posterior.kl().mean() / posterior.mean[0].numel()  # per latent element
-        _optimise(mse + config.vae_kl_weight * kl, optimizer, schedule, vae.parameters())
-        if step % _log_every(config.vae_steps) == 0 or step == config.vae_steps - 1:
+        optimise(mse + config.vae_kl_weight * kl, optimizer, schedule, vae.parameters())
+        if step % log_interval(config.vae_steps) == 0 or step == config.vae_steps - 1:
             log.info("  vae step %d/%d  mse %.4f  kl %.2f", step + 1, config.vae_steps, mse.item(), kl.item())
     return vae.eval()
 
@@ -476,7 +463,7 @@ def train_vocoder(clips: ClipSet, config: MusicBuildConfig, generator: torch.Gen
     """Train the vocoder on aligned crops: mel frame i covers samples [160·i, 160·(i+1))."""
     vocoder = make_vocoder()
     optimizer = torch.optim.AdamW(vocoder.parameters(), lr=2e-3, betas=(0.8, 0.99), weight_decay=0.0)
-    schedule = _cosine_schedule(optimizer, config.vocoder_steps, warmup=30)
+    schedule = cosine_schedule(optimizer, config.vocoder_steps, warmup=30)
     frames = config.vocoder_crop_frames
     vocoder.train()
     for step in range(config.vocoder_steps):
@@ -484,8 +471,8 @@ def train_vocoder(clips: ClipSet, config: MusicBuildConfig, generator: torch.Gen
         samples = (starts * HOP_LENGTH)[:, None] + torch.arange(frames * HOP_LENGTH)
         target = clips.waveforms[indices[:, None], samples]
         loss = vocoder_loss(vocoder(mels), target)
-        _optimise(loss, optimizer, schedule, vocoder.parameters(), clip=1.0)
-        if step % _log_every(config.vocoder_steps) == 0 or step == config.vocoder_steps - 1:
+        optimise(loss, optimizer, schedule, vocoder.parameters(), clip=1.0)
+        if step % log_interval(config.vocoder_steps) == 0 or step == config.vocoder_steps - 1:
             log.info("  vocoder step %d/%d  loss %.3f", step + 1, config.vocoder_steps, loss.item())
     return vocoder.eval()
 
@@ -515,7 +502,7 @@ def make_unet() -> UNet2DConditionModel:
     )
 
 
-def _training_captions(specs: list[ClipSpec], config: MusicDataSettings, generator: torch.Generator) -> list[str]:
+def training_captions(specs: list[ClipSpec], config: MusicDataSettings, generator: torch.Generator) -> list[str]:
     """Each clip's caption: full, partial (each attribute kept with probability 1/2) or empty."""
     draw = torch.rand(len(specs), generator=generator).tolist()
     keep = (torch.rand(len(specs), len(ATTRIBUTES), generator=generator) < 0.5).tolist()
@@ -544,7 +531,7 @@ def train_unet(
     unet = make_unet()
     ema_unet = copy.deepcopy(unet).requires_grad_(False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.unet_learning_rate, weight_decay=0.01)
-    schedule = _cosine_schedule(optimizer, config.unet_steps, warmup=50)
+    schedule = cosine_schedule(optimizer, config.unet_steps, warmup=50)
     unet.train()
     for step in range(config.unet_steps):
         indices = torch.randint(len(latent_means), (config.unet_batch_size,), generator=generator)
@@ -554,12 +541,12 @@ def train_unet(
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         prediction = unet(noisy, timesteps, encoder_hidden_states=None, class_labels=text_embeddings[indices]).sample
         loss = F.mse_loss(prediction, noise)
-        _optimise(loss, optimizer, schedule, unet.parameters(), clip=1.0)
+        optimise(loss, optimizer, schedule, unet.parameters(), clip=1.0)
         with torch.no_grad():
             decay = min(config.unet_ema_decay, (1 + step) / (10 + step))  # EMA warm-up for short runs
             for ema_parameter, parameter in zip(ema_unet.parameters(), unet.parameters()):
                 ema_parameter.lerp_(parameter, 1 - decay)
-        if step % _log_every(config.unet_steps) == 0 or step == config.unet_steps - 1:
+        if step % log_interval(config.unet_steps) == 0 or step == config.unet_steps - 1:
             log.info("  unet step %d/%d  loss %.4f", step + 1, config.unet_steps, loss.item())
     return ema_unet.eval()
 
@@ -725,7 +712,7 @@ def build_toy_music(output_dir: str | Path, seed: int = 0, config: MusicBuildCon
         vocoder = train_vocoder(clips, config, generator(5))
 
     with stages.stage("unet", init_seed=3):
-        captions = _training_captions(clips.specs, config, generator(6))
+        captions = training_captions(clips.specs, config, generator(6))
         texts = sorted(set(captions))
         with torch.no_grad():
             embeddings = clap.get_text_features(**tokenize(tokenizer, texts)).pooler_output

@@ -1,8 +1,10 @@
-"""What the toy builders share: timed stages, a random stream per stage, and folder sizes."""
+"""What the toy builders share: timed stages, a random stream per stage, the learning-rate schedule, the logging
+interval and folder sizes."""
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -11,6 +13,22 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to zero at ``steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def log_interval(steps: int) -> int:
+    """Log a training loop of ``steps`` steps about eight times."""
+    return max(1, steps // 8)
 
 
 class BuildStages:

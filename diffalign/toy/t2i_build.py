@@ -56,7 +56,7 @@ from diffalign.diffusion.families.stable_diffusion import StableDiffusionFamily
 from diffalign.toy import t2i
 from diffalign.toy.bpe import train_bpe
 from diffalign.toy.prompts import write_prompt_files
-from diffalign.toy.stages import BuildStages, directory_sizes
+from diffalign.toy.stages import BuildStages, cosine_schedule, directory_sizes, log_interval
 from diffalign.toy.t2i import COLOURS, RESOLUTION, SHAPES, SIZES, SceneBatch
 
 log = logging.getLogger(__name__)
@@ -192,19 +192,6 @@ def _to_model_range(images: Tensor) -> Tensor:
     return images * 2 - 1
 
 
-def _cosine_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def _log_every(steps: int) -> int:
-    return max(1, steps // 8)
-
-
 def train_clip(tokenizer: CLIPTokenizer, scenes: SceneBatch, config: T2IBuildConfig, generator: torch.Generator) -> CLIPModel:
     """A tiny CLIP trained with the symmetric contrastive loss of Radford et al. (2021, arXiv 2103.00020).
 
@@ -239,7 +226,7 @@ def train_clip(tokenizer: CLIPTokenizer, scenes: SceneBatch, config: T2IBuildCon
     input_ids = _tokenize(tokenizer, [t2i.make_caption(*variant) for variant in variants])
     consistent = _consistent(variants, scenes)
     optimizer = torch.optim.AdamW(clip.parameters(), lr=1e-3, weight_decay=0.01)
-    schedule = _cosine_schedule(optimizer, config.clip_steps, warmup=50)
+    schedule = cosine_schedule(optimizer, config.clip_steps, warmup=50)
     clip.train()
     for step in range(config.clip_steps):
         indices = torch.randint(len(scenes.images), (config.clip_batch_size,), generator=generator)
@@ -256,7 +243,7 @@ def train_clip(tokenizer: CLIPTokenizer, scenes: SceneBatch, config: T2IBuildCon
         optimizer.zero_grad()
         with torch.no_grad():
             clip.logit_scale.clamp_(0, math.log(100))  # as CLIP: temperature capped at 100
-        if step % _log_every(config.clip_steps) == 0 or step == config.clip_steps - 1:
+        if step % log_interval(config.clip_steps) == 0 or step == config.clip_steps - 1:
             log.info("  clip step %d/%d  loss %.3f", step + 1, config.clip_steps, loss.item())
     return clip.eval()
 
@@ -301,7 +288,7 @@ def train_vae(scenes: SceneBatch, config: T2IBuildConfig, generator: torch.Gener
         sample_size=RESOLUTION,
     )
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_learning_rate, weight_decay=0.0)
-    schedule = _cosine_schedule(optimizer, config.vae_steps, warmup=50)
+    schedule = cosine_schedule(optimizer, config.vae_steps, warmup=50)
     vae.train()
     for step in range(config.vae_steps):
         indices = torch.randint(len(scenes.images), (config.vae_batch_size,), generator=generator)
@@ -316,7 +303,7 @@ def train_vae(scenes: SceneBatch, config: T2IBuildConfig, generator: torch.Gener
         optimizer.step()
         schedule.step()
         optimizer.zero_grad()
-        if step % _log_every(config.vae_steps) == 0 or step == config.vae_steps - 1:
+        if step % log_interval(config.vae_steps) == 0 or step == config.vae_steps - 1:
             log.info("  vae step %d/%d  mse %.5f  kl %.2f", step + 1, config.vae_steps, mse.item(), kl.item())
     return vae.eval()
 
@@ -396,7 +383,7 @@ def train_denoiser(
     weights."""
     ema_denoiser = copy.deepcopy(denoiser).requires_grad_(False)
     optimizer = torch.optim.AdamW(denoiser.parameters(), lr=training.learning_rate, weight_decay=0.01)
-    schedule = _cosine_schedule(optimizer, training.steps, warmup=training.warmup_steps)
+    schedule = cosine_schedule(optimizer, training.steps, warmup=training.warmup_steps)
     name = type(denoiser).__name__
     denoiser.train()
     for step in range(training.steps):
@@ -418,7 +405,7 @@ def train_denoiser(
         with torch.no_grad():
             for ema_parameter, parameter in zip(ema_denoiser.parameters(), denoiser.parameters()):
                 ema_parameter.lerp_(parameter, 1 - training.ema_decay)
-        if step % _log_every(training.steps) == 0 or step == training.steps - 1:
+        if step % log_interval(training.steps) == 0 or step == training.steps - 1:
             log.info("  %s step %d/%d  loss %.4f", name, step + 1, training.steps, loss.item())
     return ema_denoiser.eval()
 
