@@ -24,7 +24,7 @@ import copy
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -59,7 +59,13 @@ from diffalign.toy.music import (
     ToyMusicModel,
 )
 from diffalign.toy.prompts import write_prompt_files
-from diffalign.toy.stages import BuildStages, cosine_schedule, directory_sizes, log_interval
+from diffalign.toy.stages import (
+    BuildStages,
+    check_build_settings,
+    cosine_schedule,
+    directory_sizes,
+    log_interval,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,16 +94,7 @@ class MusicDataSettings:
     threads: int = 1  # a busy shared CPU runs small models faster on one thread than on contended two
 
     def __post_init__(self) -> None:
-        for field in fields(self):
-            value = getattr(self, field.name)
-            if field.type == "int" and value < 1:
-                raise ValueError(f"{field.name} must be a positive integer, got {value!r}")
-        for name in ("train_samples_per_prompt", "heldout_samples_per_prompt"):
-            if getattr(self, name) % 2:
-                raise ValueError(f"{name} must be even (clips are paired), got {getattr(self, name)}")
-        for name in ("empty_caption_fraction", "partial_caption_fraction", "tie_fraction", "label_flip_fraction"):
-            if not 0 <= getattr(self, name) < 0.5:
-                raise ValueError(f"{name} must be in [0, 0.5), got {getattr(self, name)!r}")
+        check_build_settings(self, paired=("train_samples_per_prompt", "heldout_samples_per_prompt"), unit="clips")
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""What the toy builders share: timed stages, a random stream per stage, the learning-rate schedule, the logging
-interval and folder sizes."""
+"""What the toy builders share: their settings' checks, timed stages, a random stream per stage, the learning-rate
+schedule, the logging interval and folder sizes."""
 
 from __future__ import annotations
 
@@ -8,11 +8,27 @@ import math
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
 log = logging.getLogger(__name__)
+
+
+def check_build_settings(settings: object, paired: tuple[str, ...], unit: str) -> None:
+    """A toy build's dataclass settings: every int positive, the ``paired`` per-prompt counts even (samples are
+    paired), and the caption and label fractions in [0, 0.5)."""
+    for field in fields(settings):
+        value = getattr(settings, field.name)
+        if field.type == "int" and value < 1:
+            raise ValueError(f"{field.name} must be a positive integer, got {value!r}")
+    for name in paired:
+        if getattr(settings, name) % 2:
+            raise ValueError(f"{name} must be even ({unit} are paired), got {getattr(settings, name)}")
+    for name in ("empty_caption_fraction", "partial_caption_fraction", "tie_fraction", "label_flip_fraction"):
+        if not 0 <= getattr(settings, name) < 0.5:
+            raise ValueError(f"{name} must be in [0, 0.5), got {getattr(settings, name)!r}")
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
