@@ -65,6 +65,7 @@ from diffalign.toy.stages import (
     cosine_schedule,
     directory_sizes,
     log_interval,
+    unit_variance_scaling_factor,
 )
 
 log = logging.getLogger(__name__)
@@ -700,9 +701,7 @@ def build_toy_music(output_dir: str | Path, seed: int = 0, config: MusicBuildCon
     with stages.stage("vae", init_seed=1):
         vae = train_vae(clips.mels, config, generator(3))
         latent_means, latent_stds = encode_mels(vae, clips.mels)
-        # As LDM: scale latents to unit variance so that the noise schedule sees the signal it was designed for.
-        latent_sample = latent_means + latent_stds * torch.randn(latent_means.shape, generator=generator(4))
-        scaling_factor = round(1 / latent_sample.std().item(), 5)
+        scaling_factor = unit_variance_scaling_factor(latent_means, latent_stds, generator(4))
         vae.register_to_config(scaling_factor=scaling_factor)
 
     with stages.stage("vocoder", init_seed=2):

@@ -1,5 +1,5 @@
 """What the toy builders share: their settings' checks, timed stages, a random stream per stage, the learning-rate
-schedule, the logging interval and folder sizes."""
+schedule, the logging interval, the latents' scaling factor and folder sizes."""
 
 from __future__ import annotations
 
@@ -45,6 +45,13 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: int) -
 def log_interval(steps: int) -> int:
     """Log a training loop of ``steps`` steps about eight times."""
     return max(1, steps // 8)
+
+
+def unit_variance_scaling_factor(latent_means: torch.Tensor, latent_stds: torch.Tensor, generator: torch.Generator) -> float:
+    """The VAE ``scaling_factor`` that gives sampled latents unit variance, as the Stable Diffusion and LDM VAEs
+    set theirs, so that the noise schedule sees the signal it was designed for."""
+    latent_sample = latent_means + latent_stds * torch.randn(latent_means.shape, generator=generator)
+    return round(1 / latent_sample.std().item(), 5)
 
 
 class BuildStages:

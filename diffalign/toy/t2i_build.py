@@ -62,6 +62,7 @@ from diffalign.toy.stages import (
     cosine_schedule,
     directory_sizes,
     log_interval,
+    unit_variance_scaling_factor,
 )
 from diffalign.toy.t2i import COLOURS, RESOLUTION, SHAPES, SIZES, SceneBatch
 
@@ -647,9 +648,7 @@ def build_toy_t2i(output_dir: str | Path, seed: int = 0, config: T2IBuildConfig 
     with stages.stage("vae", init_seed=1):
         vae = train_vae(autoencoder_scenes, config, generator(4))
         latent_means, latent_stds = encode_scenes(vae, scenes.images)
-        # As SD: scale latents to unit variance so that the noise schedule sees the signal it was designed for.
-        latent_sample = latent_means + latent_stds * torch.randn(latent_means.shape, generator=generator(5))
-        scaling_factor = round(1 / latent_sample.std().item(), 5)
+        scaling_factor = unit_variance_scaling_factor(latent_means, latent_stds, generator(5))
         vae.register_to_config(scaling_factor=scaling_factor)
 
     with stages.stage("unet", init_seed=2):
