@@ -124,9 +124,10 @@ def save_policy(model: nn.Module, tokenizer: Any, config: LLMModelConfig, output
     LoRA adapter with the base model's path in its ``adapter_config.json`` (loading it needs peft)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     if config.trainable == "lora" and config.save == "merged":
-        # Merge into a copy: the live policy keeps its adapter (the loop may still evaluate it).
-        merged = copy.deepcopy(model).merge_and_unload()
-        merged.save_pretrained(output_dir)
+        # The merged weights are formed out of place beside the live policy, which keeps its adapter (the loop
+        # may still evaluate it): only the adapted layers get new tensors, where a merged copy of the whole
+        # model would double the memory at the end of the run.
+        model.get_base_model().save_pretrained(output_dir, state_dict=plain_weights(model))
     else:
         model.save_pretrained(output_dir)
     if config.trainable == "lora" and config.save == "adapter":

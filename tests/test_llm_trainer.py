@@ -3,6 +3,7 @@ gradient-accumulation equivalence, and outputs that load with transformers."""
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Any
@@ -12,12 +13,16 @@ import torch
 from helpers import TOY_LLM, llm_config
 from safetensors.torch import load_file
 from tiny_pipelines import build_tiny_llm
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
 )
 
+from diffalign.config import from_dict
+from diffalign.llm.config import LLMModelConfig
 from diffalign.llm.logprobs import completion_logps
+from diffalign.llm.model import load_model, load_tokenizer, make_trainable, save_policy
 from diffalign.llm.trainer import LLMRecipe, train
 from diffalign.losses import LOSSES
 from diffalign.training import make_accelerator
@@ -193,6 +198,43 @@ def test_adapter_output_loads_with_from_pretrained_like_the_merged_one(tiny_dir,
         merged_logits, adapter_logits, base_logits = (m(ids).logits for m in (merged, adapter, base))
     torch.testing.assert_close(adapter_logits, merged_logits, atol=1e-4, rtol=1e-4)
     assert (merged_logits - base_logits).abs().max() > 1e-3
+
+
+class NewStorageBytes(TorchDispatchMode):
+    """Counts the bytes of every tensor storage the ops run under it create (views and no-op copies excluded)."""
+
+    def __init__(self, existing: set[int]):
+        super().__init__()
+        self.seen, self.total = set(existing), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in self.seen:
+                self.seen.add(tensor.untyped_storage().data_ptr())
+                self.total += tensor.untyped_storage().nbytes()
+        return out
+
+
+def test_the_merged_save_copies_only_the_adapted_layers(tiny_dir, tmp_path):
+    """Regression: the final save of a LoRA run merged a deep copy of the whole model, doubling the memory at
+    the end of a run that fitted; the merged weights are now formed beside the live policy."""
+    config = from_dict(LLMModelConfig, {"pretrained": str(tiny_dir), "lora": {"target_modules": ["q_proj"]}})
+    policy = make_trainable(load_model(config, torch.float32), config, gradient_checkpointing=False)
+    for name, parameter in policy.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0, 0.02)
+    tensors = list(policy.parameters()) + list(policy.buffers())
+    model_bytes = sum(t.untyped_storage().nbytes() for t in tensors)
+    with NewStorageBytes({t.untyped_storage().data_ptr() for t in tensors}) as counter:
+        save_policy(policy, load_tokenizer(config), config, tmp_path / "final")
+    assert counter.total < model_bytes / 2  # a merged copy of the model allocates all of it
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    expected = copy.deepcopy(policy).merge_and_unload().state_dict()
+    assert expected.keys() == merged.state_dict().keys()
+    for name, weight in merged.state_dict().items():
+        torch.testing.assert_close(weight, expected[name], rtol=0, atol=0)
+    assert any(".lora_A." in name for name, _ in policy.named_parameters())  # the live policy keeps its adapter
 
 
 def test_unpaired_data_with_a_paired_loss_is_rejected(tiny_dir, tmp_path):
