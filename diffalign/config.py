@@ -84,6 +84,19 @@ class SourceNotFoundError(LoadError, FileNotFoundError):
     """A file, directory or hub repository named in a config is not there; the message says what to place where."""
 
 
+def require_at_least_one(
+    settings: Any, section: str, names: typing.Sequence[str], *, nullable: bool = False
+) -> None:
+    """Raise a ValueError naming ``section.name`` for the first of ``names`` whose value is below 1 (or null,
+    unless ``nullable``), so every config section words this check the same way."""
+    for name in names:
+        value = getattr(settings, name)
+        if value is None and nullable:
+            continue
+        if value is None or value < 1:
+            raise ValueError(f"{section}.{name} must be >= 1{' or null' if nullable else ''}, got {value}")
+
+
 def kinds_for(command: str) -> list[str]:
     return [kind for kind, entry in CONFIG_KINDS.items() if entry.command == command]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from diffalign.config import require_at_least_one
 from diffalign.losses import LOSSES, LossConfig
 from diffalign.training.config import OptimConfig, RunConfig
 from diffalign.training.lora import LoraSettings
@@ -70,10 +71,8 @@ class LLMDataConfig:
     padding_side: Literal["right", "left"] = "right"
 
     def __post_init__(self) -> None:
-        for key in ("max_prompt_length", "max_length", "max_rows", "num_proc"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                raise ValueError(f"data.{key} must be >= 1 or null, got {value}")
+        limits = ("max_prompt_length", "max_length", "max_rows", "num_proc")
+        require_at_least_one(self, "data", limits, nullable=True)
         if (
             self.max_prompt_length is not None
             and self.max_length is not None
@@ -154,9 +153,7 @@ class LLMEvalConfig:
             )
         if self.reward is not None and self.prompts is None:
             raise ValueError("eval.reward is set but eval.prompts is null; give a file of held-out prompts")
-        for key in ("samples_per_prompt", "max_new_tokens", "batch_size"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"eval.{key} must be >= 1, got {getattr(self, key)}")
+        require_at_least_one(self, "eval", ("samples_per_prompt", "max_new_tokens", "batch_size"))
         if self.temperature <= 0:
             raise ValueError(f"eval.temperature must be > 0 (sampling), got {self.temperature}")
 

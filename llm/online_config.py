@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from diffalign.config import require_at_least_one
 from diffalign.llm.config import LLMEvalConfig, LLMModelConfig, ReferenceConfig
 from diffalign.llm.rewards import RewardConfig
 from diffalign.losses import LOSSES, AdvantageConfig, LossConfig, PolicyGradientConfig
@@ -34,10 +35,7 @@ class PromptDataConfig:
     max_rows: int | None = None
 
     def __post_init__(self) -> None:
-        for key in ("max_prompt_length", "max_rows"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                raise ValueError(f"data.{key} must be >= 1 or null, got {value}")
+        require_at_least_one(self, "data", ("max_prompt_length", "max_rows"), nullable=True)
 
 
 @dataclass
@@ -81,9 +79,7 @@ class RolloutConfig:
     batch_size: int = 64  # rows per generate call of the transformers backend (vLLM schedules its own)
 
     def __post_init__(self) -> None:
-        for key in ("group_size", "max_new_tokens", "iterations", "batch_size"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"rollout.{key} must be >= 1, got {getattr(self, key)}")
+        require_at_least_one(self, "rollout", ("group_size", "max_new_tokens", "iterations", "batch_size"))
         if self.group_size < 2:
             raise ValueError(
                 f"rollout.group_size={self.group_size}: a group needs at least 2 completions (its baseline or "

@@ -67,6 +67,13 @@ REFUSED = [
     ("toy_llm_dpo", "optim.lr=-1", "optim.lr must be > 0"),
     ("toy_llm_dpo", "run.max_steps=0", "run.max_steps must be >= 1"),
     ("toy_dpo", "data.caption_dropout=.nan", "data.caption_dropout"),
+    # One check (config.require_at_least_one) words every count of every section alike:
+    ("toy_dpo", "run.keep_last_checkpoints=0", "run.keep_last_checkpoints must be >= 1, got 0"),
+    ("toy_seppo", "method.seppo.bank_size=0", "method.seppo.bank_size must be >= 1, got 0"),
+    ("toy_llm_grpo", "rollout.iterations=0", "rollout.iterations must be >= 1, got 0"),
+    ("toy_llm_grpo", "data.max_rows=0", "data.max_rows must be >= 1 or null, got 0"),
+    ("toy_llm_dpo", "eval.max_new_tokens=-2", "eval.max_new_tokens must be >= 1, got -2"),
+    ("eval_toy", "generation.batch_size=0", "generation.batch_size must be >= 1, got 0"),
 ]
 
 

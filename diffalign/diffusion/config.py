@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from diffalign.config import require_at_least_one
 from diffalign.diffusion.data import DiffusionDataConfig
 from diffalign.diffusion.families import DiffusionFamily, FamilyOptions, family_class
 from diffalign.diffusion.families.base import ImageLatents
@@ -68,9 +69,7 @@ class DiffusionModelConfig:
         )
 
     def __post_init__(self) -> None:
-        for name in ("sample_resolution", "max_text_length"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"model.{name} must be >= 1 or null, got {getattr(self, name)}")
+        require_at_least_one(self, "model", ("sample_resolution", "max_text_length"), nullable=True)
         if self.audio_seconds is not None and not self.audio_seconds > 0:
             raise ValueError(f"model.audio_seconds must be > 0 or null, got {self.audio_seconds}")
         if self.trainable == "full" and self.reference == "adapter_disabled":

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from diffalign.config import require_at_least_one
 from diffalign.eval.prompts import PROMPT_PRESETS, PROMPT_SUFFIXES, PromptSetConfig
 from diffalign.eval.scoring import ScoringConfig
 
@@ -33,9 +34,7 @@ class GenerationConfig:
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
     def __post_init__(self) -> None:
-        for name in ("num_inference_steps", "samples_per_prompt", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"generation.{name} must be >= 1, got {getattr(self, name)}")
+        require_at_least_one(self, "generation", ("num_inference_steps", "samples_per_prompt", "batch_size"))
 
 
 @dataclass

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from diffalign.config import require_at_least_one
+
 
 @dataclass
 class OptimConfig:
@@ -97,11 +99,8 @@ class RunConfig:
     hub_private: bool = True  # a repository created by the push is private
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"run.{name} must be >= 1, got {getattr(self, name)}")
-        if self.keep_last_checkpoints < 1:
-            raise ValueError(f"run.keep_last_checkpoints must be >= 1, got {self.keep_last_checkpoints}")
+        counts = ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every", "checkpoint_every")
+        require_at_least_one(self, "run", (*counts, "keep_last_checkpoints"))
         allowed_trackers = {"tensorboard", "wandb", "mlflow"}
         unknown = set(self.trackers) - allowed_trackers
         if unknown:

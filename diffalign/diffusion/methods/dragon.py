@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor, nn
 
+from diffalign.config import require_at_least_one
 from diffalign.diffusion.data import collate_pairs
 from diffalign.diffusion.families import DiffusionFamily
 from diffalign.diffusion.methods.base import (
@@ -112,9 +113,7 @@ class DragonSettings:
                 f"method.dragon.samples_per_prompt must be >= 2 (a positive and a negative per prompt), "
                 f"got {self.samples_per_prompt}"
             )
-        for name in ("num_inference_steps", "generation_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"method.dragon.{name} must be >= 1, got {getattr(self, name)}")
+        require_at_least_one(self, "method.dragon", ("num_inference_steps", "generation_batch_size"))
 
 
 @register_method("dragon", settings=DragonSettings)

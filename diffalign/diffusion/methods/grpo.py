@@ -67,6 +67,7 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import Tensor, nn
 
+from diffalign.config import require_at_least_one
 from diffalign.diffusion.data import collate_pairs
 from diffalign.diffusion.families import DiffusionFamily
 from diffalign.diffusion.families.flow import FlowMatchFamily, Trajectory, Transition
@@ -156,9 +157,8 @@ class GRPOSettings:
             raise ValueError(
                 f"method.grpo.group_size must be >= 2 (advantages are relative to the group), got {self.group_size}"
             )
-        for name in ("num_inference_steps", "generation_batch_size", "window_size", "window_shift_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"method.grpo.{name} must be >= 1, got {getattr(self, name)}")
+        counts = ("num_inference_steps", "generation_batch_size", "window_size", "window_shift_every")
+        require_at_least_one(self, "method.grpo", counts)
         if not self.noise_level > 0:
             raise ValueError(
                 f"method.grpo.noise_level must be > 0 (0 is the ODE, which has no log-prob), got {self.noise_level}"

@@ -50,6 +50,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from diffalign.config import require_at_least_one
 from diffalign.diffusion.data import collate_pairs, image_decoder, split_index
 from diffalign.diffusion.families import DiffusionFamily
 from diffalign.diffusion.methods.base import (
@@ -217,9 +218,8 @@ class RpoSettings:
         for name in ("label_lambda", "validation_lambda"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"method.rpo.{name} must be in [0, 1], got {getattr(self, name)}")
-        for name in ("negatives_per_prompt", "sampling_steps", "generation_batch_size", "validation_images"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"method.rpo.{name} must be >= 1, got {getattr(self, name)}")
+        counts = ("negatives_per_prompt", "sampling_steps", "generation_batch_size", "validation_images")
+        require_at_least_one(self, "method.rpo", counts)
 
 
 @register_method("rpo", settings=RpoSettings)

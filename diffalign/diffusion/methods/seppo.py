@@ -48,6 +48,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from diffalign.config import require_at_least_one
 from diffalign.diffusion.families import DiffusionFamily
 from diffalign.diffusion.methods.base import (
     LatentPairBatch,
@@ -207,9 +208,8 @@ class SeppoSettings:
     reencode_samples: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("num_inference_steps", "generation_batch_size", "snapshot_every", "bank_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"method.seppo.{name} must be >= 1, got {getattr(self, name)}")
+        counts = ("num_inference_steps", "generation_batch_size", "snapshot_every", "bank_size")
+        require_at_least_one(self, "method.seppo", counts)
 
 
 @register_method("seppo", settings=SeppoSettings)
