@@ -1,8 +1,8 @@
 """Per-token and per-sequence completion log-probs of a causal LM, without materialising its full logits.
 
 Only positions that predict a completion token are scored: the model body gives their final hidden states, and
-the output projection (``lm_head``) runs on a chunk of them at a time, inside activation checkpointing, so
-neither the forward nor the autograd graph ever holds more than one chunk's ``[positions, vocab]`` logits. The
+the output projection (``lm_head``) runs on a chunk of them at a time, in a forward and a backward of its own
+(``ChunkedLinearLogProbs``), so neither pass ever holds more than one chunk's ``[positions, vocab]`` logits. The
 idea is that of chunked/fused linear cross-entropy (Liger-Kernel, Hsu et al., arXiv 2410.10989; Cut
 Cross-Entropy, Wijmans et al., arXiv 2411.09009): the vocabulary-sized logits are a transient of each chunk and
 are recomputed in the backward pass rather than stored. With ``padding_free`` the rows are packed into one
@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 # Logits elements (fp32) of one chunk of scored positions: 64 MiB, whatever the vocabulary.
 CHUNK_ELEMENTS = 2**24
@@ -131,41 +130,76 @@ def body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
         return None
     head = model.get_output_embeddings()
     body = model.get_decoder()
-    return (body, head) if head is not None and body is not model else None
+    # The head's weight is used directly (ChunkedLinearLogProbs): a LoRA on lm_head, or hooks that move or
+    # gather its weight (accelerate's offloading), need the module's own forward.
+    plain_head = type(head) is nn.Linear and not (head._forward_hooks or head._forward_pre_hooks)
+    return (body, head) if plain_head and body is not model else None
 
 
-def _chunk_scores(
-    head: nn.Module, hidden: Tensor, targets: Tensor, temperature: float, with_sq: bool
-) -> tuple[Tensor, Tensor]:
-    """Log-probs of ``targets`` (and log Σ p², detached, when ``with_sq``) under ``head(hidden) / temperature``."""
-    logits = head(hidden).float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    log_norm = torch.logsumexp(logits, dim=-1)
-    logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
-    sq = log_sum_squared_probs(logits) if with_sq else logps.new_empty(0)
-    return logps, sq
+class ChunkedLinearLogProbs(torch.autograd.Function):
+    """``log softmax((h·Wᵀ + b)/τ)[target]`` of each of ``M`` rows, ``step`` rows at a time, forward and backward.
+
+    The forward keeps only the hidden states and each row's log-normaliser; the backward recomputes a chunk's
+    logits ``z`` and turns that one buffer into their gradient in place, ``∂ log p_y / ∂z = (onehot(y) −
+    softmax(z)) / τ`` times the incoming gradient, before the two products with ``W`` and ``h``. So a chunk's
+    backward makes one ``[step, V]`` fp32 tensor where autograd through a recomputed chunk makes several
+    (logits, their softmax, the gather's scatter, their sum, ...): the gradient step of fused linear cross-entropy
+    (Liger-Kernel, arXiv 2410.10989). Under autocast the backward recomputes in the forward's dtype, as
+    ``torch.amp.custom_bwd`` does, so the log-normalisers it reuses are those of the same logits.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature: float, step: int, with_sq: bool):
+        logps = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
+        log_norm, sq = torch.empty_like(logps), torch.empty_like(logps) if with_sq else logps.new_empty(0)
+        for start in range(0, hidden.shape[0], step):
+            rows = slice(start, start + step)
+            logits = nn.functional.linear(hidden[rows], weight, bias).float().div_(temperature)
+            log_norm[rows] = torch.logsumexp(logits, dim=-1)
+            logps[rows] = logits.gather(-1, targets[rows].unsqueeze(-1)).squeeze(-1) - log_norm[rows]
+            if with_sq:
+                sq[rows] = log_sum_squared_probs(logits)
+        device = hidden.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.temperature, ctx.step = temperature, step
+        ctx.save_for_backward(hidden, weight, bias, targets, log_norm)
+        ctx.mark_non_differentiable(sq)
+        return logps, sq
+
+    @staticmethod
+    def backward(ctx, grad_logps, _grad_sq):
+        hidden, weight, bias, targets, log_norm = ctx.saved_tensors
+        device, autocast, autocast_dtype = ctx.autocast
+        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if needs_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if needs_bias else None
+        with torch.autocast(device_type=device, dtype=autocast_dtype, enabled=autocast):
+            for start in range(0, hidden.shape[0], ctx.step):
+                rows = slice(start, start + ctx.step)
+                scale = (grad_logps[rows] / ctx.temperature).unsqueeze(-1)
+                logits = nn.functional.linear(hidden[rows], weight, bias).float().div_(ctx.temperature)
+                grad_logits = logits.sub_(log_norm[rows].unsqueeze(-1)).exp_().mul_(-scale)
+                grad_logits.scatter_add_(-1, targets[rows].unsqueeze(-1), scale)
+                if needs_hidden:
+                    grad_hidden[rows] = grad_logits.to(weight.dtype) @ weight
+                if needs_weight:
+                    grad_weight += grad_logits.T @ hidden[rows].float()
+                if needs_bias:
+                    grad_bias += grad_logits.sum(dim=0)
+        grad_weight = grad_weight.to(weight.dtype) if needs_weight else None
+        grad_bias = grad_bias.to(bias.dtype) if needs_bias else None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
 def chunked_head_scores(
-    head: nn.Module, hidden: Tensor, targets: Tensor, *, temperature: float = 1.0, with_sq: bool = False
+    head: nn.Linear, hidden: Tensor, targets: Tensor, *, temperature: float = 1.0, with_sq: bool = False
 ) -> tuple[Tensor, Tensor | None]:
-    """``[M]`` log-probs of ``targets`` from ``[M, H]`` hidden states, ``chunk_positions`` rows at a time.
-
-    Under autograd each chunk is checkpointed: its logits are freed after the forward and recomputed (one more
-    projection of that chunk) when its gradient is needed, so at most one chunk's logits are alive.
-    """
+    """``[M]`` log-probs of ``targets`` from ``[M, H]`` hidden states, ``chunk_positions`` rows at a time (and
+    WPO's log Σ p², detached, with ``with_sq``); at most one chunk's logits are alive (`ChunkedLinearLogProbs`)."""
     step = chunk_positions(head.weight.shape[0])
-    logps, sqs = [], []
-    for start in range(0, hidden.shape[0], step):
-        args = (head, hidden[start : start + step], targets[start : start + step], temperature, with_sq)
-        if torch.is_grad_enabled():
-            chunk, sq = checkpoint(_chunk_scores, *args, use_reentrant=False)
-        else:
-            chunk, sq = _chunk_scores(*args)
-        logps.append(chunk)
-        sqs.append(sq)
-    return torch.cat(logps), torch.cat(sqs) if with_sq else None
+    logps, sq = ChunkedLinearLogProbs.apply(hidden, head.weight, head.bias, targets, temperature, step, with_sq)
+    return logps, sq if with_sq else None
 
 
 def packed_inputs(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
@@ -166,20 +167,62 @@ def test_chunked_logps_and_gradients_equal_the_full_logits_path(policy, side, pa
         torch.testing.assert_close(got_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_the_output_projection_sees_one_chunk_of_completion_positions_at_a_time(small_chunks):
-    """A hook on lm_head: no call (forward, or its recomputation in backward) projects more than one chunk,
-    and together the forward calls project exactly the positions that predict a completion token."""
-    model = make_policy("qwen2-full")
-    projected = []
-    model.lm_head.register_forward_hook(lambda module, args, output: projected.append(output.shape))
-    batch = collate_rows(PROMPTS, COMPLETIONS, pad_token_id=0, padding_side="right")
-    logps, lengths = completion_logps(model, **batch)
-    forward_calls = len(projected)
-    logps.sum().backward()
+def test_the_chunked_head_gives_log_softmax_and_its_gradients_with_a_bias_and_temperature():
+    """``ChunkedLinearLogProbs`` against log_softmax((h·Wᵀ + b)/τ) gathered at the targets, through autograd."""
+    generator = torch.Generator().manual_seed(0)
+    hidden, weight, bias = (torch.randn(*shape, generator=generator) for shape in ((7, 5), (11, 5), (11,)))
+    targets = torch.randint(11, (7,), generator=generator)
+    upstream = torch.randn(7, generator=generator)
+    results = []
+    for chunked in (False, True):
+        leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+        if chunked:
+            logps, _ = logprobs.ChunkedLinearLogProbs.apply(*leaves, targets, 0.7, 3, False)
+        else:
+            z = (leaves[0] @ leaves[1].T + leaves[2]) / 0.7
+            logps = torch.log_softmax(z, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        (logps * upstream).sum().backward()
+        results.append([logps.detach()] + [leaf.grad for leaf in leaves])
+    for expected, got in zip(*results):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
-    assert all(len(shape) == 2 and shape[0] <= small_chunks and shape[1] == 50 for shape in projected)
-    assert sum(shape[0] for shape in projected[:forward_calls]) == lengths.sum() == 11
-    assert len(projected) == 2 * forward_calls  # each chunk recomputed once in backward
+
+class VocabularyWideOutputs(TorchDispatchMode):
+    """Records the shape of every new tensor (no view, no in-place result) whose last dimension is the vocabulary,
+    and the rows of those that are products."""
+
+    def __init__(self, vocab_size: int) -> None:
+        super().__init__()
+        self.vocab_size, self.shapes, self.projections = vocab_size, [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = torch.utils._pytree.tree_leaves(args)
+        inputs = {t.untyped_storage().data_ptr() for t in leaves if torch.is_tensor(t)}
+        new = isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() not in inputs  # not a view
+        if new and out.dim() >= 2 and out.shape[-1] == self.vocab_size:
+            self.shapes.append(tuple(out.shape))
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+                self.projections.append(out.shape[0])
+        return out
+
+
+def test_the_output_projection_sees_one_chunk_of_completion_positions_at_a_time(small_chunks):
+    """No op of the forward or of the backward makes a vocabulary-wide tensor of more than one chunk, and the
+    forward projects exactly the positions that predict a completion token, each chunk once more in backward."""
+    model = make_policy("qwen2-full")
+    batch = collate_rows(PROMPTS, COMPLETIONS, pad_token_id=0, padding_side="right")
+    with VocabularyWideOutputs(vocab_size=50) as forward:
+        logps, lengths = completion_logps(model, **batch)
+    with VocabularyWideOutputs(vocab_size=50) as backward:
+        logps.sum().backward()
+
+    for seen in (forward, backward):
+        assert seen.shapes and all(len(shape) == 2 and shape[0] <= small_chunks for shape in seen.shapes)
+    assert sum(forward.projections) == lengths.sum() == 11
+    assert sorted(backward.projections) == sorted(forward.projections)  # each chunk recomputed once
+    # ... into the one vocabulary-wide buffer of its backward: the logits become their own gradient in place
+    assert len(backward.shapes) == len(backward.projections)
     assert model.model.embed_tokens.weight.grad is not None  # the tied head's gradient reaches the embedding
 
 
