@@ -17,7 +17,7 @@ def build_optimizer(parameters: list[nn.Parameter], config: OptimConfig, lr: flo
             betas=tuple(config.betas),
             eps=config.eps,
             weight_decay=config.weight_decay,
-            fused=config.fused and on_gpu,
+            fused=config.fused == "always" or (config.fused == "gpu" and on_gpu),
         )
     if config.name == "adafactor":
         from transformers.optimization import Adafactor
