@@ -183,8 +183,11 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
                 grad_logits.scatter_add_(-1, targets[rows].unsqueeze(-1), scale)
                 if needs_hidden:
                     grad_hidden[rows] = grad_logits.to(weight.dtype) @ weight
-                if needs_weight:
-                    grad_weight += grad_logits.T @ hidden[rows].float()
+                if needs_weight and autocast:
+                    grad_weight += grad_logits.T @ hidden[rows].float()  # the product in the autocast dtype
+                elif needs_weight:
+                    # In place: a product of its own would be a second [V, H] buffer beside the gradient.
+                    grad_weight.addmm_(grad_logits.T, hidden[rows].float())
                 if needs_bias:
                     grad_bias += grad_logits.sum(dim=0)
         grad_weight = grad_weight.to(weight.dtype) if needs_weight else None
