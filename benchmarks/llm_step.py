@@ -1,17 +1,17 @@
 """LLM DPO training throughput: diffalign's LLM trainer against TRL's DPOTrainer on the same model and data.
 
-Both sides train the same randomly initialised model (a Llama or Qwen2 architecture built from a config: speed does
-not depend on the weights)
-on the same synthetic pairs, with the same batch, sequence lengths, LoRA or full fine-tune, optimizer (AdamW,
-torch's fused kernel on every device, lr 1e-6, no weight decay, clipping at 1), loss (sigmoid DPO, β = 0.1), precision (bf16 autocast on
-GPU, fp32 on CPU), attention (SDPA), gradient checkpointing (off unless --gradient-checkpointing; TRL's default
-is on) and reference (the adapter-disabled policy for LoRA, a frozen bf16 copy for a full fine-tune).
+Both sides train the same randomly initialised model (a Llama or Qwen2 architecture built from a config: speed
+does not depend on the weights) on the same synthetic pairs, with the same batch, sequence lengths, LoRA or
+full fine-tune, optimizer (AdamW, torch's fused kernel on every device, lr 1e-6, no weight decay, clipping at
+1), loss (sigmoid DPO, β = 0.1), precision (bf16 autocast on GPU, fp32 on CPU), attention (SDPA), gradient
+checkpointing (off unless --gradient-checkpointing; TRL's default is on) and reference (the adapter-disabled
+policy for LoRA, a frozen bf16 copy for a full fine-tune).
 
-Every pair has a prompt of exactly --prompt-length tokens and completions of --completion-length tokens plus EOS,
-so no row is padded and both sides process 2 · batch · (prompt + completion + 1) tokens per step. Each side runs
-its real training loop in a process of its own (so peak memory is its own); the first --warmup optimizer steps
-are not timed. Printed: tokens/s, ms/step and peak memory of each (on CPU also the peak above the
-libraries both sides import), and diffalign/TRL ratios.
+Every pair has a prompt of exactly --prompt-length tokens and completions of --completion-length tokens plus
+EOS, so no row is padded and both sides process 2 · batch · (prompt + completion + 1) tokens per step. Each
+side runs its real training loop in a process of its own (so peak memory is its own); the first --warmup
+optimizer steps are not timed. Printed: tokens/s, ms/step and peak memory of each (on CPU also the peak above
+the libraries both sides import), and diffalign/TRL ratios.
 
 TRL is installed for this benchmark only (`pip install trl`, it is no dependency of diffalign); check with
 `pip install --dry-run trl` that it leaves torch, transformers, accelerate, peft and datasets as they are.
