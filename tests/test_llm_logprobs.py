@@ -187,8 +187,15 @@ def test_the_chunked_head_gives_log_softmax_and_its_gradients_with_a_bias_and_te
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+def is_new_tensor(out, args) -> bool:
+    """Whether an op's result is a tensor with storage of its own: no view of an input, no in-place result."""
+    leaves = torch.utils._pytree.tree_leaves(args)
+    inputs = {t.untyped_storage().data_ptr() for t in leaves if torch.is_tensor(t)}
+    return isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() not in inputs
+
+
 class NewTensorsShaped(TorchDispatchMode):
-    """Counts the new tensors (no view, no in-place result) of one shape."""
+    """Counts the new tensors of one shape."""
 
     def __init__(self, shape: tuple[int, ...]) -> None:
         super().__init__()
@@ -196,9 +203,7 @@ class NewTensorsShaped(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        leaves = torch.utils._pytree.tree_leaves(args)
-        inputs = {t.untyped_storage().data_ptr() for t in leaves if torch.is_tensor(t)}
-        if isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() not in inputs:
+        if is_new_tensor(out, args):
             self.count += tuple(out.shape) == self.shape
         return out
 
@@ -226,10 +231,7 @@ class VocabularyWideOutputs(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        leaves = torch.utils._pytree.tree_leaves(args)
-        inputs = {t.untyped_storage().data_ptr() for t in leaves if torch.is_tensor(t)}
-        new = isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() not in inputs  # not a view
-        if new and out.dim() >= 2 and out.shape[-1] == self.vocab_size:
+        if is_new_tensor(out, args) and out.dim() >= 2 and out.shape[-1] == self.vocab_size:
             self.shapes.append(tuple(out.shape))
             if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
                 self.projections.append(out.shape[0])
