@@ -8,10 +8,12 @@ checkpointing (off unless --gradient-checkpointing; TRL's default is on) and ref
 policy for LoRA, a frozen bf16 copy for a full fine-tune).
 
 Every pair has a prompt of exactly --prompt-length tokens and completions of --completion-length tokens plus
-EOS, so no row is padded and both sides process 2 · batch · (prompt + completion + 1) tokens per step. Each
-side runs its real training loop in a process of its own (so peak memory is its own); the first --warmup
-optimizer steps are not timed. Printed: tokens/s, ms/step and peak memory of each (on CPU also the peak above
-the libraries both sides import), and diffalign/TRL ratios.
+EOS, so no row is padded and both sides process 2 · batch · (prompt + completion + 1) tokens per step (the
+tokens/s of every side counts these). diffalign runs twice: as TRL does, and with model.share_prompt, where
+each pair's prompt goes through the model once for both completions (the same log-probs from a quarter fewer
+tokens at the default lengths). Each side runs its real training loop in a process of its own (so peak memory
+is its own); the first --warmup optimizer steps are not timed. Printed: tokens/s, ms/step and peak memory of
+each (on CPU also the peak above the libraries both sides import), and diffalign/TRL ratios.
 
 TRL is installed for this benchmark only (`pip install trl`, it is no dependency of diffalign); check with
 `pip install --dry-run trl` that it leaves torch, transformers, accelerate, peft and datasets as they are.
@@ -74,6 +76,8 @@ PRESETS = {
     },
 }
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
+# diffalign+shared: model.share_prompt, each pair's prompt run once for both completions.
+SIDES = ("trl", "diffalign", "diffalign+shared")
 LORA_RANK = 16
 
 
@@ -170,15 +174,21 @@ def memory_result(device: torch.device, resident_after_imports: float) -> dict[s
 
 
 def run_diffalign(
-    world: Path, trainable: str, args: argparse.Namespace, resident_after_imports: float
+    world: Path,
+    trainable: str,
+    args: argparse.Namespace,
+    resident_after_imports: float,
+    *,
+    share_prompt: bool,
 ) -> dict[str, float]:
-    """diffalign's LLM trainer on the shared loop; its metrics.jsonl windows give the steady-state step time."""
+    """diffalign's LLM trainer on the shared loop; its metrics.jsonl windows give the steady-state step time.
+    ``share_prompt``: each pair's prompt runs once for both completions (``model.share_prompt``)."""
     from diffalign.config import from_dict
     from diffalign.llm.config import LLMTrainConfig
     from diffalign.llm.trainer import train
 
     cuda = args.device == "cuda"
-    output = world / f"diffalign-{trainable}"
+    output = world / f"diffalign-{trainable}-{share_prompt}"
     config = from_dict(
         LLMTrainConfig,
         {
@@ -188,6 +198,7 @@ def run_diffalign(
                 "trainable": trainable,
                 "lora": {"rank": LORA_RANK, "target_modules": ["all-linear"]},  # alpha 2·rank, as TRL's below
                 "attn_implementation": "sdpa",
+                "share_prompt": share_prompt,
             },
             "data": {
                 "path": str(world / "pairs.jsonl"),
@@ -351,7 +362,7 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the preset's)")
     # Internal: run one side in this process (how the parent measures each side in isolation).
-    parser.add_argument("--side", choices=["diffalign", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--world", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parse_benchmark_args(parser)
@@ -359,9 +370,15 @@ def main() -> None:
         parser.error("--warmup must be >= 1 (the first logging window is the warm-up)")
 
     if args.side is not None:
-        run = run_diffalign if args.side == "diffalign" else run_trl
         resident_after_imports = import_shared_libraries()
-        args.result.write_text(json.dumps(run(args.world, args.trainable, args, resident_after_imports)))
+        if args.side == "trl":
+            result = run_trl(args.world, args.trainable, args, resident_after_imports)
+        else:
+            shared = args.side == "diffalign+shared"
+            result = run_diffalign(
+                args.world, args.trainable, args, resident_after_imports, share_prompt=shared
+            )
+        args.result.write_text(json.dumps(result))
         return
 
     import transformers
@@ -373,7 +390,7 @@ def main() -> None:
         world = Path(directory)
         write_world(world, args)
         for trainable in trainables(args):
-            for side in ("trl", "diffalign"):
+            for side in SIDES:
                 result = run_side(side, trainable, world, args)
                 rows.append({"side": side, "trainable": trainable, **result})
 
@@ -385,7 +402,7 @@ def main() -> None:
         f"transformers={transformers.__version__} trl={trl.__version__}"
     )
     header = (
-        f"{'side':<10} {'trainable':<9} {'tokens/s':>10} {'ms/step':>9} {'peak GiB':>9} "
+        f"{'side':<17} {'trainable':<9} {'tokens/s':>10} {'ms/step':>9} {'peak GiB':>9} "
         f"{'above imports GiB':>18}"
     )
     print(header)
@@ -393,17 +410,16 @@ def main() -> None:
     for row in rows:
         row["tokens_per_s"] = tokens_per_step / row["seconds_per_step"]
         print(
-            f"{row['side']:<10} {row['trainable']:<9} {row['tokens_per_s']:>10.0f} "
+            f"{row['side']:<17} {row['trainable']:<9} {row['tokens_per_s']:>10.0f} "
             f"{1000 * row['seconds_per_step']:>9.1f} {row['peak_gib']:>9.2f} "
             f"{row['peak_above_imports_gib']:>18.2f}"
         )
-    for trainable in dict.fromkeys(row["trainable"] for row in rows):
+    for trainable, side in itertools.product(dict.fromkeys(row["trainable"] for row in rows), SIDES[1:]):
         trl_row, ours = (
-            next(r for r in rows if r["side"] == s and r["trainable"] == trainable)
-            for s in ("trl", "diffalign")
+            next(r for r in rows if r["side"] == s and r["trainable"] == trainable) for s in ("trl", side)
         )
         print(
-            f"{trainable}: diffalign/TRL tokens/s = {ours['tokens_per_s'] / trl_row['tokens_per_s']:.2f}× "
+            f"{trainable}, {side}: /TRL tokens/s = {ours['tokens_per_s'] / trl_row['tokens_per_s']:.2f}× "
             f"(target ≥ 1.5), peak memory = {ours['peak_gib'] / trl_row['peak_gib']:.2f}×, above imports "
             f"{ours['peak_above_imports_gib'] / trl_row['peak_above_imports_gib']:.2f}× (target ≤ 0.7)"
         )

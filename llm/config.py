@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from diffalign.config import require_at_least_one
+from diffalign.llm.logprobs import RowLayout
 from diffalign.losses import LOSSES, LossConfig
 from diffalign.training.config import OptimConfig, RunConfig
 from diffalign.training.lora import LoraSettings
@@ -36,11 +37,33 @@ class LLMModelConfig:
     # SDPA or eager attention the packed sequence gets one block-diagonal mask, whose attention cost grows with
     # the square of the packed length.
     padding_free: bool = False
+    # Run each prompt once for all the rows that share it (a pair's chosen and rejected rows, a sampled
+    # group): they become one sequence, the prompt then each completion, under an attention mask that hides
+    # the completions from one another (llm/shared_prompt.py). The same log-probs from fewer tokens: a
+    # quarter fewer for pairs whose prompt is as long as a completion. Needs SDPA and full-attention layers.
+    share_prompt: bool = False
     # Dropout makes the policy and reference log-probs of one batch disagree at step 0; TRL also turns it off.
     disable_dropout: bool = True
     # What a LoRA run writes to <output_dir>/final: the merged model or the adapter (both load with
     # transformers' from_pretrained; the adapter needs peft installed).
     save: Literal["merged", "adapter"] = "merged"
+
+    def __post_init__(self) -> None:
+        if self.share_prompt and self.padding_free:
+            raise ValueError(
+                "model.share_prompt and model.padding_free are two layouts of a batch's rows; set one of them"
+            )
+        if self.share_prompt and self.attn_implementation not in (None, "sdpa"):
+            raise ValueError(
+                f"model.share_prompt needs SDPA attention (its custom 4D mask), but "
+                f"model.attn_implementation is {self.attn_implementation!r}; set it to sdpa or null, or set "
+                "model.share_prompt: false"
+            )
+
+    @property
+    def layout(self) -> RowLayout:
+        """How each batch's rows go through the model (``llm/logprobs.py``)."""
+        return "shared_prompt" if self.share_prompt else "packed" if self.padding_free else "padded"
 
 
 @dataclass

@@ -5,9 +5,11 @@ the output projection (``lm_head``) runs on a chunk of them at a time, in a forw
 (``ChunkedLinearLogProbs``), so neither pass ever holds more than one chunk's ``[positions, vocab]`` logits. The
 idea is that of chunked/fused linear cross-entropy (Liger-Kernel, Hsu et al., arXiv 2410.10989; Cut
 Cross-Entropy, Wijmans et al., arXiv 2411.09009): the vocabulary-sized logits are a transient of each chunk and
-are recomputed in the backward pass rather than stored. With ``padding_free`` the rows are packed into one
-sequence whose position ids restart at every row, which transformers reads as separate sequences (a
-block-diagonal mask with SDPA, variable-length kernels with flash attention), so no compute goes to padding.
+are recomputed in the backward pass rather than stored. The rows go through the model in one of three
+layouts (``RowLayout``): padded; packed into one sequence whose position ids restart at every row, which
+transformers reads as separate sequences (a block-diagonal mask with SDPA, variable-length kernels with flash
+attention), so no compute goes to padding; or grouped by prompt, each prompt run once for all its completions
+(``llm/shared_prompt.py``).
 
 The default path (``completion_logps``) returns summed log-probs. Token-level losses and options of the core
 (``ld_alpha``, ``use_weighting``, TDPO) need the per-token values, and TDPO the per-token KL between the
@@ -18,9 +20,12 @@ same single forward.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
+
+from diffalign.llm.shared_prompt import share_prompts
 
 # Logits elements (fp32) of one chunk of scored positions: 64 MiB, whatever the vocabulary.
 CHUNK_ELEMENTS = 2**24
@@ -205,6 +210,11 @@ def chunked_head_scores(
     return logps, sq if with_sq else None
 
 
+# How a batch's rows go through the model: as padded rows, packed into one sequence (``model.padding_free``),
+# or grouped by prompt so that each prompt runs once (``model.share_prompt``, ``llm/shared_prompt.py``).
+RowLayout = Literal["padded", "packed", "shared_prompt"]
+
+
 def packed_inputs(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The real tokens of every row as one ``[1, L]`` sequence, its position ids (restarting at 0 on each row)
     and, for every padded position ``[N, T]``, its index in the packed sequence (-1 on padding)."""
@@ -214,30 +224,40 @@ def packed_inputs(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Te
     return input_ids[real].unsqueeze(0), positions, index
 
 
-def scored_features(
-    model: nn.Module,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    scored: Tensor,
-    *,
-    padding_free: bool,
-    full_logits: bool,
-) -> tuple[Tensor, nn.Module | None]:
-    """The final hidden states ``[M, H]`` of the ``scored`` positions ``[N, T]`` (row-major) and the head to
-    apply to them; or, with ``full_logits`` or a model that runs only through its own forward, their logits
-    ``[M, V]`` and None."""
-    if padding_free:
+def model_inputs(
+    input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, scored: Tensor, layout: RowLayout
+) -> tuple[dict[str, Tensor | None], Tensor]:
+    """The model's inputs for the rows in ``layout``, and the index of each ``scored`` position ``[N, T]``
+    (row-major) in the flattened output sequence. Shared prompts give some positions twice: a prompt's last
+    token predicts the first token of each completion."""
+    if layout == "packed":
         ids, positions, index = packed_inputs(input_ids, attention_mask)
         mask, keep = None, index[scored]
+    elif layout == "shared_prompt":
+        shared = share_prompts(input_ids, attention_mask, completion_mask)
+        ids, positions, mask = shared.input_ids, shared.position_ids, shared.attention_mask
+        keep = shared.index[scored]
     else:
         ids, positions, mask = input_ids, position_ids_from_mask(attention_mask), attention_mask
         keep = scored.flatten().nonzero().squeeze(-1)
-    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": False}
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": False}, keep
+
+
+def scored_features(
+    model: nn.Module, inputs: dict[str, Tensor | None], keep: Tensor, *, full_logits: bool
+) -> tuple[Tensor, nn.Module | None]:
+    """The final hidden states ``[M, H]`` of the output positions ``keep`` and the head to apply to them;
+    or, with ``full_logits`` or a model that runs only through its own forward, their logits ``[M, V]`` and
+    None."""
+    ids = inputs["input_ids"]
     parts = body_and_head(model)
     if parts is None:
         selected = torch.zeros(ids.numel(), dtype=torch.bool, device=ids.device)
         selected[keep] = True
-        return model(**inputs, logits_to_keep=selected.view_as(ids)).logits, None
+        logits = model(**inputs, logits_to_keep=selected.view_as(ids)).logits
+        # The model returns the selected positions once each, in order; ``keep`` may repeat or reorder them.
+        in_order = keep.numel() == logits.shape[0] and bool((keep.diff() > 0).all())
+        return (logits if in_order else logits[selected.long().cumsum(0)[keep] - 1]), None
     body, head = parts
     hidden = body(**inputs).last_hidden_state.flatten(0, 1)[keep]
     return (head(hidden), None) if full_logits else (hidden, head)
@@ -252,22 +272,21 @@ def completion_token_logps(
     keep_logits: bool = False,
     with_log_sum_sq_probs: bool = False,
     temperature: float = 1.0,
-    padding_free: bool = False,
+    layout: RowLayout = "padded",
 ) -> TokenLogps:
     """Per-token completion log-probs of each row (``TokenLogps``), with the logits (``keep_logits``) and WPO's
     log Σ p² (``with_log_sum_sq_probs``) when asked for.
 
     Logits at position t predict token t+1, so token t+1 counts when ``completion_mask[t+1]`` is set. With a
     ``temperature`` the log-probs are those of ``softmax(logits / temperature)``, the distribution online
-    methods sample from (as TRL's GRPOTrainer scores its completions). ``padding_free`` packs the rows into one
-    sequence (see the module docstring); the values are the padded forward's.
+    methods sample from (as TRL's GRPOTrainer scores its completions). Every ``layout`` gives the padded
+    forward's values.
     """
     mask = completion_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
     scored = torch.nn.functional.pad(mask, (0, 1))  # [N, T]: the positions that predict a completion token
     targets = input_ids[:, 1:][mask]
-    features, head = scored_features(
-        model, input_ids, attention_mask, scored, padding_free=padding_free, full_logits=keep_logits
-    )
+    inputs, keep = model_inputs(input_ids, attention_mask, completion_mask, scored, layout)
+    features, head = scored_features(model, inputs, keep, full_logits=keep_logits)
     if head is not None:
         logps, sq = chunked_head_scores(
             head, features, targets, temperature=temperature, with_sq=with_log_sum_sq_probs
@@ -291,8 +310,8 @@ def completion_logps(
     attention_mask: Tensor,
     completion_mask: Tensor,
     *,
-    padding_free: bool = False,
+    layout: RowLayout = "padded",
 ) -> tuple[Tensor, Tensor]:
     """Summed log-probs of each row's completion tokens, and how many there are (both ``[N]``, fp32)."""
-    tokens = completion_token_logps(model, input_ids, attention_mask, completion_mask, padding_free=padding_free)
+    tokens = completion_token_logps(model, input_ids, attention_mask, completion_mask, layout=layout)
     return tokens.sums, tokens.lengths

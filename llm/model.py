@@ -57,11 +57,25 @@ def load_model(config: LLMModelConfig, dtype: torch.dtype) -> nn.Module:
             dtype=dtype,
             attn_implementation=config.attn_implementation,
         )
+    if config.share_prompt:
+        check_shared_prompt_support(model, config.pretrained)
     if config.disable_dropout:
         for module in model.modules():
             if isinstance(module, nn.Dropout):
                 module.p = 0.0
     return model
+
+
+def check_shared_prompt_support(model: nn.Module, name: str) -> None:
+    """``model.share_prompt`` hands the model a custom boolean 4D mask: only SDPA reads it as such (eager
+    attention adds the mask to the scores), and a sliding-window layer would ignore its window in it."""
+    attention = model.config._attn_implementation
+    layer_types = set(getattr(model.config, "layer_types", None) or ["full_attention"])
+    if attention != "sdpa" or layer_types != {"full_attention"}:
+        raise ValueError(
+            f"model.share_prompt needs SDPA attention in full-attention layers; model.pretrained={name!r} "
+            f"runs {attention} attention with layers {sorted(layer_types)}. Set model.share_prompt: false"
+        )
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

@@ -139,7 +139,7 @@ class OnlineLLMRecipe(Recipe):
             self.reference = ModelReference(
                 reference_model if reference_model is not None else self.model,
                 adapter_disabled=strategy == "adapter_disabled",
-                padding_free=config.model.padding_free,
+                layout=config.model.layout,
             )
         logger.info("method: %s, reference: %s", config.method, strategy)
 
@@ -200,7 +200,7 @@ class OnlineLLMRecipe(Recipe):
         """Old (and reference) log-probs, and the advantages from the rewards of the global batch."""
         config = self.config
         old = completion_token_logps(
-            policy, **rollout.rows, temperature=config.rollout.temperature, padding_free=config.model.padding_free
+            policy, **rollout.rows, temperature=config.rollout.temperature, layout=config.model.layout
         )
         rollout.old_logps = old.token_logps
         if self.reference is not None:
@@ -273,7 +273,7 @@ class OnlineLLMRecipe(Recipe):
             model,
             **rollout.rows,
             temperature=self.config.rollout.temperature,
-            padding_free=self.config.model.padding_free,
+            layout=self.config.model.layout,
         )
         output = policy_gradient_loss(
             new.token_logps,
@@ -295,7 +295,7 @@ class OnlineLLMRecipe(Recipe):
             rollout.pairs.shape[0],
             self.reference,
             self.token_inputs,
-            padding_free=self.config.model.padding_free,
+            layout=self.config.model.layout,
         )
         output = compute_loss_on_global_batch(scores, self.config.loss)
         return output.loss, output.metrics

@@ -21,7 +21,7 @@ from diffalign.files import read_cache_file, save_tensors_atomically
 from diffalign.hashing import ContentHash
 from diffalign.llm.batching import PreferenceDataset
 from diffalign.llm.data import tokenizer_fingerprint
-from diffalign.llm.logprobs import TokenLogps, completion_logps, completion_token_logps
+from diffalign.llm.logprobs import RowLayout, TokenLogps, completion_logps, completion_token_logps
 from diffalign.progress import progress
 
 logger = logging.getLogger("diffalign")
@@ -30,10 +30,10 @@ logger = logging.getLogger("diffalign")
 class ModelReference:
     """Reference log-probs from a model: a frozen copy, or the PEFT policy with its adapter switched off."""
 
-    def __init__(self, model: nn.Module, *, adapter_disabled: bool, padding_free: bool = False) -> None:
+    def __init__(self, model: nn.Module, *, adapter_disabled: bool, layout: RowLayout = "padded") -> None:
         self.model = model
         self.adapter_disabled = adapter_disabled
-        self.padding_free = padding_free  # model.padding_free: pack the rows into one sequence
+        self.layout = layout  # model.layout: how the rows go through the model
 
     def _context(self) -> contextlib.AbstractContextManager:
         return self.model.disable_adapter() if self.adapter_disabled else contextlib.nullcontext()
@@ -46,7 +46,7 @@ class ModelReference:
                 batch["input_ids"],
                 batch["attention_mask"],
                 batch["completion_mask"],
-                padding_free=self.padding_free,
+                layout=self.layout,
             )
         return logps
 
@@ -64,7 +64,7 @@ class ModelReference:
                 batch["completion_mask"],
                 keep_logits=keep_logits,
                 temperature=temperature,
-                padding_free=self.padding_free,
+                layout=self.layout,
             )
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from diffalign.llm.logprobs import completion_logps, completion_token_logps, token_kl
+from diffalign.llm.logprobs import RowLayout, completion_logps, completion_token_logps, token_kl
 from diffalign.llm.reference import ModelReference
 from diffalign.losses import PairScores, TokenScores
 
@@ -33,14 +33,14 @@ def paired_scores(
     reference: Reference | None,
     token_inputs: set[str],
     *,
-    padding_free: bool = False,
+    layout: RowLayout = "padded",
 ) -> PairScores:
     """``PairScores`` of the batch's ``2·num_pairs`` rows, chosen first; ``token_inputs`` is
-    ``LossConfig.needed_inputs()``; ``padding_free`` packs the policy's rows (``model.padding_free``)."""
+    ``LossConfig.needed_inputs()``; ``layout`` is how the policy's rows go through it (``model.layout``)."""
     if "token_logps" in token_inputs:
-        return token_pair_scores(model, batch, num_pairs, reference, token_inputs, padding_free=padding_free)
+        return token_pair_scores(model, batch, num_pairs, reference, token_inputs, layout=layout)
     reference_logps = reference(batch) if reference is not None else None
-    logps, lengths = completion_logps(model, **select_rows(batch, slice(None)), padding_free=padding_free)
+    logps, lengths = completion_logps(model, **select_rows(batch, slice(None)), layout=layout)
     chosen, rejected = slice(0, num_pairs), slice(num_pairs, None)
     return PairScores(
         policy_chosen=logps[chosen],
@@ -59,7 +59,7 @@ def token_pair_scores(
     reference: Reference | None,
     token_inputs: set[str],
     *,
-    padding_free: bool = False,
+    layout: RowLayout = "padded",
 ) -> PairScores:
     """Paired scores with per-token inputs: the policy's (and the reference's) per-token log-probs, with the
     per-token KL between them for TDPO and WPO's log Σ p² when configured. ``reference`` must then be a model
@@ -71,7 +71,7 @@ def token_pair_scores(
         **rows,
         keep_logits=with_kl,
         with_log_sum_sq_probs="token_vocab" in token_inputs,
-        padding_free=padding_free,
+        layout=layout,
     )
     reference_tokens = reference.tokens(rows, keep_logits=with_kl) if reference is not None else None
     kl = policy.spread(token_kl(reference_tokens.logits, policy.logits)) if with_kl else None

@@ -87,12 +87,12 @@ class LLMRecipe(Recipe):
             self.reference = precomputed_reference
         elif strategy == "frozen_copy":
             self.reference = ModelReference(
-                frozen_copy(model), adapter_disabled=False, padding_free=config.model.padding_free
+                frozen_copy(model), adapter_disabled=False, layout=config.model.layout
             )
         self.model = make_trainable(model, config.model, config.run.gradient_checkpointing)
         if strategy == "adapter_disabled":
             self.reference = ModelReference(
-                self.model, adapter_disabled=True, padding_free=config.model.padding_free
+                self.model, adapter_disabled=True, layout=config.model.layout
             )
         logger.info("reference: %s", strategy)
         self.token_inputs = config.loss.needed_inputs()
@@ -148,14 +148,14 @@ class LLMRecipe(Recipe):
         """The core's inputs for a batch: summed completion log-probs of policy and reference, and lengths
         (and the per-token values when a configured loss or option needs them)."""
         size = len(batch["index"])
-        padding_free = self.config.model.padding_free
+        layout = self.config.model.layout
         if self.train_dataset.paired:
             scores = paired_scores(
-                model, batch, size, self.reference, self.token_inputs, padding_free=padding_free
+                model, batch, size, self.reference, self.token_inputs, layout=layout
             )
             return scores, {}
         reference = self.reference(batch) if self.reference is not None else None
-        logps, lengths = completion_logps(model, **select_rows(batch, slice(0, size)), padding_free=padding_free)
+        logps, lengths = completion_logps(model, **select_rows(batch, slice(0, size)), layout=layout)
         desirable = batch["desirable"]
         metrics = {}
         kl_reference_point = None
@@ -164,7 +164,7 @@ class LLMRecipe(Recipe):
             # clamped at 0 (Ethayarajh et al., arXiv 2402.01306).
             with torch.no_grad():
                 mismatched, _ = completion_logps(
-                    model, **select_rows(batch, slice(size, None)), padding_free=padding_free
+                    model, **select_rows(batch, slice(size, None)), layout=layout
                 )
             kl_reference_point = mean_over_processes(mismatched - reference[size:]).clamp(min=0)
             metrics["kl_reference_point"] = kl_reference_point

@@ -60,6 +60,16 @@ REFUSED = [
     ("toy_llm_dpo", "loss.weights=[-1.0, 1.0]", "loss.weights=.* must be finite and >= 0"),
     ("toy_llm_dpo", "model.lora.dropout=1.5", r"model.lora.dropout must be a probability in \[0, 1\)"),
     ("toy_llm_dpo", "model.lora.alpha=-4", "model.lora.alpha must be > 0"),
+    (
+        "toy_llm_dpo",
+        ("model.share_prompt=true", "model.padding_free=true"),
+        "model.share_prompt and model.padding_free are two layouts of a batch's rows; set one of them",
+    ),
+    (
+        "toy_llm_dpo",
+        ("model.share_prompt=true", "model.attn_implementation=eager"),
+        "model.share_prompt needs SDPA attention .* model.attn_implementation is 'eager'",
+    ),
     ("toy_dpo", "model.lora.alpha=-4", "model.lora.alpha must be > 0"),
     ("toy_dpo", "data.resolution=20", "data.resolution: 20 px is not a multiple of 8, which StableDiffusion"),
     ("toy_dpo", "data.max_aspect_ratio=0.5", "data.max_aspect_ratio must be >= 1"),
@@ -80,7 +90,8 @@ REFUSED = [
 @pytest.mark.parametrize(("config", "override", "message"), REFUSED)
 def test_bad_values_are_refused_when_the_config_loads(config, override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(ROOT / "configs" / f"{config}.yaml", [override])
+        overrides = [override] if isinstance(override, str) else list(override)
+        load_config(ROOT / "configs" / f"{config}.yaml", overrides)
 
 
 def test_no_clipping_is_spelled_null():

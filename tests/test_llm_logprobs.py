@@ -21,6 +21,7 @@ from transformers import (
 from diffalign.llm import logprobs
 from diffalign.llm.batching import collate_rows
 from diffalign.llm.logprobs import completion_logps, completion_token_logps, selective_log_softmax, token_kl
+from diffalign.llm.model import check_shared_prompt_support
 
 # A 50-token vocabulary, two layers of width 32: the shapes both tiny models below share.
 TINY_SHAPES = dict(
@@ -117,6 +118,7 @@ def make_policy(name: str) -> nn.Module:
 
 PROMPTS = [[3, 4, 5, 6], [7], [8, 9], [10, 11, 12]]
 COMPLETIONS = [[13, 14], [15, 16, 17, 18, 19], [20], [21, 22, 23]]
+REJECTED = [[24, 25, 26], [27], [28, 29, 30, 31], [32, 33, 34]]  # 11 tokens, as COMPLETIONS
 
 
 def naive_token_logps(model: nn.Module, batch: dict, temperature: float = 1.0) -> torch.Tensor:
@@ -146,10 +148,10 @@ def small_chunks(monkeypatch):
     return 3
 
 
-@pytest.mark.parametrize("padding_free", [False, True])
+@pytest.mark.parametrize("layout", ["padded", "packed", "shared_prompt"])
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("policy", ["llama-full", "llama-lora", "qwen2-full", "qwen2-lora"])
-def test_chunked_logps_and_gradients_equal_the_full_logits_path(policy, side, padding_free, small_chunks):
+def test_chunked_logps_and_gradients_equal_the_full_logits_path(policy, side, layout, small_chunks):
     model = make_policy(policy)
     batch = collate_rows(PROMPTS, COMPLETIONS, pad_token_id=0, padding_side=side)
     # Weights of the tokens, so that the gradient depends on each token's log-prob, not only on their sum.
@@ -157,7 +159,7 @@ def test_chunked_logps_and_gradients_equal_the_full_logits_path(policy, side, pa
 
     expected = naive_token_logps(model, batch, temperature=0.7)
     expected_grads = gradients(model, (expected * weights).sum())
-    got = completion_token_logps(model, **batch, temperature=0.7, padding_free=padding_free)
+    got = completion_token_logps(model, **batch, temperature=0.7, layout=layout)
     got_grads = gradients(model, (got.token_logps * weights).sum())
 
     torch.testing.assert_close(got.token_logps, expected.detach(), atol=1e-5, rtol=1e-5)
@@ -269,12 +271,83 @@ def test_padding_free_runs_one_packed_sequence_with_restarting_positions(small_c
     batch = collate_rows(PROMPTS, COMPLETIONS, pad_token_id=0, padding_side="left")
     with torch.no_grad():
         padded, _ = completion_logps(model, **batch)
-        packed, _ = completion_logps(model, **batch, padding_free=True)
+        packed, _ = completion_logps(model, **batch, layout="packed")
     rows = [p + c for p, c in zip(PROMPTS, COMPLETIONS)]
     assert seen["ids"].tolist() == [[token for row in rows for token in row]]
     assert seen["positions"].tolist() == [[i for row in rows for i in range(len(row))]]
     assert seen["mask"] is None
     torch.testing.assert_close(packed, padded, atol=1e-5, rtol=0)
+
+
+def test_shared_prompts_run_once_per_prompt_with_each_completion_after_it(small_chunks):
+    """Rows in any order are grouped by prompt: one sequence per prompt, its completions after it with
+    positions from the prompt's length, each completion attending to the prompt and itself only."""
+    model = make_policy("llama-full")
+    seen = {}
+
+    def record(module, args, kwargs):
+        seen.update(ids=kwargs["input_ids"], positions=kwargs["position_ids"], mask=kwargs["attention_mask"])
+
+    model.model.register_forward_pre_hook(record, with_kwargs=True)
+    prompts, completions = [[3, 4], [7], [3, 4]], [[13, 14], [15, 16, 17], [20]]
+    batch = collate_rows(prompts, completions, pad_token_id=0, padding_side="left")
+    with torch.no_grad():
+        padded, _ = completion_logps(model, **batch)
+        shared, _ = completion_logps(model, **batch, layout="shared_prompt")
+    assert seen["ids"].tolist() == [[3, 4, 13, 14, 20], [7, 15, 16, 17, 0]]
+    assert seen["positions"].tolist() == [[0, 1, 2, 3, 2], [0, 1, 2, 3, 0]]
+    first_group = [  # prompt, prompt, completion 1, completion 1, completion 2
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 0],
+        [1, 1, 0, 0, 1],
+    ]
+    second_group = [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0]]
+    assert seen["mask"].squeeze(1).int().tolist() == [first_group, second_group]
+    torch.testing.assert_close(shared, padded, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("policy", ["llama-full", "qwen2-lora"])
+def test_shared_prompts_give_the_padded_pair_logps_and_gradients(policy, side, small_chunks):
+    """Pairs as the collation lays them out (chosen rows, then rejected rows) and as sampled groups come (each
+    prompt's rows together): the same per-token log-probs and parameter gradients as separate padded rows."""
+    model = make_policy(policy)
+    for order in ([0, 1, 2, 3, 4, 5, 6, 7], [0, 4, 1, 5, 2, 6, 3, 7]):
+        prompts = [(PROMPTS * 2)[i] for i in order]
+        completions = [(COMPLETIONS + REJECTED)[i] for i in order]
+        batch = collate_rows(prompts, completions, pad_token_id=0, padding_side=side)
+        weights = torch.linspace(0.5, 1.5, batch["input_ids"].numel()).view(batch["input_ids"].shape)[:, 1:]
+        expected = completion_token_logps(model, **batch)
+        expected_grads = gradients(model, (expected.token_logps * weights).sum())
+        got = completion_token_logps(model, **batch, layout="shared_prompt")
+        got_grads = gradients(model, (got.token_logps * weights).sum())
+        torch.testing.assert_close(got.token_logps, expected.token_logps.detach(), atol=1e-5, rtol=1e-5)
+        assert got_grads.keys() == expected_grads.keys() and len(got_grads) > 0
+        for name, grad in expected_grads.items():
+            torch.testing.assert_close(got_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_a_completion_before_its_prompt_is_refused():
+    batch = collate_rows([[3, 4]], [[5]], pad_token_id=0, padding_side="right")
+    batch["completion_mask"] = torch.tensor([[1, 0, 1]])
+    with pytest.raises(ValueError, match="row 0: its completion tokens are not all after its prompt tokens"):
+        completion_logps(make_policy("llama-full"), **batch, layout="shared_prompt")
+
+
+def test_share_prompt_refuses_a_model_that_would_misread_its_mask():
+    """Eager attention adds a mask to the scores (a boolean one would add 1 where it should block), and a
+    sliding-window layer would lose its window."""
+    eager = tiny_llama()
+    eager.set_attn_implementation("eager")
+    layers = ["sliding_attention"] * TINY_SHAPES["num_hidden_layers"]
+    sliding = Qwen2ForCausalLM(Qwen2Config(**TINY_SHAPES, layer_types=layers, sliding_window=4))
+    check_shared_prompt_support(tiny_llama(), "tiny")  # SDPA, full attention: accepted
+    with pytest.raises(ValueError, match=r"model.pretrained='tiny' runs eager attention with layers \['full"):
+        check_shared_prompt_support(eager, "tiny")
+    with pytest.raises(ValueError, match="'sliding_attention'"):
+        check_shared_prompt_support(sliding, "tiny")
 
 
 class Wrapped(nn.Module):
@@ -288,17 +361,21 @@ class Wrapped(nn.Module):
         return self.module(**kwargs)
 
 
-@pytest.mark.parametrize("padding_free", [False, True])
-def test_a_wrapped_model_gets_only_the_completion_logits_from_its_forward(padding_free):
+@pytest.mark.parametrize(
+    ("layout", "projected_positions"), [("padded", 22), ("packed", 22), ("shared_prompt", 18)]
+)
+def test_a_wrapped_model_gets_only_the_completion_logits_from_its_forward(layout, projected_positions):
+    """Each pair's chosen and rejected completions (11 tokens each side) are scored; with shared prompts the
+    four positions where a prompt's last token predicts both completions' first tokens are projected once."""
     model = make_policy("llama-lora")
     projected = []
     model.get_base_model().lm_head.register_forward_hook(lambda m, a, output: projected.append(output.shape))
-    batch = collate_rows(PROMPTS, COMPLETIONS, pad_token_id=0, padding_side="right")
+    batch = collate_rows(PROMPTS * 2, COMPLETIONS + REJECTED, pad_token_id=0, padding_side="right")
     expected = naive_token_logps(model, batch)
     projected.clear()
-    got = completion_token_logps(Wrapped(model), **batch, padding_free=padding_free)
+    got = completion_token_logps(Wrapped(model), **batch, layout=layout)
     torch.testing.assert_close(got.token_logps, expected.detach(), atol=1e-5, rtol=1e-5)
-    assert projected == [torch.Size([11, 50])]
+    assert projected == [torch.Size([projected_positions, 50])]
 
 
 def test_kept_logits_log_sum_sq_probs_and_token_kl_equal_the_full_rows(small_chunks):

@@ -243,18 +243,18 @@ def test_unpaired_data_with_a_paired_loss_is_rejected(tiny_dir, tmp_path):
         train(config)
 
 
-@pytest.mark.parametrize("loss", ["sigmoid"])
-def test_padding_free_gives_the_padded_scores_and_gradients(loss, tiny_dir, tmp_path):
-    """``model.padding_free`` packs the rows of a batch into one sequence: the pair scores (policy, reference,
-    per-token KL) and the loss's gradient are those of the padded forward."""
+@pytest.mark.parametrize(
+    ("layout", "loss"),
+    [("packed", "sigmoid")] + [("shared_prompt", loss) for loss in ("sigmoid", "tdpo2", "kto")],
+)
+def test_other_row_layouts_give_the_padded_scores_and_gradients(layout, loss, tiny_dir, tmp_path):
+    """``model.padding_free`` packs the rows of a batch into one sequence, ``model.share_prompt`` runs each
+    pair's prompt once: the pair scores (policy, reference, per-token KL) and the loss's gradient are those of
+    the padded forward."""
     results = {}
-    for padding_free in (False, True):
+    for model in ({}, {"padding_free": layout == "packed", "share_prompt": layout == "shared_prompt"}):
         config = llm_config(
-            tiny_dir,
-            tmp_path / str(padding_free),
-            model={"padding_free": padding_free},
-            loss=loss_settings(loss),
-            data=data_for(loss),
+            tiny_dir, tmp_path / str(len(results)), model=model, loss=loss_settings(loss), data=data_for(loss)
         )
         torch.manual_seed(0)  # the same LoRA A in both recipes: B's gradient is A's function
         recipe = LLMRecipe(config, make_accelerator(config.run))
@@ -264,11 +264,12 @@ def test_padding_free_gives_the_padded_scores_and_gradients(loss, tiny_dir, tmp_
         output = recipe.training_step(recipe.model, batch)
         output.loss.backward()
         grads = {name: p.grad.clone() for name, p in recipe.model.named_parameters() if p.requires_grad}
-        results[padding_free] = (output.loss.detach(), output.metrics, grads)
-    (padded_loss, padded_metrics, padded_grads), (packed_loss, packed_metrics, packed_grads) = results.values()
-    torch.testing.assert_close(packed_loss, padded_loss, atol=1e-5, rtol=1e-5)
+        results[config.model.layout] = (output.loss.detach(), output.metrics, grads)
+    (padded_loss, padded_metrics, padded_grads), (other_loss, other_metrics, other_grads) = results.values()
+    torch.testing.assert_close(other_loss, padded_loss, atol=1e-5, rtol=1e-5)
+    assert other_metrics.keys() == padded_metrics.keys()
     for name, value in padded_metrics.items():
-        torch.testing.assert_close(packed_metrics[name], value, atol=1e-5, rtol=1e-4, msg=name)
-    assert packed_grads.keys() == padded_grads.keys()
+        torch.testing.assert_close(other_metrics[name], value, atol=1e-5, rtol=1e-4, msg=name)
+    assert other_grads.keys() == padded_grads.keys()
     for name, grad in padded_grads.items():
-        torch.testing.assert_close(packed_grads[name], grad, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(other_grads[name], grad, atol=1e-5, rtol=1e-4)
