@@ -190,8 +190,9 @@ def test_rollout_keeps_the_sampling_policys_logps_on_completion_tokens(tmp_path)
     [{"loss_type": "grpo"}, {"loss_type": "dr_grpo"}, {"loss_type": "dapo"}, {"importance_level": "sequence"}],
     ids=["grpo", "dr_grpo", "dapo", "gspo"],
 )
-def test_grpo_step_is_the_core_loss_on_recomputed_logps_with_ratio_one(policy, tmp_path):
-    recipe = make_recipe(tmp_path, policy={**policy, "beta": 0.05})
+@pytest.mark.parametrize("share_prompt", [False, True])  # each group's prompt run once for its completions
+def test_grpo_step_is_the_core_loss_on_recomputed_logps_with_ratio_one(policy, share_prompt, tmp_path):
+    recipe = make_recipe(tmp_path, policy={**policy, "beta": 0.05}, model={"share_prompt": share_prompt})
     move_policy_off_the_reference(recipe)  # so the k3 KL term is not zero
     batch = prompt_batch(recipe, [0, 5])
     rollout = recipe.collect(recipe.model, batch)
@@ -258,8 +259,14 @@ def test_best_and_worst_pairs_break_ties_as_trl():
     assert best_and_worst(torch.tensor([0.3, 0.3, 0.1, 0.9]), 2).tolist() == [[0, 1], [3, 2]]
 
 
-def test_online_dpo_step_is_dpo_on_each_groups_best_and_worst(tmp_path):
-    recipe = make_recipe(tmp_path, method="online_dpo", loss={"type": ["sigmoid"], "beta": 0.1})
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_online_dpo_step_is_dpo_on_each_groups_best_and_worst(share_prompt, tmp_path):
+    recipe = make_recipe(
+        tmp_path,
+        method="online_dpo",
+        loss={"type": ["sigmoid"], "beta": 0.1},
+        model={"share_prompt": share_prompt},
+    )
     move_policy_off_the_reference(recipe)
     batch = prompt_batch(recipe, [1, 4])
     rollout = recipe.collect(recipe.model, batch)
