@@ -86,9 +86,11 @@ def reference_cache_key(model: nn.Module, tokenizer: Any, dataset: PreferenceDat
 
 
 @torch.no_grad()
-def precompute_reference_logps(model: nn.Module, dataset: PreferenceDataset, batch_size: int) -> Tensor:
+def precompute_reference_logps(
+    model: nn.Module, dataset: PreferenceDataset, batch_size: int, layout: RowLayout = "padded"
+) -> Tensor:
     """``[N, k]`` summed completion log-probs of every item's k rows (chosen and rejected, or completion and
-    mismatched completion), in dataset order."""
+    mismatched completion), in dataset order; ``layout`` as in training (``model.layout``)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -100,6 +102,7 @@ def precompute_reference_logps(model: nn.Module, dataset: PreferenceDataset, bat
             batch["input_ids"].to(device),
             batch["attention_mask"].to(device),
             batch["completion_mask"].to(device),
+            layout=layout,
         )
         # Rows are [first of every item; second of every item]: fold into one row per item.
         columns.append(logps.float().cpu().view(-1, len(batch["index"])).T)
@@ -115,6 +118,7 @@ def load_or_precompute(
     cache_dir: str | Path,
     batch_size: int,
     accelerator: Any,
+    layout: RowLayout = "padded",
 ) -> Tensor:
     """The reference log-probs of ``dataset`` under ``model`` (the initial policy), from the cache or computed.
 
@@ -124,7 +128,7 @@ def load_or_precompute(
     cached = path.is_file()
     if not cached and accelerator.is_main_process:
         logger.info("precomputing reference log-probs of %d items into %s", len(dataset), path)
-        logps = precompute_reference_logps(model, dataset, batch_size)
+        logps = precompute_reference_logps(model, dataset, batch_size, layout)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_tensors_atomically({"reference_logps": logps}, path)
     accelerator.wait_for_everyone()

@@ -83,6 +83,7 @@ class LLMRecipe(Recipe):
                 cache_dir=config.reference.cache_dir,
                 batch_size=config.reference.batch_size,
                 accelerator=accelerator,
+                layout=config.model.layout,
             )
             self.reference = precomputed_reference
         elif strategy == "frozen_copy":

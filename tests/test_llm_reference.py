@@ -49,14 +49,15 @@ def toy_dataset(
     return PreferenceDataset(items, pad_token_id=tokenizer.pad_token_id, **kwargs)
 
 
+@pytest.mark.parametrize("layout", ["padded", "shared_prompt"])
 @pytest.mark.parametrize(
     ("schema_file", "with_mismatched"),
     [("conversational_train.jsonl", False), ("unpaired_train.jsonl", True)],
 )
-def test_precomputed_equals_on_the_fly(model, tokenizer, schema_file, with_mismatched):
+def test_precomputed_equals_on_the_fly(model, tokenizer, schema_file, with_mismatched, layout):
     dataset = toy_dataset(tokenizer, schema_file, with_mismatched=with_mismatched)
     on_the_fly = ModelReference(model, adapter_disabled=False)
-    dataset.reference_logps = precompute_reference_logps(model, dataset, batch_size=3)
+    dataset.reference_logps = precompute_reference_logps(model, dataset, batch_size=3, layout=layout)
     assert dataset.reference_logps.shape == (10, 2)
     for indices in ([4, 1, 7], [9, 0], [2]):
         batch = dataset.collate(indices)
