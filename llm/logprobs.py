@@ -244,20 +244,20 @@ def model_inputs(
 
 
 def scored_features(
-    model: nn.Module, inputs: dict[str, Tensor | None], keep: Tensor, *, full_logits: bool
+    model: nn.Module, inputs: dict[str, Tensor | None], keep: Tensor, *, full_logits: bool, ordered: bool
 ) -> tuple[Tensor, nn.Module | None]:
     """The final hidden states ``[M, H]`` of the output positions ``keep`` and the head to apply to them;
     or, with ``full_logits`` or a model that runs only through its own forward, their logits ``[M, V]`` and
-    None."""
+    None. ``ordered``: ``keep`` names each position once, in increasing order (every layout but shared
+    prompts)."""
     ids = inputs["input_ids"]
     parts = body_and_head(model)
     if parts is None:
         selected = torch.zeros(ids.numel(), dtype=torch.bool, device=ids.device)
         selected[keep] = True
         logits = model(**inputs, logits_to_keep=selected.view_as(ids)).logits
-        # The model returns the selected positions once each, in order; ``keep`` may repeat or reorder them.
-        in_order = keep.numel() == logits.shape[0] and bool((keep.diff() > 0).all())
-        return (logits if in_order else logits[selected.long().cumsum(0)[keep] - 1]), None
+        # The model returns the selected positions once each, in order; shared prompts repeat and reorder.
+        return (logits if ordered else logits[selected.long().cumsum(0)[keep] - 1]), None
     body, head = parts
     hidden = body(**inputs).last_hidden_state.flatten(0, 1)[keep]
     return (head(hidden), None) if full_logits else (hidden, head)
@@ -286,7 +286,8 @@ def completion_token_logps(
     scored = torch.nn.functional.pad(mask, (0, 1))  # [N, T]: the positions that predict a completion token
     targets = input_ids[:, 1:][mask]
     inputs, keep = model_inputs(input_ids, attention_mask, completion_mask, scored, layout)
-    features, head = scored_features(model, inputs, keep, full_logits=keep_logits)
+    ordered = layout != "shared_prompt"
+    features, head = scored_features(model, inputs, keep, full_logits=keep_logits, ordered=ordered)
     if head is not None:
         logps, sq = chunked_head_scores(
             head, features, targets, temperature=temperature, with_sq=with_log_sum_sq_probs

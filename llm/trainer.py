@@ -92,9 +92,7 @@ class LLMRecipe(Recipe):
             )
         self.model = make_trainable(model, config.model, config.run.gradient_checkpointing)
         if strategy == "adapter_disabled":
-            self.reference = ModelReference(
-                self.model, adapter_disabled=True, layout=config.model.layout
-            )
+            self.reference = ModelReference(self.model, adapter_disabled=True, layout=config.model.layout)
         logger.info("reference: %s", strategy)
         self.token_inputs = config.loss.needed_inputs()
         self.reference_sync = None
@@ -151,9 +149,7 @@ class LLMRecipe(Recipe):
         size = len(batch["index"])
         layout = self.config.model.layout
         if self.train_dataset.paired:
-            scores = paired_scores(
-                model, batch, size, self.reference, self.token_inputs, layout=layout
-            )
+            scores = paired_scores(model, batch, size, self.reference, self.token_inputs, layout=layout)
             return scores, {}
         reference = self.reference(batch) if self.reference is not None else None
         logps, lengths = completion_logps(model, **select_rows(batch, slice(0, size)), layout=layout)
