@@ -431,6 +431,30 @@ def test_build_pair_dataset_with_a_cache_dir(tmp_path, source):
     assert stats["cache_images_encoded"] == 0 and stats["cache_images_reused"] == 10
 
 
+def test_the_reference_cache_key_follows_a_per_channel_normalisation(tmp_path, source):
+    """The reference cache is keyed by the latent normalisation: scalar factors as the tuple (scale, shift), as
+    before per-channel normalisations existed (keys made then stay valid), per-channel means and stds too."""
+    import dataclasses
+
+    from diffalign.diffusion.families.qwen_image import ChannelNormalization
+    from diffalign.diffusion.reference_cache import dataset_fingerprint
+
+    vae = tiny_vae()
+    family = SimpleNamespace(
+        vae=vae,
+        latent_normalization=LatentNormalization.of_vae(vae),
+        encode_prompts=FakeTextEncoder(),
+        frozen_modules=lambda: {"vae": vae},
+    )
+    dataset, _, _ = build_pair_dataset(data_config(source, cache_dir=str(tmp_path / "cache")), family=family, seed=0)
+    assert dataclasses.astuple(dataset.cache.normalization) == (vae.config.scaling_factor, 0.0)
+    keys = set()
+    for mean in (0.1, 0.2):
+        dataset.cache.normalization = ChannelNormalization(1.0, 0.0, (mean,) * 4, (1.5,) * 4)
+        keys.add(dataset_fingerprint(dataset))
+    assert len(keys) == 2
+
+
 def test_the_cache_command_builds_the_latent_cache_that_training_reuses(tmp_path, capsys):
     from diffalign.cli import main
 

@@ -1,6 +1,7 @@
-"""The flow-matching families (SD3, FLUX.1) on tiny random pipelines and on the published transformer configs:
-sampling against the stock pipelines, training σ against diffusers' training examples, flow-matching DPO against
-its formula written out here, the VAE shift in every latent path, training steps and the exported files."""
+"""The flow-matching families (SD3, FLUX.1, Qwen-Image) on tiny random pipelines and on the published transformer
+configs: sampling against the stock pipelines, training σ against diffusers' training examples, flow-matching DPO
+against its formula written out here, the VAE normalisation in every latent path, training steps and the exported
+files."""
 
 import copy
 import json
@@ -13,20 +14,24 @@ import torch
 import torch.nn.functional as F
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLQwenImage,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
 from helpers import diffusion_config, merged
 from peft import LoraConfig
 from safetensors.torch import load_file
-from tiny_pipelines import build_tiny_flux, build_tiny_sd3
+from tiny_pipelines import build_tiny_flux, build_tiny_qwen_image, build_tiny_sd3
 
 from diffalign.diffusion.config import DiffusionTrainConfig
 from diffalign.diffusion.families import FamilyOptions, load_family
 from diffalign.diffusion.families.flux import FluxFamily
+from diffalign.diffusion.families.qwen_image import ImageFrameVAE, QwenImageFamily
 from diffalign.diffusion.families.sd3 import StableDiffusion3Family
 from diffalign.diffusion.methods import LatentPairBatch, pair_noise
 from diffalign.diffusion.methods.dpo import DiffusionDPO
@@ -37,9 +42,15 @@ from diffalign.training import make_accelerator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-OPTIONS = FamilyOptions(sample_resolution=16, max_text_length=8)
 PROMPTS = ["a red circle", "a blue square"]
-PIPELINES = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}
+PIPELINES = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline, "qwen_image": QwenImagePipeline}
+DENOISERS = {"sd3": SD3Transformer2DModel, "flux": FluxTransformer2DModel, "qwen_image": QwenImageTransformer2DModel}
+# Text tokens per caption: the toy's 8; the tiny Qwen tokenizer spells the chat template byte by byte, so its
+# captions keep about 140 tokens after the 34 the pipeline drops.
+TEXT_LENGTH = {"sd3": 8, "flux": 8, "qwen_image": 160}
+# Sample sizes: 8×8 latents (the tiny SD3 and FLUX VAEs downsample by 2; Qwen-Image's video VAE by 8, so its
+# 4×4 latents make four packed tokens).
+RESOLUTION = {"sd3": 16, "flux": 16, "qwen_image": 32}
 REAL_CONFIGS = Path(__file__).parents[1] / "configs" / "models"
 
 
@@ -50,7 +61,12 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
         "sd3": build_tiny_sd3(root / "sd3"),
         "sd3_without_t5": build_tiny_sd3(root / "sd3-no-t5", drop_t5=True),
         "flux": build_tiny_flux(root / "flux"),
+        "qwen_image": build_tiny_qwen_image(root / "qwen-image"),
     }
+
+
+def options(name: str) -> FamilyOptions:
+    return FamilyOptions(sample_resolution=RESOLUTION.get(name, 16), max_text_length=TEXT_LENGTH.get(name, 8))
 
 
 # The flow families' test runs: LoRA on the attention projections, 16 px samples, the toy's 8 text tokens.
@@ -61,9 +77,10 @@ FLOW_MODEL = {
 }
 
 
-def config_for(model_dir: Path, pairs: Path, output: Path, **sections) -> DiffusionTrainConfig:
+def config_for(model_dir: Path, pairs: Path, output: Path, text_length: int = 8, **sections) -> DiffusionTrainConfig:
     """One LoRA DPO step of a flow family (LoRA alpha 16, β 500)."""
-    flow_dpo = {"model": merged(FLOW_MODEL, {"lora": {"alpha": 16.0}}), "loss": {"beta": 500.0}}
+    model = merged(FLOW_MODEL, {"lora": {"alpha": 16.0}, "max_text_length": text_length})
+    flow_dpo = {"model": model, "loss": {"beta": 500.0}}
     return diffusion_config(model_dir, pairs, output, **merged(flow_dpo, sections))
 
 
@@ -79,45 +96,54 @@ def random_lora(denoiser: torch.nn.Module) -> None:
 # --- sampling and training σ ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["sd3", "flux"])
+@pytest.mark.parametrize("name", ["sd3", "flux", "qwen_image"])
 def test_sampling_equals_the_stock_pipeline(model_dirs, name):
-    family = load_family(str(model_dirs[name]), options=OPTIONS)
+    family = load_family(str(model_dirs[name]), options=options(name))
     generators = [torch.Generator().manual_seed(seed) for seed in (0, 1)]
     ours = family.sample(family.denoiser, PROMPTS, generators, num_inference_steps=4, guidance_scale=4.0)
 
     pipeline = PIPELINES[name].from_pretrained(model_dirs[name])
     pipeline.set_progress_bar_config(disable=True)
     generators = [torch.Generator().manual_seed(seed) for seed in (0, 1)]
+    # Qwen-Image's pipeline guides only with a negative prompt, and calls its scale true_cfg_scale.
+    guidance = {"guidance_scale": 4.0}
+    if name == "qwen_image":
+        guidance = {"true_cfg_scale": 4.0, "negative_prompt": [" "] * 2}
     stock = pipeline(
         PROMPTS,
         generator=generators,
         num_inference_steps=4,
-        guidance_scale=4.0,
-        height=16,
-        width=16,
-        max_sequence_length=8,
+        height=RESOLUTION[name],
+        width=RESOLUTION[name],
+        max_sequence_length=TEXT_LENGTH[name],
         output_type="latent",
+        **guidance,
     ).images
+    size = RESOLUTION[name]
     if name == "flux":  # the pipeline returns packed tokens
-        stock = FluxPipeline._unpack_latents(stock, 16, 16, family.vae_scale_factor)
+        stock = FluxPipeline._unpack_latents(stock, size, size, family.vae_scale_factor)
+    if name == "qwen_image":  # packed tokens of a one-frame video
+        stock = QwenImagePipeline._unpack_latents(stock, size, size, family.vae_scale_factor).squeeze(2)
     torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-6)
     images = family.generate(family.denoiser, PROMPTS[:1], generators[:1], num_inference_steps=2, guidance_scale=4.0)
-    assert images.shape == (1, 3, 16, 16) and images.min() >= 0 and images.max() <= 1
+    assert images.shape == (1, 3, size, size) and images.min() >= 0 and images.max() <= 1
 
 
 def test_sd3_training_sigmas_are_the_training_examples_logit_normal_draw(model_dirs):
     """train_dreambooth_lora_sd3.py: u = sigmoid(N(0, 1)), index floor(u·1000) into the descending shifted grid
     σ_i = 3s/(1 + 2s), s = (1000 − i)/1000."""
-    family = load_family(str(model_dirs["sd3"]), options=OPTIONS)
+    family = load_family(str(model_dirs["sd3"]), options=options("sd3"))
     drawn = family.sample_timesteps(512, torch.device("cpu"), torch.Generator().manual_seed(5))
     u = torch.sigmoid(torch.normal(0.0, 1.0, (512,), generator=torch.Generator().manual_seed(5)))
     s = (1000 - (u * 1000).long()).double() / 1000
     torch.testing.assert_close(drawn.double(), 3 * s / (1 + 2 * s), rtol=1e-6, atol=1e-6)
 
 
-def test_flux_training_sigmas_are_uniform_on_the_unshifted_grid(model_dirs):
-    """With dynamic shifting the training grid is unshifted (σ = s), and the FLUX example's default is uniform."""
-    family = load_family(str(model_dirs["flux"]), options=OPTIONS)
+@pytest.mark.parametrize("name", ["flux", "qwen_image"])
+def test_dynamically_shifted_families_train_on_the_unshifted_grid_uniformly(model_dirs, name):
+    """With dynamic shifting the training grid is unshifted (σ = s), and the FLUX and Qwen-Image examples'
+    default weighting ("none") draws it uniformly."""
+    family = load_family(str(model_dirs[name]), options=options(name))
     drawn = family.sample_timesteps(512, torch.device("cpu"), torch.Generator().manual_seed(5))
     u = torch.rand(512, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(drawn.double(), (1000 - (u * 1000).long()).double() / 1000, rtol=1e-6, atol=1e-6)
@@ -148,6 +174,15 @@ def velocity_by_hand(name: str, transformer, noisy, sigmas, embeds) -> torch.Ten
             pooled_projections=embeds["pooled_prompt_embeds"],
         ).sample
     height, width = noisy.shape[-2:]
+    if name == "qwen_image":
+        output = transformer(
+            hidden_states=pack(noisy),
+            timestep=sigmas,
+            encoder_hidden_states=embeds["prompt_embeds"],
+            encoder_hidden_states_mask=embeds["prompt_embeds_mask"],
+            img_shapes=[[(1, height // 2, width // 2)]] * noisy.shape[0],
+        ).sample
+        return unpack(output, height, width)
     rows, columns = torch.meshgrid(torch.arange(height // 2), torch.arange(width // 2), indexing="ij")
     image_ids = torch.stack([torch.zeros_like(rows), rows, columns], dim=-1).reshape(-1, 3).float()
     output = transformer(
@@ -162,11 +197,11 @@ def velocity_by_hand(name: str, transformer, noisy, sigmas, embeds) -> torch.Ten
     return unpack(output, height, width)
 
 
-@pytest.mark.parametrize("name", ["sd3", "flux"])
+@pytest.mark.parametrize("name", ["sd3", "flux", "qwen_image"])
 def test_flow_dpo_loss_equals_the_formula(model_dirs, name):
     """L = −log σ(−½β[(e_θ^w − e_ref^w) − (e_θ^l − e_ref^l)]), e = mean (v̂ − (ε − x0))², x_σ = (1 − σ)x0 + σε,
     one ε and σ per pair (flow_grpo train_sd3_dpo.py, Flow-Factory's DPO trainer)."""
-    family = load_family(str(model_dirs[name]), options=OPTIONS)
+    family = load_family(str(model_dirs[name]), options=options(name))
     policy = family.denoiser
     random_lora(policy)
     generator = torch.Generator().manual_seed(0)
@@ -221,6 +256,47 @@ def test_the_trainer_encodes_pixels_with_the_vae_scale_and_shift(model_dirs, pai
     torch.testing.assert_close(images, (decoded / 2 + 0.5).clamp(0, 1))
 
 
+def test_qwen_image_latents_are_its_training_examples_per_channel_normalisation(model_dirs, pairs_file, tmp_path):
+    """train_dreambooth_lora_qwen_image.py: z = (x − latents_mean)·(1/latents_std) of the VAE's one-frame encode;
+    decoding is the pipeline's: x = z·std + mean through the VAE, frame 0."""
+    config = config_for(model_dirs["qwen_image"], pairs_file, tmp_path, TEXT_LENGTH["qwen_image"])
+    recipe = DiffusionRecipe(config, make_accelerator(config.run))
+    batch = recipe.collate([recipe.train_dataset[index] for index in range(2)])
+    batch["sample_ids"] = [0, 1]
+    latents = recipe.latent_batch(batch)
+    stock_vae = AutoencoderKLQwenImage.from_pretrained(model_dirs["qwen_image"], subfolder="vae")
+    with torch.no_grad():
+        posterior = stock_vae.encode(batch["chosen_pixels"].unsqueeze(2)).latent_dist  # [B, 16, 1, h, w]
+    draws = [
+        torch.randn(posterior.mean.shape[1:], generator=torch.Generator().manual_seed(2 * seed + 1))
+        for seed in recipe.noise_seeds(batch)
+    ]
+    mean = torch.tensor(stock_vae.config.latents_mean).view(1, 16, 1, 1, 1)
+    std = torch.tensor(stock_vae.config.latents_std).view(1, 16, 1, 1, 1)
+    expected = (posterior.mean + posterior.std * torch.stack(draws) - mean) * (1 / std)
+    torch.testing.assert_close(latents.chosen_latents, expected.squeeze(2), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        decoded = stock_vae.decode(latents.chosen_latents.unsqueeze(2) * std + mean).sample[:, :, 0]
+        images = recipe.family.decode(latents.chosen_latents)
+    torch.testing.assert_close(images, (decoded / 2 + 0.5).clamp(0, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_a_qwen_image_caption_embeds_alike_in_any_batch_and_as_the_pipeline_embeds_it(model_dirs):
+    """Padded to max_text_length and cut to the batch's longest caption: the pipeline's embeddings and mask."""
+    family = load_family(str(model_dirs["qwen_image"]), options=options("qwen_image"))
+    prompts = ["a red circle", "a blue square on white"]
+    together = family.encode_prompts(prompts)
+    alone = family.encode_prompts(prompts[:1])
+    torch.testing.assert_close(alone["prompt_embeds"][0], together["prompt_embeds"][0], rtol=1e-5, atol=1e-6)
+    inputs = family.denoiser_inputs(together, {})
+    pipeline = QwenImagePipeline.from_pretrained(model_dirs["qwen_image"])
+    with torch.no_grad():
+        stock_embeds, stock_mask = pipeline.encode_prompt(prompts, device="cpu", max_sequence_length=160)
+    assert stock_mask is not None and stock_mask[0].sum() < stock_mask[1].sum()  # the batch was padded
+    torch.testing.assert_close(inputs["encoder_hidden_states"], stock_embeds, rtol=1e-5, atol=1e-6)
+    assert torch.equal(inputs["encoder_hidden_states_mask"], stock_mask)
+
+
 def test_sd3_without_t5_conditions_on_zeros_in_place_of_its_states(model_dirs):
     family = load_family(
         str(model_dirs["sd3"]), options=FamilyOptions(max_text_length=8, drop_text_encoders=("text_encoder_3",))
@@ -244,16 +320,16 @@ def trained_denoiser(output: Path, base: Path, denoiser_class) -> torch.nn.Modul
     return denoiser
 
 
-@pytest.mark.parametrize("name", ["sd3", "flux"])
+@pytest.mark.parametrize("name", ["sd3", "flux", "qwen_image"])
 def test_a_lora_step_trains_and_the_file_loads_at_the_trained_strength(model_dirs, pairs_file, tmp_path, name):
-    metrics = train(config_for(model_dirs[name], pairs_file, tmp_path, optim={"lr": 0.05}))
+    config = config_for(model_dirs[name], pairs_file, tmp_path, TEXT_LENGTH[name], optim={"lr": 0.05})
+    metrics = train(config)
     assert metrics["loss"] == pytest.approx(math.log(2), abs=1e-3) and metrics["grad_norm"] > 0
-    denoiser_class = SD3Transformer2DModel if name == "sd3" else FluxTransformer2DModel
-    trained = trained_denoiser(tmp_path, model_dirs[name], denoiser_class)
+    trained = trained_denoiser(tmp_path, model_dirs[name], DENOISERS[name])
     pipeline = PIPELINES[name].from_pretrained(model_dirs[name])
     pipeline.load_lora_weights(tmp_path / "final")
 
-    family = load_family(str(model_dirs[name]), options=OPTIONS)
+    family = load_family(str(model_dirs[name]), options=options(name))
     embeds = family.encode_prompts(PROMPTS)
     latents = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
     sigmas = torch.tensor([0.3, 0.8])
@@ -265,11 +341,11 @@ def test_a_lora_step_trains_and_the_file_loads_at_the_trained_strength(model_dir
     torch.testing.assert_close(loaded, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["sd3", "flux"])
+@pytest.mark.parametrize("name", ["sd3", "flux", "qwen_image"])
 def test_a_full_step_writes_a_transformer_that_loads_with_from_pretrained(model_dirs, pairs_file, tmp_path, name):
-    metrics = train(config_for(model_dirs[name], pairs_file, tmp_path, model={"trainable": "full"}))
+    metrics = train(config_for(model_dirs[name], pairs_file, tmp_path, TEXT_LENGTH[name], model={"trainable": "full"}))
     assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
-    denoiser_class = SD3Transformer2DModel if name == "sd3" else FluxTransformer2DModel
+    denoiser_class = DENOISERS[name]
     loaded = denoiser_class.from_pretrained(tmp_path / "final" / "transformer")
     saved = loaded.state_dict()
     snapshot = load_file(sorted((tmp_path / "checkpoints").iterdir())[-1] / "trainable.safetensors")
@@ -303,23 +379,32 @@ def test_ddpm_methods_are_refused_on_flow_families(model_dirs, pairs_file, tmp_p
 # --- the published transformer configs at full width ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model", ["sd35-medium", "flux1-dev"])
+@pytest.mark.parametrize("model", ["sd35-medium", "flux1-dev", "qwen-image"])
 def test_the_published_transformer_at_full_width_runs_a_lora_dpo_step(model):
-    """One transformer block at the published width (SD3.5 Medium: 1536, FLUX.1-dev: 3072) with its scheduler and
-    VAE configs; conditioning of the published widths, random."""
-    config = json.loads((REAL_CONFIGS / model / "transformer.json").read_text())
+    """One transformer block at the published width (SD3.5 Medium: 1536, FLUX.1-dev and Qwen-Image: 3072) with
+    its scheduler and VAE configs; conditioning of the published widths, random."""
+    published = REAL_CONFIGS / model
+    config = json.loads((published / "transformer.json").read_text())
+    vae_config = json.loads((published / "vae.json").read_text())
     if model == "sd35-medium":
         config.update(num_layers=1, dual_attention_layers=(0,))
-        family_class, denoiser_class = StableDiffusion3Family, SD3Transformer2DModel
+        family_class, denoiser_class, vae_class = StableDiffusion3Family, SD3Transformer2DModel, AutoencoderKL
         embeds = {"prompt_embeds": torch.randn(1, 12, 4096), "pooled_prompt_embeds": torch.randn(1, 2048)}
-    else:
+    elif model == "flux1-dev":
         config.update(num_layers=1, num_single_layers=1)
-        family_class, denoiser_class = FluxFamily, FluxTransformer2DModel
+        family_class, denoiser_class, vae_class = FluxFamily, FluxTransformer2DModel, AutoencoderKL
         embeds = {"prompt_embeds": torch.randn(1, 12, 4096), "pooled_prompt_embeds": torch.randn(1, 768)}
+    else:
+        config.update(num_layers=1)
+        family_class, denoiser_class, vae_class = QwenImageFamily, QwenImageTransformer2DModel, ImageFrameVAE
+        # The width of Qwen2.5-VL-7B's last hidden states, as the published text encoder config states it.
+        text_config = json.loads((published / "text_encoder.json").read_text())["text_config"]
+        assert text_config["hidden_size"] == config["joint_attention_dim"] == 3584
+        embeds = {"prompt_embeds": torch.randn(1, 12, 3584), "prompt_embeds_mask": torch.ones(1, 12, dtype=torch.long)}
     torch.manual_seed(0)
     denoiser = denoiser_class.from_config(config)
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(json.loads((REAL_CONFIGS / model / "scheduler.json").read_text()))
-    vae = AutoencoderKL.from_config(json.loads((REAL_CONFIGS / model / "vae.json").read_text()))
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(json.loads((published / "scheduler.json").read_text()))
+    vae = vae_class.from_config(vae_config)
     family = family_class.from_modules(model, denoiser=denoiser, noise_scheduler=scheduler, vae=vae)
     denoiser.requires_grad_(False)
     denoiser.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
@@ -331,7 +416,12 @@ def test_the_published_transformer_at_full_width_runs_a_lora_dpo_step(model):
     assert loss.item() == pytest.approx(math.log(2), abs=1e-4)
     gradients = [p.grad for name, p in denoiser.named_parameters() if "lora" in name]
     assert gradients and all(g is not None for g in gradients) and any(g.abs().sum() > 0 for g in gradients)
-    assert copy.deepcopy(family.latent_normalization).shift == vae.config.shift_factor != 0
+    normalization = copy.deepcopy(family.latent_normalization)
+    if model == "qwen-image":
+        assert family.vae_scale_factor == 8
+        assert normalization.mean == tuple(vae_config["latents_mean"]) and normalization.std[-1] == 1.916
+    else:
+        assert normalization.shift == vae_config["shift_factor"] != 0
 
 
 # --- SDE sampling for policy-gradient methods --------------------------------------------------------------------------
@@ -357,10 +447,10 @@ def test_the_sde_step_is_flow_grpos_gaussian():
     torch.testing.assert_close(gaussian_log_prob(sample, mean, std), density)
 
 
-@pytest.mark.parametrize("name", ["sd3", "flux"])
+@pytest.mark.parametrize("name", ["sd3", "flux", "qwen_image"])
 def test_trajectory_log_probs_are_recomputed_exactly_with_unchanged_weights(model_dirs, name):
     """The on-policy check: with no update between sampling and training the ratio is exactly 1."""
-    family = load_family(str(model_dirs[name]), options=OPTIONS)
+    family = load_family(str(model_dirs[name]), options=options(name))
     random_lora(family.denoiser)
     sde_steps = torch.tensor([True, False, True, True])
     generators = [torch.Generator().manual_seed(seed) for seed in (0, 1)]
@@ -368,7 +458,8 @@ def test_trajectory_log_probs_are_recomputed_exactly_with_unchanged_weights(mode
         family.denoiser, PROMPTS, generators, num_inference_steps=4, guidance_scale=4.0, noise_level=0.7,
         sde_steps=sde_steps,
     )
-    assert trajectory.latents.shape == (2, 5, 16, 8, 8)
+    side = RESOLUTION[name] // family.vae_scale_factor
+    assert trajectory.latents.shape == (2, 5, 16, side, side)
     assert (trajectory.log_probs[:, ~sde_steps] == 0).all() and (trajectory.log_probs[:, sde_steps] != 0).all()
     inputs, guided = family.sampling_inputs(PROMPTS, 4.0)
     sigmas = trajectory.sigmas

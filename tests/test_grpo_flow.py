@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import diffusion_settings, method_settings, torchrun
+from helpers import diffusion_settings, merged, method_settings, torchrun
 from safetensors.torch import load_file
-from test_flow_families import FLOW_MODEL, OPTIONS, PROMPTS, random_lora, velocity_by_hand
-from tiny_pipelines import build_tiny_flux, build_tiny_sd, build_tiny_sd3
+from test_flow_families import FLOW_MODEL, PROMPTS, options, random_lora, velocity_by_hand
+from tiny_pipelines import build_tiny_flux, build_tiny_qwen_image, build_tiny_sd, build_tiny_sd3
 
 from diffalign.config import ConfigError, from_dict
 from diffalign.diffusion.config import DiffusionTrainConfig
@@ -33,7 +33,11 @@ TRAINING_PROMPTS = ["a red circle", "a blue square", "a small green circle"]
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("grpo-models")
-    return {"sd3": build_tiny_sd3(root / "sd3"), "flux": build_tiny_flux(root / "flux")}
+    return {
+        "sd3": build_tiny_sd3(root / "sd3"),
+        "flux": build_tiny_flux(root / "flux"),
+        "qwen_image": build_tiny_qwen_image(root / "qwen-image"),
+    }
 
 
 def grpo_settings(**settings) -> GRPOSettings:
@@ -48,10 +52,10 @@ def grpo_settings(**settings) -> GRPOSettings:
     return method_settings("grpo", **{**defaults, **settings})
 
 
-def raw_config(model_dir: Path, output: Path, grpo: dict | None = None, **run) -> dict:
+def raw_config(model_dir: Path, output: Path, grpo: dict | None = None, model: dict | None = None, **run) -> dict:
     settings = dataclasses.asdict(grpo_settings(**(grpo or {})))
     raw = diffusion_settings(
-        model_dir, None, output, steps=2, model=FLOW_MODEL, method={"name": "grpo", "grpo": settings},
+        model_dir, None, output, steps=2, model=model or FLOW_MODEL, method={"name": "grpo", "grpo": settings},
         # eps far above every |gradient| and no weight decay make AdamW plain SGD (lr/eps = 3): Adam's 1/√v would
         # blow the all-reduce's fp32 rounding up into lr-sized steps.
         optim={"lr": 3e3, "eps": 1e3, "weight_decay": 0.0}, run=run,
@@ -60,8 +64,10 @@ def raw_config(model_dir: Path, output: Path, grpo: dict | None = None, **run) -
     return {"kind": "diffusion", **raw}
 
 
-def config_for(model_dir: Path, output: Path, grpo: dict | None = None, **run) -> DiffusionTrainConfig:
-    return from_dict(DiffusionTrainConfig, raw_config(model_dir, output, grpo, **run))
+def config_for(
+    model_dir: Path, output: Path, grpo: dict | None = None, model: dict | None = None, **run
+) -> DiffusionTrainConfig:
+    return from_dict(DiffusionTrainConfig, raw_config(model_dir, output, grpo, model, **run))
 
 
 def logged(output: Path) -> dict[int, dict]:
@@ -81,12 +87,14 @@ def final_weights(output: Path) -> dict[str, torch.Tensor]:
     [
         ("sd3", {"kl_beta": 0.5}),  # guided rollouts, every step stochastic, all but the last trained
         ("flux", {"kl_beta": 0.5, "kl_space": "velocity", "trained_steps": "window", "window_size": 2}),
+        ("qwen_image", {"kl_beta": 0.5}),  # guided with the pipeline's norm rescaling
     ],
 )
 def test_a_lora_step_per_family_is_on_policy_and_trains(model_dirs, tmp_path, name, grpo):
     """With no update between sampling and training the recomputed log-probs equal the sampling ones: the logged
     ratio is 1 to 1e-5 in fp32, nothing is clipped; the update moves the LoRA weights and the KL off zero."""
-    train(config_for(model_dirs[name], tmp_path, grpo))
+    model = merged(FLOW_MODEL, {"max_text_length": 160, "sample_resolution": 32}) if name == "qwen_image" else None
+    train(config_for(model_dirs[name], tmp_path, grpo, model))
     steps = logged(tmp_path)
     assert sorted(steps) == [1, 2]
     for record in steps.values():
@@ -168,7 +176,7 @@ def hand_built_step(family, method, trajectory_latents, old_logps, rewards):
 def test_the_loss_is_flow_grpos_objective_on_a_hand_built_trajectory(model_dirs):
     """Ratios on both sides of both clipping boundaries, for positive and negative advantages; the KL's gradient
     reaches the policy (it is computed outside the reference's no_grad)."""
-    family = load_family(str(model_dirs["sd3"]), options=OPTIONS)
+    family = load_family(str(model_dirs["sd3"]), options=options("sd3"))
     policy = family.denoiser
     random_lora(policy)
     settings = grpo_settings(
@@ -279,7 +287,7 @@ def test_the_trained_steps_all_but_the_last_or_a_window():
 
 
 def test_a_window_rollout_is_the_ode_outside_the_window_and_groups_may_share_its_start(model_dirs):
-    family = load_family(str(model_dirs["sd3"]), options=OPTIONS)
+    family = load_family(str(model_dirs["sd3"]), options=options("sd3"))
     random_lora(family.denoiser)
     settings = grpo_settings(
         trained_steps="window",

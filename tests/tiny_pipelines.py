@@ -1,6 +1,6 @@
 """Tiny models with random weights, saved as real diffusers and transformers directories: SD1.5-like, SDXL-like,
-the flow-matching SD3 and FLUX.1 layouts (16-channel VAEs with their published scale and shift), a Llama, and
-CLIP and CLAP reward models."""
+the flow-matching SD3, FLUX.1 and Qwen-Image layouts (16-channel VAEs with their published normalisations), a
+Llama, and CLIP and CLAP reward models."""
 
 from __future__ import annotations
 
@@ -10,10 +10,13 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLQwenImage,
     DDIMScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -30,6 +33,9 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerBase,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Tokenizer,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
@@ -234,6 +240,84 @@ def build_tiny_flux(directory: Path, guidance_embeds: bool = True) -> Path:
         tokenizer=tokenizer,
         text_encoder_2=tiny_t5(32),
         tokenizer_2=t5_tokenizer(),
+    )
+    pipeline.save_pretrained(directory)
+    return directory
+
+
+def qwen_tokenizer(directory: Path) -> Qwen2Tokenizer:
+    """A byte-level BPE without merges (one token per UTF-8 byte) and Qwen's chat tokens."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps({c: i for i, c in enumerate(bytes_to_unicode().values())}))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    end = "<|endoftext|>"
+    tokenizer = Qwen2Tokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), eos_token=end, pad_token=end)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    return tokenizer
+
+
+def build_tiny_qwen_image(directory: Path) -> Path:
+    """Qwen-Image layout: a one-layer Qwen2.5-VL of width 32, a 16-channel video VAE with the published per-channel
+    mean and std, packed 2×2 into 64 input channels, rotary axes (2, 2, 4), the published scheduler."""
+    torch.manual_seed(0)
+    published = Path(__file__).parents[1] / "configs" / "models" / "qwen-image"
+    vae_config = json.loads((published / "vae.json").read_text())
+    tokenizer = qwen_tokenizer(directory / "tokenizer")
+    text_encoder = Qwen2_5_VLForConditionalGeneration(
+        Qwen2_5_VLConfig(
+            text_config={
+                "vocab_size": len(tokenizer),
+                "hidden_size": 32,
+                "intermediate_size": 37,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 1,
+                "max_position_embeddings": 1024,
+                "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3]},
+                "bos_token_id": None,
+                "eos_token_id": tokenizer.eos_token_id,
+            },
+            vision_config={
+                "depth": 1,
+                "hidden_size": 16,
+                "intermediate_size": 16,
+                "num_heads": 2,
+                "out_hidden_size": 32,
+                "patch_size": 2,
+                "spatial_merge_size": 1,
+                "temporal_patch_size": 1,
+                "window_size": 4,
+                "fullatt_block_indexes": [0],
+            },
+            bos_token_id=None,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
+    pipeline = QwenImagePipeline(
+        transformer=QwenImageTransformer2DModel(
+            patch_size=2,
+            in_channels=64,
+            out_channels=16,
+            num_layers=1,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            axes_dims_rope=(2, 2, 4),
+        ),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(json.loads((published / "scheduler.json").read_text())),
+        vae=AutoencoderKLQwenImage(
+            base_dim=8,
+            z_dim=16,
+            dim_mult=[1, 2, 2, 2],
+            num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+            latents_mean=vae_config["latents_mean"],
+            latents_std=vae_config["latents_std"],
+        ),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
     )
     pipeline.save_pretrained(directory)
     return directory

@@ -23,6 +23,7 @@ builds a new table and never reads a stale one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -121,7 +122,8 @@ def dataset_fingerprint(dataset: Dataset) -> str:
     digest = ContentHash()
     if isinstance(dataset, CachedPairDataset):
         cache = dataset.cache
-        digest.update(cache.text_encoder_id, repr((cache.normalization.scale, cache.normalization.shift)))
+        # astuple: (scale, shift) as before, and a per-channel normalisation's means and stds after them.
+        digest.update(cache.text_encoder_id, repr(dataclasses.astuple(cache.normalization)))
         for index in cache.pair_indices:
             pair = [index, cache.image_keys[index], cache.captions[index], cache.labels[index]]
             digest.update(json.dumps(pair))

@@ -1,5 +1,5 @@
-"""What the rectified-flow families (SD3, FLUX, ACE-Step) share: noising, the velocity target, training σ, loss
-weights and an Euler sampler over the pipeline's inference schedule.
+"""What the rectified-flow families (SD3, FLUX, Qwen-Image, ACE-Step) share: noising, the velocity target, training
+σ, loss weights and an Euler sampler over the pipeline's inference schedule.
 
 Training follows diffusers' SD3/FLUX training examples (``train_dreambooth_lora_sd3.py``, ``..._flux.py``):
 ``x_σ = (1 − σ)·x0 + σ·ε`` and the target ``v = ε − x0`` (Esser et al., "Scaling Rectified Flow Transformers",
@@ -33,8 +33,10 @@ from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from torch import Tensor, nn
 
 from diffalign.diffusion.families.base import DiffusionFamily, FamilyOptions
@@ -44,6 +46,19 @@ from diffalign.diffusion.timesteps import TimestepSettings, draw_fractions, flow
 def per_sample(values: Tensor, like: Tensor) -> Tensor:
     """``[B]`` → ``[B, 1, ...]`` broadcastable against ``like``, in fp32."""
     return values.float().reshape(-1, *[1] * (like.ndim - 1))
+
+
+def packed_schedule(scheduler_config: Any, sequence_length: int, num_inference_steps: int) -> dict[str, Any]:
+    """``set_timesteps`` arguments of the pipelines that pack 2×2 latents into tokens (FLUX.1, Qwen-Image): the grid
+    ``linspace(1, 1/N, N)`` and the shift μ for ``sequence_length`` tokens (``calculate_shift``, the same in both)."""
+    mu = calculate_shift(
+        sequence_length,
+        scheduler_config.get("base_image_seq_len", 256),
+        scheduler_config.get("max_image_seq_len", 4096),
+        scheduler_config.get("base_shift", 0.5),
+        scheduler_config.get("max_shift", 1.15),
+    )
+    return {"sigmas": np.linspace(1.0, 1 / num_inference_steps, num_inference_steps), "mu": mu}
 
 
 def sde_step_distribution(
@@ -159,12 +174,16 @@ class FlowMatchFamily(DiffusionFamily):
         guided: bool,
         guidance_scale: float,
     ) -> Tensor:
-        """The sampler's velocity at σ ``[B]`` (fp32): ``v_u + w·(v_c − v_u)`` over guided inputs, else the
-        conditional prediction."""
+        """The sampler's velocity at σ ``[B]`` (fp32): :meth:`guide` over guided inputs, else the conditional
+        prediction."""
         if not guided:
             return self.predict(denoiser, latents, sigma, inputs).float()
         prediction = self.predict(denoiser, torch.cat([latents, latents]), sigma.repeat(2), inputs).float()
         unconditional, conditional = prediction.chunk(2)
+        return self.guide(unconditional, conditional, guidance_scale)
+
+    def guide(self, unconditional: Tensor, conditional: Tensor, guidance_scale: float) -> Tensor:
+        """Classifier-free guidance ``v_u + w·(v_c − v_u)`` of two velocities (fp32)."""
         return unconditional + guidance_scale * (conditional - unconditional)
 
     @torch.no_grad()

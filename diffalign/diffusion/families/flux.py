@@ -14,14 +14,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from torch import Tensor, nn
 
 from diffalign.diffusion.families.base import FamilyOptions, ImageLatents
-from diffalign.diffusion.families.flow import FlowMatchFamily
+from diffalign.diffusion.families.flow import FlowMatchFamily, packed_schedule
 from diffalign.diffusion.timesteps import TimestepSettings
 
 TEXT_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
@@ -112,17 +110,8 @@ class FluxFamily(ImageLatents, FlowMatchFamily):
         return (self.denoiser.config.in_channels // 4, size // self.vae_scale_factor, size // self.vae_scale_factor)
 
     def schedule_arguments(self, num_inference_steps: int) -> dict[str, Any]:
-        """The pipeline's grid ``linspace(1, 1/N, N)`` and its shift μ for the packed sequence length."""
         _, height, width = self.latent_shape()
-        config = self.noise_scheduler.config
-        mu = calculate_shift(
-            (height // 2) * (width // 2),
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
-        return {"sigmas": np.linspace(1.0, 1 / num_inference_steps, num_inference_steps), "mu": mu}
+        return packed_schedule(self.noise_scheduler.config, (height // 2) * (width // 2), num_inference_steps)
 
     def sampling_inputs(self, prompts: list[str], guidance_scale: float) -> tuple[dict[str, Any], bool]:
         """No classifier-free guidance (the pipeline's default): the guidance scale enters as the embedding."""
