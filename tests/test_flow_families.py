@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from diffusers import (
     AutoencoderKL,
     AutoencoderKLQwenImage,
@@ -23,11 +24,12 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
-from helpers import diffusion_config, merged
+from helpers import diffusion_config, merged, quiet_run
 from peft import LoraConfig
 from safetensors.torch import load_file
 from tiny_pipelines import build_tiny_flux, build_tiny_qwen_image, build_tiny_sd3
 
+from diffalign.config import from_dict
 from diffalign.diffusion.config import DiffusionTrainConfig
 from diffalign.diffusion.families import FamilyOptions, load_family
 from diffalign.diffusion.families.flux import FluxFamily
@@ -374,6 +376,36 @@ def test_ddpm_methods_are_refused_on_flow_families(model_dirs, pairs_file, tmp_p
 
     with pytest.raises(ConfigError, match=f"'{method}' needs a discrete DDPM noise schedule"):
         config_for(model_dirs["flux"], pairs_file, tmp_path, method={"name": method})
+
+
+@pytest.mark.parametrize(
+    ("config_name", "name"),
+    [("sd35_dpo_lora", "sd3"), ("flux_dpo_lora", "flux"), ("qwen_image_dpo_lora", "qwen_image"), ("sd35_grpo", "sd3")],
+)
+def test_the_shipped_flow_configs_train_on_their_familys_tiny_model(model_dirs, pairs_file, tmp_path, config_name, name):
+    """Each real-model flow config, with its model, data and reward swapped for tiny local ones and its run cut to
+    one step (plain AdamW: bitsandbytes is optional), trains as written: its LoRA targets exist, gradient
+    checkpointing runs, the method and its sampling work on the family."""
+    raw = yaml.safe_load((REAL_CONFIGS.parent / f"{config_name}.yaml").read_text())
+    model = {"pretrained": str(model_dirs[name]), "max_text_length": TEXT_LENGTH[name]}
+    small = {
+        "model": model | {"sample_resolution": RESOLUTION[name]},
+        "optim": {"name": "adamw"},
+        "run": quiet_run(tmp_path, max_steps=1, batch_size=2, gradient_accumulation_steps=1),
+        "eval": {"prompts": PROMPTS[:1], "num_inference_steps": 2, "samples_per_prompt": 1},
+    }
+    if "data" in raw:
+        small["data"] = {"source": str(pairs_file), "resolution": 32, "cache_dir": str(tmp_path / "cache")}
+    else:  # Flow-GRPO: the test reward in place of PickScore, groups of 2 from two prompts
+        grpo = {"prompts_file": None, "prompts": PROMPTS, "group_size": 2, "num_inference_steps": 2}
+        small["method"] = {"grpo": grpo | {"generation_batch_size": 4, "rewards": [{"name": "test_mean_red"}]}}
+        small["eval"] |= {"prompts_file": None, "max_prompts": None, "reward": None}
+    raw = merged(raw, small)
+    config = from_dict(DiffusionTrainConfig, raw)
+    assert config.run.gradient_checkpointing
+    metrics = train(config)
+    assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
+    assert (tmp_path / "final" / "pytorch_lora_weights.safetensors").exists()
 
 
 # --- the published transformer configs at full width ---------------------------------------------------------------------
