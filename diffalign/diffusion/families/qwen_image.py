@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
 from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
@@ -142,11 +143,11 @@ class QwenImageFamily(ImageLatents, FlowMatchFamily):
         """``prompt_embeds`` ``[B, max_text_length, 3584]`` (zero after each caption) and ``prompt_embeds_mask``
         ``[B, max_text_length]``; see the module docstring for why every caption is padded to the same length."""
         pipeline = self._prompt_pipeline
-        dropped = pipeline.prompt_template_encode_start_idx
+        dropped, length = pipeline.prompt_template_encode_start_idx, self.max_text_length
         tokens = self.tokenizer(
             [pipeline.prompt_template_encode.format(prompt) for prompt in prompts],
-            max_length=self.max_text_length + dropped,
-            padding="max_length",
+            max_length=length + dropped,
+            padding="longest",
             padding_side="right",
             truncation=True,
             return_tensors="pt",
@@ -154,9 +155,12 @@ class QwenImageFamily(ImageLatents, FlowMatchFamily):
         output = self.text_encoder(
             input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, output_hidden_states=True
         )
+        # Causal attention and right padding: a caption's states do not depend on how far its batch is padded,
+        # so padding the states to max_text_length afterwards equals padding the tokens, at less compute.
         mask = tokens.attention_mask[:, dropped:]
         states = output.hidden_states[-1][:, dropped:] * mask.unsqueeze(-1).to(output.hidden_states[-1].dtype)
-        return {"prompt_embeds": states, "prompt_embeds_mask": mask}
+        missing = length - mask.shape[1]
+        return {"prompt_embeds": F.pad(states, (0, 0, 0, missing)), "prompt_embeds_mask": F.pad(mask, (0, missing))}
 
     def denoiser_inputs(self, prompt_embeds: dict[str, Tensor], batch: dict[str, Any]) -> dict[str, Any]:
         """The conditioning cut to the batch's longest caption, as the pipeline pads its batch."""
