@@ -277,6 +277,11 @@ def test_qwen_image_latents_are_its_training_examples_per_channel_normalisation(
     std = torch.tensor(stock_vae.config.latents_std).view(1, 16, 1, 1, 1)
     expected = (posterior.mean + posterior.std * torch.stack(draws) - mean) * (1 / std)
     torch.testing.assert_close(latents.chosen_latents, expected.squeeze(2), rtol=1e-5, atol=1e-5)
+    # The latent cache normalises one sample ([16, h, w]) at a time: the same maps as on a batch.
+    normalization, vae_latents = recipe.family.latent_normalization, torch.randn(2, 16, 4, 4)
+    one_at_a_time = torch.stack([normalization.to_latents(sample) for sample in vae_latents])
+    torch.testing.assert_close(one_at_a_time, normalization.to_latents(vae_latents))
+    torch.testing.assert_close(normalization.from_latents(one_at_a_time), vae_latents, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         decoded = stock_vae.decode(latents.chosen_latents.unsqueeze(2) * std + mean).sample[:, :, 0]
         images = recipe.family.decode(latents.chosen_latents)
