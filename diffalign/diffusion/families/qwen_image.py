@@ -42,7 +42,7 @@ from diffalign.diffusion.timesteps import TimestepSettings
 
 NATIVE_SIZE = 1024  # QwenImagePipeline's default (its default_sample_size 128 latents × the VAE's 8)
 DEFAULT_TEXT_LENGTH = 512  # QwenImagePipeline's default max_sequence_length
-NEGATIVE_PROMPT = " "  # the pipeline's docstring: guidance needs a negative prompt, "even an empty one like ' '"
+NEGATIVE_PROMPT = " "  # the pipeline guides only given a negative prompt; its docstring suggests " "
 
 
 class ImageFrameVAE(AutoencoderKLQwenImage):
@@ -69,7 +69,8 @@ ImageFrameVAE.__module__ = AutoencoderKLQwenImage.__module__
 
 @dataclass(frozen=True)
 class ChannelNormalization(LatentNormalization):
-    """Per-channel ``z = (x − mean_c)/std_c`` on the channel axis of ``[C, h, w]`` or ``[B, C, h, w]`` latents."""
+    """Per-channel ``z = (x − mean_c)/std_c`` on the channel axis of ``[C, h, w]`` or ``[B, C, h, w]`` latents (the
+    inherited scalar ``scale`` and ``shift`` stay 1 and 0)."""
 
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
@@ -100,13 +101,14 @@ class QwenImageFamily(ImageLatents, FlowMatchFamily):
         options: FamilyOptions | None = None,
     ) -> None:
         super().__init__(pretrained_path, timesteps, options)
-        vae_source = {"pretrained_model_name_or_path": vae_path} if vae_path else {
-            "pretrained_model_name_or_path": pretrained_path, "subfolder": "vae"
-        }
+        if vae_path:
+            vae = ImageFrameVAE.from_pretrained(vae_path)
+        else:
+            vae = ImageFrameVAE.from_pretrained(pretrained_path, subfolder="vae")
         pipeline = QwenImagePipeline.from_pretrained(
             pretrained_path,
             transformer=QwenImageTransformer2DModel.from_pretrained(pretrained_path, subfolder="transformer"),
-            vae=ImageFrameVAE.from_pretrained(**vae_source),
+            vae=vae,
         )
         self.text_encoder, self.tokenizer, self.vae = pipeline.text_encoder, pipeline.tokenizer, pipeline.vae
         self.denoiser = pipeline.transformer
