@@ -12,7 +12,15 @@ import pytest
 import torch
 from helpers import diffusion_settings, merged, method_settings, torchrun
 from safetensors.torch import load_file
-from test_flow_families import FLOW_MODEL, PROMPTS, options, random_lora, velocity_by_hand
+from test_flow_families import (
+    FLOW_MODEL,
+    PROMPTS,
+    RESOLUTION,
+    TEXT_LENGTH,
+    options,
+    random_lora,
+    velocity_by_hand,
+)
 from tiny_pipelines import build_tiny_flux, build_tiny_qwen_image, build_tiny_sd, build_tiny_sd3
 
 from diffalign.config import ConfigError, from_dict
@@ -93,7 +101,8 @@ def final_weights(output: Path) -> dict[str, torch.Tensor]:
 def test_a_lora_step_per_family_is_on_policy_and_trains(model_dirs, tmp_path, name, grpo):
     """With no update between sampling and training the recomputed log-probs equal the sampling ones: the logged
     ratio is 1 to 1e-5 in fp32, nothing is clipped; the update moves the LoRA weights and the KL off zero."""
-    model = merged(FLOW_MODEL, {"max_text_length": 160, "sample_resolution": 32}) if name == "qwen_image" else None
+    sizes = {"max_text_length": TEXT_LENGTH[name], "sample_resolution": RESOLUTION[name]}
+    model = merged(FLOW_MODEL, sizes) if name == "qwen_image" else None
     train(config_for(model_dirs[name], tmp_path, grpo, model))
     steps = logged(tmp_path)
     assert sorted(steps) == [1, 2]

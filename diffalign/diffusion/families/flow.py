@@ -48,19 +48,6 @@ def per_sample(values: Tensor, like: Tensor) -> Tensor:
     return values.float().reshape(-1, *[1] * (like.ndim - 1))
 
 
-def packed_schedule(scheduler_config: Any, sequence_length: int, num_inference_steps: int) -> dict[str, Any]:
-    """``set_timesteps`` arguments of the pipelines that pack 2×2 latents into tokens (FLUX.1, Qwen-Image): the grid
-    ``linspace(1, 1/N, N)`` and the shift μ for ``sequence_length`` tokens (``calculate_shift``, the same in both)."""
-    mu = calculate_shift(
-        sequence_length,
-        scheduler_config.get("base_image_seq_len", 256),
-        scheduler_config.get("max_image_seq_len", 4096),
-        scheduler_config.get("base_shift", 0.5),
-        scheduler_config.get("max_shift", 1.15),
-    )
-    return {"sigmas": np.linspace(1.0, 1 / num_inference_steps, num_inference_steps), "mu": mu}
-
-
 def sde_step_distribution(
     latents: Tensor, velocity: Tensor, sigma: Tensor, next_sigma: Tensor, noise_level: float, sigma_cap: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -263,3 +250,28 @@ class FlowMatchFamily(DiffusionFamily):
         velocity = self.velocity(denoiser, latents, sigma, inputs, guided, guidance_scale)
         mean, std = sde_step_distribution(latents, velocity, sigma, next_sigma, noise_level, sigma_cap)
         return Transition(gaussian_log_prob(next_latents, mean, std), mean, std, velocity)
+
+
+class PackedFlowFamily(FlowMatchFamily):
+    """Flow families whose transformer takes 2×2 patches of the latents as tokens (FLUX.1, Qwen-Image): samples of
+    ``model.sample_resolution`` px (default 1024, both pipelines' default: 128 latents × the VAE's 8) on the grid
+    ``linspace(1, 1/N, N)`` shifted by μ for the packed sequence length (``calculate_shift``, the same in both
+    pipelines). The family provides ``vae_scale_factor`` (``ImageLatents``)."""
+
+    native_size: ClassVar[int] = 1024
+
+    def latent_shape(self) -> tuple[int, ...]:
+        size = (self.options.sample_resolution or self.native_size) // self.vae_scale_factor
+        return (self.denoiser.config.in_channels // 4, size, size)
+
+    def schedule_arguments(self, num_inference_steps: int) -> dict[str, Any]:
+        _, height, width = self.latent_shape()
+        config = self.noise_scheduler.config
+        mu = calculate_shift(
+            (height // 2) * (width // 2),
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+        return {"sigmas": np.linspace(1.0, 1 / num_inference_steps, num_inference_steps), "mu": mu}

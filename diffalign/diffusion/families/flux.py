@@ -19,14 +19,13 @@ from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
 from torch import Tensor, nn
 
 from diffalign.diffusion.families.base import FamilyOptions, ImageLatents
-from diffalign.diffusion.families.flow import FlowMatchFamily, packed_schedule
+from diffalign.diffusion.families.flow import PackedFlowFamily
 from diffalign.diffusion.timesteps import TimestepSettings
 
 TEXT_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
-NATIVE_SIZE = 1024  # FluxPipeline's default (its default_sample_size 128 latents × the VAE's 8)
 
 
-class FluxFamily(ImageLatents, FlowMatchFamily):
+class FluxFamily(ImageLatents, PackedFlowFamily):
     pipeline_class = FluxPipeline
     denoiser_subfolder = "transformer"
     default_density = "uniform"  # the FLUX training example's default weighting scheme ("none")
@@ -105,14 +104,6 @@ class FluxFamily(ImageLatents, FlowMatchFamily):
         return FluxPipeline._unpack_latents(output, height * scale, width * scale, scale)
 
     # --- sampling ---------------------------------------------------------------------------------------------
-    def latent_shape(self) -> tuple[int, ...]:
-        size = self.options.sample_resolution or NATIVE_SIZE
-        return (self.denoiser.config.in_channels // 4, size // self.vae_scale_factor, size // self.vae_scale_factor)
-
-    def schedule_arguments(self, num_inference_steps: int) -> dict[str, Any]:
-        _, height, width = self.latent_shape()
-        return packed_schedule(self.noise_scheduler.config, (height // 2) * (width // 2), num_inference_steps)
-
     def sampling_inputs(self, prompts: list[str], guidance_scale: float) -> tuple[dict[str, Any], bool]:
         """No classifier-free guidance (the pipeline's default): the guidance scale enters as the embedding."""
         return self._inputs(self.encode_prompts(list(prompts)), guidance_scale), False

@@ -37,10 +37,9 @@ from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDis
 from torch import Tensor, nn
 
 from diffalign.diffusion.families.base import FamilyOptions, ImageLatents, LatentNormalization
-from diffalign.diffusion.families.flow import FlowMatchFamily, packed_schedule
+from diffalign.diffusion.families.flow import PackedFlowFamily
 from diffalign.diffusion.timesteps import TimestepSettings
 
-NATIVE_SIZE = 1024  # QwenImagePipeline's default (its default_sample_size 128 latents × the VAE's 8)
 DEFAULT_TEXT_LENGTH = 512  # QwenImagePipeline's default max_sequence_length
 NEGATIVE_PROMPT = " "  # the pipeline guides only given a negative prompt; its docstring suggests " "
 
@@ -86,7 +85,7 @@ class ChannelNormalization(LatentNormalization):
         return latents * self._per_channel(self.std, latents) + self._per_channel(self.mean, latents)
 
 
-class QwenImageFamily(ImageLatents, FlowMatchFamily):
+class QwenImageFamily(ImageLatents, PackedFlowFamily):
     pipeline_class = QwenImagePipeline
     denoiser_subfolder = "transformer"
     default_density = "uniform"  # the Qwen-Image training example's default weighting scheme ("none")
@@ -185,14 +184,6 @@ class QwenImageFamily(ImageLatents, FlowMatchFamily):
         return QwenImagePipeline._unpack_latents(output, height * scale, width * scale, scale).squeeze(2)
 
     # --- sampling ---------------------------------------------------------------------------------------------
-    def latent_shape(self) -> tuple[int, ...]:
-        size = (self.options.sample_resolution or NATIVE_SIZE) // self.vae_scale_factor
-        return (self.denoiser.config.in_channels // 4, size, size)
-
-    def schedule_arguments(self, num_inference_steps: int) -> dict[str, Any]:
-        _, height, width = self.latent_shape()
-        return packed_schedule(self.noise_scheduler.config, (height // 2) * (width // 2), num_inference_steps)
-
     def sampling_inputs(self, prompts: list[str], guidance_scale: float) -> tuple[dict[str, Any], bool]:
         """The negative prompt " " as the unconditional input when ``guidance_scale > 1``."""
         guided = guidance_scale > 1
