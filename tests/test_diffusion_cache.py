@@ -11,6 +11,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 from helpers import data_config, image_bytes, pick_a_pic_columns, reference_pixels, write_parquet
+from safetensors import safe_open
 from torch import nn
 
 from diffalign.diffusion.cache import (
@@ -128,6 +129,41 @@ def test_cache_stores_the_vae_posterior_of_every_view(tmp_path, source):
         "cache_captions_reused": 0,
         "cache_bad_rows_skipped": 0,
     }
+
+
+class PaddedTextEncoder:
+    """``encode_prompts`` stand-in that pads as Qwen-Image's does: one row per character, zero rows up to 16, and
+    a mask; a ``pooled`` vector with no zero rows at all."""
+
+    @staticmethod
+    def expected(caption: str) -> dict[str, torch.Tensor]:
+        hidden, mask = torch.zeros(16, 4), torch.zeros(16, dtype=torch.int64)
+        for row, char in enumerate(caption[:16]):
+            hidden[row], mask[row] = torch.arange(4) + ord(char), 1
+        return {"hidden": hidden, "mask": mask, "pooled": torch.full((3,), float(len(caption) + 1))}
+
+    def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        embeddings = [self.expected(caption) for caption in captions]
+        return {name: torch.stack([entry[name] for entry in embeddings]) for name in embeddings[0]}
+
+
+def test_captions_are_stored_without_their_padding_and_read_with_it(tmp_path, source):
+    pairs, decoder = pairs_and_decoder(source)
+    cache = build(pairs, decoder, tmp_path / "cache", tiny_vae(), PaddedTextEncoder())
+    for caption in ["", *pairs.captions]:
+        stored = cache.prompt_embeds(caption)
+        assert stored.keys() == {"hidden", "mask", "pooled"}
+        for name, value in PaddedTextEncoder.expected(caption).items():
+            assert torch.equal(stored[name], value), (caption, name)
+    rows: dict[str, list[int]] = {"hidden": [], "mask": [], "pooled": []}
+    for path in (tmp_path / "cache" / "texts").glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as shard:
+            for name in shard.keys():  # noqa: SIM118 (a safetensors handle is not a dict)
+                if name.split("/", 1)[1] in rows:
+                    rows[name.split("/", 1)[1]].append(shard.get_slice(name).get_shape()[0])
+    # "caption i" is 9 characters; the empty caption's all-zero rows keep one.
+    assert sorted(rows["hidden"]) == sorted(rows["mask"]) == [1] + [9] * len(pairs.captions)
+    assert rows["pooled"] == [3] * (len(pairs.captions) + 1)
 
 
 def test_posterior_draw_is_the_reparameterised_normalised_sample():

@@ -7,7 +7,9 @@ models. The cache encodes each image and each caption once:
   ``mean`` and ``std``, not a sample, so latents stay stochastic: every read draws
   ``latent = family.to_latents(mean + std·z)`` (the family's scale and shift) with ``z`` from the item's own
   generator;
-* per caption (and the empty caption, for caption dropout), whatever ``encode_prompts`` returns.
+* per caption (and the empty caption, for caption dropout), whatever ``encode_prompts`` returns, each tensor
+  without its trailing all-zero rows (a caption's padding, as Qwen-Image's embeddings are padded to 512 tokens),
+  which a read puts back.
 
 Keys are content hashes: image bytes + the decoder's settings + the VAE's fingerprint (class, config, weights,
 dtype); caption text + the text encoders' identity. A changed dataset, VAE or transform therefore never reads a
@@ -46,6 +48,9 @@ from diffalign.hashing import content_hash, module_fingerprint
 from diffalign.progress import progress
 
 logger = logging.getLogger(__name__)
+
+# The name under which an entry's tensor stored without its trailing zero rows keeps its full row count.
+PADDED_ROWS = "padded_rows/"
 
 # Shards a reader keeps open (each a memory map and an open file): enough for a shuffled epoch's working set to
 # hit often on small caches, few enough for any file-descriptor limit.
@@ -175,11 +180,37 @@ class PairCache:
         return self.images.read(f"{key}/{view}/")
 
     def prompt_embeds(self, caption: str) -> dict[str, Tensor]:
-        return self.texts.read(f"{caption_key(self.text_encoder_id, caption)}/")
+        return with_padding(self.texts.read(f"{caption_key(self.text_encoder_id, caption)}/"))
 
 
 def caption_key(text_encoder_id: str, caption: str) -> str:
     return content_hash(text_encoder_id, caption)
+
+
+def without_padding(entry: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``entry`` with each tensor's trailing all-zero rows (along its first axis) left out, and the row count of
+    each tensor so shortened kept under ``padded_rows/<name>``: lossless, and a caption padded to hundreds of
+    tokens stores only its own."""
+    stored: dict[str, Tensor] = {}
+    for name, value in entry.items():
+        nonzero_rows = value.reshape(len(value), -1).any(dim=1).nonzero() if value.ndim else None
+        rows = int(nonzero_rows[-1]) + 1 if nonzero_rows is not None and len(nonzero_rows) else 1
+        if value.ndim and rows < len(value):
+            stored[f"{PADDED_ROWS}{name}"] = torch.tensor(len(value))
+            value = value[:rows]
+        stored[name] = value
+    return stored
+
+
+def with_padding(stored: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The entry :func:`without_padding` stored, its zero rows put back."""
+    entry = {name: value for name, value in stored.items() if not name.startswith(PADDED_ROWS)}
+    for name, rows in stored.items():
+        if name.startswith(PADDED_ROWS):
+            value = entry[name[len(PADDED_ROWS) :]]
+            padding = value.new_zeros((int(rows) - len(value), *value.shape[1:]))
+            entry[name[len(PADDED_ROWS) :]] = torch.cat([value, padding])
+    return entry
 
 
 def _encode_captions(
@@ -201,7 +232,7 @@ def _encode_captions(
                 )
         for number, caption in enumerate(chunk):
             entry = {name: value[number] for name, value in embeddings.items()}
-            texts.add(caption_key(text_encoder_id, caption), entry)
+            texts.add(caption_key(text_encoder_id, caption), without_padding(entry))
     texts.flush()
 
 

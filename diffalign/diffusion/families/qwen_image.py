@@ -16,7 +16,8 @@ the image), Qwen2.5-VL's last hidden states without the template's first 34 toke
 transformer's joint attention honours. A caption's embedding must not depend on its batch (the prompt cache
 keeps one per caption), so :meth:`QwenImageFamily.encode_prompts` pads every caption to ``model.max_text_length``
 (the pipeline's default, 512) and :meth:`QwenImageFamily.denoiser_inputs` cuts the batch to its longest caption.
-With the causal text encoder, right padding and masked attention, that is the pipeline's conditioning.
+With the causal text encoder, right padding and masked attention, that is the pipeline's conditioning. The padding
+is zero, so the latent cache stores only each caption's own tokens (a few dozen for a typical caption, not 512).
 
 Sampling is the pipeline's: σ = ``linspace(1, 1/N, N)`` shifted by μ for the packed sequence length (exponential
 time shift, then ``shift_terminal`` 0.02 from the published scheduler config), and its "true" classifier-free
