@@ -1,23 +1,28 @@
-"""Flow-matching Diffusion-DPO step (SD3/SD3.5, FLUX.1): diffalign's step against the diffusers examples' way.
+"""Flow-matching Diffusion-DPO step (SD3/SD3.5, FLUX.1, Qwen-Image): diffalign's step against the diffusers
+examples' way.
 
-Baseline, written as diffusers' SD3 and FLUX training examples (``examples/dreambooth/train_dreambooth_lora_sd3.py``,
-``train_dreambooth_lora_flux.py``) structure their step, with the Diffusion-DPO loss on top as the flow-model
-DPO peers do: every step VAE-encodes both images (``(x − shift) · scale``) and runs every text encoder (captions
-differ per pair), draws ``u`` from the logit-normal density with ``compute_density_for_timestep_sampling``,
-indexes the scheduler's σ grid, noises ``(1 − σ)·x + σ·ε``, runs the policy on the concatenated pair batch (FLUX:
-latents packed 2×2 with image ids and the guidance embedding) and a *separate* deep-copied reference, and takes
-the DPO loss on the velocity errors ``‖v − (ε − x)‖²``.
+Baseline, written as diffusers' SD3, FLUX and Qwen-Image training examples (``examples/dreambooth/
+train_dreambooth_lora_sd3.py``, ``train_dreambooth_lora_flux.py``, ``train_dreambooth_lora_qwen_image.py``)
+structure their step, with the Diffusion-DPO loss on top as the flow-model DPO peers do: every step VAE-encodes
+both images (``(x − shift) · scale``; Qwen-Image: one video frame, ``(x − mean_c)/std_c``) and runs every text
+encoder (captions differ per pair), draws ``u`` with ``compute_density_for_timestep_sampling`` (the examples'
+default: logit-normal for SD3 and FLUX, uniform for Qwen-Image), indexes the scheduler's σ grid, noises
+``(1 − σ)·x + σ·ε``, runs the policy on the concatenated pair batch (FLUX: latents packed 2×2 with image ids and
+the guidance embedding; Qwen-Image: packed 2×2 with ``img_shapes`` and the text mask) and a *separate*
+deep-copied reference, and takes the DPO loss on the velocity errors ``‖v − (ε − x)‖²``.
 
 diffalign: latents and text embeddings come from the cache (encoded once, outside the timed steps), the family
-(``StableDiffusion3Family`` / ``FluxFamily``), the method (``DiffusionDPO``) and the loss core are the real ones,
-and the reference is the policy with its adapters disabled (LoRA) or a frozen copy (full).
+(``StableDiffusion3Family`` / ``FluxFamily`` / ``QwenImageFamily``), the method (``DiffusionDPO``) and the loss
+core are the real ones, and the reference is the policy with its adapters disabled (LoRA) or a frozen copy (full).
 
-Models are the published SD3.5-medium and FLUX.1-dev configs in configs/models/ at their real width, with every
-transformer and text-encoder stack cut to ``--layers`` blocks (0: as published, for a GPU) and random weights
-(speed does not depend on the weights); T5 prompts are cut to ``--text-length`` tokens.
+Models are the published SD3.5-medium, FLUX.1-dev and Qwen-Image configs in configs/models/ at their real width,
+with every transformer and text-encoder stack cut to ``--layers`` blocks (0: as published, for a GPU) and random
+weights (speed does not depend on the weights); prompts are cut to ``--text-length`` T5 (Qwen-Image: Qwen2.5-VL)
+tokens.
 
     python benchmarks/flow_step.py --model sd3 --threads 1          # CPU, a few minutes
     python benchmarks/flow_step.py --model flux --threads 1
+    python benchmarks/flow_step.py --model qwen-image --threads 1
     python benchmarks/flow_step.py --model flux --device cuda --layers 0 --resolution 1024 --batch-size 1
 """
 
@@ -38,13 +43,24 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
 )
 from diffusers.training_utils import compute_density_for_timestep_sampling
 from peft import LoraConfig
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    T5Config,
+    T5EncoderModel,
+)
 
 from diffalign.diffusion.families.flux import FluxFamily
+from diffalign.diffusion.families.qwen_image import ImageFrameVAE, QwenImageFamily
 from diffalign.diffusion.families.sd3 import StableDiffusion3Family
 from diffalign.diffusion.methods import LatentPairBatch
 from diffalign.diffusion.methods.dpo import DiffusionDPO
@@ -52,7 +68,10 @@ from diffalign.diffusion.reference import ReferenceDenoiser
 from diffalign.losses import LossConfig, compute_loss
 
 MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
-FOLDERS = {"sd3": "sd35-medium", "flux": "flux1-dev"}
+FOLDERS = {"sd3": "sd35-medium", "flux": "flux1-dev", "qwen-image": "qwen-image"}
+# The examples' default timestep density (their --weighting_scheme).
+DENSITY = {"sd3": "logit_normal", "flux": "logit_normal", "qwen-image": "none"}
+QWEN_TEMPLATE_TOKENS = 34  # QwenImagePipeline's prompt_template_encode_start_idx: template tokens it drops
 BETA = 5000.0
 # The attention and MLP projections of both transformers' blocks, as the diffusers LoRA examples target them.
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
@@ -72,14 +91,16 @@ def cut(config: dict[str, Any], layers: int, *keys: str) -> dict[str, Any]:
 
 @dataclass
 class Models:
-    family: StableDiffusion3Family | FluxFamily
-    clip_encoders: list[torch.nn.Module]  # SD3: CLIP-L and CLIP-G with projections; FLUX: CLIP-L
-    t5: torch.nn.Module
-    vocab_sizes: tuple[int, int]  # CLIP, T5
+    family: StableDiffusion3Family | FluxFamily | QwenImageFamily
+    clip_encoders: list[torch.nn.Module]  # SD3: CLIP-L and CLIP-G with projections; FLUX: CLIP-L; Qwen: none
+    t5: torch.nn.Module  # Qwen-Image: Qwen2.5-VL in its place
+    vocab_sizes: tuple[int, int]  # CLIP, T5 (Qwen-Image: Qwen2.5-VL, twice)
 
 
 def build_models(model: str, layers: int, device: torch.device, dtype: torch.dtype) -> Models:
     torch.manual_seed(0)
+    if model == "qwen-image":
+        return build_qwen_image(layers, device, dtype)
     vae = AutoencoderKL.from_config(read_config(model, "vae")).to(device, dtype).requires_grad_(False)
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(read_config(model, "scheduler"))
     t5_config = T5Config(
@@ -111,8 +132,32 @@ def build_models(model: str, layers: int, device: torch.device, dtype: torch.dty
     return Models(family, frozen[:-1], frozen[-1], (clip_config.vocab_size, t5_config.vocab_size))
 
 
+def build_qwen_image(layers: int, device: torch.device, dtype: torch.dtype) -> Models:
+    text_config = read_config("qwen-image", "text_encoder")
+    language = cut(text_config["text_config"], layers, "num_hidden_layers")
+    language["layer_types"] = language["layer_types"][: language["num_hidden_layers"]]
+    if layers:  # the vision tower does not run on text; cut so that it costs no memory
+        text_config["vision_config"].update(depth=1, fullatt_block_indexes=[0])
+    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**text_config))
+    transformer_config = cut(read_config("qwen-image", "transformer"), layers, "num_layers")
+    denoiser = QwenImageTransformer2DModel.from_config(transformer_config)
+    vae = ImageFrameVAE.from_config(read_config("qwen-image", "vae")).to(device, dtype).requires_grad_(False)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(read_config("qwen-image", "scheduler"))
+    family = QwenImageFamily.from_modules(denoiser=denoiser.to(device), vae=vae, noise_scheduler=scheduler)
+    vocab_size = text_config["text_config"]["vocab_size"]
+    return Models(family, [], text_encoder.to(device, dtype).requires_grad_(False).eval(), (vocab_size, vocab_size))
+
+
 def encode_text(models: Models, clip_ids: torch.Tensor, t5_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The pipelines' text encoding on token ids (the tokenizers cost the same for both steps)."""
+    """The pipelines' text encoding on token ids (the tokenizers cost the same for both steps). Qwen-Image: the
+    last hidden states of Qwen2.5-VL on the template and caption, without the template's first tokens."""
+    if not models.clip_encoders:
+        mask = torch.ones_like(t5_ids)
+        output = models.t5(input_ids=t5_ids, attention_mask=mask, output_hidden_states=True)
+        return {
+            "prompt_embeds": output.hidden_states[-1][:, QWEN_TEMPLATE_TOKENS:],
+            "prompt_embeds_mask": mask[:, QWEN_TEMPLATE_TOKENS:],
+        }
     t5_states = models.t5(t5_ids)[0]
     if len(models.clip_encoders) == 1:  # FLUX: T5 states, CLIP-L's pooled output
         return {
@@ -145,7 +190,8 @@ def baseline_velocity(
     model: str, transformer, noisy, sigmas, embeds: dict[str, torch.Tensor]
 ) -> torch.Tensor:
     """The examples' transformer call: SD3 on the latent grid with timesteps σ·1000; FLUX on packed latents with
-    image ids, text ids and guidance 1 (guidance-distilled checkpoints take it as an embedding)."""
+    image ids, text ids and guidance 1 (guidance-distilled checkpoints take it as an embedding); Qwen-Image on
+    packed latents with ``img_shapes``, σ and the text mask."""
     if model == "sd3":
         return transformer(
             hidden_states=noisy,
@@ -154,6 +200,15 @@ def baseline_velocity(
             pooled_projections=embeds["pooled_prompt_embeds"],
         ).sample
     batch, channels, height, width = noisy.shape
+    if model == "qwen-image":
+        output = transformer(
+            hidden_states=QwenImagePipeline._pack_latents(noisy, batch, channels, height, width),
+            timestep=sigmas,
+            encoder_hidden_states=embeds["prompt_embeds"],
+            encoder_hidden_states_mask=embeds["prompt_embeds_mask"],
+            img_shapes=[[(1, height // 2, width // 2)]] * batch,
+        ).sample
+        return QwenImagePipeline._unpack_latents(output, height * 8, width * 8, 8).squeeze(2)
     packed = FluxPipeline._pack_latents(noisy, batch, channels, height, width)
     image_ids = FluxPipeline._prepare_latent_image_ids(
         batch, height // 2, width // 2, noisy.device, noisy.dtype
@@ -172,16 +227,26 @@ def baseline_velocity(
     return FluxPipeline._unpack_latents(output, height * 8, width * 8, 8)
 
 
+def baseline_latents(model: str, vae, pixels: torch.Tensor) -> torch.Tensor:
+    """The examples' VAE encoding: ``(x − shift)·scale``; Qwen-Image's video VAE on one frame, per channel
+    ``(x − mean_c)·(1/std_c)``."""
+    if model != "qwen-image":
+        latents = vae.encode(pixels.to(vae.dtype)).latent_dist.sample()
+        return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+    latents = vae.encode(pixels.to(vae.dtype).unsqueeze(2)).latent_dist.sample()
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(latents)
+    inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(latents)
+    return ((latents - mean) * inverse_std).squeeze(2)
+
+
 def baseline_step(model: str, models: Models, ref_transformer, optimizer, pixels, clip_ids, t5_ids, autocast):
     family, transformer = models.family, models.family.denoiser
-    vae = family.vae
     with torch.no_grad(), autocast():
-        latents = vae.encode(pixels.to(vae.dtype)).latent_dist.sample()
-        latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+        latents = baseline_latents(model, family.vae, pixels)
         embeds = encode_text(models, clip_ids, t5_ids)
     pairs = latents.shape[0] // 2
     noise = torch.randn_like(latents[:pairs]).repeat(2, 1, 1, 1)
-    u = compute_density_for_timestep_sampling("logit_normal", pairs, logit_mean=0.0, logit_std=1.0)
+    u = compute_density_for_timestep_sampling(DENSITY[model], pairs, logit_mean=0.0, logit_std=1.0)
     scheduler = family.noise_scheduler
     indices = (u * scheduler.config.num_train_timesteps).long()
     sigmas = scheduler.sigmas.to(latents.device)[indices].repeat(2)
@@ -239,7 +304,8 @@ def run(args, trainable: str) -> list[dict]:
     generator = torch.Generator().manual_seed(0)
     pixels = torch.rand(2 * args.batch_size, 3, args.resolution, args.resolution, generator=generator) * 2 - 1
     clip_ids = torch.randint(0, models.vocab_sizes[0], (args.batch_size, 77), generator=generator)
-    t5_ids = torch.randint(0, models.vocab_sizes[1], (args.batch_size, args.text_length), generator=generator)
+    text_tokens = args.text_length + (QWEN_TEMPLATE_TOKENS if args.model == "qwen-image" else 0)
+    t5_ids = torch.randint(0, models.vocab_sizes[1], (args.batch_size, text_tokens), generator=generator)
     pixels, clip_ids, t5_ids = pixels.to(device), clip_ids.to(device), t5_ids.to(device)
     parameters = make_trainable(denoiser, trainable, dtype)
 
@@ -268,7 +334,7 @@ def run(args, trainable: str) -> list[dict]:
 
 
 def main() -> None:
-    parser = benchmark_parser(__doc__, models=["sd3", "flux"])
+    parser = benchmark_parser(__doc__, models=list(FOLDERS))
     parser.set_defaults(model="sd3", batch_size=1)
     parser.add_argument(
         "--layers", type=int, default=1, help="blocks per transformer/text-encoder stack; 0: all"
