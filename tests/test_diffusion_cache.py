@@ -456,6 +456,7 @@ def test_build_pair_dataset_with_a_cache_dir(tmp_path, source):
         latent_normalization=LatentNormalization.of_vae(vae),
         encode_prompts=text_encoder,
         frozen_modules=lambda: {"vae": vae, "text_encoder": nn.Linear(3, 3)},
+        prompt_encoding_id=lambda: "FakeFamily",
     )
     config = data_config(source, cache_dir=str(tmp_path / "cache"))
     dataset, collate, stats = build_pair_dataset(config, family=family, seed=0)
@@ -481,6 +482,7 @@ def test_the_reference_cache_key_follows_a_per_channel_normalisation(tmp_path, s
         latent_normalization=LatentNormalization.of_vae(vae),
         encode_prompts=FakeTextEncoder(),
         frozen_modules=lambda: {"vae": vae},
+        prompt_encoding_id=lambda: "FakeFamily",
     )
     dataset, _, _ = build_pair_dataset(data_config(source, cache_dir=str(tmp_path / "cache")), family=family, seed=0)
     assert dataclasses.astuple(dataset.cache.normalization) == (vae.config.scaling_factor, 0.0)

@@ -39,6 +39,7 @@ from diffalign.diffusion.methods import LatentPairBatch, pair_noise
 from diffalign.diffusion.methods.dpo import DiffusionDPO
 from diffalign.diffusion.reference import ReferenceDenoiser
 from diffalign.diffusion.trainer import DiffusionRecipe, train
+from diffalign.diffusion.training_data import build_pair_dataset
 from diffalign.losses import LossConfig, compute_loss
 from diffalign.training import make_accelerator
 
@@ -256,6 +257,20 @@ def test_the_trainer_encodes_pixels_with_the_vae_scale_and_shift(model_dirs, pai
     images = recipe.family.decode(latents.chosen_latents)
     decoded = vae.decode(latents.chosen_latents / 1.5305 + 0.0609).sample
     torch.testing.assert_close(images, (decoded / 2 + 0.5).clamp(0, 1))
+
+
+def test_a_changed_text_length_encodes_the_captions_again(model_dirs, pairs_file, tmp_path):
+    """The prompt cache's key covers ``model.max_text_length``: FLUX pads T5 to it, so captions cached at 8
+    tokens must not serve a run at 12 (the reference cache's key takes the same id)."""
+    data = config_for(model_dirs["flux"], pairs_file, tmp_path, data={"cache_dir": str(tmp_path / "cache")}).data
+    assert load_family(str(model_dirs["flux"])).prompt_encoding_id() == "FluxFamily"  # unset: keys as before
+    encoded = []
+    for length in (8, 12, 8):
+        family = load_family(str(model_dirs["flux"]), options=FamilyOptions(max_text_length=length))
+        dataset, _, stats = build_pair_dataset(data, family=family, seed=0)
+        assert dataset[0]["prompt_embeds"]["prompt_embeds"].shape[0] == length
+        encoded.append(stats["cache_captions_encoded"])
+    assert encoded[0] == encoded[1] > 0 and encoded[2] == 0  # 8, then 12 encoded; 8 again read from the cache
 
 
 def test_qwen_image_latents_are_its_training_examples_per_channel_normalisation(model_dirs, pairs_file, tmp_path):

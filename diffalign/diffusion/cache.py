@@ -12,7 +12,8 @@ models. The cache encodes each image and each caption once:
   which a read puts back.
 
 Keys are content hashes: image bytes + the decoder's settings + the VAE's fingerprint (class, config, weights,
-dtype); caption text + the text encoders' identity. A changed dataset, VAE or transform therefore never reads a
+dtype); caption text + the text encoders' identity (the trainer's: their fingerprint and the family's prompt options,
+such as ``model.max_text_length``). A changed dataset, VAE, text encoder or transform therefore never reads a
 stale entry, and a build computes only the entries that are missing, so an interrupted build (killed, out of
 time) resumes where it stopped. Several processes (``accelerate launch``) build one cache together: each encodes
 the entries whose key falls to it, then all read the whole cache.

@@ -150,7 +150,7 @@ def reference_cache_key(
     """The cache key and the parts it hashes (kept in the file's metadata, for reading)."""
     frozen: list[nn.Module] = [module for _, module in sorted(family.frozen_modules().items())]
     parts = {
-        "family": type(family).__name__,
+        "family": family.prompt_encoding_id(),
         "reference": reference_fingerprint(reference),
         "frozen_modules": module_fingerprint(*frozen),
         "noising": noising_fingerprint(family, device),

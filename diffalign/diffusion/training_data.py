@@ -37,7 +37,7 @@ def build_pair_dataset(
     ``data.streaming`` a :class:`~diffalign.streaming.RowStream`. With ``cache_dir`` the cache is built (or
     completed) first by every process of ``accelerator``, each its share, from the loaded or streamed pairs;
     items then hold sampled latents and prompt embeddings, read from the cache by index. ``family`` provides
-    ``vae``, ``latent_normalization``, ``encode_prompts`` and ``frozen_modules()``.
+    ``vae``, ``latent_normalization``, ``encode_prompts``, ``prompt_encoding_id()`` and ``frozen_modules()``.
     """
     decoder = decoder or image_decoder(config)
     if config.streaming:
@@ -59,7 +59,7 @@ def build_pair_dataset(
         vae=family.vae,
         normalization=family.latent_normalization,
         encode_prompts=family.encode_prompts,
-        text_encoder_id=f"{type(family).__name__}:{module_fingerprint(*text_encoders)}",
+        text_encoder_id=f"{family.prompt_encoding_id()}:{module_fingerprint(*text_encoders)}",
         batch_size=config.vae_encode_batch_size,
         skip_bad_rows=config.skip_bad_rows,
         total=total,

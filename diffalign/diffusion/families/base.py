@@ -10,6 +10,7 @@ never ask which family they have; what some methods need beyond it, a family dec
 from __future__ import annotations
 
 import functools
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -69,6 +70,11 @@ class FamilyOptions:
     def non_default(self) -> set[str]:
         defaults = FamilyOptions()
         return {name for name in self.__dataclass_fields__ if getattr(self, name) != getattr(defaults, name)}
+
+
+# The options that change what encode_prompts returns: the text's token budget, and ACE-Step's clip length, which its
+# prompt template states.
+PROMPT_OPTIONS = ("max_text_length", "audio_seconds")
 
 
 @dataclass
@@ -170,6 +176,14 @@ class DiffusionFamily(ABC):
     @abstractmethod
     def denoiser_inputs(self, prompt_embeds: dict[str, Tensor], batch: dict[str, Any]) -> dict[str, Any]:
         """Keyword arguments of the denoiser call for a batch, from (possibly cached) prompt embeddings."""
+
+    def prompt_encoding_id(self) -> str:
+        """The family and the options that reach :meth:`encode_prompts`: with the text encoders' fingerprint, what
+        tells two prompt encodings apart in the latent cache's and the reference cache's keys. Options left unset
+        add nothing, so keys made before they counted stay valid."""
+        settings = {name: getattr(self.options, name) for name in PROMPT_OPTIONS}
+        settings = {name: value for name, value in settings.items() if value is not None}
+        return type(self).__name__ + (f":{json.dumps(settings, sort_keys=True)}" if settings else "")
 
     # --- latents ------------------------------------------------------------------------------------------------
     @abstractmethod
