@@ -424,6 +424,43 @@ def test_non_finite_latents_raise_with_the_fix(tmp_path, source):
         build(pairs, decoder, tmp_path / "cache", vae)
 
 
+def test_a_vae_out_of_memory_halves_the_micro_batch_and_keeps_every_entry(tmp_path, source, monkeypatch, caplog):
+    """A device that fits 3 views at a time: the batches of 8 are encoded 2 views at a time, with the same
+    posteriors as a build that fits; one view that does not fit is a clear error."""
+    import diffalign.diffusion.cache as cache_module
+
+    pairs, decoder = pairs_and_decoder(source, random_flip=True)
+    vae = tiny_vae()
+    expected = build(pairs, decoder, tmp_path / "fits", vae, batch_size=8)
+    sizes = []
+
+    def fits_three(vae, pixels):
+        sizes.append(len(pixels))
+        if len(pixels) > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return vae_posterior(vae, pixels)
+
+    monkeypatch.setattr(cache_module, "vae_posterior", fits_three)
+    with caplog.at_level("WARNING"):
+        cache = build(pairs, decoder, tmp_path / "cache", vae, batch_size=8)
+    assert sizes[:2] == [8, 4] and set(sizes[2:]) == {2} and sum(sizes[2:]) == 10 * 2  # 10 images, 2 views each
+    assert "encoding the cache 2 views at a time" in caplog.text
+    for index in range(len(pairs)):
+        for key in cache.image_keys[index]:
+            for view in range(2):
+                for name in ("mean", "std"):
+                    torch.testing.assert_close(
+                        cache.posterior(key, view)[name], expected.posterior(key, view)[name], atol=1e-6, rtol=1e-5
+                    )
+
+    def fits_none(vae, pixels):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(cache_module, "vae_posterior", fits_none)
+    with pytest.raises(RuntimeError, match=r"out of memory encoding a single \(3, 16, 16\) input .* lower data.resolution"):
+        build(pairs, decoder, tmp_path / "none", vae, batch_size=2)
+
+
 def test_the_vae_is_returned_in_its_own_dtype(tmp_path, source):
     pairs, decoder = pairs_and_decoder(source)
     vae = tiny_vae().to(torch.bfloat16)

@@ -446,6 +446,30 @@ class _ImageBuild:
         finally:
             self.vae.to(dtype=original_dtype)
 
+    def posteriors(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        """The VAE posteriors' means and stds of ``pixels``, in micro-batches of ``batch_size`` views. When the
+        accelerator runs out of memory the micro-batch is halved, for the rest of the build as well, so a build
+        finds the largest size that fits instead of failing on the first batch."""
+        means, stds, start = [], [], 0
+        while start < len(pixels):
+            chunk = pixels[start : start + self.batch_size]
+            try:
+                mean, std = vae_posterior(self.vae, chunk)
+            except torch.OutOfMemoryError as error:
+                if self.batch_size == 1:
+                    raise RuntimeError(
+                        f"the VAE ran out of memory encoding a single {tuple(chunk.shape[1:])} input in "
+                        f"{self.vae_dtype}; lower data.resolution, or build the cache on a device with more memory"
+                    ) from error
+                # torch's allocator has already returned its unused cached blocks before raising.
+                self.batch_size //= 2
+                logger.warning("the VAE ran out of memory; encoding the cache %d views at a time", self.batch_size)
+                continue
+            means.append(mean)
+            stds.append(std)
+            start += len(chunk)
+        return torch.cat(means), torch.cat(stds)
+
     def add(self, key: str, data: bytes, location: str) -> None:
         if key not in self.images and key not in self.bad_keys and key not in self.pending:
             self.pending[key] = (data, location)
@@ -473,10 +497,9 @@ class _ImageBuild:
         self.pending.clear()
         if not views:
             return
-        pixels = torch.stack([view.values for view in views])
-        posteriors = [vae_posterior(self.vae, chunk) for chunk in pixels.split(self.batch_size)]
-        means = torch.cat([mean for mean, _ in posteriors]).unflatten(0, (len(keys), len(augmentations)))
-        stds = torch.cat([std for _, std in posteriors]).unflatten(0, (len(keys), len(augmentations)))
+        means, stds = self.posteriors(torch.stack([view.values for view in views]))
+        means = means.unflatten(0, (len(keys), len(augmentations)))
+        stds = stds.unflatten(0, (len(keys), len(augmentations)))
         finite = (means.isfinite() & stds.isfinite()).flatten(1).all(dim=1)
         if not finite.all():
             raise ValueError(
