@@ -457,7 +457,8 @@ def test_a_vae_out_of_memory_halves_the_micro_batch_and_keeps_every_entry(tmp_pa
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(cache_module, "vae_posterior", fits_none)
-    with pytest.raises(RuntimeError, match=r"out of memory encoding a single \(3, 16, 16\) input .* lower data.resolution"):
+    single = r"out of memory encoding a single \(3, 16, 16\) input .* lower data.resolution"
+    with pytest.raises(RuntimeError, match=single):
         build(pairs, decoder, tmp_path / "none", vae, batch_size=2)
 
 
