@@ -259,6 +259,22 @@ def test_the_trainer_encodes_pixels_with_the_vae_scale_and_shift(model_dirs, pai
     torch.testing.assert_close(images, (decoded / 2 + 0.5).clamp(0, 1))
 
 
+BOUNDS = [("StableDiffusion3Pipeline", 512), ("FluxPipeline", 512), ("QwenImagePipeline", 1024)]
+
+
+@pytest.mark.parametrize("pipeline, limit", BOUNDS)
+def test_a_text_length_past_the_pipelines_bound_is_refused_when_the_config_loads(pairs_file, tmp_path, pipeline, limit):
+    """The stock pipelines refuse a longer max_sequence_length; training at one would give a model they cannot
+    sample as trained."""
+    from diffalign.config import ConfigError
+
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
+    assert config_for(tmp_path, pairs_file, tmp_path, text_length=limit).model.max_text_length == limit
+    refusal = rf"model.max_text_length: {limit + 1} tokens is more than .* set at most {limit}"
+    with pytest.raises(ConfigError, match=refusal):
+        config_for(tmp_path, pairs_file, tmp_path, text_length=limit + 1)
+
+
 def test_a_changed_text_length_encodes_the_captions_again(model_dirs, pairs_file, tmp_path):
     """The prompt cache's key covers ``model.max_text_length``: FLUX pads T5 to it, so captions cached at 8
     tokens must not serve a run at 12 (the reference cache's key takes the same id)."""

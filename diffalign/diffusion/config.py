@@ -235,6 +235,12 @@ def check_family_support(config: DiffusionTrainConfig, family: type[DiffusionFam
             f"model.{unsupported[0]} is set, but {family.__name__} (model.pretrained: {config.model.pretrained}) "
             f"does not use it; remove it (it takes: {sorted(family.supported_options) or 'none of these'})"
         )
+    limit = family.max_text_length_limit
+    if limit is not None and options.max_text_length is not None and options.max_text_length > limit:
+        raise ValueError(
+            f"model.max_text_length: {options.max_text_length} tokens is more than {family.__name__}'s pipeline "
+            f"accepts ({limit}); set at most {limit}"
+        )
     dropped = sorted(set(options.drop_text_encoders) - set(family.optional_text_encoders))
     if dropped:
         raise ValueError(

@@ -142,6 +142,8 @@ class DiffusionFamily(ABC):
     # The FamilyOptions this family honours; the text encoders it can do without.
     supported_options: ClassVar[frozenset[str]] = frozenset()
     optional_text_encoders: ClassVar[tuple[str, ...]] = ()
+    # The most text tokens its pipeline accepts (its max_sequence_length check), for model.max_text_length.
+    max_text_length_limit: ClassVar[int | None] = None
 
     def __init__(
         self, pretrained_path: str, timesteps: TimestepSettings | None = None, options: FamilyOptions | None = None

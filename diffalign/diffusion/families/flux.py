@@ -30,6 +30,7 @@ class FluxFamily(ImageLatents, PackedFlowFamily):
     denoiser_subfolder = "transformer"
     default_density = "uniform"  # the FLUX training example's default weighting scheme ("none")
     supported_options = frozenset({"sample_resolution", "max_text_length", "guidance"})
+    max_text_length_limit = 512
     resolution_multiple = 16  # the VAE's 8 times the 2×2 packing
 
     def __init__(

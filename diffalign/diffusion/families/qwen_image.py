@@ -91,6 +91,7 @@ class QwenImageFamily(ImageLatents, PackedFlowFamily):
     denoiser_subfolder = "transformer"
     default_density = "uniform"  # the Qwen-Image training example's default weighting scheme ("none")
     supported_options = frozenset({"sample_resolution", "max_text_length"})
+    max_text_length_limit = 1024
     resolution_multiple = 16  # the VAE's 8 times the 2×2 packing
 
     def __init__(

@@ -27,6 +27,7 @@ class StableDiffusion3Family(ImageLatents, FlowMatchFamily):
     pipeline_class = StableDiffusion3Pipeline
     denoiser_subfolder = "transformer"
     supported_options = frozenset({"sample_resolution", "max_text_length", "drop_text_encoders"})
+    max_text_length_limit = 512
     optional_text_encoders = ("text_encoder_3",)
     resolution_multiple = 16  # the VAE's 8 times the transformer's 2×2 patches
 
