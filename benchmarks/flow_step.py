@@ -151,7 +151,7 @@ def build_qwen_image(layers: int, device: torch.device, dtype: torch.dtype) -> M
 def encode_text(models: Models, clip_ids: torch.Tensor, t5_ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """The pipelines' text encoding on token ids (the tokenizers cost the same for both steps). Qwen-Image: the
     last hidden states of Qwen2.5-VL on the template and caption, without the template's first tokens."""
-    if not models.clip_encoders:
+    if isinstance(models.family, QwenImageFamily):
         mask = torch.ones_like(t5_ids)
         output = models.t5(input_ids=t5_ids, attention_mask=mask, output_hidden_states=True)
         return {

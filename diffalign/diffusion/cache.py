@@ -194,23 +194,25 @@ def without_padding(entry: dict[str, Tensor]) -> dict[str, Tensor]:
     tokens stores only its own."""
     stored: dict[str, Tensor] = {}
     for name, value in entry.items():
-        nonzero_rows = value.reshape(len(value), -1).any(dim=1).nonzero() if value.ndim else None
-        rows = int(nonzero_rows[-1]) + 1 if nonzero_rows is not None and len(nonzero_rows) else 1
-        if value.ndim and rows < len(value):
-            stored[f"{PADDED_ROWS}{name}"] = torch.tensor(len(value))
-            value = value[:rows]
         stored[name] = value
+        if value.ndim == 0:
+            continue
+        nonzero_rows = value.reshape(len(value), -1).any(dim=1).nonzero()
+        rows = int(nonzero_rows[-1]) + 1 if len(nonzero_rows) else 1  # an all-zero tensor keeps one row
+        if rows < len(value):
+            stored[f"{PADDED_ROWS}{name}"] = torch.tensor(len(value))
+            stored[name] = value[:rows]
     return stored
 
 
 def with_padding(stored: dict[str, Tensor]) -> dict[str, Tensor]:
     """The entry :func:`without_padding` stored, its zero rows put back."""
     entry = {name: value for name, value in stored.items() if not name.startswith(PADDED_ROWS)}
-    for name, rows in stored.items():
-        if name.startswith(PADDED_ROWS):
-            value = entry[name[len(PADDED_ROWS) :]]
-            padding = value.new_zeros((int(rows) - len(value), *value.shape[1:]))
-            entry[name[len(PADDED_ROWS) :]] = torch.cat([value, padding])
+    for padded_name, rows in stored.items():
+        if padded_name.startswith(PADDED_ROWS):
+            name = padded_name.removeprefix(PADDED_ROWS)
+            padding = entry[name].new_zeros((int(rows) - len(entry[name]), *entry[name].shape[1:]))
+            entry[name] = torch.cat([entry[name], padding])
     return entry
 
 
