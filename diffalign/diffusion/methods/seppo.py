@@ -23,9 +23,7 @@ Per training step:
    is the better model and its sample is judged a likely winner: μ = −1 (``likely_winner: pull``, v1's
    flipper) or μ = 0 (``no_push``: the DPO term drops the sample, leaving the SFT-like pull on x^w).
    ``push`` turns the criterion off (μ = 1 always: Diffusion-DPO against the reference's samples), the
-   ablation that shows what the criterion adds. The errors estimate how well each model fits the anchor, an
-   expectation over (ε, t); one draw is mostly noise when the two models are close, so ``anchor_draws`` > 1
-   averages each model's error over the pair's draw and further no-grad draws on the anchor before comparing.
+   ablation that shows what the criterion adds.
 4. **Loss**, the core's ``sigmoid`` with scores ``−½·e`` (μ scales both rejected scores):
 
        L = −log σ(−½β·[(e_θ^w − e_ref^w) − μ·(e_θ^r − e_ref^r)])
@@ -74,7 +72,6 @@ from diffalign.losses import PairScores
 # Random streams of one item (see online.derived_seed), apart from its diffusion noise.
 GENERATION_STREAM = 1
 REENCODE_STREAM = 4  # the posterior draw of a re-encoded reference sample
-ANCHOR_STREAM = 5  # the anchor criterion's further (ε, t) draws
 # Bank draws, keyed by step or by admission count rather than by item.
 SELECTION_STREAM = 2
 ADMISSION_STREAM = 3
@@ -185,18 +182,10 @@ def anchor_weights(
 ) -> Tensor:
     """μ per pair from the anchor (the winning image): 1 where ``e_θ^w ≤ e_ref^w`` (the reference sample is
     judged a loser), else −1 (``pull``), 0 (``no_push``) or 1 (``push``: the criterion is off and every
-    reference sample is a loser). Inputs ``[B]``, or ``[D, B]`` for D (ε, t) draws per pair whose errors are
-    averaged first; no gradient."""
+    reference sample is a loser). Inputs ``[B]``, no gradient."""
     winner_weight = {"pull": -1.0, "no_push": 0.0, "push": 1.0}[likely_winner]
-    if policy_winner_errors.ndim == 2:
-        policy_winner_errors, reference_winner_errors = policy_winner_errors.mean(0), reference_winner_errors.mean(0)
     likely_loser = policy_winner_errors.detach() <= reference_winner_errors.detach()
     return torch.where(likely_loser, 1.0, winner_weight).to(policy_winner_errors.dtype)
-
-
-def repeat_rows(values: Tensor, times: int) -> Tensor:
-    """``[B, ...]`` → ``[times·B, ...]``, the batch repeated as a block ``times`` times."""
-    return values.repeat(times, *[1] * (values.ndim - 1))
 
 
 @dataclass
@@ -214,15 +203,12 @@ class SeppoSettings:
     # When the anchor criterion judges the reference sample a winner: pull towards it (μ = −1) or drop it (μ = 0);
     # push: ignore the criterion (μ = 1: every reference sample is a loser), its ablation.
     likely_winner: Literal["pull", "no_push", "push"] = "pull"
-    # (ε, t) draws that estimate each model's error on the anchor for the criterion: the pair's own, and N − 1
-    # more without gradient (one forward of the policy and one of the reference over them all).
-    anchor_draws: int = 1
     # Decode each reference sample and encode it again, as the data path encodes a stored loser, so the pair's two
     # members differ in content only, not in where their latents come from (family.reencode).
     reencode_samples: bool = True
 
     def __post_init__(self) -> None:
-        counts = ("num_inference_steps", "generation_batch_size", "snapshot_every", "bank_size", "anchor_draws")
+        counts = ("num_inference_steps", "generation_batch_size", "snapshot_every", "bank_size")
         require_at_least_one(self, "method.seppo", counts)
 
 
@@ -287,7 +273,6 @@ class SemiPolicyPreferenceOptimization(PreferenceMethod):
         if self.reference_step is None:
             raise RuntimeError("SePPO scores pairs made by its make_pairs, which draws the step's reference")
         family = self.family
-        further_policy, further_reference = self.further_anchor_errors(denoiser, batch)
         latents = batch.both_latents()
         noise, timesteps = pair_noise(family, batch)
         noise, timesteps = torch.cat([noise, noise]), timesteps.repeat(2)
@@ -300,48 +285,13 @@ class SemiPolicyPreferenceOptimization(PreferenceMethod):
         policy_errors = denoising_error(family, denoiser, noisy_latents, timesteps, target, inputs)
 
         size = batch.size
-        mu = anchor_weights(
-            torch.cat([policy_errors[None, :size].detach(), further_policy]),
-            torch.cat([reference_errors[None, :size].detach(), further_reference]),
-            self.settings.likely_winner,
-        )
+        mu = anchor_weights(policy_errors[:size], reference_errors[:size], self.settings.likely_winner)
         scores, metrics = scores_from_errors(policy_errors, reference_errors, None)
         scores = dataclasses.replace(
             scores, policy_rejected=mu * scores.policy_rejected, ref_rejected=mu * scores.ref_rejected
         )
         metrics["seppo/likely_loser_fraction"] = (mu > 0).float().mean()
         return scores, metrics
-
-    @torch.no_grad()
-    def further_anchor_errors(self, denoiser: nn.Module, batch: LatentPairBatch) -> tuple[Tensor, Tensor]:
-        """The policy's and the reference's errors on the winners at ``anchor_draws − 1`` further (ε, t) draws per
-        pair, ``[anchor_draws − 1, B]`` each. Runs before the training forward: swapping the reference's weights in
-        changes the policy's parameters in place."""
-        family, extra, size = self.family, self.settings.anchor_draws - 1, batch.size
-        if extra == 0:
-            empty = batch.chosen_latents.new_zeros(0, size, dtype=torch.float32)
-            return empty, empty
-        draws = [
-            dataclasses.replace(
-                batch,
-                noise_seeds=None
-                if batch.noise_seeds is None
-                else [derived_seed(seed, ANCHOR_STREAM, draw) for seed in batch.noise_seeds],
-            )
-            for draw in range(extra)
-        ]
-        noise, timesteps = (torch.cat(parts) for parts in zip(*(pair_noise(family, draw) for draw in draws)))
-        latents = repeat_rows(batch.chosen_latents, extra)
-        noisy_latents = family.add_noise(latents, noise, timesteps)
-        target = family.target(latents, noise, timesteps)
-        embeds = {name: repeat_rows(value, extra) for name, value in batch.prompt_embeds.items()}
-        # Extras are laid out [chosen; rejected]: the winners' half, once per draw.
-        extras = {key: repeat_rows(value[:size], extra) for key, value in (batch.extras or {}).items()}
-        inputs = family.denoiser_inputs(embeds, extras)
-        with swapped_weights(denoiser, self.bank.weights(self.reference_step)) as reference:
-            reference_errors = denoising_error(family, reference, noisy_latents, timesteps, target, inputs)
-        policy_errors = denoising_error(family, denoiser, noisy_latents, timesteps, target, inputs)
-        return policy_errors.view(extra, size), reference_errors.view(extra, size)
 
     def extra_state(self) -> dict[str, Any]:
         return {"bank": self.bank.state_dict(), "last_snapshot_step": self.last_snapshot_step}
