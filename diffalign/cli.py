@@ -133,12 +133,25 @@ def train_description() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffalign", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for add_command in (
+        _add_train, _add_cache, _add_losses, _add_demo, _add_eval, _add_export, _add_relabel, _add_prompts
+    ):
+        add_command(commands)
+    return parser
 
+
+def _add_config_arguments(command: argparse.ArgumentParser, config_help: str) -> None:
+    command.add_argument("config", help=config_help)
+    command.add_argument("overrides", nargs="*", help="section.key=value overrides")
+
+
+def _add_train(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser("train", help="train from a YAML config", description=train_description())
-    train.add_argument("config", help="path to a YAML config")
-    train.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    _add_config_arguments(train, "path to a YAML config")
     train.set_defaults(handler=command_train)
 
+
+def _add_cache(commands: argparse._SubParsersAction) -> None:
     cache = commands.add_parser(
         "cache",
         help="build the latent cache of a diffusion config",
@@ -147,14 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
         "`accelerate launch --num_processes N diffalign cache CONFIG` the N processes share the images by content "
         "key. Example: `diffalign cache configs/toy_dpo.yaml data.cache_dir=outputs/cache`.",
     )
-    cache.add_argument("config", help="path to a YAML config with kind: diffusion")
-    cache.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    _add_config_arguments(cache, "path to a YAML config with kind: diffusion")
     cache.set_defaults(handler=command_cache)
 
+
+def _add_losses(commands: argparse._SubParsersAction) -> None:
     losses = commands.add_parser("losses", help="list the preference losses", description="List every loss of "
                                  "the core by its config name (loss.type) with a one-line description.")
     losses.set_defaults(handler=command_losses)
 
+
+def _add_demo(commands: argparse._SubParsersAction) -> None:
     demo = commands.add_parser(
         "demo",
         help="align a shipped toy text-to-image model on the CPU and show what changed",
@@ -168,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("overrides", nargs="*", help="section.key=value overrides of the job's config")
     demo.set_defaults(handler=command_demo)
 
+
+def _add_eval(commands: argparse._SubParsersAction) -> None:
     evaluation = commands.add_parser(
         "eval",
         help="compare an aligned model with its base and write a report",
@@ -178,10 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
         "llm_eval) compares completions under a reward and shows them side by side. Example: `diffalign eval "
         "configs/eval_toy.yaml model.aligned=outputs/demo report.output_dir=outputs/demo-eval`.",
     )
-    evaluation.add_argument("config", help="path to a YAML config with kind: eval (diffusion) or kind: llm_eval")
-    evaluation.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    _add_config_arguments(evaluation, "path to a YAML config with kind: eval (diffusion) or kind: llm_eval")
     evaluation.set_defaults(handler=command_eval)
 
+
+def _add_export(commands: argparse._SubParsersAction) -> None:
     export = commands.add_parser(
         "export",
         help="turn a training checkpoint into a model folder like final/",
@@ -197,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--public", action="store_true", help="a repository the push creates is public")
     export.set_defaults(handler=command_export)
 
+
+def _add_relabel(commands: argparse._SubParsersAction) -> None:
     relabel = commands.add_parser(
         "relabel",
         help="relabel a pair dataset with a scorer (AI feedback)",
@@ -210,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     relabel.set_defaults(handler=command_relabel)
 
+
+def _add_prompts(commands: argparse._SubParsersAction) -> None:
     prompts = commands.add_parser(
         "prompts",
         help="write train/held-out prompt files from a caption source",
@@ -224,7 +247,6 @@ def build_parser() -> argparse.ArgumentParser:
     prompts.add_argument("--heldout", type=int, default=64, help="prompts held out for evaluation (default 64)")
     prompts.add_argument("--seed", type=int, default=0, help="seed of the shuffle (default 0)")
     prompts.set_defaults(handler=command_prompts)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
