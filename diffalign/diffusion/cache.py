@@ -348,51 +348,33 @@ def build_pair_cache(
     counted and left out.
     """
     root = Path(cache_dir)
-    processes = accelerator.num_processes if accelerator is not None else 1
-    process = accelerator.process_index if accelerator is not None else 0
     build = _ImageBuild(
         decoder, _ShardStore(root / "images", shard_size), vae, batch_size, vae_dtype, skip_bad_rows
     )
     texts = _ShardStore(root / "texts", shard_size)
-    pairs = _encode_pair_images(records, build, (process, processes), skip_bad_rows, total)
+    pairs = _encode_pair_images(records, build, _rank(accelerator), skip_bad_rows, total)
 
-    # Every process's corrupt images and counts, then every process's shards.
-    reports = _from_every_process(accelerator, (build.bad_keys, build.encoded))
-    bad_keys = {key: reason for keys, _ in reports for key, reason in keys.items()}
-    encoded = sum(count for _, count in reports)
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
-    build.images.refresh()
+    bad_keys, encoded = _share_image_results(build, accelerator)
     image_keys, captions, skipped = pairs.image_keys, pairs.captions, pairs.skipped
     pair_indices = _readable_pairs(image_keys, bad_keys, skipped)
     _require_entries(build.images, [key for index in pair_indices for key in image_keys[index]], root)
 
     unique_captions = list(dict.fromkeys(["", *(captions[index] for index in pair_indices)]))
-    missing = [caption for caption in unique_captions if caption_key(text_encoder_id, caption) not in texts]
-    mine = [
-        caption for caption in missing if _owner(caption_key(text_encoder_id, caption), processes) == process
-    ]
-    _encode_captions(mine, texts, encode_prompts, text_encoder_id, batch_size)
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
-    texts.refresh()
-    _require_entries(texts, [caption_key(text_encoder_id, caption) for caption in unique_captions], root)
+    captions_encoded = _cache_captions(
+        unique_captions, texts, encode_prompts, text_encoder_id, batch_size, accelerator, root
+    )
 
     unique_keys = {key for keys in image_keys if keys is not None for key in keys}
     stats = {
         "cache_pairs": len(pair_indices),
         "cache_images_encoded": encoded,
         "cache_images_reused": len(unique_keys) - encoded - len(bad_keys),
-        "cache_captions_encoded": len(missing),
-        "cache_captions_reused": len(unique_captions) - len(missing),
+        "cache_captions_encoded": captions_encoded,
+        "cache_captions_reused": len(unique_captions) - captions_encoded,
         "cache_bad_rows_skipped": sum(skipped.values()),
         **{f"cache_skipped_{reason}": count for reason, count in sorted(skipped.items())},
     }
-    logger.info("latent cache %s: %s", root, stats)
-    if skipped:
-        logger.warning("latent cache %s: skipped %d pairs (%s)", root, sum(skipped.values()), dict(skipped))
-    if not pair_indices:
-        raise ValueError(f"latent cache {root}: no pair could be encoded ({stats})")
+    _report(root, stats, skipped)
     return PairCache(
         captions=captions,
         labels=pairs.labels,
@@ -406,6 +388,56 @@ def build_pair_cache(
         texts=texts,
         stats=stats,
     )
+
+
+def _report(root: Path, stats: dict[str, int], skipped: Counter[str]) -> None:
+    logger.info("latent cache %s: %s", root, stats)
+    if skipped:
+        logger.warning("latent cache %s: skipped %d pairs (%s)", root, sum(skipped.values()), dict(skipped))
+    if not stats["cache_pairs"]:
+        raise ValueError(f"latent cache {root}: no pair could be encoded ({stats})")
+
+
+def _rank(accelerator: Any | None) -> tuple[int, int]:
+    """(this process's index, number of processes)."""
+    if accelerator is None:
+        return 0, 1
+    return accelerator.process_index, accelerator.num_processes
+
+
+def _share_image_results(build: _ImageBuild, accelerator: Any | None) -> tuple[dict[str, str], int]:
+    """Every process's corrupt images (key: reason) and count of encoded images, once every process's shards are
+    written and indexed here."""
+    reports = _from_every_process(accelerator, (build.bad_keys, build.encoded))
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    build.images.refresh()
+    bad_keys = {key: reason for keys, _ in reports for key, reason in keys.items()}
+    return bad_keys, sum(count for _, count in reports)
+
+
+def _cache_captions(
+    captions: list[str],
+    texts: _ShardStore,
+    encode_prompts: Callable[[list[str]], dict[str, Tensor]],
+    text_encoder_id: str,
+    batch_size: int,
+    accelerator: Any | None,
+    root: Path,
+) -> int:
+    """Encode the ``captions`` that ``texts`` lacks (each process those whose key falls to it), wait for every
+    process and check that all are there; returns how many were missing."""
+    process, processes = _rank(accelerator)
+    missing = [caption for caption in captions if caption_key(text_encoder_id, caption) not in texts]
+    mine = [
+        caption for caption in missing if _owner(caption_key(text_encoder_id, caption), processes) == process
+    ]
+    _encode_captions(mine, texts, encode_prompts, text_encoder_id, batch_size)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    texts.refresh()
+    _require_entries(texts, [caption_key(text_encoder_id, caption) for caption in captions], root)
+    return len(missing)
 
 
 def _require_entries(store: _ShardStore, keys: list[str], root: Path) -> None:
