@@ -203,28 +203,13 @@ def load_or_build_reference_errors(
         device=accelerator.device,
     )
     path = Path(cache_dir) / f"{key}.safetensors"
-    with_ids = collate_with_sample_ids(collate)
-
-    def batches() -> Iterator[tuple[Tensor, LatentPairBatch]]:
-        for start in range(0, len(dataset), batch_size):
-            positions = range(start, min(start + batch_size, len(dataset)))
-            batch = move_to_device(with_ids([(p, dataset[p]) for p in positions]), accelerator.device)
-            yield batch["index"], latent_batch(batch)
-
     with accelerator.main_process_first():
         built = not path.is_file()
         if built:
             started = time.perf_counter()
-            with accelerator.autocast():
-                batch_count = -(-len(dataset) // batch_size)
-                bar = progress(batches(), total=batch_count, desc="reference errors", unit="batch")
-                pair_index, errors = precompute_reference_errors(method, bar)
-            if not errors.isfinite().all():
-                bad = pair_index[~errors.isfinite().all(dim=1)][:5].tolist()
-                raise ValueError(
-                    f"model.reference_cache: non-finite reference errors for pairs {bad}; check the data and "
-                    "run.mixed_precision"
-                )
+            pair_index, errors = _compute_reference_errors(
+                method, dataset, collate, latent_batch, batch_size, accelerator
+            )
             if accelerator.is_main_process:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 metadata = {"format": "pt", "parts": json.dumps(parts, sort_keys=True, default=str)}
@@ -242,3 +227,34 @@ def load_or_build_reference_errors(
     table = torch.full((int(pair_index.max()) + 1, 2), float("nan"))
     table[pair_index] = errors
     return ReferenceErrors(table=table.to(accelerator.device), path=path, built=built)
+
+
+def _compute_reference_errors(
+    method: DiffusionDPO,
+    dataset: FixedDraws,
+    collate: Callable[[list[Any]], dict[str, Any]],
+    latent_batch: Callable[[dict[str, Any]], LatentPairBatch],
+    batch_size: int,
+    accelerator: Accelerator,
+) -> tuple[Tensor, Tensor]:
+    """:func:`precompute_reference_errors` over ``dataset`` in training's batches, under the accelerator's
+    autocast; non-finite errors raise naming the first pairs."""
+    with_ids = collate_with_sample_ids(collate)
+
+    def batches() -> Iterator[tuple[Tensor, LatentPairBatch]]:
+        for start in range(0, len(dataset), batch_size):
+            positions = range(start, min(start + batch_size, len(dataset)))
+            batch = move_to_device(with_ids([(p, dataset[p]) for p in positions]), accelerator.device)
+            yield batch["index"], latent_batch(batch)
+
+    with accelerator.autocast():
+        batch_count = -(-len(dataset) // batch_size)
+        bar = progress(batches(), total=batch_count, desc="reference errors", unit="batch")
+        pair_index, errors = precompute_reference_errors(method, bar)
+    if not errors.isfinite().all():
+        bad = pair_index[~errors.isfinite().all(dim=1)][:5].tolist()
+        raise ValueError(
+            f"model.reference_cache: non-finite reference errors for pairs {bad}; check the data and "
+            "run.mixed_precision"
+        )
+    return pair_index, errors
