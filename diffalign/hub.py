@@ -149,14 +149,7 @@ def check_hub_repo(
     ``subject`` opens the error message (default: the repository id); ``key`` is the config key the fix tells the
     user to set to a local copy; ``fix`` replaces that advice.
     """
-    import httpx2
     from huggingface_hub import HfApi, constants
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
 
     subject = subject or repr(repo_id)
     fix = fix or offline_fix(key, repo_id, repo_type, revision)
@@ -171,33 +164,58 @@ def check_hub_repo(
     api = HfApi()
     info = api.model_info if repo_type == "model" else api.dataset_info
     timeout = float(constants.HF_HUB_ETAG_TIMEOUT)
-    endpoint = api.endpoint
     try:
         info(repo_id, revision=revision, timeout=timeout)
-    except GatedRepoError:
-        raise LoadError(
+    except Exception as error:
+        failure = _lookup_failure(error, subject, repo_id, repo_type, revision, api.endpoint, timeout, fix)
+        if failure is None:
+            raise
+        raise failure from None
+
+
+def _lookup_failure(
+    error: Exception,
+    subject: str,
+    repo_id: str,
+    repo_type: RepoType,
+    revision: str | None,
+    endpoint: str,
+    timeout: float,
+    fix: str,
+) -> LoadError | None:
+    """The one-line error for a failed hub lookup (None for an error that is not the hub's)."""
+    import httpx2
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    # Subclasses first: a gated repository is a kind of not-found one, and all three are HTTP errors.
+    if isinstance(error, GatedRepoError):
+        return LoadError(
             f"{subject} is gated on {endpoint}: accept its terms at {endpoint}/{_page(repo_id, repo_type)} and log "
             "in (`hf auth login`, or set HF_TOKEN), or give a local copy"
-        ) from None
-    except RevisionNotFoundError:
-        raise LoadError(
-            f"{subject}: {endpoint} has no revision {revision!r} of it; fix the revision"
-        ) from None
-    except RepositoryNotFoundError:
-        raise LoadError(
+        )
+    if isinstance(error, RevisionNotFoundError):
+        return LoadError(f"{subject}: {endpoint} has no revision {revision!r} of it; fix the revision")
+    if isinstance(error, RepositoryNotFoundError):
+        return LoadError(
             f"{subject} is not a local path, and {endpoint} has no {repo_type} repository of that name (or it is "
             "private: log in with `hf auth login`); give a local path or an existing hub id"
-        ) from None
-    except (httpx2.TransportError, HfHubHTTPError) as error:
+        )
+    if isinstance(error, (httpx2.TransportError, HfHubHTTPError)):
         cached = (
             " (it is in the hub cache here, so HF_HUB_OFFLINE=1 alone will do)"
             if is_cached(repo_id, repo_type)
             else ""
         )
-        raise LoadError(
+        return LoadError(
             f"{subject} is a hub id, but the hub at {endpoint} could not be asked for it ({type(error).__name__}: "
             f"{one_line(error)}; timeout {timeout:g} s){cached}; {fix}"
-        ) from None
+        )
+    return None
 
 
 def _page(repo_id: str, repo_type: RepoType) -> str:
