@@ -25,12 +25,10 @@ Run it with ``python -m diffalign.toy build t2m-ace``.
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
 from diffusers import (
     AceStepPipeline,
@@ -51,7 +49,6 @@ from diffalign.toy.music import CLIP_SAMPLES, SAMPLE_RATE
 from diffalign.toy.music_build import (
     ClipSet,
     MusicDataSettings,
-    build_preference_split,
     caption_variants,
     make_clips,
     optimise,
@@ -59,9 +56,10 @@ from diffalign.toy.music_build import (
     training_captions,
     variant_caption,
     vocoder_loss,
+    write_preference_splits,
 )
 from diffalign.toy.prompts import write_prompt_files
-from diffalign.toy.stages import BuildStages, cosine_schedule, directory_sizes, log_interval
+from diffalign.toy.stages import BuildStages, cosine_schedule, log_interval, write_build_info
 from diffalign.toy.t2i_build import DenoiserTraining, train_denoiser
 
 log = logging.getLogger(__name__)
@@ -382,35 +380,20 @@ def build_toy_music_ace(output_dir: str | Path, seed: int = 0, config: MusicAceB
 
     with stages.stage("preference data"):
         family = load_family(str(output_dir), options=FAMILY_OPTIONS)
-        data_dir = output_dir / "data"
-        data_dir.mkdir(exist_ok=True)
-        quality: dict = {}
-        for offset, (split, per_prompt) in enumerate(
-            (("train", config.train_samples_per_prompt), ("heldout", config.heldout_samples_per_prompt))
-        ):
-            table, waveforms, prompts = build_preference_split(
-                FamilySampler(family), music.load_prompts(split), per_prompt, config, generator(8 + offset)
-            )
-            pq.write_table(table, data_dir / f"{split}.parquet", compression="zstd")
-            quality[f"base_samples_{split}"] = sample_quality(waveforms, prompts)
-            log.info("[t2m-ace] %s: %d pairs; base samples: %s", split, table.num_rows, quality[f"base_samples_{split}"])
+        quality = write_preference_splits(FamilySampler(family), output_dir / "data", config, stages)
         write_prompt_files(output_dir / "prompts", music.load_prompts)
         quality["vae_round_trip"] = vae_quality(family.vae, make_clips(config.quality_clips, generator(11)))
         log.info("[t2m-ace] VAE round trip: %s", quality["vae_round_trip"])
 
-    info = {
-        "seed": seed,
-        "config": asdict(config),
-        "family_options": {"audio_seconds": AUDIO_SECONDS, "max_text_length": TEXT_TOKENS},
-        "sampling": {"steps": config.sampling_steps, "guidance_scale": config.guidance_scale},
-        "seconds": stages.timings,
-        "bytes": directory_sizes(
-            output_dir, ("transformer", "vae", "text_encoder", "tokenizer", "condition_encoder", "data")
-        ),
-        "quality": quality,
-    }
-    (output_dir / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    return info
+    return write_build_info(
+        output_dir,
+        stages,
+        config,
+        ("transformer", "vae", "text_encoder", "tokenizer", "condition_encoder", "data"),
+        quality,
+        family_options={"audio_seconds": AUDIO_SECONDS, "max_text_length": TEXT_TOKENS},
+        sampling={"steps": config.sampling_steps, "guidance_scale": config.guidance_scale},
+    )
 
 
 def build(output_dir: str | Path, seed: int = 0) -> None:

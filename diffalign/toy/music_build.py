@@ -24,7 +24,7 @@ import copy
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -63,9 +63,9 @@ from diffalign.toy.stages import (
     BuildStages,
     check_build_settings,
     cosine_schedule,
-    directory_sizes,
     log_interval,
     unit_variance_scaling_factor,
+    write_build_info,
 )
 
 log = logging.getLogger(__name__)
@@ -620,6 +620,27 @@ def build_preference_split(
     return table, waveforms, sample_prompts
 
 
+def write_preference_splits(
+    model: ClipSampler, data_dir: Path, config: MusicDataSettings, stages: BuildStages
+) -> dict[str, dict[str, float]]:
+    """Write ``data_dir/{train,heldout}.parquet`` from ``model``'s samples (streams 8 and 9 of ``stages``); returns
+    the base samples' quality of each split."""
+    data_dir.mkdir(exist_ok=True)
+    quality = {}
+    for offset, (split, per_prompt) in enumerate(
+        (("train", config.train_samples_per_prompt), ("heldout", config.heldout_samples_per_prompt))
+    ):
+        table, waveforms, prompts = build_preference_split(
+            model, music.load_prompts(split), per_prompt, config, stages.generator(8 + offset)
+        )
+        pq.write_table(table, data_dir / f"{split}.parquet", compression="zstd")
+        quality[f"base_samples_{split}"] = sample_quality(waveforms, prompts)
+        log.info(
+            "[%s] %s: %d pairs; base samples: %s", stages.label, split, table.num_rows, quality[f"base_samples_{split}"]
+        )
+    return quality
+
+
 def sample_quality(waveforms: Tensor, prompts: list[str]) -> dict[str, float]:
     """How often :func:`~diffalign.toy.music.describe` hears each attribute the prompt names, and the mean
     fidelity, sustain and reward."""
@@ -679,6 +700,14 @@ def vocoding_quality(model: ToyMusicModel, clips: ClipSet) -> dict[str, dict[str
     }
 
 
+def save_pipeline(pipeline: MusicLDMPipeline, output_dir: Path) -> None:
+    pipeline.save_pretrained(output_dir)
+    # text_encoder/ also gets the tokenizer and feature extractor, so it is a complete CLAP checkpoint that CLAP
+    # scorers load by itself (as laion/clap-htsat-unfused on the hub).
+    pipeline.tokenizer.save_pretrained(output_dir / "text_encoder")
+    pipeline.feature_extractor.save_pretrained(output_dir / "text_encoder")
+
+
 def build_toy_music(output_dir: str | Path, seed: int = 0, config: MusicBuildConfig | None = None) -> dict:
     """Build everything into ``output_dir``; returns (and saves as ``build_info.json``) timings, sizes and
     measured quality."""
@@ -718,7 +747,7 @@ def build_toy_music(output_dir: str | Path, seed: int = 0, config: MusicBuildCon
         )
 
     with stages.stage("preference data"):
-        MusicLDMPipeline(
+        pipeline = MusicLDMPipeline(
             vae=vae,
             text_encoder=clap,
             tokenizer=tokenizer,
@@ -726,25 +755,11 @@ def build_toy_music(output_dir: str | Path, seed: int = 0, config: MusicBuildCon
             unet=unet,
             scheduler=make_scheduler(),
             vocoder=vocoder,
-        ).save_pretrained(output_dir)
-        # text_encoder/ also gets the tokenizer and feature extractor, so it is a complete CLAP checkpoint that
-        # CLAP scorers load by itself (as laion/clap-htsat-unfused on the hub).
-        tokenizer.save_pretrained(output_dir / "text_encoder")
-        feature_extractor.save_pretrained(output_dir / "text_encoder")
+        )
+        save_pipeline(pipeline, output_dir)
         # The preference data come from the components exactly as saved and loaded.
         model = ToyMusicModel.load(output_dir)
-        data_dir = output_dir / "data"
-        data_dir.mkdir(exist_ok=True)
-        quality: dict = {}
-        for offset, (split, per_prompt) in enumerate(
-            (("train", config.train_samples_per_prompt), ("heldout", config.heldout_samples_per_prompt))
-        ):
-            table, waveforms, prompts = build_preference_split(
-                model, music.load_prompts(split), per_prompt, config, generator(8 + offset)
-            )
-            pq.write_table(table, data_dir / f"{split}.parquet", compression="zstd")
-            quality[f"base_samples_{split}"] = sample_quality(waveforms, prompts)
-            log.info("[t2m] %s: %d pairs; base samples: %s", split, table.num_rows, quality[f"base_samples_{split}"])
+        quality = write_preference_splits(model, output_dir / "data", config, stages)
 
     with stages.stage("exemplars and quality"):
         build_exemplars(output_dir / "exemplars", model, config.exemplars, generator(10))
@@ -756,15 +771,6 @@ def build_toy_music(output_dir: str | Path, seed: int = 0, config: MusicBuildCon
         quality.update(vocoding_quality(model, fresh))
         log.info("[t2m] quality: %s", quality)
 
-    info = {
-        "seed": seed,
-        "config": asdict(config),
-        "sampling": {"scheduler": "DDIM", "steps": config.sampling_steps, "guidance_scale": config.guidance_scale},
-        "seconds": stages.timings,
-        "bytes": directory_sizes(
-            output_dir, ("unet", "vae", "vocoder", "text_encoder", "tokenizer", "feature_extractor", "data", "exemplars")
-        ),
-        "quality": quality,
-    }
-    (output_dir / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    return info
+    folders = ("unet", "vae", "vocoder", "text_encoder", "tokenizer", "feature_extractor", "data", "exemplars")
+    sampling = {"scheduler": "DDIM", "steps": config.sampling_steps, "guidance_scale": config.guidance_scale}
+    return write_build_info(output_dir, stages, config, folders, quality, sampling=sampling)

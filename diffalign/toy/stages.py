@@ -1,15 +1,17 @@
 """What the toy builders share: their settings' checks, timed stages, a random stream per stage, the learning-rate
-schedule, the logging interval, the latents' scaling factor and folder sizes."""
+schedule, the logging interval, the latents' scaling factor and the build record (timings, folder sizes)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -84,3 +86,27 @@ def directory_sizes(root: Path, names: Iterable[str]) -> dict[str, int]:
     return {
         name: sum(file.stat().st_size for file in (root / name).rglob("*") if file.is_file()) for name in names
     }
+
+
+def write_build_info(
+    output_dir: Path,
+    stages: BuildStages,
+    config: Any,
+    folders: tuple[str, ...],
+    quality: dict,
+    **sections: Any,
+) -> dict:
+    """Write (and return) ``build_info.json``: the seed, the build ``config`` (a dataclass), the builder's own
+    ``sections`` (sampling settings, latent factors), each stage's seconds, the bytes of each of ``folders``, the
+    measured ``quality`` and torch's thread count."""
+    info = {
+        "seed": stages.seed,
+        "config": asdict(config),
+        **sections,
+        "seconds": stages.timings,
+        "bytes": directory_sizes(output_dir, folders),
+        "quality": quality,
+        "torch_threads": torch.get_num_threads(),
+    }
+    (output_dir / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info

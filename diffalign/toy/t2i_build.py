@@ -24,7 +24,7 @@ import logging
 import math
 import string
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +60,9 @@ from diffalign.toy.stages import (
     BuildStages,
     check_build_settings,
     cosine_schedule,
-    directory_sizes,
     log_interval,
     unit_variance_scaling_factor,
+    write_build_info,
 )
 from diffalign.toy.t2i import COLOURS, RESOLUTION, SHAPES, SIZES, SceneBatch
 
@@ -680,14 +680,6 @@ def build_toy_t2i(output_dir: str | Path, seed: int = 0, config: T2IBuildConfig 
 
     build_subject_set(output_dir / "subject", config.subject_images, generator(10))
 
-    info = {
-        "seed": seed,
-        "config": asdict(config),
-        "sampling": {"scheduler": "DDIM", "steps": config.sampling_steps, "guidance_scale": config.guidance_scale},
-        "seconds": stages.timings,
-        "bytes": directory_sizes(output_dir, ("unet", "vae", "text_encoder", "tokenizer", "clip", "data", "subject")),
-        "quality": quality,
-        "torch_threads": torch.get_num_threads(),
-    }
-    (output_dir / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    return info
+    folders = ("unet", "vae", "text_encoder", "tokenizer", "clip", "data", "subject")
+    sampling = {"scheduler": "DDIM", "steps": config.sampling_steps, "guidance_scale": config.guidance_scale}
+    return write_build_info(output_dir, stages, config, folders, quality, sampling=sampling)

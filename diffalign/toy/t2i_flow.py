@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,11 +35,12 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
+from torch import Tensor
 from transformers import CLIPModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from diffalign.diffusion.families.sd3 import StableDiffusion3Family
 from diffalign.toy import t2i
-from diffalign.toy.stages import BuildStages, directory_sizes
+from diffalign.toy.stages import BuildStages, write_build_info
 from diffalign.toy.t2i_build import (
     DenoiserTraining,
     ImageBuildSettings,
@@ -136,6 +136,42 @@ def load_text_side(source_dir: Path) -> tuple[CLIPTextModelWithProjection, CLIPT
     return text_encoder_with_projection(clip), tokenizer
 
 
+def require_toy_t2i(source_dir: Path) -> None:
+    if not (source_dir / "clip").is_dir() or not (source_dir / "vae").is_dir():
+        raise FileNotFoundError(
+            f"{source_dir} lacks the toy CLIP or VAE that the flow toy reuses; build it first with "
+            "`python -m diffalign.toy build t2i`"
+        )
+
+
+def assemble_pipeline(
+    config: T2IFlowBuildConfig, vae: AutoencoderKL, text_encoder: CLIPTextModelWithProjection, tokenizer: CLIPTokenizer
+) -> StableDiffusion3Pipeline:
+    """A fresh SD3 transformer with toy-t2i's VAE and its CLIP text tower as both CLIP encoders (no T5)."""
+    width = text_encoder.config.hidden_size
+    return StableDiffusion3Pipeline(
+        transformer=make_transformer(config, text_width=2 * width, pooled_width=2 * width),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=config.scheduler_shift),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder,
+        tokenizer_2=tokenizer,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+
+
+@torch.no_grad()
+def sd3_conditioning(pipeline: StableDiffusion3Pipeline, texts: list[str]) -> dict[str, Tensor]:
+    """The transformer's text inputs for ``texts``, as the SD3 family computes them: the pipeline's own
+    ``encode_prompt``."""
+    prompt_embeds, _, pooled, _ = pipeline.encode_prompt(
+        texts, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False, max_sequence_length=T5_TOKENS
+    )
+    return {"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled}
+
+
 def build_toy_t2i_flow(
     output_dir: str | Path,
     seed: int = 0,
@@ -148,11 +184,7 @@ def build_toy_t2i_flow(
     config = config or T2IFlowBuildConfig()
     output_dir = Path(output_dir)
     source_dir = Path(source_dir) if source_dir is not None else output_dir.parent / "toy-t2i"
-    if not (source_dir / "clip").is_dir() or not (source_dir / "vae").is_dir():
-        raise FileNotFoundError(
-            f"{source_dir} lacks the toy CLIP or VAE that the flow toy reuses; build it first with "
-            "`python -m diffalign.toy build t2i`"
-        )
+    require_toy_t2i(source_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(config.threads)
     stages = BuildStages("t2i-flow", seed)
@@ -168,35 +200,17 @@ def build_toy_t2i_flow(
         vae.register_to_config(scaling_factor=scaling_factor, shift_factor=shift_factor)
 
     with stages.stage("transformer", init_seed=2):
-        width = text_encoder.config.hidden_size
-        pipeline = StableDiffusion3Pipeline(
-            transformer=make_transformer(config, text_width=2 * width, pooled_width=2 * width),
-            scheduler=FlowMatchEulerDiscreteScheduler(shift=config.scheduler_shift),
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            text_encoder_2=text_encoder,
-            tokenizer_2=tokenizer,
-            text_encoder_3=None,
-            tokenizer_3=None,
-        )
+        pipeline = assemble_pipeline(config, vae, text_encoder, tokenizer)
         captions = training_captions(scenes, config, generator(6))
         texts = sorted(set(captions))
-        with torch.no_grad():  # the conditioning the SD3 family computes: the pipeline's own encode_prompt
-            prompt_embeds, _, pooled, _ = pipeline.encode_prompt(
-                texts,
-                prompt_2=None,
-                prompt_3=None,
-                do_classifier_free_guidance=False,
-                max_sequence_length=T5_TOKENS,
-            )
+        conditioning = sd3_conditioning(pipeline, texts)
         family = StableDiffusion3Family.from_modules(noise_scheduler=pipeline.scheduler)
         pipeline.transformer = train_denoiser(
             family,
             pipeline.transformer,
             (latent_means - shift_factor) * scaling_factor,
             latent_stds * scaling_factor,
-            {"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled},
+            conditioning,
             torch.tensor([texts.index(caption) for caption in captions]),
             config.transformer_training,
             generator(7),
@@ -212,27 +226,21 @@ def build_toy_t2i_flow(
             functools.partial(pipeline, max_sequence_length=T5_TOKENS), output_dir, config, stages
         )
 
-    info = {
-        "seed": seed,
-        "config": asdict(config),
-        "latents": {"scaling_factor": scaling_factor, "shift_factor": shift_factor},
-        "sampling": {
+    return write_build_info(
+        output_dir,
+        stages,
+        config,
+        ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "data"),
+        quality,
+        latents={"scaling_factor": scaling_factor, "shift_factor": shift_factor},
+        sampling={
             "scheduler": "FlowMatchEulerDiscrete",
             "shift": config.scheduler_shift,
             "steps": config.sampling_steps,
             "guidance_scale": config.guidance_scale,
             "max_sequence_length": T5_TOKENS,
         },
-        "seconds": stages.timings,
-        "bytes": directory_sizes(
-            output_dir,
-            ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "data"),
-        ),
-        "quality": quality,
-        "torch_threads": torch.get_num_threads(),
-    }
-    (output_dir / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    return info
+    )
 
 
 def build(output_dir: str | Path, seed: int = 0) -> None:
