@@ -187,48 +187,57 @@ def run_diffalign(
     from diffalign.llm.config import LLMTrainConfig
     from diffalign.llm.trainer import train
 
-    cuda = args.device == "cuda"
     output = world / f"diffalign-{trainable}-{share_prompt}"
-    config = from_dict(
-        LLMTrainConfig,
-        {
-            "kind": "llm",
-            "model": {
-                "pretrained": str(world),
-                "trainable": trainable,
-                "lora": {"rank": LORA_RANK, "target_modules": ["all-linear"]},  # alpha 2·rank, as TRL's below
-                "attn_implementation": "sdpa",
-                "share_prompt": share_prompt,
-            },
-            "data": {
-                "path": str(world / "pairs.jsonl"),
-                "max_prompt_length": args.prompt_length,
-                "max_length": args.prompt_length + args.completion_length + 1,
-            },
-            "reference": {"strategy": "auto"},
-            "loss": {"type": ["sigmoid"], "beta": 0.1},
-            "optim": {
-                "lr": 1e-6,
-                "weight_decay": 0.0,
-                "scheduler": "constant",
-                "warmup_steps": 0,
-                "fused": "always",  # as TRL's adamw_torch_fused below, on a CPU too
-            },
-            "run": {
-                "output_dir": str(output),
-                "max_steps": args.warmup + args.steps,
-                "batch_size": args.batch_size,
-                "log_every": args.warmup,  # the first window is the warm-up; the later ones are timed
-                "checkpoint_every": 10**9,
-                "trackers": [],
-                "progress_bar": False,
-                "mixed_precision": "bf16" if cuda else "no",
-                "gradient_checkpointing": args.gradient_checkpointing,
-            },
+    train(from_dict(LLMTrainConfig, diffalign_settings(world, output, trainable, args, share_prompt)))
+    seconds_per_step = timed_seconds_per_step(output / "metrics.jsonl", args)
+    memory = memory_result(torch.device(args.device), resident_after_imports)
+    return {"seconds_per_step": seconds_per_step, **memory}
+
+
+def diffalign_settings(
+    world: Path, output: Path, trainable: str, args: argparse.Namespace, share_prompt: bool
+) -> dict:
+    """The run's config, as the YAML of an LLM DPO run would give it."""
+    return {
+        "kind": "llm",
+        "model": {
+            "pretrained": str(world),
+            "trainable": trainable,
+            "lora": {"rank": LORA_RANK, "target_modules": ["all-linear"]},  # alpha 2·rank, as TRL's below
+            "attn_implementation": "sdpa",
+            "share_prompt": share_prompt,
         },
-    )
-    train(config)
-    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+        "data": {
+            "path": str(world / "pairs.jsonl"),
+            "max_prompt_length": args.prompt_length,
+            "max_length": args.prompt_length + args.completion_length + 1,
+        },
+        "reference": {"strategy": "auto"},
+        "loss": {"type": ["sigmoid"], "beta": 0.1},
+        "optim": {
+            "lr": 1e-6,
+            "weight_decay": 0.0,
+            "scheduler": "constant",
+            "warmup_steps": 0,
+            "fused": "always",  # as TRL's adamw_torch_fused below, on a CPU too
+        },
+        "run": {
+            "output_dir": str(output),
+            "max_steps": args.warmup + args.steps,
+            "batch_size": args.batch_size,
+            "log_every": args.warmup,  # the first window is the warm-up; the later ones are timed
+            "checkpoint_every": 10**9,
+            "trackers": [],
+            "progress_bar": False,
+            "mixed_precision": "bf16" if args.device == "cuda" else "no",
+            "gradient_checkpointing": args.gradient_checkpointing,
+        },
+    }
+
+
+def timed_seconds_per_step(metrics_file: Path, args: argparse.Namespace) -> float:
+    """Mean step time over the logging windows after the first (the warm-up), from the run's metrics.jsonl."""
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines()]
     records = [record for record in records if "pairs_per_s" in record]
     tokens_per_pair = records[-1]["tokens_per_s"] / records[-1]["pairs_per_s"]
     if round(tokens_per_pair) != 2 * (args.prompt_length + args.completion_length + 1):
@@ -238,8 +247,7 @@ def run_diffalign(
         window_steps = record["step"] - previous["step"]
         seconds += window_steps * args.batch_size / record["pairs_per_s"]
         steps += window_steps
-    memory = memory_result(torch.device(args.device), resident_after_imports)
-    return {"seconds_per_step": seconds / steps, **memory}
+    return seconds / steps
 
 
 def run_trl(
@@ -248,29 +256,11 @@ def run_trl(
     """TRL's DPOTrainer (its own Trainer loop); a callback times the steps after the warm-up."""
     from datasets import load_dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOTrainer
 
     device = torch.device(args.device)
-    cuda = device.type == "cuda"
-    low_precision = torch.bfloat16 if cuda else torch.float32
-
-    def synchronize() -> None:
-        if cuda:
-            torch.cuda.synchronize()
-
-    class StepTimer(TrainerCallback):
-        start = end = 0.0
-
-        def on_step_begin(self, _args, state, control, **kwargs):
-            if state.global_step == args.warmup:
-                synchronize()
-                self.start = time.perf_counter()
-
-        def on_step_end(self, _args, state, control, **kwargs):
-            if state.global_step == args.warmup + args.steps:
-                synchronize()
-                self.end = time.perf_counter()
+    low_precision = torch.bfloat16 if device.type == "cuda" else torch.float32
 
     def load(dtype: torch.dtype):
         return AutoModelForCausalLM.from_pretrained(world, dtype=dtype, attn_implementation="sdpa")
@@ -288,34 +278,11 @@ def run_trl(
             target_modules="all-linear",
             task_type="CAUSAL_LM",
         )
-    timer = StepTimer()
+    timer = step_timer(args, device)
     trainer = DPOTrainer(
         model=model,
         ref_model=ref_model,
-        args=DPOConfig(
-            output_dir=str(world / f"trl-{trainable}"),
-            per_device_train_batch_size=args.batch_size,
-            gradient_accumulation_steps=1,
-            max_steps=args.warmup + args.steps,
-            learning_rate=1e-6,
-            lr_scheduler_type="constant",
-            weight_decay=0.0,
-            max_grad_norm=1.0,
-            optim="adamw_torch_fused",
-            beta=0.1,
-            loss_type=["sigmoid"],
-            max_length=args.prompt_length + args.completion_length + 1,
-            bf16=cuda,
-            use_cpu=not cuda,
-            gradient_checkpointing=args.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-            logging_steps=args.warmup,
-            save_strategy="no",
-            report_to=[],
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-            seed=0,
-        ),
+        args=trl_settings(world, trainable, args),
         train_dataset=load_dataset("json", data_files=str(world / "pairs.jsonl"), split="train"),
         processing_class=AutoTokenizer.from_pretrained(world),
         peft_config=peft_config,
@@ -328,6 +295,61 @@ def run_trl(
     trainer.train()
     memory = memory_result(device, resident_after_imports)
     return {"seconds_per_step": (timer.end - timer.start) / args.steps, **memory}
+
+
+def step_timer(args: argparse.Namespace, device: torch.device):
+    """A Trainer callback that times the steps after the warm-up (``start`` and ``end``, synchronised)."""
+    from transformers import TrainerCallback
+
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    class StepTimer(TrainerCallback):
+        start = end = 0.0
+
+        def on_step_begin(self, _args, state, control, **kwargs):
+            if state.global_step == args.warmup:
+                synchronize()
+                self.start = time.perf_counter()
+
+        def on_step_end(self, _args, state, control, **kwargs):
+            if state.global_step == args.warmup + args.steps:
+                synchronize()
+                self.end = time.perf_counter()
+
+    return StepTimer()
+
+
+def trl_settings(world: Path, trainable: str, args: argparse.Namespace):
+    """TRL's DPOConfig with diffalign's settings (see the module docstring)."""
+    from trl import DPOConfig
+
+    cuda = args.device == "cuda"
+    return DPOConfig(
+        output_dir=str(world / f"trl-{trainable}"),
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=1,
+        max_steps=args.warmup + args.steps,
+        learning_rate=1e-6,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        optim="adamw_torch_fused",
+        beta=0.1,
+        loss_type=["sigmoid"],
+        max_length=args.prompt_length + args.completion_length + 1,
+        bf16=cuda,
+        use_cpu=not cuda,
+        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        logging_steps=args.warmup,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
 
 
 # --- orchestration ----------------------------------------------------------------------------------------------------
@@ -353,7 +375,7 @@ def run_side(side: str, trainable: str, world: Path, args: argparse.Namespace) -
         return json.loads(Path(result.name).read_text())
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = benchmark_parser(__doc__, models=sorted(PRESETS))
     parser.add_argument("--prompt-length", type=int, default=64)
     parser.add_argument("--completion-length", type=int, default=63, help="tokens before the EOS")
@@ -365,6 +387,11 @@ def main() -> None:
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--world", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parse_benchmark_args(parser)
     if args.warmup < 1:
         parser.error("--warmup must be >= 1 (the first logging window is the warm-up)")
@@ -384,7 +411,6 @@ def main() -> None:
     import transformers
     import trl
 
-    tokens_per_step = 2 * args.batch_size * (args.prompt_length + args.completion_length + 1)
     rows = []
     with tempfile.TemporaryDirectory() as directory:
         world = Path(directory)
@@ -393,13 +419,20 @@ def main() -> None:
             for side in SIDES:
                 result = run_side(side, trainable, world, args)
                 rows.append({"side": side, "trainable": trainable, **result})
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__}
+    print_table(rows, args, versions)
+    write_record(args, rows, versions=versions)
 
+
+def print_table(rows: list[dict], args: argparse.Namespace, versions: dict[str, str]) -> None:
+    """The rows (each gains ``tokens_per_s``) and every diffalign side's ratios to TRL."""
+    tokens_per_step = 2 * args.batch_size * (args.prompt_length + args.completion_length + 1)
     print(
         f"\nLLM DPO step, model={args.model} (random weights) layers={args.layers or PRESETS[args.model]['num_hidden_layers']} "
         f"pairs/step={args.batch_size} "
         f"tokens/row={args.prompt_length + args.completion_length + 1} device={args.device} ({machine(args.device)}) "
-        f"gradient_checkpointing={args.gradient_checkpointing} torch={torch.__version__} "
-        f"transformers={transformers.__version__} trl={trl.__version__}"
+        f"gradient_checkpointing={args.gradient_checkpointing} "
+        + " ".join(f"{name}={version}" for name, version in versions.items())
     )
     header = (
         f"{'side':<17} {'trainable':<9} {'tokens/s':>10} {'ms/step':>9} {'peak GiB':>9} "
@@ -429,15 +462,6 @@ def main() -> None:
             "off the resident set after the libraries both sides import (transformers, peft, accelerate, "
             "datasets)"
         )
-    write_record(
-        args,
-        rows,
-        versions={
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "trl": trl.__version__,
-        },
-    )
 
 
 if __name__ == "__main__":
