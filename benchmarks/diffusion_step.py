@@ -37,6 +37,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -314,18 +315,8 @@ def run(args: argparse.Namespace, trainable: str) -> list[dict]:
         {"step": "baseline", "trainable": trainable, "seconds": seconds, "peak": peak, "flops": flops}
     )
     print(f"  {trainable} baseline: {1000 * seconds:.1f} ms/step", flush=True)
-
-    # diffalign reads latents and embeddings from its cache: encoded once here, outside the timed steps.
-    with torch.no_grad(), autocast():
-        latents = family.to_latents(family.vae.encode(pixels.to(family.vae.dtype)).latent_dist.sample())
-        prompt_embeds = encode_text(models, token_ids)
-    assert latents.shape[-1] == args.resolution // vae_factor
-    batch = LatentPairBatch(
-        chosen_latents=latents[: args.batch_size].to(weight_dtype),
-        rejected_latents=latents[args.batch_size :].to(weight_dtype),
-        prompt_embeds={k: v.to(weight_dtype) for k, v in prompt_embeds.items()},
-        noise_seeds=list(range(args.batch_size)),  # one generator per pair, as the trainer draws them
-    )
+    batch = cached_batch(models, pixels, token_ids, weight_dtype, autocast)
+    assert batch.chosen_latents.shape[-1] == args.resolution // vae_factor
     variants = [
         v for v in VARIANTS if (args.compile or not v.compile) and (not args.only or v.name in args.only)
     ]
@@ -354,6 +345,23 @@ def run(args: argparse.Namespace, trainable: str) -> list[dict]:
     return rows
 
 
+def cached_batch(
+    models: Models, pixels: torch.Tensor, token_ids: torch.Tensor, weight_dtype: torch.dtype, autocast: Callable
+) -> LatentPairBatch:
+    """The batch diffalign's step reads from its latent cache, encoded here once, outside the timed steps."""
+    pairs = len(token_ids)
+    family = models.family
+    with torch.no_grad(), autocast():
+        latents = family.to_latents(family.vae.encode(pixels.to(family.vae.dtype)).latent_dist.sample())
+        prompt_embeds = encode_text(models, token_ids)
+    return LatentPairBatch(
+        chosen_latents=latents[:pairs].to(weight_dtype),
+        rejected_latents=latents[pairs:].to(weight_dtype),
+        prompt_embeds={k: v.to(weight_dtype) for k, v in prompt_embeds.items()},
+        noise_seeds=list(range(pairs)),  # one generator per pair, as the trainer draws them
+    )
+
+
 def against(args: argparse.Namespace) -> None:
     """The real example and diffalign's trainer as subprocesses, then this script's re-implementation of the
     example's step in-process on the same architecture and settings, as a labelled second row."""
@@ -373,7 +381,7 @@ def against(args: argparse.Namespace) -> None:
     write_record(args, rows, versions={"torch": torch.__version__})
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = benchmark_parser(__doc__, models=["tiny", "toy", "sd15", "sdxl"])
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="bf16 autocast on GPU")
     parser.add_argument("--resolution", type=int, default=64)
@@ -401,15 +409,21 @@ def main() -> None:
         "side on the toy job (see real_example.py) instead of the rows above",
     )
     parser.add_argument("--rounds", type=int, default=2, help="with --against: alternating rounds, median kept")
-    args = parse_benchmark_args(parser)
+    return parser
+
+
+def main() -> None:
+    args = parse_benchmark_args(build_parser())
     if args.against is not None:
         against(args)
         return
+    rows = [row for trainable in trainables(args) for row in run(args, trainable)]
+    print_table(rows, args)
+    write_record(args, rows, versions={"torch": torch.__version__})
 
-    rows = []
-    for trainable in trainables(args):
-        rows += run(args, trainable)
 
+def print_table(rows: list[dict], args: argparse.Namespace) -> None:
+    """The rows (each gains ``pairs_per_s``, ``speedup`` against its baseline and ``mfu``)."""
     print(
         f"\nDiffusion-DPO step, model={args.model} resolution={args.resolution} pairs/step={args.batch_size} "
         f"device={args.device} ({machine(args.device)}) precision={args.precision} torch={torch.__version__}"
@@ -434,7 +448,6 @@ def main() -> None:
     print(
         "speed-up: baseline step time / row step time (≥ 2 is the GPU target; CPU target: diffalign ≤ 0.7× time)"
     )
-    write_record(args, rows, versions={"torch": torch.__version__})
 
 
 if __name__ == "__main__":
