@@ -3,7 +3,6 @@ formula, bounded memory over steps, and exact resume of a run whose references c
 
 import copy
 import gc
-import io
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
-from helpers import diffusion_config, method_settings
-from PIL import Image
+from helpers import diffusion_config, method_settings, random_png
 
 from diffalign.diffusion.config import DiffusionTrainConfig
 from diffalign.diffusion.families import load_family
@@ -38,17 +36,11 @@ CAPTIONS = ["a red circle", "a large blue square", "a small green circle", "a bl
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
-
-    def png() -> bytes:
-        buffer = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (18, 20, 3), dtype=np.uint8)).save(buffer, "PNG")
-        return buffer.getvalue()
-
     path = tmp_path_factory.mktemp("data") / "pairs.parquet"
     table = {
         "caption": CAPTIONS * 3,
-        "jpg_0": [png() for _ in range(12)],
-        "jpg_1": [png() for _ in range(12)],
+        "jpg_0": [random_png(rng) for _ in range(12)],
+        "jpg_1": [random_png(rng) for _ in range(12)],
         "label_0": [1.0, 0.0] * 6,
     }
     pq.write_table(pa.table(table), path)
