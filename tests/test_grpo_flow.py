@@ -167,18 +167,23 @@ def flow_grpo_objective(family, policy, trajectory, prompts, rewards, ratios, st
     return torch.stack(losses).mean(), torch.stack(kls, dim=1), torch.stack(old_logps, dim=1)
 
 
-def hand_built_step(family, method, trajectory_latents, old_logps, rewards):
-    """The method's loss on a given trajectory and rewards (its rollout and scorer replaced by them)."""
+def hand_built_step(family, method, trajectory_latents, old_logps, rewards, chunk_size=None, backward=None):
+    """The method's loss on a given trajectory and rewards (its rollout and scorer replaced by them), the
+    trajectories in rollout chunks of ``chunk_size`` (default: one chunk)."""
     prompts = [p for p in PROMPTS for _ in range(method.settings.group_size)]
     sigmas = family.inference_sigmas(method.settings.num_inference_steps, torch.device("cpu"))
     log_probs = torch.zeros(len(prompts), len(sigmas) - 1)
     log_probs[:, : old_logps.shape[1]] = old_logps
-    trajectory = Trajectory(
-        trajectory_latents, sigmas, torch.ones(len(sigmas) - 1, dtype=torch.bool), log_probs
-    )
-    method.rollout = lambda *args: [Rollout(prompts, trajectory)]
+    stochastic = torch.ones(len(sigmas) - 1, dtype=torch.bool)
+    trajectory = Trajectory(trajectory_latents, sigmas, stochastic, log_probs)
+    size = chunk_size or len(prompts)
+    chunks = [
+        Rollout(prompts[rows], Trajectory(trajectory_latents[rows], sigmas, stochastic, log_probs[rows]))
+        for rows in (slice(i, i + size) for i in range(0, len(prompts), size))
+    ]
+    method.rollout = lambda *args: chunks
     method.score = lambda samples, prompts: rewards
-    context = TrainingContext(step=0, seed=0, noise_seeds=[1, 2], encode=None)
+    context = TrainingContext(step=0, seed=0, noise_seeds=[1, 2], encode=None, backward=backward)
     return method.training_loss(family.denoiser, {"caption": PROMPTS}, context), trajectory
 
 
@@ -238,6 +243,69 @@ def test_the_loss_is_flow_grpos_objective_on_a_hand_built_trajectory(model_dirs)
     hand_built_step(family, no_kl, latents, old_logps, rewards)[0].loss.backward()
     kl_gradients = [expected_grads[n] - p.grad for n, p in policy.named_parameters() if p.requires_grad]
     assert max(g.abs().max() for g in kl_gradients) > 1e-6
+
+
+@pytest.mark.parametrize(
+    "policy_gradient",
+    [
+        {"loss_type": "grpo", "epsilon_low": 0.2},
+        {"loss_type": "dapo", "epsilon_low": 0.2, "epsilon_high": 0.28},
+        {"loss_type": "dr_grpo", "epsilon_low": 0.2},
+        {"loss_type": "bnpo", "epsilon_low": 0.2},
+        {"loss_type": "grpo", "importance_level": "sequence", "epsilon_low": 0.2},  # GSPO
+        {"loss_type": "rloo", "epsilon_low": 0.2},
+    ],
+    ids=["grpo", "dapo", "dr_grpo", "bnpo", "gspo", "rloo"],
+)
+def test_a_backward_per_rollout_chunk_gives_the_batch_gradient_and_holds_one_chunk(model_dirs, policy_gradient):
+    """Backpropagated chunk by chunk, the loss, metrics and gradient equal the one-graph ones for every loss type,
+    while a backward holds the graphs of one chunk's trajectories × trained steps (2 × 3), not the batch's (4 × 3)."""
+    family = load_family(str(model_dirs["sd3"]), options=options("sd3"))
+    policy = family.denoiser
+    random_lora(policy)
+    settings = grpo_settings(
+        group_size=2, timestep_fraction=0.75, kl_beta=10.0, policy_gradient=policy_gradient
+    )
+    ratios = torch.tensor([[0.6, 1.1, 1.5], [1.4, 0.95, 0.7], [0.9, 1.3, 1.0], [1.05, 0.75, 1.25]])
+    rewards = torch.tensor([[0.2], [0.9], [0.5], [0.1]])
+    latents = torch.randn(4, 5, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigmas = family.inference_sigmas(4, torch.device("cpu"))
+    trajectory = Trajectory(latents, sigmas, torch.ones(4, dtype=torch.bool), torch.zeros(4, 4))
+    prompts = [p for p in PROMPTS for _ in range(2)]
+    _, _, old_logps = flow_grpo_objective(family, policy, trajectory, prompts, rewards, ratios, [0, 1, 2], settings)
+    policy.zero_grad()
+    method = FlowGRPO(family, ReferenceDenoiser(policy, frozen_copy=False), settings)
+
+    whole, _ = hand_built_step(family, method, latents, old_logps, rewards)
+    assert not whole.backpropagated
+    whole.loss.backward()
+    whole_grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
+    policy.zero_grad()
+
+    pending, held = [0], []
+    transition_log_prob = family.transition_log_prob
+
+    def counted(denoiser, latents, *arguments):
+        if torch.is_grad_enabled():  # the policy's calls; the reference's run under no_grad
+            pending[0] += len(latents)
+        return transition_log_prob(denoiser, latents, *arguments)
+
+    def backward(part):
+        held.append(pending[0])
+        pending[0] = 0
+        part.backward()
+
+    family.transition_log_prob = counted
+    chunked, _ = hand_built_step(family, method, latents, old_logps, rewards, chunk_size=2, backward=backward)
+    assert chunked.backpropagated and not chunked.loss.requires_grad
+    assert held == [2 * 3, 2 * 3]
+    torch.testing.assert_close(chunked.loss, whole.loss.detach(), rtol=1e-6, atol=1e-7)
+    for name in ("ratio/min", "ratio/max", "clip_ratio/region", "kl_to_reference"):
+        torch.testing.assert_close(chunked.metrics[name], whole.metrics[name], rtol=1e-6, atol=1e-9)
+    for name, parameter in policy.named_parameters():
+        if parameter.requires_grad:
+            torch.testing.assert_close(parameter.grad, whole_grads[name], rtol=1e-5, atol=1e-8)
+    assert max(g.abs().max() for g in whole_grads.values()) > 1e-4
 
 
 def test_advantages_are_flow_grpos_per_prompt_and_batch_statistics():
@@ -372,12 +440,14 @@ def test_a_crash_after_a_checkpoint_resumes_exactly(model_dirs, tmp_path, monkey
 
 @pytest.mark.slow
 def test_two_processes_equal_one_process_with_the_global_batch(model_dirs, tmp_path):
-    """Each process samples its items' groups; the advantages' batch std spans both processes' rewards."""
+    """Each process samples its items' groups; the advantages' batch std spans both processes' rewards. Chunks of
+    2 trajectories: each process backpropagates 2 parts of its micro-batch (one process 3), each synchronised."""
 
     def launch(output: Path, processes: int, batch_size: int) -> None:
         config = output.with_suffix(".json")
+        grpo = {"generation_batch_size": 2}
         config.write_text(
-            json.dumps(raw_config(model_dirs["sd3"], output, max_steps=3, batch_size=batch_size))
+            json.dumps(raw_config(model_dirs["sd3"], output, grpo, max_steps=3, batch_size=batch_size))
         )
         torchrun(processes, str(TESTS / "grpo_worker.py"), str(config))
 

@@ -9,6 +9,7 @@ core produce the loss.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,8 @@ from diffalign.hub import loading, under_key
 from diffalign.model_card import CardFacts
 from diffalign.preflight import preflight_diffusion
 from diffalign.training import Recipe, StepOutput, make_accelerator, run_training
-from diffalign.training.engines import shards_parameters
+from diffalign.training.engines import shards_parameters, uses_deepspeed
+from diffalign.training.loop import backward_part
 from diffalign.training.loss_state import MarginBaseline
 from diffalign.training.precision import mixed_precision_dtype
 from diffalign.training.reference_sync import ReferenceSync
@@ -183,6 +185,7 @@ class DiffusionRecipe(Recipe):
             loss=self.config.loss,
             reference_errors=None if self.reference_errors is None else self.reference_errors.lookup(batch["index"]),
             margin_baseline=self.margin_baseline,
+            backward=None if uses_deepspeed(self.accelerator) else functools.partial(backward_part, self.accelerator),
         )
         self.micro_batches += 1
         return self.method.training_loss(model, batch, context)

@@ -71,10 +71,13 @@ logger = logging.getLogger("diffalign")
 
 @dataclass
 class StepOutput:
-    loss: Tensor  # scalar, differentiable
+    loss: Tensor  # scalar, differentiable (detached when `backpropagated`)
     metrics: dict[str, Tensor] = field(default_factory=dict)  # detached scalars, averaged over the log window
     # Counts summed over the log window and turned into rates, e.g. {"pairs": 8, "tokens": 1900}.
     counts: dict[str, float] = field(default_factory=dict)
+    # True when `training_step` ran the backward itself, a part of the loss at a time, so that the graphs of only
+    # one part are held at once (see `backward_part`); the loop then does not backpropagate `loss`.
+    backpropagated: bool = False
 
 
 class Recipe(abc.ABC):
@@ -407,7 +410,8 @@ class TrainingLoop:
             with accelerator.accumulate(self.model):
                 with accelerator.autocast():
                     output = self.recipe.training_step(self.model, batch)
-                accelerator.backward(output.loss)
+                if not output.backpropagated:
+                    accelerator.backward(output.loss)
             self.window.add(output)
         if isinstance(self.batches, StreamBatches):
             self.state.data_position = self.batches.position()
@@ -577,6 +581,17 @@ class TrainingLoop:
             if self.config_record is not None:  # the model travels with the config that produced it
                 summary = TrainingSummary(self.state.step, self.state.num_processes, self.state.device, metrics)
                 describe_folder(staging, self.config_record, self.recipe.card_facts(), summary, self.run.run_name)
+
+
+def backward_part(accelerator: Accelerator, loss: Tensor) -> None:
+    """The loop's backward of one part of a micro-batch's loss, run from inside ``training_step`` (whose forward is
+    under autocast; the backward runs outside it, as the loop's own). Each call divides by the accumulation steps
+    as the loop's does, and under DDP or FSDP each synchronises: the parts' sum is the micro-batch's gradient.
+    Not for DeepSpeed, whose engine steps the optimizer inside every backward."""
+    if uses_deepspeed(accelerator):
+        raise RuntimeError("backward_part under DeepSpeed would step the optimizer once per part")
+    with torch.autocast(accelerator.device.type, enabled=False):
+        accelerator.backward(loss)
 
 
 def device_name(device: torch.device) -> str:

@@ -66,6 +66,10 @@ class TrainingContext:
     loss: LossConfig = field(default_factory=LossConfig)  # the run's `loss:` section
     reference_errors: Tensor | None = None  # the batch's precomputed reference errors (model.reference_cache)
     margin_baseline: MarginBaseline | None = None  # β-DPO's running margin, kept by the recipe
+    # Backpropagates one part of the micro-batch's loss at once (`training.loop.backward_part`); None where a
+    # method must return one differentiable loss (DeepSpeed). A method that uses it returns a StepOutput with
+    # `backpropagated=True`.
+    backward: Callable[[Tensor], None] | None = None
 
 
 @dataclass

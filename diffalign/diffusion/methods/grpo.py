@@ -46,9 +46,12 @@ recipes: RL distils the guidance). Training the conditional velocity of guided r
 differ from 1 before any update, so the two are not set apart. FLUX.1-dev takes the scale as its guidance
 embedding in both. Evaluation samples the ODE with ``eval.num_inference_steps`` (usually more than the rollouts').
 
-Memory: one backward per micro-batch covers every trained step of every trajectory, so the graphs of
-G·batch_size·(trained steps) denoiser calls are held at once (Flow-GRPO backpropagates each step separately). Use
-the window (2–3 steps) and a small ``run.batch_size`` with gradient accumulation for large models.
+Memory: training recomputes the trajectories in their rollout chunks and backpropagates each chunk's part of the
+loss before the next (``FlowGRPO.policy_loss``; the sum is the batch's loss, for every loss type), so a backward
+holds the graphs of ``generation_batch_size`` × (trained steps) denoiser calls, whatever G·batch_size is
+(Flow-GRPO holds one step's: its ``train.batch_size`` trajectories at a time). Lower ``generation_batch_size`` and
+train a window of 2–3 steps for large models. Under DeepSpeed, whose engine steps inside backward, the parts are
+summed into one backward (all of the micro-batch's graphs at once).
 
 Online DPO for flow models is DRAGON's ``pairing: best_worst`` (methods/dragon.py): each group's best vs worst
 sample as a pair for any pair loss (``configs/toy_flow_online_dpo.yaml``). A DDPO-style variant for the DDPM
@@ -60,6 +63,7 @@ per rollout batch, CPS sampling and an EMA of the weights.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -307,12 +311,13 @@ class FlowGRPO(DiffusionMethod):
         rewards = self.score(samples, prompts)
         advantages = self.group_advantages(rewards.to(samples.device))
 
-        new_logps, old_logps, kl = self.recompute(denoiser, rollouts, trained.nonzero().flatten().tolist())
-        output = policy_gradient_loss(
+        loss, new_logps, old_logps, kl = self.policy_loss(
+            denoiser, rollouts, advantages, trained.nonzero().flatten().tolist(), context.backward
+        )
+        output = policy_gradient_loss(  # on the detached log-probs of every chunk: the batch's metrics
             new_logps, old_logps, advantages, torch.ones_like(new_logps), settings.policy_gradient
         )
-        loss = output.loss
-        log_ratio = (new_logps - old_logps).detach()
+        log_ratio = new_logps - old_logps
         total = rewards @ torch.tensor(self.advantage_config.reward_weights)
         metrics = {
             **output.metrics,
@@ -327,9 +332,51 @@ class FlowGRPO(DiffusionMethod):
                 {f"reward/{term.name}": rewards[:, i].mean() for i, term in enumerate(settings.rewards)}
             )
         if kl is not None:
-            loss = loss + settings.kl_beta * kl.mean()
-            metrics["kl_to_reference"] = kl.detach().mean()
-        return StepOutput(loss=loss, metrics=metrics, counts={"samples": len(prompts)})
+            metrics["kl_to_reference"] = kl.mean()
+        return StepOutput(
+            loss=loss,
+            metrics=metrics,
+            counts={"samples": len(prompts)},
+            backpropagated=context.backward is not None,
+        )
+
+    def policy_loss(
+        self,
+        denoiser: nn.Module,
+        rollouts: list[Rollout],
+        advantages: Tensor,
+        steps: list[int],
+        backward: Callable[[Tensor], None] | None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """The loss of every trajectory, recomputed one rollout chunk at a time, and the detached per-step
+        log-probs (policy, sampling) and KL ``[N, len(steps)]`` of all of them.
+
+        With every step of every trajectory trained alike (an all-ones mask), each loss type of the core is the
+        mean over trajectories of a per-trajectory term (``bnpo``, ``dapo``: Σℓ/(N·S) with N·S fixed), so the
+        loss of N trajectories is Σ_chunks (|chunk|/N)·loss(chunk). With ``backward`` each chunk's part is
+        backpropagated at once and the returned loss is detached: a backward holds the graphs of
+        ``generation_batch_size × len(steps)`` denoiser calls, not of the whole batch's.
+        """
+        config, total = self.settings.policy_gradient, len(advantages)
+        loss, new, old, kl, start = advantages.new_zeros(()), [], [], [], 0
+        for rollout in rollouts:
+            rows = slice(start, start + len(rollout.prompts))
+            start = rows.stop
+            chunk_new, chunk_old, chunk_kl = self.recompute(denoiser, rollout, steps)
+            part = policy_gradient_loss(
+                chunk_new, chunk_old, advantages[rows], torch.ones_like(chunk_new), config
+            ).loss
+            if chunk_kl is not None:
+                part = part + self.settings.kl_beta * chunk_kl.mean()
+                kl.append(chunk_kl.detach())
+            part = part * (len(rollout.prompts) / total)
+            if backward is not None:
+                backward(part)
+                part = part.detach()
+            loss = loss + part
+            new.append(chunk_new.detach())
+            old.append(chunk_old)
+        return loss, torch.cat(new), torch.cat(old), torch.cat(kl) if kl else None
 
     def shared_initial_noise(self, denoiser: nn.Module, item_seeds: list[int]) -> Tensor:
         """One initial noise per batch item, repeated for its G trajectories: ``[N, ...]``."""
@@ -393,38 +440,33 @@ class FlowGRPO(DiffusionMethod):
         return compute_advantages(every_process, self.settings.group_size, self.advantage_config)[own_rows]
 
     def recompute(
-        self, denoiser: nn.Module, rollouts: list[Rollout], steps: list[int]
+        self, denoiser: nn.Module, rollout: Rollout, steps: list[int]
     ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Per trained step: the policy's log-probs (with gradients), the sampling ones and the KL to the reference
-        (None without ``kl_beta``), each ``[N, len(steps)]``, in the rollouts' chunks."""
+        """Per trained step of one rollout chunk: the policy's log-probs (with gradients), the sampling ones and the
+        KL to the reference (None without ``kl_beta``), each ``[chunk, len(steps)]``."""
         settings, family = self.settings, self.family
-        new, old, kl = [], [], []
-        for rollout in rollouts:
-            trajectory = rollout.trajectory
-            sigmas, size = trajectory.sigmas, len(rollout.prompts)
-            inputs, guided = family.sampling_inputs(rollout.prompts, settings.guidance_scale)
-            chunk_new, chunk_kl = [], []
-            for step in steps:
-                arguments = (
-                    trajectory.latents[:, step],
-                    trajectory.latents[:, step + 1],
-                    sigmas[step].expand(size),
-                    sigmas[step + 1].expand(size),
-                    sigmas[1].expand(1),
-                    inputs,
-                    guided,
-                    settings.guidance_scale,
-                    settings.noise_level,
-                )
-                transition = family.transition_log_prob(denoiser, *arguments)
-                chunk_new.append(transition.log_prob)
-                if settings.kl_beta > 0:
-                    chunk_kl.append(self.reference_kl(transition, arguments, sigmas[step + 1] - sigmas[step]))
-            new.append(torch.stack(chunk_new, dim=1))
-            old.append(trajectory.log_probs[:, steps])
-            if chunk_kl:
-                kl.append(torch.stack(chunk_kl, dim=1))
-        return torch.cat(new), torch.cat(old), torch.cat(kl) if kl else None
+        trajectory = rollout.trajectory
+        sigmas, size = trajectory.sigmas, len(rollout.prompts)
+        inputs, guided = family.sampling_inputs(rollout.prompts, settings.guidance_scale)
+        new, kl = [], []
+        for step in steps:
+            arguments = (
+                trajectory.latents[:, step],
+                trajectory.latents[:, step + 1],
+                sigmas[step].expand(size),
+                sigmas[step + 1].expand(size),
+                sigmas[1].expand(1),
+                inputs,
+                guided,
+                settings.guidance_scale,
+                settings.noise_level,
+            )
+            transition = family.transition_log_prob(denoiser, *arguments)
+            new.append(transition.log_prob)
+            if settings.kl_beta > 0:
+                kl.append(self.reference_kl(transition, arguments, sigmas[step + 1] - sigmas[step]))
+        old = trajectory.log_probs[:, steps]
+        return torch.stack(new, dim=1), old, torch.stack(kl, dim=1) if kl else None
 
     def reference_kl(self, transition: Transition, arguments: tuple, delta: Tensor) -> Tensor:
         """The KL ``[B]`` of the policy's step to the reference's: the reference runs without gradients, the KL
