@@ -111,13 +111,7 @@ def build_models(model: str, layers: int, device: torch.device, dtype: torch.dty
     t5 = T5EncoderModel(t5_config)
     clip_config = CLIPTextConfig(**cut(read_config(model, "text_encoder"), layers, "num_hidden_layers"))
     if model == "sd3":
-        transformer_config = read_config(model, "transformer")
-        cut(transformer_config, layers, "num_layers")
-        depth = transformer_config["num_layers"]
-        transformer_config["dual_attention_layers"] = [
-            index for index in transformer_config.get("dual_attention_layers", []) if index < depth
-        ]
-        denoiser = SD3Transformer2DModel.from_config(transformer_config)
+        denoiser = sd3_transformer(layers)
         clip_g = CLIPTextConfig(**cut(read_config(model, "text_encoder_2"), layers, "num_hidden_layers"))
         clip_encoders = [CLIPTextModelWithProjection(clip_config), CLIPTextModelWithProjection(clip_g)]
         family_class = StableDiffusion3Family
@@ -130,6 +124,14 @@ def build_models(model: str, layers: int, device: torch.device, dtype: torch.dty
     frozen = [encoder.to(device, dtype).requires_grad_(False).eval() for encoder in [*clip_encoders, t5]]
     family = family_class.from_modules(denoiser=denoiser.to(device), vae=vae, noise_scheduler=scheduler)
     return Models(family, frozen[:-1], frozen[-1], (clip_config.vocab_size, t5_config.vocab_size))
+
+
+def sd3_transformer(layers: int) -> SD3Transformer2DModel:
+    """SD3.5-medium's published transformer with its stack cut to ``layers`` blocks (random weights)."""
+    config = cut(read_config("sd3", "transformer"), layers, "num_layers")
+    depth = config["num_layers"]
+    config["dual_attention_layers"] = [index for index in config.get("dual_attention_layers", []) if index < depth]
+    return SD3Transformer2DModel.from_config(config)
 
 
 def build_qwen_image(layers: int, device: torch.device, dtype: torch.dtype) -> Models:
