@@ -245,21 +245,28 @@ def test_the_loss_is_flow_grpos_objective_on_a_hand_built_trajectory(model_dirs)
     assert max(g.abs().max() for g in kl_gradients) > 1e-6
 
 
+# Per backward, the trajectory-steps recomputed with gradients: token-level ratios, one chunk of 2 at one step (2
+# chunks × 3 steps); sequence ratios (GSPO, RLOO), one chunk at its 3 trained steps.
+BY_STEP, BY_CHUNK = [2] * 6, [2 * 3] * 2
+
+
 @pytest.mark.parametrize(
-    "policy_gradient",
+    ("policy_gradient", "held_per_backward"),
     [
-        {"loss_type": "grpo", "epsilon_low": 0.2},
-        {"loss_type": "dapo", "epsilon_low": 0.2, "epsilon_high": 0.28},
-        {"loss_type": "dr_grpo", "epsilon_low": 0.2},
-        {"loss_type": "bnpo", "epsilon_low": 0.2},
-        {"loss_type": "grpo", "importance_level": "sequence", "epsilon_low": 0.2},  # GSPO
-        {"loss_type": "rloo", "epsilon_low": 0.2},
+        ({"loss_type": "grpo", "epsilon_low": 0.2}, BY_STEP),
+        ({"loss_type": "dapo", "epsilon_low": 0.2, "epsilon_high": 0.28}, BY_STEP),
+        ({"loss_type": "dr_grpo", "epsilon_low": 0.2}, BY_STEP),
+        ({"loss_type": "dr_grpo", "epsilon_low": 0.2, "max_completion_length": 5}, BY_STEP),
+        ({"loss_type": "bnpo", "epsilon_low": 0.2}, BY_STEP),
+        ({"loss_type": "grpo", "importance_level": "sequence", "epsilon_low": 0.2}, BY_CHUNK),  # GSPO
+        ({"loss_type": "rloo", "epsilon_low": 0.2}, BY_CHUNK),
     ],
-    ids=["grpo", "dapo", "dr_grpo", "bnpo", "gspo", "rloo"],
+    ids=["grpo", "dapo", "dr_grpo", "dr_grpo_length_5", "bnpo", "gspo", "rloo"],
 )
-def test_a_backward_per_rollout_chunk_gives_the_batch_gradient_and_holds_one_chunk(model_dirs, policy_gradient):
-    """Backpropagated chunk by chunk, the loss, metrics and gradient equal the one-graph ones for every loss type,
-    while a backward holds the graphs of one chunk's trajectories × trained steps (2 × 3), not the batch's (4 × 3)."""
+def test_a_backward_per_part_gives_the_batch_gradient_and_holds_one_part(model_dirs, policy_gradient, held_per_backward):
+    """Backpropagated a part at a time, the loss, metrics and gradient equal the one-graph ones for every loss type,
+    while a backward holds the graphs of one part (a chunk of 2 trajectories at one step, or at its 3 steps for a
+    sequence ratio), not the batch's 4 trajectories × 3 steps."""
     family = load_family(str(model_dirs["sd3"]), options=options("sd3"))
     policy = family.denoiser
     random_lora(policy)
@@ -298,7 +305,7 @@ def test_a_backward_per_rollout_chunk_gives_the_batch_gradient_and_holds_one_chu
     family.transition_log_prob = counted
     chunked, _ = hand_built_step(family, method, latents, old_logps, rewards, chunk_size=2, backward=backward)
     assert chunked.backpropagated and not chunked.loss.requires_grad
-    assert held == [2 * 3, 2 * 3]
+    assert held == held_per_backward
     torch.testing.assert_close(chunked.loss, whole.loss.detach(), rtol=1e-6, atol=1e-7)
     for name in ("ratio/min", "ratio/max", "clip_ratio/region", "kl_to_reference"):
         torch.testing.assert_close(chunked.metrics[name], whole.metrics[name], rtol=1e-6, atol=1e-9)

@@ -12,6 +12,7 @@ from diffalign.losses import (
     AdvantageConfig,
     PolicyGradientConfig,
     compute_advantages,
+    element_weight,
     kl_penalised_rewards,
     policy_gradient_loss,
 )
@@ -90,6 +91,24 @@ def test_dr_grpo_divides_by_max_completion_length_and_dapo_by_num_items():
     assert dapo.loss.item() == pytest.approx(
         reduce_by_hand(element_losses(), "dapo", num_items=25.0), rel=1e-5
     )
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "max_length", "weight"),
+    [("grpo", None, 1 / 12), ("bnpo", None, 1 / 12), ("dapo", None, 1 / 12), ("dr_grpo", None, 1 / 12),
+     ("dr_grpo", 6, 1 / 18)],
+)
+def test_element_weight_makes_an_all_trained_batch_loss_a_sum_over_elements(loss_type, max_length, weight):
+    """3 sequences × 4 elements, all trained: the loss is w·Σℓ (so a part of the elements may be backpropagated at a
+    time); a sequence-level ratio is refused."""
+    new, old, advantages, _, _ = tensors()
+    config = PolicyGradientConfig(loss_type=loss_type, max_completion_length=max_length)
+    output = policy_gradient_loss(new, old, advantages, torch.ones(3, 4), config)
+    assert element_weight(config, 3, 4) == pytest.approx(weight)
+    torch.testing.assert_close(output.loss, output.per_element.sum() * weight)
+    for refused in (PolicyGradientConfig(loss_type="rloo"), PolicyGradientConfig(importance_level="sequence")):
+        with pytest.raises(ValueError, match="sequence-level ratio"):
+            element_weight(refused, 3, 4)
 
 
 def test_gspo_shares_the_length_averaged_sequence_ratio():

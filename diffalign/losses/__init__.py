@@ -40,6 +40,7 @@ from diffalign.losses.pair import (
 from diffalign.losses.policy_gradient import (
     PolicyGradientConfig,
     PolicyGradientOutput,
+    element_weight,
     policy_gradient_loss,
 )
 from diffalign.losses.reference_free import (
@@ -78,6 +79,7 @@ __all__ = [
     "divergence_scores",
     "dpo_positive_loss",
     "dpo_sigmoid_loss",
+    "element_weight",
     "exo_pair_loss",
     "f_divergence_score",
     "hinge_loss",

@@ -151,6 +151,21 @@ def policy_gradient_loss(
     return PolicyGradientOutput(loss, per_element, _metrics(ratio, advantages, mask, kl, config))
 
 
+def element_weight(config: PolicyGradientConfig, sequences: int, length: int) -> float:
+    """The weight w of each element in the loss of ``sequences`` × ``length`` elements, all of them trained (an
+    all-ones mask) and ``num_items`` left to its default: ``loss = w · Σ ℓ``. So a trainer may backpropagate
+    ``w · Σ ℓ`` over a part of the elements at a time (Flow-GRPO: one denoising step of a batch of trajectories).
+    Sequence-level ratios (GSPO, RLOO) couple a sequence's elements: their loss is no such sum."""
+    if config.loss_type == "rloo" or config.importance_level == "sequence":
+        raise ValueError(
+            f"loss_type={config.loss_type!r}, importance_level={config.importance_level!r}: a sequence-level ratio "
+            "couples the elements of a sequence, so the loss is not a weighted sum over them"
+        )
+    if config.loss_type == "dr_grpo":
+        return 1.0 / (sequences * (config.max_completion_length or length))
+    return 1.0 / (sequences * length)
+
+
 def _reduce(per_element: Tensor, mask: Tensor, config: PolicyGradientConfig, num_items) -> Tensor:
     if config.loss_type == "grpo":
         return (per_element.sum(dim=-1) / mask.sum(dim=-1).clamp(min=1.0)).mean()

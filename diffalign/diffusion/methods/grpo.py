@@ -46,12 +46,12 @@ recipes: RL distils the guidance). Training the conditional velocity of guided r
 differ from 1 before any update, so the two are not set apart. FLUX.1-dev takes the scale as its guidance
 embedding in both. Evaluation samples the ODE with ``eval.num_inference_steps`` (usually more than the rollouts').
 
-Memory: training recomputes the trajectories in their rollout chunks and backpropagates each chunk's part of the
-loss before the next (``FlowGRPO.policy_loss``; the sum is the batch's loss, for every loss type), so a backward
-holds the graphs of ``generation_batch_size`` × (trained steps) denoiser calls, whatever G·batch_size is
-(Flow-GRPO holds one step's: its ``train.batch_size`` trajectories at a time). Lower ``generation_batch_size`` and
-train a window of 2–3 steps for large models. Under DeepSpeed, whose engine steps inside backward, the parts are
-summed into one backward (all of the micro-batch's graphs at once).
+Memory: training recomputes the trajectories in their rollout chunks and backpropagates the loss a part at a time
+(``FlowGRPO.policy_loss``; the parts sum to the batch's loss): with token-level ratios one chunk at one trained step,
+as Flow-GRPO does, so a backward holds the graphs of ``generation_batch_size`` denoiser calls (twice that many
+samples with CFG), whatever G·batch_size and the number of trained steps; with GSPO's or RLOO's sequence ratio one
+chunk at all its trained steps. Lower ``generation_batch_size`` for large models. Under DeepSpeed, whose engine
+steps inside backward, the parts are summed into one backward (all of the micro-batch's graphs at once).
 
 Online DPO for flow models is DRAGON's ``pairing: best_worst`` (methods/dragon.py): each group's best vs worst
 sample as a pair for any pair loss (``configs/toy_flow_online_dpo.yaml``). A DDPO-style variant for the DDPM
@@ -86,7 +86,7 @@ from diffalign.diffusion.methods.online import (
 from diffalign.diffusion.reference import ReferenceDenoiser
 from diffalign.losses import LossConfig
 from diffalign.losses.advantages import AdvantageConfig, compute_advantages
-from diffalign.losses.policy_gradient import PolicyGradientConfig, policy_gradient_loss
+from diffalign.losses.policy_gradient import PolicyGradientConfig, element_weight, policy_gradient_loss
 from diffalign.training import StepOutput
 from diffalign.training.distributed import global_rows
 
@@ -348,35 +348,61 @@ class FlowGRPO(DiffusionMethod):
         steps: list[int],
         backward: Callable[[Tensor], None] | None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """The loss of every trajectory, recomputed one rollout chunk at a time, and the detached per-step
-        log-probs (policy, sampling) and KL ``[N, len(steps)]`` of all of them.
+        """The loss of every trajectory, recomputed a part at a time, and the detached per-step log-probs (policy,
+        sampling) and KL ``[N, len(steps)]`` of all of them.
 
-        With every step of every trajectory trained alike (an all-ones mask), each loss type of the core is the
-        mean over trajectories of a per-trajectory term (``bnpo``, ``dapo``: Σℓ/(N·S) with N·S fixed), so the
-        loss of N trajectories is Σ_chunks (|chunk|/N)·loss(chunk). With ``backward`` each chunk's part is
-        backpropagated at once and the returned loss is detached: a backward holds the graphs of
-        ``generation_batch_size × len(steps)`` denoiser calls, not of the whole batch's.
+        Every trained step of every trajectory counts alike (an all-ones mask), so the loss is a sum over parts:
+        with token-level ratios a part is one rollout chunk at one trained step, weighted by
+        :func:`element_weight`, as Flow-GRPO backpropagates; GSPO's and RLOO's sequence ratio couples a
+        trajectory's steps, so there a part is one chunk at all of them, weighted by its share of the trajectories.
+        With ``backward`` each part is backpropagated at once and the returned loss is detached: a backward holds
+        the graphs of one part's denoiser calls, not of the micro-batch's.
         """
-        config, total = self.settings.policy_gradient, len(advantages)
+        config, size = self.settings.policy_gradient, len(advantages)
+        by_step = config.importance_level == "token" and config.loss_type != "rloo"
         loss, new, old, kl, start = advantages.new_zeros(()), [], [], [], 0
         for rollout in rollouts:
             rows = slice(start, start + len(rollout.prompts))
             start = rows.stop
-            chunk_new, chunk_old, chunk_kl = self.recompute(denoiser, rollout, steps)
-            part = policy_gradient_loss(
-                chunk_new, chunk_old, advantages[rows], torch.ones_like(chunk_new), config
-            ).loss
-            if chunk_kl is not None:
-                part = part + self.settings.kl_beta * chunk_kl.mean()
-                kl.append(chunk_kl.detach())
-            part = part * (len(rollout.prompts) / total)
-            if backward is not None:
-                backward(part)
-                part = part.detach()
-            loss = loss + part
-            new.append(chunk_new.detach())
-            old.append(chunk_old)
+            conditioning = self.family.sampling_inputs(rollout.prompts, self.settings.guidance_scale)
+            chunk_new, chunk_old, chunk_kl = [], [], []
+            for part_steps in ([step] for step in steps) if by_step else [steps]:
+                part_new, part_old, part_kl = self.recompute(denoiser, rollout, part_steps, conditioning)
+                part = self.part_loss(part_new, part_old, part_kl, advantages[rows], (size, len(steps)), by_step)
+                if backward is not None:
+                    backward(part)
+                    part = part.detach()
+                loss = loss + part
+                chunk_new.append(part_new.detach())
+                chunk_old.append(part_old)
+                if part_kl is not None:
+                    chunk_kl.append(part_kl.detach())
+            new.append(torch.cat(chunk_new, dim=1))
+            old.append(torch.cat(chunk_old, dim=1))
+            if chunk_kl:
+                kl.append(torch.cat(chunk_kl, dim=1))
         return loss, torch.cat(new), torch.cat(old), torch.cat(kl) if kl else None
+
+    def part_loss(
+        self,
+        new_logps: Tensor,
+        old_logps: Tensor,
+        kl: Tensor | None,
+        advantages: Tensor,
+        batch_shape: tuple[int, int],
+        by_step: bool,
+    ) -> Tensor:
+        """One part's term of the loss of the whole batch of ``batch_shape`` (trajectories, trained steps)."""
+        config = self.settings.policy_gradient
+        trajectories, steps = batch_shape
+        output = policy_gradient_loss(new_logps, old_logps, advantages, torch.ones_like(new_logps), config)
+        if by_step:
+            part = output.per_element.sum() * element_weight(config, trajectories, steps)
+        else:
+            part = output.loss * (len(new_logps) / trajectories)
+        if kl is not None:
+            part = part + self.settings.kl_beta * kl.sum() / (trajectories * steps)
+        return part
 
     def shared_initial_noise(self, denoiser: nn.Module, item_seeds: list[int]) -> Tensor:
         """One initial noise per batch item, repeated for its G trajectories: ``[N, ...]``."""
@@ -440,14 +466,15 @@ class FlowGRPO(DiffusionMethod):
         return compute_advantages(every_process, self.settings.group_size, self.advantage_config)[own_rows]
 
     def recompute(
-        self, denoiser: nn.Module, rollout: Rollout, steps: list[int]
+        self, denoiser: nn.Module, rollout: Rollout, steps: list[int], conditioning: tuple[dict[str, Any], bool]
     ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Per trained step of one rollout chunk: the policy's log-probs (with gradients), the sampling ones and the
-        KL to the reference (None without ``kl_beta``), each ``[chunk, len(steps)]``."""
+        """Per step of ``steps`` of one rollout chunk: the policy's log-probs (with gradients), the sampling ones
+        and the KL to the reference (None without ``kl_beta``), each ``[chunk, len(steps)]``. ``conditioning``:
+        the family's ``sampling_inputs`` for the chunk's prompts."""
         settings, family = self.settings, self.family
         trajectory = rollout.trajectory
         sigmas, size = trajectory.sigmas, len(rollout.prompts)
-        inputs, guided = family.sampling_inputs(rollout.prompts, settings.guidance_scale)
+        inputs, guided = conditioning
         new, kl = [], []
         for step in steps:
             arguments = (
