@@ -1,13 +1,13 @@
-"""Flow-GRPO's training step: peak memory and time against how many trajectories one backward covers.
+"""Flow-GRPO's training step: peak memory and time against what one backward covers.
 
 ``FlowGRPO`` recomputes the sampled trajectories in their rollout chunks (``method.grpo.generation_batch_size``)
-and backpropagates each chunk's part of the loss before the next, so one backward holds the graphs of
-chunk × (trained steps) denoiser calls. The row whose chunk is the whole batch is one backward over everything
-(what a single ``loss.backward()`` does, and what runs under DeepSpeed). Every row runs the same training step
+and backpropagates the loss one chunk at one trained step at a time, so one backward holds the graphs of one
+chunk's denoiser call. The first row is one backward over every trajectory at every trained step (what a single
+``loss.backward()`` of the summed loss does, and what runs under DeepSpeed). Every row runs the same training step
 (the policy's recomputed SDE steps with classifier-free guidance, the clipped objective, the KL to the reference
 and the backward) on the same hand-made trajectories and prompt embeddings (random: memory and time do not
 depend on the values), each in a fresh process so that its peak memory is its own; each row's LoRA gradient is
-compared with the one-chunk row's.
+compared with the first row's.
 
 Model: SD3.5-medium's published transformer (configs/models/sd35-medium) at its real width with the stack cut to
 ``--layers`` blocks (0: all 24, for a GPU), LoRA rank 16 on the attention projections, the reference the
@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the whole batch, half of it, a quarter, one)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows and settings here")
-    parser.add_argument("--chunk", type=int, help=argparse.SUPPRESS)  # internal: run one row in this process
+    # Internal: run one row in this process.
+    parser.add_argument("--chunk", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--one-backward", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     return parser
 
@@ -101,8 +103,8 @@ def method_for(args: argparse.Namespace, chunk: int) -> FlowGRPO:
 
 
 def run_row(args: argparse.Namespace) -> dict[str, float]:
-    """One training step with backwards over ``args.chunk`` trajectories; the LoRA gradient goes next to the
-    result file."""
+    """One training step in rollout chunks of ``args.chunk`` trajectories, backpropagated a part at a time or
+    (``--one-backward``) all at once; the LoRA gradient goes next to the result file."""
     method = method_for(args, args.chunk)
     family, device = method.family, torch.device(args.device)
     prompts = [f"prompt {i}" for i in range(args.prompts) for _ in range(args.group_size)]
@@ -118,9 +120,8 @@ def run_row(args: argparse.Namespace) -> dict[str, float]:
     ]
     method.rollout = lambda *arguments: rollouts
     method.score = lambda samples, prompts: torch.linspace(0, 1, len(prompts)).unsqueeze(1)
-    context = TrainingContext(
-        step=0, seed=0, noise_seeds=list(range(args.prompts)), encode=None, backward=lambda part: part.backward()
-    )
+    backward = None if args.one_backward else lambda part: part.backward()
+    context = TrainingContext(step=0, seed=0, noise_seeds=list(range(args.prompts)), encode=None, backward=backward)
     batch = {"caption": [f"prompt {i}" for i in range(args.prompts)]}
 
     if device.type == "cuda":
@@ -131,7 +132,9 @@ def run_row(args: argparse.Namespace) -> dict[str, float]:
         before = reset_peak_resident_gib()
     start = time.perf_counter()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        method.training_loss(family.denoiser, batch, context)
+        output = method.training_loss(family.denoiser, batch, context)
+    if not output.backpropagated:
+        output.loss.backward()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) / 2**30
@@ -140,7 +143,8 @@ def run_row(args: argparse.Namespace) -> dict[str, float]:
     seconds = time.perf_counter() - start
     gradient = torch.cat([p.grad.flatten().float().cpu() for p in family.denoiser.parameters() if p.grad is not None])
     torch.save(gradient, args.result.with_suffix(".pt"))
-    return {"chunk": args.chunk, "seconds": seconds, "peak_above_gib": peak - before}
+    per_backward = f"{args.chunk} × {args.trained_steps}" if args.one_backward else f"{args.chunk} × 1"
+    return {"per_backward": per_backward, "seconds": seconds, "peak_above_gib": peak - before}
 
 
 def reset_peak_resident_gib() -> float:
@@ -155,9 +159,10 @@ def status_gib(field: str) -> float:
     return int(line.split()[1]) / 2**20
 
 
-def launch_row(chunk: int, folder: Path) -> tuple[dict[str, float], torch.Tensor]:
-    result = folder / f"chunk-{chunk}.json"
+def launch_row(chunk: int, one_backward: bool, folder: Path) -> tuple[dict[str, float], torch.Tensor]:
+    result = folder / f"chunk-{chunk}-{one_backward}.json"
     command = [sys.executable, __file__, *sys.argv[1:], "--chunk", str(chunk), "--result", str(result)]
+    command += ["--one-backward"] if one_backward else []
     subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     return json.loads(result.read_text()), torch.load(result.with_suffix(".pt"))
 
@@ -173,8 +178,8 @@ def main() -> None:
     chunks = args.chunks or sorted({trajectories, max(1, trajectories // 2), max(1, trajectories // 4), 1}, reverse=True)
     rows, gradients = [], []
     with tempfile.TemporaryDirectory() as folder:
-        for chunk in chunks:
-            row, gradient = launch_row(chunk, Path(folder))
+        for chunk, one_backward in [(trajectories, True), *((chunk, False) for chunk in chunks)]:
+            row, gradient = launch_row(chunk, one_backward, Path(folder))
             rows.append(row)
             gradients.append(gradient)
     for row, gradient in zip(rows, gradients):
@@ -190,16 +195,16 @@ def print_table(rows: list[dict], args: argparse.Namespace, trajectories: int) -
         f"{args.trained_steps} trained steps with CFG, device={args.device} ({machine(args.device)}), "
         f"torch={torch.__version__}"
     )
-    header = f"{'trajectories/backward':>22} {'peak GiB':>9} {'s/step':>8} {'max |Δ grad| / max |grad|':>27}"
+    header = f"{'trajectories × steps/backward':>30} {'peak GiB':>9} {'s/step':>8} {'max |Δ grad| / max |grad|':>27}"
     print(header)
     print("-" * len(header))
     for row in rows:
         print(
-            f"{row['chunk']:>22} {row['peak_above_gib']:>9.2f} {row['seconds']:>8.1f} "
+            f"{row['per_backward']:>30} {row['peak_above_gib']:>9.2f} {row['seconds']:>8.1f} "
             f"{row['max_gradient_difference']:>27.1e}"
         )
     what = "the allocator's peak during the step" if args.device == "cuda" else "peak resident set above the step's start"
-    print(f"peak GiB: {what}; Δ grad against the first row (one backward over every trajectory)")
+    print(f"peak GiB: {what}; Δ grad against the first row (one backward over every trajectory and step)")
 
 
 if __name__ == "__main__":
