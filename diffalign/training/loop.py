@@ -586,8 +586,10 @@ class TrainingLoop:
 def backward_part(accelerator: Accelerator, loss: Tensor) -> None:
     """The loop's backward of one part of a micro-batch's loss, run from inside ``training_step`` (whose forward is
     under autocast; the backward runs outside it, as the loop's own). Each call divides by the accumulation steps
-    as the loop's does, and under DDP or FSDP each synchronises: the parts' sum is the micro-batch's gradient.
-    Not for DeepSpeed, whose engine steps the optimizer inside every backward."""
+    and synchronises gradients where the loop's own backward would, so the parts' sum is the micro-batch's
+    gradient: DDP all-reduces each part's (tested, two processes against one); FSDP2 reduce-scatters each part's
+    the same way (not run with parts here). Not for DeepSpeed, whose engine steps the optimizer inside every
+    backward."""
     if uses_deepspeed(accelerator):
         raise RuntimeError("backward_part under DeepSpeed would step the optimizer once per part")
     with torch.autocast(accelerator.device.type, enabled=False):
