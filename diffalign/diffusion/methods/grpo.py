@@ -314,13 +314,14 @@ class FlowGRPO(DiffusionMethod):
         loss, new_logps, old_logps, kl = self.policy_loss(
             denoiser, rollouts, advantages, trained.nonzero().flatten().tolist(), context.backward
         )
-        output = policy_gradient_loss(  # on the detached log-probs of every chunk: the batch's metrics
+        # The clip fractions and ratio statistics of the whole batch, from its detached log-probs.
+        batch_metrics = policy_gradient_loss(
             new_logps, old_logps, advantages, torch.ones_like(new_logps), settings.policy_gradient
-        )
+        ).metrics
         log_ratio = new_logps - old_logps
         total = rewards @ torch.tensor(self.advantage_config.reward_weights)
         metrics = {
-            **output.metrics,
+            **batch_metrics,
             "ratio/std": torch.exp(log_ratio).std(unbiased=False),
             "approx_kl": 0.5 * log_ratio.pow(2).mean(),  # Flow-GRPO's logged estimate
             "reward/mean": total.mean(),
