@@ -42,6 +42,7 @@ from diffalign.losses.policy_gradient import (
     PolicyGradientOutput,
     element_weight,
     policy_gradient_loss,
+    sums_over_elements,
 )
 from diffalign.losses.reference_free import (
     asft_alignment_loss,
@@ -101,5 +102,6 @@ __all__ = [
     "simpo_loss",
     "soft_bradley_terry_loss",
     "sppo_hard_loss",
+    "sums_over_elements",
     "tdpo_loss",
 ]

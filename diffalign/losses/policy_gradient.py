@@ -151,12 +151,18 @@ def policy_gradient_loss(
     return PolicyGradientOutput(loss, per_element, _metrics(ratio, advantages, mask, kl, config))
 
 
+def sums_over_elements(config: PolicyGradientConfig) -> bool:
+    """Whether each element's loss depends on that element alone (a token-level ratio), so that the loss of a fully
+    trained batch is a weighted sum over its elements; GSPO's and RLOO's sequence-level ratios couple them."""
+    return config.importance_level == "token" and config.loss_type != "rloo"
+
+
 def element_weight(config: PolicyGradientConfig, sequences: int, length: int) -> float:
     """The weight w of each element in the loss of ``sequences`` × ``length`` elements, all of them trained (an
     all-ones mask) and ``num_items`` left to its default: ``loss = w · Σ ℓ``. So a trainer may backpropagate
     ``w · Σ ℓ`` over a part of the elements at a time (Flow-GRPO: one denoising step of a batch of trajectories).
-    Sequence-level ratios (GSPO, RLOO) couple a sequence's elements: their loss is no such sum."""
-    if config.loss_type == "rloo" or config.importance_level == "sequence":
+    Only where :func:`sums_over_elements`."""
+    if not sums_over_elements(config):
         raise ValueError(
             f"loss_type={config.loss_type!r}, importance_level={config.importance_level!r}: a sequence-level ratio "
             "couples the elements of a sequence, so the loss is not a weighted sum over them"

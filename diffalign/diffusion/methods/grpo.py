@@ -86,7 +86,12 @@ from diffalign.diffusion.methods.online import (
 from diffalign.diffusion.reference import ReferenceDenoiser
 from diffalign.losses import LossConfig
 from diffalign.losses.advantages import AdvantageConfig, compute_advantages
-from diffalign.losses.policy_gradient import PolicyGradientConfig, element_weight, policy_gradient_loss
+from diffalign.losses.policy_gradient import (
+    PolicyGradientConfig,
+    element_weight,
+    policy_gradient_loss,
+    sums_over_elements,
+)
 from diffalign.training import StepOutput
 from diffalign.training.distributed import global_rows
 
@@ -359,8 +364,8 @@ class FlowGRPO(DiffusionMethod):
         With ``backward`` each part is backpropagated at once and the returned loss is detached: a backward holds
         the graphs of one part's denoiser calls, not of the micro-batch's.
         """
-        config, size = self.settings.policy_gradient, len(advantages)
-        by_step = config.importance_level == "token" and config.loss_type != "rloo"
+        size = len(advantages)
+        by_step = sums_over_elements(self.settings.policy_gradient)
         loss, new, old, kl, start = advantages.new_zeros(()), [], [], [], 0
         for rollout in rollouts:
             rows = slice(start, start + len(rollout.prompts))
@@ -369,7 +374,7 @@ class FlowGRPO(DiffusionMethod):
             chunk_new, chunk_old, chunk_kl = [], [], []
             for part_steps in ([step] for step in steps) if by_step else [steps]:
                 part_new, part_old, part_kl = self.recompute(denoiser, rollout, part_steps, conditioning)
-                part = self.part_loss(part_new, part_old, part_kl, advantages[rows], (size, len(steps)), by_step)
+                part = self.part_loss(part_new, part_old, part_kl, advantages[rows], (size, len(steps)))
                 if backward is not None:
                     backward(part)
                     part = part.detach()
@@ -391,13 +396,12 @@ class FlowGRPO(DiffusionMethod):
         kl: Tensor | None,
         advantages: Tensor,
         batch_shape: tuple[int, int],
-        by_step: bool,
     ) -> Tensor:
         """One part's term of the loss of the whole batch of ``batch_shape`` (trajectories, trained steps)."""
         config = self.settings.policy_gradient
         trajectories, steps = batch_shape
         output = policy_gradient_loss(new_logps, old_logps, advantages, torch.ones_like(new_logps), config)
-        if by_step:
+        if sums_over_elements(config):
             part = output.per_element.sum() * element_weight(config, trajectories, steps)
         else:
             part = output.loss * (len(new_logps) / trajectories)
