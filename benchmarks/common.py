@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -85,3 +86,9 @@ def measure(step, device: torch.device, warmup: int, steps: int, count_flops: bo
     elapsed = (time.perf_counter() - start) / steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     return elapsed, peak, flops
+
+
+def resident_gib() -> float:
+    """The process's resident set now (Linux), in GiB."""
+    resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**30

@@ -31,7 +31,7 @@ import zlib
 from pathlib import Path
 
 import torch
-from common import machine, write_record
+from common import machine, resident_gib, write_record
 from flow_step import make_trainable, read_config, sd3_transformer
 
 from diffalign.config import from_dict
@@ -139,7 +139,7 @@ def run_row(args: argparse.Namespace) -> dict[str, float]:
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) / 2**30
     else:
-        peak = status_gib("VmHWM")
+        peak = peak_resident_gib()
     seconds = time.perf_counter() - start
     gradient = torch.cat([p.grad.flatten().float().cpu() for p in family.denoiser.parameters() if p.grad is not None])
     torch.save(gradient, args.result.with_suffix(".pt"))
@@ -150,12 +150,12 @@ def run_row(args: argparse.Namespace) -> dict[str, float]:
 def reset_peak_resident_gib() -> float:
     """Reset the process's peak resident set to its resident set now (Linux), and return that."""
     Path("/proc/self/clear_refs").write_text("5")
-    return status_gib("VmRSS")
+    return resident_gib()
 
 
-def status_gib(field: str) -> float:
-    """A memory field of /proc/self/status (``VmRSS``, ``VmHWM``: the peak resident set) in GiB."""
-    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
+def peak_resident_gib() -> float:
+    """The process's peak resident set since the last reset (Linux: VmHWM of /proc/self/status), in GiB."""
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
     return int(line.split()[1]) / 2**20
 
 

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import benchmark_parser, machine, parse_benchmark_args, trainables, write_record
+from common import benchmark_parser, machine, parse_benchmark_args, resident_gib, trainables, write_record
 
 # Model shapes. 1b is Llama-3.2-1B's (without its rope scaling, irrelevant to speed); qwen2-0.5b is Qwen2-0.5B's
 # (its 151,936-token vocabulary makes the output projection most of a short-sequence step).
@@ -138,12 +138,6 @@ def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: the process's peak RSS
-
-
-def resident_gib() -> float:
-    """The process's resident set now (Linux), in GiB."""
-    resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
 def import_shared_libraries() -> float:
