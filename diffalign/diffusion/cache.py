@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from diffalign.diffusion.data import SKIP_HINT, BadRowError, PairRecord, split_index
-from diffalign.diffusion.families.base import LatentNormalization
+from diffalign.diffusion.families.base import LatentNormalization, vae_posterior
 from diffalign.diffusion.transforms import CorruptMediaError, MediaDecoder, draw_pair_randomness
 from diffalign.files import damaged_cache, save_tensors_atomically
 from diffalign.hashing import content_hash, module_fingerprint
@@ -56,13 +56,6 @@ PADDED_ROWS = "padded_rows/"
 # Shards a reader keeps open (each a memory map and an open file): enough for a shuffled epoch's working set to
 # hit often on small caches, few enough for any file-descriptor limit.
 OPEN_SHARDS = 16
-
-
-@torch.no_grad()
-def vae_posterior(vae: nn.Module, pixels: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean and std (fp32) of a diffusers VAE's diagonal-Gaussian posterior for ``pixels`` in [-1, 1]."""
-    distribution = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-    return distribution.mean.float(), distribution.std.float()
 
 
 def posterior_draw(

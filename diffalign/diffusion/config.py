@@ -251,7 +251,7 @@ def check_family_support(config: DiffusionTrainConfig, family: type[DiffusionFam
     if issubclass(family, ImageLatents) and config.data.resolution % family.resolution_multiple:
         raise ValueError(
             f"data.resolution: {config.data.resolution} px is not a multiple of {family.resolution_multiple}, "
-            f"which {family.__name__} needs (8 pixels per latent times its patching)"
+            f"which {family.__name__} needs ({family.published_vae_factor} pixels per latent times its patching)"
         )
     needed = WEIGHTING_NEEDS.get(config.timesteps.weighting)
     if needed is not None and needed not in family.capabilities:

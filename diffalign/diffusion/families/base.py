@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from diffusers import DDPMScheduler
 from diffusers.loaders.peft import PeftAdapterMixin
+from diffusers.models.autoencoders.vae import EncoderOutput
 from torch import Tensor, nn
 
 from diffalign.diffusion.data import DiffusionDataConfig, image_decoder
@@ -75,6 +76,17 @@ class FamilyOptions:
 # The options that change what encode_prompts returns: the text's token budget, and ACE-Step's clip length, which its
 # prompt template states.
 PROMPT_OPTIONS = ("max_text_length", "audio_seconds")
+
+
+@torch.no_grad()
+def vae_posterior(vae: nn.Module, samples: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and std (fp32) of a diffusers VAE's diagonal-Gaussian posterior for ``samples`` in its input space
+    (pixels in [-1, 1], or the family's audio features). A deterministic autoencoder (SANA's ``AutoencoderDC``,
+    whose output is an ``EncoderOutput``) gives its encoding as the mean and std 0."""
+    output = vae.encode(samples.to(vae.device, vae.dtype))
+    if isinstance(output, EncoderOutput):
+        return output.latent.float(), torch.zeros_like(output.latent, dtype=torch.float32)
+    return output.latent_dist.mean.float(), output.latent_dist.std.float()
 
 
 @dataclass
@@ -194,8 +206,8 @@ class DiffusionFamily(ABC):
 
     def encode(self, samples: Tensor) -> Posterior:
         """VAE posterior of raw samples (pixels in [-1, 1], or the family's audio features), in the VAE's space."""
-        distribution = self.vae.encode(samples.to(self.vae.device, self.vae.dtype)).latent_dist
-        return Posterior(mean=distribution.mean.float(), std=distribution.std.float())
+        mean, std = vae_posterior(self.vae, samples)
+        return Posterior(mean=mean, std=std)
 
     @property
     @abstractmethod
@@ -387,15 +399,18 @@ class ImageLatents:
 
     sample_range = (-1.0, 1.0)
     vae: nn.Module
-    # Pixels per latent position the denoiser sees along each side (the VAE's factor times any patching).
+    # Pixels per latent position the denoiser sees along each side (the VAE's factor times any patching), with the
+    # published VAE: what the config checks before any model loads. A VAE of another factor (a tiny test model)
+    # scales it by its own factor over the published one.
     resolution_multiple: ClassVar[int] = 8
+    published_vae_factor: ClassVar[int] = 8
 
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def media_decoder(self, config: DiffusionDataConfig) -> MediaDecoder:
-        multiple = self.vae_scale_factor * self.resolution_multiple // 8
+        multiple = self.vae_scale_factor * self.resolution_multiple // self.published_vae_factor
         if config.resolution % multiple:
             raise ValueError(
                 f"data.resolution: {config.resolution} px is not a multiple of {multiple}, which "

@@ -167,12 +167,8 @@ class QwenImageFamily(ImageLatents, PackedFlowFamily):
 
     def denoiser_inputs(self, prompt_embeds: dict[str, Tensor], batch: dict[str, Any]) -> dict[str, Any]:
         """The conditioning cut to the batch's longest caption, as the pipeline pads its batch."""
-        mask = prompt_embeds["prompt_embeds_mask"]
-        length = int((mask > 0).sum(dim=1).max())
-        return {
-            "encoder_hidden_states": prompt_embeds["prompt_embeds"][:, :length],
-            "encoder_hidden_states_mask": mask[:, :length],
-        }
+        embeds, mask = cut_to_longest_caption(prompt_embeds["prompt_embeds"], prompt_embeds["prompt_embeds_mask"])
+        return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask}
 
     def predict(
         self, denoiser: nn.Module, noisy_latents: Tensor, timesteps: Tensor, inputs: dict[str, Any]
@@ -196,6 +192,13 @@ class QwenImageFamily(ImageLatents, PackedFlowFamily):
         """The pipeline's guidance, rescaled token by token to the conditional velocity's norm."""
         combined = super().guide(unconditional, conditional, guidance_scale)
         return combined * token_norms(conditional) / token_norms(combined)
+
+
+def cut_to_longest_caption(embeds: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Right-padded text states ``[B, L, D]`` and their mask ``[B, L]`` cut to the batch's longest caption: the same
+    conditioning for a transformer that masks its text, at the batch's own length."""
+    length = int((mask > 0).sum(dim=1).max())
+    return embeds[:, :length], mask[:, :length]
 
 
 def token_norms(latents: Tensor) -> Tensor:
