@@ -1,4 +1,4 @@
-"""The flow-matching families (SD3, FLUX.1, Qwen-Image) on tiny random pipelines and on the published transformer
+"""The flow-matching families (SD3, FLUX.1, Qwen-Image, SANA) on tiny random pipelines and on the published transformer
 configs: sampling against the stock pipelines, training σ against diffusers' training examples, flow-matching DPO
 against its formula written out here, the VAE normalisation in every latent path, training steps and the exported
 files."""
@@ -14,26 +14,29 @@ import torch
 import torch.nn.functional as F
 import yaml
 from diffusers import (
+    AutoencoderDC,
     AutoencoderKL,
     AutoencoderKLQwenImage,
-    FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
+    SanaPipeline,
+    SanaTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
 from helpers import diffusion_config, merged, quiet_run
 from peft import LoraConfig
 from safetensors.torch import load_file
-from tiny_pipelines import build_tiny_flux, build_tiny_qwen_image, build_tiny_sd3
+from tiny_pipelines import build_tiny_flux, build_tiny_qwen_image, build_tiny_sana, build_tiny_sd3
 
 from diffalign.config import from_dict
 from diffalign.diffusion.config import DiffusionTrainConfig
 from diffalign.diffusion.families import FamilyOptions, load_family
 from diffalign.diffusion.families.flux import FluxFamily
 from diffalign.diffusion.families.qwen_image import ImageFrameVAE, QwenImageFamily
+from diffalign.diffusion.families.sana import COMPLEX_HUMAN_INSTRUCTION, SanaFamily, flow_match_scheduler
 from diffalign.diffusion.families.sd3 import StableDiffusion3Family
 from diffalign.diffusion.methods import LatentPairBatch, pair_noise
 from diffalign.diffusion.methods.dpo import DiffusionDPO
@@ -46,14 +49,25 @@ from diffalign.training import make_accelerator
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPTS = ["a red circle", "a blue square"]
-PIPELINES = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline, "qwen_image": QwenImagePipeline}
-DENOISERS = {"sd3": SD3Transformer2DModel, "flux": FluxTransformer2DModel, "qwen_image": QwenImageTransformer2DModel}
+FAMILIES = ["sd3", "flux", "qwen_image", "sana"]
+PIPELINES = {
+    "sd3": StableDiffusion3Pipeline, "flux": FluxPipeline, "qwen_image": QwenImagePipeline, "sana": SanaPipeline
+}
+DENOISERS = {
+    "sd3": SD3Transformer2DModel,
+    "flux": FluxTransformer2DModel,
+    "qwen_image": QwenImageTransformer2DModel,
+    "sana": SanaTransformer2DModel,
+}
 # Text tokens per caption: the toy's 8; the tiny Qwen tokenizer spells the chat template byte by byte, so its
-# captions keep about 140 tokens after the 34 the pipeline drops.
-TEXT_LENGTH = {"sd3": 8, "flux": 8, "qwen_image": 160}
+# captions keep about 140 tokens after the 34 the pipeline drops; SANA's 32 leave room for padding after a caption.
+TEXT_LENGTH = {"sd3": 8, "flux": 8, "qwen_image": 160, "sana": 32}
 # Sample sizes: 8×8 latents (the tiny SD3 and FLUX VAEs downsample by 2; Qwen-Image's video VAE by 8, so its
-# 4×4 latents make four packed tokens).
-RESOLUTION = {"sd3": 16, "flux": 16, "qwen_image": 32}
+# 4×4 latents make four packed tokens); SANA's pipeline takes only multiples of 32 px, 16×16 latents here.
+RESOLUTION = {"sd3": 16, "flux": 16, "qwen_image": 32, "sana": 32}
+CHANNELS = {"sana": 32}  # latent channels where not 16
+# Training images: helpers' 16 px, or SANA's 32 (its DC-AE's pixels per latent, which its config check asks for).
+DATA = {"sana": {"resolution": 32}}
 REAL_CONFIGS = Path(__file__).parents[1] / "configs" / "models"
 
 
@@ -65,6 +79,7 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
         "sd3_without_t5": build_tiny_sd3(root / "sd3-no-t5", drop_t5=True),
         "flux": build_tiny_flux(root / "flux"),
         "qwen_image": build_tiny_qwen_image(root / "qwen-image"),
+        "sana": build_tiny_sana(root / "sana"),
     }
 
 
@@ -99,7 +114,7 @@ def random_lora(denoiser: torch.nn.Module) -> None:
 # --- sampling and training σ ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["sd3", "flux", "qwen_image"])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_sampling_equals_the_stock_pipeline(model_dirs, name):
     family = load_family(str(model_dirs[name]), options=options(name))
     generators = [torch.Generator().manual_seed(seed) for seed in (0, 1)]
@@ -112,6 +127,8 @@ def test_sampling_equals_the_stock_pipeline(model_dirs, name):
     guidance = {"guidance_scale": 4.0}
     if name == "qwen_image":
         guidance = {"true_cfg_scale": 4.0, "negative_prompt": [" "] * 2}
+    if name == "sana":  # its aspect-ratio bins would resize a tiny sample
+        guidance["use_resolution_binning"] = False
     stock = pipeline(
         PROMPTS,
         generator=generators,
@@ -132,10 +149,11 @@ def test_sampling_equals_the_stock_pipeline(model_dirs, name):
     assert images.shape == (1, 3, size, size) and images.min() >= 0 and images.max() <= 1
 
 
-def test_sd3_training_sigmas_are_the_training_examples_logit_normal_draw(model_dirs):
-    """train_dreambooth_lora_sd3.py: u = sigmoid(N(0, 1)), index floor(u·1000) into the descending shifted grid
-    σ_i = 3s/(1 + 2s), s = (1000 − i)/1000."""
-    family = load_family(str(model_dirs["sd3"]), options=options("sd3"))
+@pytest.mark.parametrize("name", ["sd3", "sana"])
+def test_training_sigmas_are_a_logit_normal_draw_from_the_shifted_grid(model_dirs, name):
+    """train_dreambooth_lora_sd3.py (and SANA's configs: flow_shift 3, logit-normal): u = sigmoid(N(0, 1)), index
+    floor(u·1000) into the descending shifted grid σ_i = 3s/(1 + 2s), s = (1000 − i)/1000."""
+    family = load_family(str(model_dirs[name]), options=options(name))
     drawn = family.sample_timesteps(512, torch.device("cpu"), torch.Generator().manual_seed(5))
     u = torch.sigmoid(torch.normal(0.0, 1.0, (512,), generator=torch.Generator().manual_seed(5)))
     s = (1000 - (u * 1000).long()).double() / 1000
@@ -176,6 +194,13 @@ def velocity_by_hand(name: str, transformer, noisy, sigmas, embeds) -> torch.Ten
             encoder_hidden_states=embeds["prompt_embeds"],
             pooled_projections=embeds["pooled_prompt_embeds"],
         ).sample
+    if name == "sana":
+        return transformer(
+            hidden_states=noisy,
+            timestep=sigmas * 1000,
+            encoder_hidden_states=embeds["prompt_embeds"],
+            encoder_attention_mask=embeds["prompt_attention_mask"],
+        ).sample
     height, width = noisy.shape[-2:]
     if name == "qwen_image":
         output = transformer(
@@ -200,7 +225,7 @@ def velocity_by_hand(name: str, transformer, noisy, sigmas, embeds) -> torch.Ten
     return unpack(output, height, width)
 
 
-@pytest.mark.parametrize("name", ["sd3", "flux", "qwen_image"])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_flow_dpo_loss_equals_the_formula(model_dirs, name):
     """L = −log σ(−½β[(e_θ^w − e_ref^w) − (e_θ^l − e_ref^l)]), e = mean (v̂ − (ε − x0))², x_σ = (1 − σ)x0 + σε,
     one ε and σ per pair (flow_grpo train_sd3_dpo.py, Flow-Factory's DPO trainer)."""
@@ -208,7 +233,8 @@ def test_flow_dpo_loss_equals_the_formula(model_dirs, name):
     policy = family.denoiser
     random_lora(policy)
     generator = torch.Generator().manual_seed(0)
-    chosen, rejected = torch.randn(2, 16, 8, 8, generator=generator), torch.randn(2, 16, 8, 8, generator=generator)
+    shape = (2, CHANNELS.get(name, 16), 8, 8)
+    chosen, rejected = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
     embeds = family.encode_prompts(PROMPTS)
     batch = LatentPairBatch(chosen, rejected, embeds, noise_seeds=[11, 12])
     beta = 500.0
@@ -335,6 +361,53 @@ def test_a_qwen_image_caption_embeds_alike_in_any_batch_and_as_the_pipeline_embe
     assert torch.equal(inputs["encoder_hidden_states_mask"], stock_mask)
 
 
+def test_a_sana_caption_embeds_as_the_pipeline_embeds_it_after_its_instruction(model_dirs):
+    """The pipeline's states of the caption after the complex human instruction, zero where the mask is (the
+    transformer masks them), alike alone and in a batch, cut to the batch's longest caption."""
+    family = load_family(str(model_dirs["sana"]), options=options("sana"))
+    prompts = ["a red circle", "a blue square"]
+    together = family.encode_prompts(prompts)
+    alone = family.encode_prompts(prompts[:1])
+    torch.testing.assert_close(alone["prompt_embeds"][0], together["prompt_embeds"][0], rtol=1e-5, atol=1e-6)
+    pipeline = SanaPipeline.from_pretrained(model_dirs["sana"])
+    with torch.no_grad():
+        stock_embeds, stock_mask, _, _ = pipeline.encode_prompt(
+            prompts, do_classifier_free_guidance=False, device="cpu", max_sequence_length=TEXT_LENGTH["sana"],
+            complex_human_instruction=COMPLEX_HUMAN_INSTRUCTION,
+        )
+    assert 0 < stock_mask[0].sum() < stock_mask[1].sum() < TEXT_LENGTH["sana"]  # padded, the longer one too
+    assert torch.equal(together["prompt_attention_mask"], stock_mask)
+    kept = stock_mask.bool()
+    torch.testing.assert_close(together["prompt_embeds"][kept], stock_embeds[kept], rtol=1e-5, atol=1e-6)
+    assert together["prompt_embeds"][~kept].abs().max() == 0
+    inputs = family.denoiser_inputs(together, {})
+    assert inputs["encoder_hidden_states"].shape[1] == inputs["encoder_attention_mask"].shape[1] == stock_mask[1].sum()
+
+
+def test_sana_latents_are_the_dc_ae_encoding_times_its_scaling_factor(model_dirs, pairs_file, tmp_path):
+    """train_dreambooth_lora_sana.py: z = vae.encode(x).latent · 0.41407; the DC-AE has no posterior, so every
+    draw is the encoding, read from the latent cache or encoded on the fly; decoding is vae.decode(z / 0.41407)."""
+
+    def first_latents(data: dict):
+        config = config_for(model_dirs["sana"], pairs_file, tmp_path, TEXT_LENGTH["sana"], data=DATA["sana"] | data)
+        recipe = DiffusionRecipe(config, make_accelerator(config.run))
+        batch = recipe.collate([recipe.train_dataset[index] for index in range(2)])
+        batch["sample_ids"] = [0, 1]
+        return recipe, batch, recipe.latent_batch(batch)
+
+    recipe, batch, latents = first_latents({})
+    _, _, cached = first_latents({"cache_dir": str(tmp_path / "cache")})
+    torch.testing.assert_close(cached.chosen_latents, latents.chosen_latents, rtol=1e-5, atol=1e-6)
+    stock_vae = AutoencoderDC.from_pretrained(model_dirs["sana"], subfolder="vae")
+    with torch.no_grad():
+        expected = stock_vae.encode(batch["chosen_pixels"]).latent * 0.41407
+        decoded = stock_vae.decode(latents.chosen_latents / 0.41407).sample
+        images = recipe.family.decode(latents.chosen_latents)
+    assert expected.shape[1:] == (32, 16, 16)
+    torch.testing.assert_close(latents.chosen_latents, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(images, (decoded / 2 + 0.5).clamp(0, 1), rtol=1e-5, atol=1e-5)
+
+
 def test_sd3_without_t5_conditions_on_zeros_in_place_of_its_states(model_dirs):
     family = load_family(
         str(model_dirs["sd3"]), options=FamilyOptions(max_text_length=8, drop_text_encoders=("text_encoder_3",))
@@ -358,9 +431,11 @@ def trained_denoiser(output: Path, base: Path, denoiser_class) -> torch.nn.Modul
     return denoiser
 
 
-@pytest.mark.parametrize("name", ["sd3", "flux", "qwen_image"])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_a_lora_step_trains_and_the_file_loads_at_the_trained_strength(model_dirs, pairs_file, tmp_path, name):
-    config = config_for(model_dirs[name], pairs_file, tmp_path, TEXT_LENGTH[name], optim={"lr": 0.05})
+    config = config_for(
+        model_dirs[name], pairs_file, tmp_path, TEXT_LENGTH[name], optim={"lr": 0.05}, data=DATA.get(name, {})
+    )
     metrics = train(config)
     assert metrics["loss"] == pytest.approx(math.log(2), abs=1e-3) and metrics["grad_norm"] > 0
     trained = trained_denoiser(tmp_path, model_dirs[name], DENOISERS[name])
@@ -369,7 +444,7 @@ def test_a_lora_step_trains_and_the_file_loads_at_the_trained_strength(model_dir
 
     family = load_family(str(model_dirs[name]), options=options(name))
     embeds = family.encode_prompts(PROMPTS)
-    latents = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    latents = torch.randn(2, CHANNELS.get(name, 16), 8, 8, generator=torch.Generator().manual_seed(0))
     sigmas = torch.tensor([0.3, 0.8])
     with torch.no_grad():
         base = velocity_by_hand(name, family.denoiser, latents, sigmas, embeds)
@@ -379,9 +454,10 @@ def test_a_lora_step_trains_and_the_file_loads_at_the_trained_strength(model_dir
     torch.testing.assert_close(loaded, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["sd3", "flux", "qwen_image"])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_a_full_step_writes_a_transformer_that_loads_with_from_pretrained(model_dirs, pairs_file, tmp_path, name):
-    metrics = train(config_for(model_dirs[name], pairs_file, tmp_path, TEXT_LENGTH[name], model={"trainable": "full"}))
+    full = {"model": {"trainable": "full"}, "data": DATA.get(name, {})}
+    metrics = train(config_for(model_dirs[name], pairs_file, tmp_path, TEXT_LENGTH[name], **full))
     assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
     denoiser_class = DENOISERS[name]
     loaded = denoiser_class.from_pretrained(tmp_path / "final" / "transformer")
@@ -416,7 +492,13 @@ def test_ddpm_methods_are_refused_on_flow_families(model_dirs, pairs_file, tmp_p
 
 @pytest.mark.parametrize(
     ("config_name", "name"),
-    [("sd35_dpo_lora", "sd3"), ("flux_dpo_lora", "flux"), ("qwen_image_dpo_lora", "qwen_image"), ("sd35_grpo", "sd3")],
+    [
+        ("sd35_dpo_lora", "sd3"),
+        ("flux_dpo_lora", "flux"),
+        ("qwen_image_dpo_lora", "qwen_image"),
+        ("sana_dpo_lora", "sana"),
+        ("sd35_grpo", "sd3"),
+    ],
 )
 def test_the_shipped_flow_configs_train_on_their_familys_tiny_model(model_dirs, pairs_file, tmp_path, config_name, name):
     """Each real-model flow config, with its model, data and reward swapped for tiny local ones and its run cut to
@@ -447,10 +529,10 @@ def test_the_shipped_flow_configs_train_on_their_familys_tiny_model(model_dirs, 
 # --- the published transformer configs at full width ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model", ["sd35-medium", "flux1-dev", "qwen-image"])
+@pytest.mark.parametrize("model", ["sd35-medium", "flux1-dev", "qwen-image", "sana-1600m-1024"])
 def test_the_published_transformer_at_full_width_runs_a_lora_dpo_step(model):
-    """One transformer block at the published width (SD3.5 Medium: 1536, FLUX.1-dev and Qwen-Image: 3072) with
-    its scheduler and VAE configs; conditioning of the published widths, random."""
+    """One transformer block at the published width (SD3.5 Medium: 1536, FLUX.1-dev and Qwen-Image: 3072, SANA
+    1600M: 2240) with its scheduler and VAE configs; conditioning of the published widths, random."""
     published = REAL_CONFIGS / model
     config = json.loads((published / "transformer.json").read_text())
     vae_config = json.loads((published / "vae.json").read_text())
@@ -462,6 +544,12 @@ def test_the_published_transformer_at_full_width_runs_a_lora_dpo_step(model):
         config.update(num_layers=1, num_single_layers=1)
         family_class, denoiser_class, vae_class = FluxFamily, FluxTransformer2DModel, AutoencoderKL
         embeds = {"prompt_embeds": torch.randn(1, 12, 4096), "pooled_prompt_embeds": torch.randn(1, 768)}
+    elif model == "sana-1600m-1024":
+        config.update(num_layers=1)
+        family_class, denoiser_class, vae_class = SanaFamily, SanaTransformer2DModel, AutoencoderDC
+        text_config = json.loads((published / "text_encoder.json").read_text())
+        assert text_config["hidden_size"] == config["caption_channels"] == 2304  # Gemma-2-2B's states
+        embeds = {"prompt_embeds": torch.randn(1, 12, 2304), "prompt_attention_mask": torch.ones(1, 12, dtype=torch.long)}
     else:
         config.update(num_layers=1)
         family_class, denoiser_class, vae_class = QwenImageFamily, QwenImageTransformer2DModel, ImageFrameVAE
@@ -471,12 +559,12 @@ def test_the_published_transformer_at_full_width_runs_a_lora_dpo_step(model):
         embeds = {"prompt_embeds": torch.randn(1, 12, 3584), "prompt_embeds_mask": torch.ones(1, 12, dtype=torch.long)}
     torch.manual_seed(0)
     denoiser = denoiser_class.from_config(config)
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(json.loads((published / "scheduler.json").read_text()))
+    scheduler = flow_match_scheduler(json.loads((published / "scheduler.json").read_text()))
     vae = vae_class.from_config(vae_config)
     family = family_class.from_modules(model, denoiser=denoiser, noise_scheduler=scheduler, vae=vae)
     denoiser.requires_grad_(False)
     denoiser.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    latents = torch.randn(2, 16, 8, 8)  # 64 px
+    latents = torch.randn(2, config["in_channels"] // (4 if model in ("flux1-dev", "qwen-image") else 1), 8, 8)
     batch = LatentPairBatch(latents[:1], latents[1:], embeds, noise_seeds=[3])
     method = DiffusionDPO(family, ReferenceDenoiser(denoiser, frozen_copy=False))
     loss = compute_loss(method.pair_scores(denoiser, batch)[0], LossConfig(type=["sigmoid"], beta=500.0)).loss
@@ -488,6 +576,10 @@ def test_the_published_transformer_at_full_width_runs_a_lora_dpo_step(model):
     if model == "qwen-image":
         assert family.vae_scale_factor == 8
         assert normalization.mean == tuple(vae_config["latents_mean"]) and normalization.std[-1] == 1.916
+    elif model == "sana-1600m-1024":
+        # The published DPM-Solver config's flow_shift is the Euler scheduler's shift; no VAE shift.
+        assert family.vae_scale_factor == 32 and scheduler.config.shift == 3.0
+        assert (normalization.scale, normalization.shift) == (0.41407, 0.0)
     else:
         assert normalization.shift == vae_config["shift_factor"] != 0
 
@@ -515,7 +607,7 @@ def test_the_sde_step_is_flow_grpos_gaussian():
     torch.testing.assert_close(gaussian_log_prob(sample, mean, std), density)
 
 
-@pytest.mark.parametrize("name", ["sd3", "flux", "qwen_image"])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_trajectory_log_probs_are_recomputed_exactly_with_unchanged_weights(model_dirs, name):
     """The on-policy check: with no update between sampling and training the ratio is exactly 1."""
     family = load_family(str(model_dirs[name]), options=options(name))
@@ -527,7 +619,7 @@ def test_trajectory_log_probs_are_recomputed_exactly_with_unchanged_weights(mode
         sde_steps=sde_steps,
     )
     side = RESOLUTION[name] // family.vae_scale_factor
-    assert trajectory.latents.shape == (2, 5, 16, side, side)
+    assert trajectory.latents.shape == (2, 5, CHANNELS.get(name, 16), side, side)
     assert (trajectory.log_probs[:, ~sde_steps] == 0).all() and (trajectory.log_probs[:, sde_steps] != 0).all()
     inputs, guided = family.sampling_inputs(PROMPTS, 4.0)
     sigmas = trajectory.sigmas

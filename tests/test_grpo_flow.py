@@ -13,6 +13,7 @@ import torch
 from helpers import diffusion_settings, merged, method_settings, torchrun
 from safetensors.torch import load_file
 from test_flow_families import (
+    DATA,
     FLOW_MODEL,
     PROMPTS,
     RESOLUTION,
@@ -21,7 +22,13 @@ from test_flow_families import (
     random_lora,
     velocity_by_hand,
 )
-from tiny_pipelines import build_tiny_flux, build_tiny_qwen_image, build_tiny_sd, build_tiny_sd3
+from tiny_pipelines import (
+    build_tiny_flux,
+    build_tiny_qwen_image,
+    build_tiny_sana,
+    build_tiny_sd,
+    build_tiny_sd3,
+)
 
 from diffalign.config import ConfigError, from_dict
 from diffalign.diffusion.config import DiffusionTrainConfig
@@ -46,6 +53,7 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
         "sd3": build_tiny_sd3(root / "sd3"),
         "flux": build_tiny_flux(root / "flux"),
         "qwen_image": build_tiny_qwen_image(root / "qwen-image"),
+        "sana": build_tiny_sana(root / "sana"),
     }
 
 
@@ -97,14 +105,17 @@ def final_weights(output: Path) -> dict[str, torch.Tensor]:
         ("sd3", {"kl_beta": 0.5}),  # guided rollouts, every step stochastic, all but the last trained
         ("flux", {"kl_beta": 0.5, "kl_space": "velocity", "trained_steps": "window", "window_size": 2}),
         ("qwen_image", {"kl_beta": 0.5}),  # guided with the pipeline's norm rescaling
+        ("sana", {"kl_beta": 0.5}),  # guided against the empty prompt without the instruction
     ],
 )
 def test_a_lora_step_per_family_is_on_policy_and_trains(model_dirs, tmp_path, name, grpo):
     """With no update between sampling and training the recomputed log-probs equal the sampling ones: the logged
     ratio is 1 to 1e-5 in fp32, nothing is clipped; the update moves the LoRA weights and the KL off zero."""
     sizes = {"max_text_length": TEXT_LENGTH[name], "sample_resolution": RESOLUTION[name]}
-    model = merged(FLOW_MODEL, sizes) if name == "qwen_image" else None
-    train(config_for(model_dirs[name], tmp_path, grpo, model))
+    model = merged(FLOW_MODEL, sizes) if name in ("qwen_image", "sana") else None
+    raw = raw_config(model_dirs[name], tmp_path, grpo, model)
+    raw["data"] |= DATA.get(name, {})  # SANA's config check asks for a multiple of 32 px even without data
+    train(from_dict(DiffusionTrainConfig, raw))
     steps = logged(tmp_path)
     assert sorted(steps) == [1, 2]
     for record in steps.values():

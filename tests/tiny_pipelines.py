@@ -1,6 +1,6 @@
 """Tiny models with random weights, saved as real diffusers and transformers directories: SD1.5-like, SDXL-like,
-the flow-matching SD3, FLUX.1 and Qwen-Image layouts (16-channel VAEs with their published normalisations), a
-Llama, and CLIP and CLAP reward models."""
+the flow-matching SD3, FLUX.1 and Qwen-Image layouts (16-channel VAEs with their published normalisations), SANA's
+(a 32-channel DC-AE, Gemma-2), a Llama, and CLIP and CLAP reward models."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from diffusers import (
+    AutoencoderDC,
     AutoencoderKL,
     AutoencoderKLQwenImage,
     DDIMScheduler,
@@ -17,6 +18,8 @@ from diffusers import (
     FluxTransformer2DModel,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
+    SanaPipeline,
+    SanaTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -30,6 +33,9 @@ from transformers import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    Gemma2Config,
+    Gemma2Model,
+    GemmaTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerBase,
@@ -318,6 +324,76 @@ def build_tiny_qwen_image(directory: Path) -> Path:
         ),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
+    )
+    pipeline.save_pretrained(directory)
+    return directory
+
+
+def gemma_tokenizer() -> GemmaTokenizer:
+    """Gemma's special tokens and one token per UTF-8 byte (its byte fallback), without merges."""
+    vocab = {token: index for index, token in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"])}
+    vocab.update({f"<0x{byte:02X}>": len(vocab) + byte for byte in range(256)})
+    return GemmaTokenizer(vocab=vocab, merges=[])
+
+
+def build_tiny_sana(directory: Path) -> Path:
+    """SANA layout: a one-layer Gemma-2 of width 32, a two-stage DC-AE (factor 2) with SANA's 32 latent channels and
+    scaling factor, a one-block linear-attention transformer, the Euler scheduler with SANA's flow shift 3."""
+    torch.manual_seed(0)
+    tokenizer = gemma_tokenizer()
+    text_encoder = Gemma2Model(
+        Gemma2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            max_position_embeddings=2048,
+            sliding_window=2048,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=1,
+        )
+    )
+    blocks = ["ResBlock", "EfficientViTBlock"]
+    vae = AutoencoderDC(
+        latent_channels=32,
+        attention_head_dim=8,
+        encoder_block_types=blocks,
+        decoder_block_types=blocks,
+        encoder_block_out_channels=(16, 32),
+        decoder_block_out_channels=(16, 32),
+        encoder_layers_per_block=(1, 1),
+        decoder_layers_per_block=(1, 1),
+        encoder_qkv_multiscales=((), (5,)),
+        decoder_qkv_multiscales=((), (5,)),
+        upsample_block_type="interpolate",
+        downsample_block_type="Conv",
+        decoder_norm_types="rms_norm",
+        decoder_act_fns="silu",
+        scaling_factor=0.41407,
+    )
+    transformer = SanaTransformer2DModel(
+        in_channels=32,
+        out_channels=32,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=1,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=8,
+        cross_attention_dim=16,
+        caption_channels=32,
+        sample_size=8,
+        patch_size=1,
+    )
+    pipeline = SanaPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
     )
     pipeline.save_pretrained(directory)
     return directory

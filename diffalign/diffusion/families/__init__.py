@@ -16,6 +16,7 @@ from diffalign.diffusion.families.base import (
 from diffalign.diffusion.families.flux import FluxFamily
 from diffalign.diffusion.families.musicldm import AudioLDMFamily, MusicLDMFamily
 from diffalign.diffusion.families.qwen_image import QwenImageFamily
+from diffalign.diffusion.families.sana import SanaFamily
 from diffalign.diffusion.families.sd3 import StableDiffusion3Family
 from diffalign.diffusion.families.stable_audio import StableAudioFamily
 from diffalign.diffusion.families.stable_diffusion import StableDiffusionFamily, StableDiffusionXLFamily
@@ -32,6 +33,7 @@ FAMILIES: dict[str, type[DiffusionFamily]] = {
     "StableDiffusion3Pipeline": StableDiffusion3Family,
     "FluxPipeline": FluxFamily,
     "QwenImagePipeline": QwenImageFamily,
+    "SanaPipeline": SanaFamily,
     "AceStepPipeline": AceStepFamily,
 }
 
