@@ -708,6 +708,21 @@ def save_pipeline(pipeline: MusicLDMPipeline, output_dir: Path) -> None:
     pipeline.feature_extractor.save_pretrained(output_dir / "text_encoder")
 
 
+@torch.no_grad()
+def caption_embeddings(clap: ClapModel, tokenizer: RobertaTokenizer, captions: list[str]) -> Tensor:
+    """CLAP's pooled text embedding of each caption ``[N, D]``, each distinct caption encoded once."""
+    texts = sorted(set(captions))
+    embeddings = clap.get_text_features(**tokenize(tokenizer, texts)).pooler_output
+    return embeddings[torch.tensor([texts.index(caption) for caption in captions])]
+
+
+def text_and_vocoder_quality(model: ToyMusicModel, fresh: ClipSet) -> dict:
+    """CLAP's caption retrieval accuracy and the vocoder's reconstruction quality on clips unseen in training."""
+    features = clap_features(model.feature_extractor, fresh.waveforms)
+    retrieval = clap_retrieval_accuracy(model.text_encoder, model.tokenizer, features, fresh.specs)
+    return {"clap_retrieval": retrieval, **vocoding_quality(model, fresh)}
+
+
 def build_toy_music(output_dir: str | Path, seed: int = 0, config: MusicBuildConfig | None = None) -> dict:
     """Build everything into ``output_dir``; returns (and saves as ``build_info.json``) timings, sizes and
     measured quality."""
@@ -738,23 +753,18 @@ def build_toy_music(output_dir: str | Path, seed: int = 0, config: MusicBuildCon
 
     with stages.stage("unet", init_seed=3):
         captions = training_captions(clips.specs, config, generator(6))
-        texts = sorted(set(captions))
-        with torch.no_grad():
-            embeddings = clap.get_text_features(**tokenize(tokenizer, texts)).pooler_output
-        text_embeddings = embeddings[torch.tensor([texts.index(caption) for caption in captions])]
         unet = train_unet(
-            text_embeddings, latent_means * scaling_factor, latent_stds * scaling_factor, config, generator(7)
+            caption_embeddings(clap, tokenizer, captions),
+            latent_means * scaling_factor,
+            latent_stds * scaling_factor,
+            config,
+            generator(7),
         )
 
     with stages.stage("preference data"):
         pipeline = MusicLDMPipeline(
-            vae=vae,
-            text_encoder=clap,
-            tokenizer=tokenizer,
-            feature_extractor=feature_extractor,
-            unet=unet,
-            scheduler=make_scheduler(),
-            vocoder=vocoder,
+            vae=vae, text_encoder=clap, tokenizer=tokenizer, feature_extractor=feature_extractor, unet=unet,
+            scheduler=make_scheduler(), vocoder=vocoder,
         )
         save_pipeline(pipeline, output_dir)
         # The preference data come from the components exactly as saved and loaded.
@@ -764,11 +774,7 @@ def build_toy_music(output_dir: str | Path, seed: int = 0, config: MusicBuildCon
     with stages.stage("exemplars and quality"):
         build_exemplars(output_dir / "exemplars", model, config.exemplars, generator(10))
         write_prompt_files(output_dir / "prompts", music.load_prompts)
-        fresh = make_clips(config.quality_clips, generator(11))
-        quality["clap_retrieval"] = clap_retrieval_accuracy(
-            model.text_encoder, model.tokenizer, clap_features(model.feature_extractor, fresh.waveforms), fresh.specs
-        )
-        quality.update(vocoding_quality(model, fresh))
+        quality.update(text_and_vocoder_quality(model, make_clips(config.quality_clips, generator(11))))
         log.info("[t2m] quality: %s", quality)
 
     folders = ("unet", "vae", "vocoder", "text_encoder", "tokenizer", "feature_extractor", "data", "exemplars")

@@ -35,7 +35,7 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import CLIPModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from diffalign.diffusion.families.sd3 import StableDiffusion3Family
@@ -202,19 +202,7 @@ def build_toy_t2i_flow(
     with stages.stage("transformer", init_seed=2):
         pipeline = assemble_pipeline(config, vae, text_encoder, tokenizer)
         captions = training_captions(scenes, config, generator(6))
-        texts = sorted(set(captions))
-        conditioning = sd3_conditioning(pipeline, texts)
-        family = StableDiffusion3Family.from_modules(noise_scheduler=pipeline.scheduler)
-        pipeline.transformer = train_denoiser(
-            family,
-            pipeline.transformer,
-            (latent_means - shift_factor) * scaling_factor,
-            latent_stds * scaling_factor,
-            conditioning,
-            torch.tensor([texts.index(caption) for caption in captions]),
-            config.transformer_training,
-            generator(7),
-        )
+        pipeline.transformer = train_transformer(pipeline, captions, latent_means, latent_stds, config, generator(7))
 
     with stages.stage("preference data"):
         pipeline.save_pretrained(output_dir)
@@ -240,6 +228,30 @@ def build_toy_t2i_flow(
             "guidance_scale": config.guidance_scale,
             "max_sequence_length": T5_TOKENS,
         },
+    )
+
+
+def train_transformer(
+    pipeline: StableDiffusion3Pipeline,
+    captions: list[str],
+    latent_means: Tensor,
+    latent_stds: Tensor,
+    config: T2IFlowBuildConfig,
+    generator: torch.Generator,
+) -> nn.Module:
+    """The pipeline's fresh transformer trained on the scenes' VAE posteriors (normalised by the factors its VAE
+    config holds), each under its caption."""
+    texts = sorted(set(captions))
+    vae_config = pipeline.vae.config
+    return train_denoiser(
+        StableDiffusion3Family.from_modules(noise_scheduler=pipeline.scheduler),
+        pipeline.transformer,
+        (latent_means - vae_config.shift_factor) * vae_config.scaling_factor,
+        latent_stds * vae_config.scaling_factor,
+        sd3_conditioning(pipeline, texts),
+        torch.tensor([texts.index(caption) for caption in captions]),
+        config.transformer_training,
+        generator,
     )
 
 
