@@ -1,28 +1,30 @@
-"""Flow-matching Diffusion-DPO step (SD3/SD3.5, FLUX.1, Qwen-Image): diffalign's step against the diffusers
+"""Flow-matching Diffusion-DPO step (SD3/SD3.5, FLUX.1, Qwen-Image, SANA): diffalign's step against the diffusers
 examples' way.
 
-Baseline, written as diffusers' SD3, FLUX and Qwen-Image training examples (``examples/dreambooth/
-train_dreambooth_lora_sd3.py``, ``train_dreambooth_lora_flux.py``, ``train_dreambooth_lora_qwen_image.py``)
-structure their step, with the Diffusion-DPO loss on top as the flow-model DPO peers do: every step VAE-encodes
-both images (``(x − shift) · scale``; Qwen-Image: one video frame, ``(x − mean_c)/std_c``) and runs every text
-encoder (captions differ per pair), draws ``u`` with ``compute_density_for_timestep_sampling`` (the examples'
-default: logit-normal for SD3 and FLUX, uniform for Qwen-Image), indexes the scheduler's σ grid, noises
-``(1 − σ)·x + σ·ε``, runs the policy on the concatenated pair batch (FLUX: latents packed 2×2 with image ids and
-the guidance embedding; Qwen-Image: packed 2×2 with ``img_shapes`` and the text mask) and a *separate*
-deep-copied reference, and takes the DPO loss on the velocity errors ``‖v − (ε − x)‖²``.
+Baseline, written as diffusers' SD3, FLUX, Qwen-Image and SANA training examples (``examples/dreambooth/
+train_dreambooth_lora_sd3.py``, ``train_dreambooth_lora_flux.py``, ``train_dreambooth_lora_qwen_image.py``,
+``train_dreambooth_lora_sana.py``) structure their step, with the Diffusion-DPO loss on top as the flow-model DPO
+peers do: every step VAE-encodes both images (``(x − shift) · scale``; Qwen-Image: one video frame,
+``(x − mean_c)/std_c``; SANA: the DC-AE's deterministic ``latent · scale``) and runs every text encoder (captions
+differ per pair), draws ``u`` with ``compute_density_for_timestep_sampling`` (the examples' default: logit-normal
+for SD3 and FLUX, uniform for Qwen-Image and SANA), indexes the scheduler's σ grid, noises ``(1 − σ)·x + σ·ε``,
+runs the policy on the concatenated pair batch (FLUX: latents packed 2×2 with image ids and the guidance
+embedding; Qwen-Image: packed 2×2 with ``img_shapes`` and the text mask; SANA: the latent grid with the text mask)
+and a *separate* deep-copied reference, and takes the DPO loss on the velocity errors ``‖v − (ε − x)‖²``.
 
 diffalign: latents and text embeddings come from the cache (encoded once, outside the timed steps), the family
-(``StableDiffusion3Family`` / ``FluxFamily`` / ``QwenImageFamily``), the method (``DiffusionDPO``) and the loss
+(``StableDiffusion3Family`` / ``FluxFamily`` / ``QwenImageFamily`` / ``SanaFamily``), the method (``DiffusionDPO``) and the loss
 core are the real ones, and the reference is the policy with its adapters disabled (LoRA) or a frozen copy (full).
 
-Models are the published SD3.5-medium, FLUX.1-dev and Qwen-Image configs in configs/models/ at their real width,
-with every transformer and text-encoder stack cut to ``--layers`` blocks (0: as published, for a GPU) and random
-weights (speed does not depend on the weights); prompts are cut to ``--text-length`` T5 (Qwen-Image: Qwen2.5-VL)
-tokens.
+Models are the published SD3.5-medium, FLUX.1-dev, Qwen-Image and SANA 1600M configs in configs/models/ at their
+real width, with every transformer and text-encoder stack cut to ``--layers`` blocks (0: as published, for a GPU)
+and random weights (speed does not depend on the weights); prompts are cut to ``--text-length`` T5 (Qwen-Image:
+Qwen2.5-VL, SANA: Gemma-2) tokens.
 
     python benchmarks/flow_step.py --model sd3 --threads 1          # CPU, a few minutes
     python benchmarks/flow_step.py --model flux --threads 1
     python benchmarks/flow_step.py --model qwen-image --threads 1
+    python benchmarks/flow_step.py --model sana --threads 1 --resolution 256
     python benchmarks/flow_step.py --model flux --device cuda --layers 0 --resolution 1024 --batch-size 1
 """
 
@@ -39,12 +41,14 @@ import torch
 import torch.nn.functional as F
 from common import benchmark_parser, machine, measure, parse_benchmark_args, trainables, write_record
 from diffusers import (
+    AutoencoderDC,
     AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
+    SanaTransformer2DModel,
     SD3Transformer2DModel,
 )
 from diffusers.training_utils import compute_density_for_timestep_sampling
@@ -53,6 +57,8 @@ from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
+    Gemma2Config,
+    Gemma2Model,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     T5Config,
@@ -61,6 +67,7 @@ from transformers import (
 
 from diffalign.diffusion.families.flux import FluxFamily
 from diffalign.diffusion.families.qwen_image import ImageFrameVAE, QwenImageFamily
+from diffalign.diffusion.families.sana import SanaFamily, flow_match_scheduler
 from diffalign.diffusion.families.sd3 import StableDiffusion3Family
 from diffalign.diffusion.methods import LatentPairBatch
 from diffalign.diffusion.methods.dpo import DiffusionDPO
@@ -68,9 +75,11 @@ from diffalign.diffusion.reference import ReferenceDenoiser
 from diffalign.losses import LossConfig, compute_loss
 
 MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
-FOLDERS = {"sd3": "sd35-medium", "flux": "flux1-dev", "qwen-image": "qwen-image"}
+FOLDERS = {"sd3": "sd35-medium", "flux": "flux1-dev", "qwen-image": "qwen-image", "sana": "sana-1600m-1024"}
 # The examples' default timestep density (their --weighting_scheme).
-DENSITY = {"sd3": "logit_normal", "flux": "logit_normal", "qwen-image": "none"}
+DENSITY = {"sd3": "logit_normal", "flux": "logit_normal", "qwen-image": "none", "sana": "none"}
+# Pixels per latent (the VAE) times the transformer's patching: what --resolution must be a multiple of.
+MULTIPLE = {"sd3": 16, "flux": 16, "qwen-image": 16, "sana": 32}
 QWEN_TEMPLATE_TOKENS = 34  # QwenImagePipeline's prompt_template_encode_start_idx: template tokens it drops
 BETA = 5000.0
 # The attention and MLP projections of both transformers' blocks, as the diffusers LoRA examples target them.
@@ -91,16 +100,18 @@ def cut(config: dict[str, Any], layers: int, *keys: str) -> dict[str, Any]:
 
 @dataclass
 class Models:
-    family: StableDiffusion3Family | FluxFamily | QwenImageFamily
-    clip_encoders: list[torch.nn.Module]  # SD3: CLIP-L and CLIP-G with projections; FLUX: CLIP-L; Qwen: none
-    t5: torch.nn.Module  # Qwen-Image: Qwen2.5-VL in its place
-    vocab_sizes: tuple[int, int]  # CLIP, T5 (Qwen-Image: Qwen2.5-VL, twice)
+    family: StableDiffusion3Family | FluxFamily | QwenImageFamily | SanaFamily
+    clip_encoders: list[torch.nn.Module]  # SD3: CLIP-L and CLIP-G with projections; FLUX: CLIP-L; Qwen, SANA: none
+    t5: torch.nn.Module  # Qwen-Image: Qwen2.5-VL in its place; SANA: Gemma-2
+    vocab_sizes: tuple[int, int]  # CLIP, T5 (Qwen-Image, SANA: their text encoder's, twice)
 
 
 def build_models(model: str, layers: int, device: torch.device, dtype: torch.dtype) -> Models:
     torch.manual_seed(0)
     if model == "qwen-image":
         return build_qwen_image(layers, device, dtype)
+    if model == "sana":
+        return build_sana(layers, device, dtype)
     vae = AutoencoderKL.from_config(read_config(model, "vae")).to(device, dtype).requires_grad_(False)
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(read_config(model, "scheduler"))
     t5_config = T5Config(
@@ -150,9 +161,23 @@ def build_qwen_image(layers: int, device: torch.device, dtype: torch.dtype) -> M
     return Models(family, [], text_encoder.to(device, dtype).requires_grad_(False).eval(), (vocab_size, vocab_size))
 
 
+def build_sana(layers: int, device: torch.device, dtype: torch.dtype) -> Models:
+    text_config = Gemma2Config(**cut(read_config("sana", "text_encoder"), layers, "num_hidden_layers"))
+    denoiser = SanaTransformer2DModel.from_config(cut(read_config("sana", "transformer"), layers, "num_layers"))
+    vae = AutoencoderDC.from_config(read_config("sana", "vae")).to(device, dtype).requires_grad_(False)
+    scheduler = flow_match_scheduler(read_config("sana", "scheduler"))
+    family = SanaFamily.from_modules(denoiser=denoiser.to(device), vae=vae, noise_scheduler=scheduler)
+    text_encoder = Gemma2Model(text_config).to(device, dtype).requires_grad_(False).eval()
+    return Models(family, [], text_encoder, (text_config.vocab_size, text_config.vocab_size))
+
+
 def encode_text(models: Models, clip_ids: torch.Tensor, t5_ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """The pipelines' text encoding on token ids (the tokenizers cost the same for both steps). Qwen-Image: the
-    last hidden states of Qwen2.5-VL on the template and caption, without the template's first tokens."""
+    last hidden states of Qwen2.5-VL on the template and caption, without the template's first tokens; SANA:
+    Gemma-2's last hidden states and the mask."""
+    if isinstance(models.family, SanaFamily):
+        mask = torch.ones_like(t5_ids)
+        return {"prompt_embeds": models.t5(t5_ids, attention_mask=mask)[0], "prompt_attention_mask": mask}
     if isinstance(models.family, QwenImageFamily):
         mask = torch.ones_like(t5_ids)
         output = models.t5(input_ids=t5_ids, attention_mask=mask, output_hidden_states=True)
@@ -193,7 +218,14 @@ def baseline_velocity(
 ) -> torch.Tensor:
     """The examples' transformer call: SD3 on the latent grid with timesteps σ·1000; FLUX on packed latents with
     image ids, text ids and guidance 1 (guidance-distilled checkpoints take it as an embedding); Qwen-Image on
-    packed latents with ``img_shapes``, σ and the text mask."""
+    packed latents with ``img_shapes``, σ and the text mask; SANA on the latent grid with σ·1000 and the mask."""
+    if model == "sana":
+        return transformer(
+            hidden_states=noisy,
+            timestep=sigmas * 1000,
+            encoder_hidden_states=embeds["prompt_embeds"],
+            encoder_attention_mask=embeds["prompt_attention_mask"],
+        ).sample
     if model == "sd3":
         return transformer(
             hidden_states=noisy,
@@ -231,7 +263,9 @@ def baseline_velocity(
 
 def baseline_latents(model: str, vae, pixels: torch.Tensor) -> torch.Tensor:
     """The examples' VAE encoding: ``(x − shift)·scale``; Qwen-Image's video VAE on one frame, per channel
-    ``(x − mean_c)·(1/std_c)``."""
+    ``(x − mean_c)·(1/std_c)``; SANA's DC-AE ``latent · scale``."""
+    if model == "sana":
+        return vae.encode(pixels.to(vae.dtype)).latent * vae.config.scaling_factor
     if model != "qwen-image":
         latents = vae.encode(pixels.to(vae.dtype)).latent_dist.sample()
         return (latents - vae.config.shift_factor) * vae.config.scaling_factor
@@ -315,7 +349,7 @@ def run(args, trainable: str) -> list[dict]:
     print(f"  {trainable} baseline: {1000 * baseline[0]:.1f} ms/step", flush=True)
 
     with torch.no_grad(), autocast():  # what the latent cache holds, encoded once
-        latents = family.to_latents(family.vae.encode(pixels.to(family.vae.dtype)).latent_dist.sample())
+        latents = family.to_latents(family.encode(pixels).sample())
         embeds = encode_text(models, clip_ids, t5_ids)
     batch = LatentPairBatch(
         chosen_latents=latents[: args.batch_size].to(dtype),
@@ -346,8 +380,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     args = parse_benchmark_args(parser)
-    if args.resolution % 16:
-        parser.error("--resolution must be a multiple of 16 (the VAE's 8 × the transformer's 2×2 patches)")
+    if args.resolution % MULTIPLE[args.model]:
+        parser.error(f"--resolution must be a multiple of {MULTIPLE[args.model]} for {args.model} (pixels per token)")
 
     rows = [row for trainable in trainables(args) for row in run(args, trainable)]
     print(
