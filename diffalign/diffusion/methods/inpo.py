@@ -57,7 +57,8 @@ def reparametrised_noise(inverted: Tensor, latents: Tensor, alphas: Tensor) -> T
 
 @dataclass
 class InpoSettings:
-    """DDIM-InPO (methods/inpo.py): how x_t* is obtained by DDIM inversion. Defaults: the official code."""
+    """DDIM-InPO (methods/inpo.py): how x_t* is obtained by DDIM inversion. Defaults: the official code's, but for
+    ``inversion_model`` (the frozen reference by default; the shipped InPO configs set the official ``policy``)."""
 
     inversion_steps: int = 10  # points of the DDIM inference grid (spacing T / steps)
     inversion_eta: float = 0.1  # jitter η·σ·N(0, I) after each inversion step; 0 = deterministic inversion
