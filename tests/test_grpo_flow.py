@@ -24,6 +24,7 @@ from test_flow_families import (
 )
 from tiny_pipelines import (
     build_tiny_flux,
+    build_tiny_flux2_klein,
     build_tiny_qwen_image,
     build_tiny_sana,
     build_tiny_sd,
@@ -52,6 +53,7 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
     return {
         "sd3": build_tiny_sd3(root / "sd3"),
         "flux": build_tiny_flux(root / "flux"),
+        "flux2": build_tiny_flux2_klein(root / "flux2"),
         "qwen_image": build_tiny_qwen_image(root / "qwen-image"),
         "sana": build_tiny_sana(root / "sana"),
     }
@@ -106,13 +108,14 @@ def final_weights(output: Path) -> dict[str, torch.Tensor]:
         ("flux", {"kl_beta": 0.5, "kl_space": "velocity", "trained_steps": "window", "window_size": 2}),
         ("qwen_image", {"kl_beta": 0.5}),  # guided with the pipeline's norm rescaling
         ("sana", {"kl_beta": 0.5}),  # guided against the empty prompt without the instruction
+        ("flux2", {"kl_beta": 0.5}),  # 2×2-patchified, batch-normalised latents
     ],
 )
 def test_a_lora_step_per_family_is_on_policy_and_trains(model_dirs, tmp_path, name, grpo):
     """With no update between sampling and training the recomputed log-probs equal the sampling ones: the logged
     ratio is 1 to 1e-5 in fp32, nothing is clipped; the update moves the LoRA weights and the KL off zero."""
     sizes = {"max_text_length": TEXT_LENGTH[name], "sample_resolution": RESOLUTION[name]}
-    model = merged(FLOW_MODEL, sizes) if name in ("qwen_image", "sana") else None
+    model = merged(FLOW_MODEL, sizes) if name in ("qwen_image", "sana", "flux2") else None
     raw = raw_config(model_dirs[name], tmp_path, grpo, model)
     raw["data"] |= DATA.get(name, {})  # SANA's config check asks for a multiple of 32 px even without data
     train(from_dict(DiffusionTrainConfig, raw))

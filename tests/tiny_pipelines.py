@@ -1,6 +1,6 @@
 """Tiny models with random weights, saved as real diffusers and transformers directories: SD1.5-like, SDXL-like,
 the flow-matching SD3, FLUX.1 and Qwen-Image layouts (16-channel VAEs with their published normalisations), SANA's
-(a 32-channel DC-AE, Gemma-2), a Llama, and CLIP and CLAP reward models."""
+(a 32-channel DC-AE, Gemma-2), FLUX.2 [klein]'s (Qwen3, a batch-normalised VAE), a Llama, and CLIP and CLAP reward models."""
 
 from __future__ import annotations
 
@@ -11,9 +11,12 @@ import torch
 from diffusers import (
     AutoencoderDC,
     AutoencoderKL,
+    AutoencoderKLFlux2,
     AutoencoderKLQwenImage,
     DDIMScheduler,
     FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    Flux2Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
     QwenImagePipeline,
@@ -42,6 +45,8 @@ from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Tokenizer,
+    Qwen3Config,
+    Qwen3ForCausalLM,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
@@ -324,6 +329,69 @@ def build_tiny_qwen_image(directory: Path) -> Path:
         ),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
+    )
+    pipeline.save_pretrained(directory)
+    return directory
+
+
+# Qwen3's chat template cut to what Flux2KleinPipeline renders: user turns and the generation prompt, thinking off.
+QWEN3_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def build_tiny_flux2_klein(directory: Path) -> Path:
+    """FLUX.2 [klein] layout: a 27-layer Qwen3 of width 16 (the pipeline reads layers 9, 18 and 27), a two-stage
+    VAE (factor 2) with FLUX.2's 32 latent channels and random batch-norm statistics, a one-block transformer on
+    the 128 patchified channels, FLUX.1-dev's scheduler as diffusers' FLUX.2 conversion takes it."""
+    torch.manual_seed(0)
+    tokenizer = qwen_tokenizer(directory / "tokenizer")
+    tokenizer.chat_template = QWEN3_TEMPLATE
+    text_encoder = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=24,
+            num_hidden_layers=27,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            max_position_embeddings=1024,
+            bos_token_id=None,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
+    vae = AutoencoderKLFlux2(
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(32, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+    with torch.no_grad():
+        vae.bn.running_mean.normal_(std=0.5)
+        vae.bn.running_var.uniform_(0.5, 2.0)
+    scheduler_config = Path(__file__).parents[1] / "configs" / "models" / "flux1-dev" / "scheduler.json"
+    pipeline = Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(json.loads(scheduler_config.read_text())),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=Flux2Transformer2DModel(
+            in_channels=128,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=48,
+            timestep_guidance_channels=16,
+            axes_dims_rope=(2, 2, 2, 2),
+            guidance_embeds=False,
+        ),
+        is_distilled=False,
     )
     pipeline.save_pretrained(directory)
     return directory

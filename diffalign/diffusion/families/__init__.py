@@ -14,6 +14,7 @@ from diffalign.diffusion.families.base import (
     Posterior,
 )
 from diffalign.diffusion.families.flux import FluxFamily
+from diffalign.diffusion.families.flux2 import Flux2KleinFamily
 from diffalign.diffusion.families.musicldm import AudioLDMFamily, MusicLDMFamily
 from diffalign.diffusion.families.qwen_image import QwenImageFamily
 from diffalign.diffusion.families.sana import SanaFamily
@@ -32,6 +33,7 @@ FAMILIES: dict[str, type[DiffusionFamily]] = {
     "StableAudioPipeline": StableAudioFamily,
     "StableDiffusion3Pipeline": StableDiffusion3Family,
     "FluxPipeline": FluxFamily,
+    "Flux2KleinPipeline": Flux2KleinFamily,
     "QwenImagePipeline": QwenImageFamily,
     "SanaPipeline": SanaFamily,
     "AceStepPipeline": AceStepFamily,

@@ -7,8 +7,8 @@ posterior, so its posterior has zero width (``base.vae_posterior``) and a cached
 transformer's patch size is 1, so each latent position is a token (32 pixels a side).
 
 Training follows SANA's own training configs (NVlabs/Sana ``configs/sana_config``): σ from the training grid
-shifted by ``flow_shift`` (3.0; 6.0 for the 4K model), drawn logit-normal (mean 0, std 1, the flow families' default), and the
-caption after the "complex human instruction" (``chi_prompt`` there, the pipeline's default
+shifted by ``flow_shift`` (3.0; 6.0 for the 4K model), drawn logit-normal (mean 0, std 1, the flow families'
+default), and the caption after the "complex human instruction" (``chi_prompt`` there, the pipeline's default
 ``complex_human_instruction``); the transformer takes the timestep as 1000·σ·``timestep_scale`` (1). diffusers'
 DreamBooth example (``train_dreambooth_lora_sana.py``) trains otherwise: it reads the published
 DPM-Solver config into a ``FlowMatchEulerDiscreteScheduler``, which drops ``flow_shift`` (σ unshifted), draws σ
