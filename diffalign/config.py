@@ -41,8 +41,8 @@ CONFIG_KINDS: dict[str, ConfigKind] = {
         "diffalign.diffusion.config:DiffusionTrainConfig",
         "train",
         "diffalign.diffusion.trainer:train",
-        "the diffusion preference trainer (Stable Diffusion 1.x/2.x, SDXL, SD3, FLUX, Qwen-Image, MusicLDM, AudioLDM, "
-        "AudioLDM2, Stable Audio)",
+        "the diffusion preference trainer (Stable Diffusion 1.x/2.x, SDXL, SD3, FLUX.1, FLUX.2 [klein], Qwen-Image, "
+        "SANA, MusicLDM, AudioLDM, AudioLDM2, Stable Audio, ACE-Step)",
     ),
     "llm": ConfigKind(
         "diffalign.llm.config:LLMTrainConfig",

@@ -55,7 +55,7 @@ class FamilyOptions:
     honour (``supported_options``) when the config loads.
 
     ``sample_resolution``: pixels of generated images (online methods, evaluation); None: the model's native size.
-    ``max_text_length``: tokens of sequence text encoders (T5, Qwen-Image's Qwen2.5-VL, ACE-Step's Qwen3); None: the
+    ``max_text_length``: tokens of sequence text encoders (T5, Qwen2.5-VL, Gemma-2, Qwen3); None: the
     pipeline's default.
     ``drop_text_encoders``: optional text encoders left out (SD3's T5: its states become zeros, as diffusers does).
     ``guidance``: the guidance-embedding value of guidance-distilled models (FLUX.1-dev) during training.

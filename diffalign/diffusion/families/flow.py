@@ -1,5 +1,5 @@
-"""What the rectified-flow families (SD3, FLUX, Qwen-Image, ACE-Step) share: noising, the velocity target, training
-σ, loss weights and an Euler sampler over the pipeline's inference schedule.
+"""What the rectified-flow families (SD3, FLUX.1, FLUX.2, Qwen-Image, SANA, ACE-Step) share: noising, the velocity
+target, training σ, loss weights and an Euler sampler over the pipeline's inference schedule.
 
 Training follows diffusers' SD3/FLUX training examples (``train_dreambooth_lora_sd3.py``, ``..._flux.py``):
 ``x_σ = (1 − σ)·x0 + σ·ε`` and the target ``v = ε − x0`` (Esser et al., "Scaling Rectified Flow Transformers",

@@ -9,10 +9,10 @@ batch, and the per-sample error ``L = mean_{C,H,W} (prediction − target)²`` b
 (SalesforceAIResearch/DiffusionDPO, train.py). The diffusers research example writes the same loss as
 ``−log σ(β'·(ref_diff − model_diff))`` with β'=2500: its β' is our β/2.
 
-The same code is flow-matching DPO on the rectified-flow families (SD3, FLUX, Qwen-Image, ACE-Step): there the
-family noises ``x_σ = (1 − σ)·x0 + σ·ε`` and the target is the velocity ``v = ε − x0``, so ``L = mean (v̂ − v)²``
-and the loss is that of flow-model DPO as the flow-RL peers train it (flow_grpo ``train_sd3_dpo.py``,
-Flow-Factory's DPO trainer: shared ε and σ per pair, per-sample means, the same ½β). Since
+The same code is flow-matching DPO on the rectified-flow families (SD3, FLUX.1, FLUX.2, Qwen-Image, SANA,
+ACE-Step): there the family noises ``x_σ = (1 − σ)·x0 + σ·ε`` and the target is the velocity ``v = ε − x0``, so
+``L = mean (v̂ − v)²`` and the loss is that of flow-model DPO as the flow-RL peers train it (flow_grpo
+``train_sd3_dpo.py``, Flow-Factory's DPO trainer: shared ε and σ per pair, per-sample means, the same ½β). Since
 ``ε̂ − ε = (1 − σ)(v̂ − v)``, velocity-space DPO with β equals ε-space DPO with ``β_ε(σ) = β/(1 − σ)²``: the two
 agree near clean data and the velocity form weighs high-noise errors more, so β does not transfer between the two
 (peers use β ≈ 100–2000 on SD3.5/FLUX LoRA where SD1.5 uses 5000).
