@@ -511,7 +511,7 @@ def test_the_reference_cache_key_follows_a_per_channel_normalisation(tmp_path, s
     before per-channel normalisations existed (keys made then stay valid), per-channel means and stds too."""
     import dataclasses
 
-    from diffalign.diffusion.families.qwen_image import ChannelNormalization
+    from diffalign.diffusion.families.base import ChannelNormalization
     from diffalign.diffusion.reference_cache import dataset_fingerprint
 
     vae = tiny_vae()

@@ -50,6 +50,25 @@ class LatentNormalization:
 
 
 @dataclass(frozen=True)
+class ChannelNormalization(LatentNormalization):
+    """Per-channel ``z = (x − mean_c)/std_c`` on the channel axis of ``[C, h, w]`` or ``[B, C, h, w]`` latents (the
+    inherited scalar ``scale`` and ``shift`` stay 1 and 0)."""
+
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+    @staticmethod
+    def _per_channel(values: tuple[float, ...], like: Tensor) -> Tensor:
+        return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, 1, 1)
+
+    def to_latents(self, vae_latents: Tensor) -> Tensor:
+        return (vae_latents - self._per_channel(self.mean, vae_latents)) / self._per_channel(self.std, vae_latents)
+
+    def from_latents(self, latents: Tensor) -> Tensor:
+        return latents * self._per_channel(self.std, latents) + self._per_channel(self.mean, latents)
+
+
+@dataclass(frozen=True)
 class FamilyOptions:
     """Model settings some families take (``model:`` keys of the same names); a family refuses the ones it cannot
     honour (``supported_options``) when the config loads.
@@ -113,6 +132,13 @@ class Posterior:
                 ]
             )
         return self.mean + self.std * noise
+
+
+def cut_to_longest_caption(embeds: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Right-padded text states ``[B, L, D]`` and their mask ``[B, L]`` cut to the batch's longest caption: the same
+    conditioning for a transformer that masks its text, at the batch's own length."""
+    length = int((mask > 0).sum(dim=1).max())
+    return embeds[:, :length], mask[:, :length]
 
 
 @functools.cache

@@ -30,9 +30,13 @@ from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2D
 from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 from torch import Tensor, nn
 
-from diffalign.diffusion.families.base import FamilyOptions, ImageLatents, LatentNormalization
+from diffalign.diffusion.families.base import (
+    ChannelNormalization,
+    FamilyOptions,
+    ImageLatents,
+    LatentNormalization,
+)
 from diffalign.diffusion.families.flow import FlowMatchFamily
-from diffalign.diffusion.families.qwen_image import ChannelNormalization
 from diffalign.diffusion.timesteps import TimestepSettings
 
 DEFAULT_TEXT_LENGTH = 512  # Flux2KleinPipeline's default max_sequence_length

@@ -27,7 +27,6 @@ to the norm of the conditional velocity, ``v = c·‖v_c‖/‖c‖``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,7 +36,13 @@ from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
 from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
 from torch import Tensor, nn
 
-from diffalign.diffusion.families.base import FamilyOptions, ImageLatents, LatentNormalization
+from diffalign.diffusion.families.base import (
+    ChannelNormalization,
+    FamilyOptions,
+    ImageLatents,
+    LatentNormalization,
+    cut_to_longest_caption,
+)
 from diffalign.diffusion.families.flow import PackedFlowFamily
 from diffalign.diffusion.timesteps import TimestepSettings
 
@@ -65,25 +70,6 @@ class ImageFrameVAE(AutoencoderKLQwenImage):
 # Saved configs and pipeline indexes name the stock class, so saved folders load without this package.
 ImageFrameVAE.__name__ = ImageFrameVAE.__qualname__ = AutoencoderKLQwenImage.__name__
 ImageFrameVAE.__module__ = AutoencoderKLQwenImage.__module__
-
-
-@dataclass(frozen=True)
-class ChannelNormalization(LatentNormalization):
-    """Per-channel ``z = (x − mean_c)/std_c`` on the channel axis of ``[C, h, w]`` or ``[B, C, h, w]`` latents (the
-    inherited scalar ``scale`` and ``shift`` stay 1 and 0)."""
-
-    mean: tuple[float, ...] = ()
-    std: tuple[float, ...] = ()
-
-    @staticmethod
-    def _per_channel(values: tuple[float, ...], like: Tensor) -> Tensor:
-        return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, 1, 1)
-
-    def to_latents(self, vae_latents: Tensor) -> Tensor:
-        return (vae_latents - self._per_channel(self.mean, vae_latents)) / self._per_channel(self.std, vae_latents)
-
-    def from_latents(self, latents: Tensor) -> Tensor:
-        return latents * self._per_channel(self.std, latents) + self._per_channel(self.mean, latents)
 
 
 class QwenImageFamily(ImageLatents, PackedFlowFamily):
@@ -192,13 +178,6 @@ class QwenImageFamily(ImageLatents, PackedFlowFamily):
         """The pipeline's guidance, rescaled token by token to the conditional velocity's norm."""
         combined = super().guide(unconditional, conditional, guidance_scale)
         return combined * token_norms(conditional) / token_norms(combined)
-
-
-def cut_to_longest_caption(embeds: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Right-padded text states ``[B, L, D]`` and their mask ``[B, L]`` cut to the batch's longest caption: the same
-    conditioning for a transformer that masks its text, at the batch's own length."""
-    length = int((mask > 0).sum(dim=1).max())
-    return embeds[:, :length], mask[:, :length]
 
 
 def token_norms(latents: Tensor) -> Tensor:

@@ -35,9 +35,8 @@ import torch
 from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
 from torch import Tensor, nn
 
-from diffalign.diffusion.families.base import FamilyOptions, ImageLatents
+from diffalign.diffusion.families.base import FamilyOptions, ImageLatents, cut_to_longest_caption
 from diffalign.diffusion.families.flow import FlowMatchFamily
-from diffalign.diffusion.families.qwen_image import cut_to_longest_caption
 from diffalign.diffusion.timesteps import TimestepSettings
 
 DEFAULT_TEXT_LENGTH = 300  # SanaPipeline's default max_sequence_length
