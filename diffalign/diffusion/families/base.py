@@ -420,6 +420,58 @@ class DDPMFamily(DiffusionFamily):
         return self.noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
 
 
+class OneTextEncoderPipeline:
+    """What families whose pipeline is one text encoder and its tokenizer, a VAE, a transformer and a scheduler
+    share (Qwen-Image, SANA, FLUX.2 [klein]): loading them, the frozen modules, the pipeline around a trained
+    denoiser and the text budget. ``_prompt_pipeline`` keeps the loaded pipeline, whose ``encode_prompt`` the
+    family calls."""
+
+    pipeline_class: ClassVar[Any]
+    denoiser_class: ClassVar[type[nn.Module]]
+    vae_class: ClassVar[type[nn.Module]]
+    default_text_length: ClassVar[int]  # the pipeline's default max_sequence_length
+    options: FamilyOptions
+    noise_scheduler: Any
+
+    def __init__(
+        self,
+        pretrained_path: str,
+        vae_path: str | None = None,
+        timesteps: TimestepSettings | None = None,
+        options: FamilyOptions | None = None,
+    ) -> None:
+        super().__init__(pretrained_path, timesteps, options)  # type: ignore[call-arg]
+        if vae_path:
+            vae = self.vae_class.from_pretrained(vae_path)
+        else:
+            vae = self.vae_class.from_pretrained(pretrained_path, subfolder="vae")
+        denoiser = self.denoiser_class.from_pretrained(pretrained_path, subfolder="transformer")
+        self._prompt_pipeline = self.pipeline_class.from_pretrained(pretrained_path, transformer=denoiser, vae=vae)
+        self.text_encoder, self.tokenizer = self._prompt_pipeline.text_encoder, self._prompt_pipeline.tokenizer
+        self.vae, self.denoiser = self._prompt_pipeline.vae, self._prompt_pipeline.transformer
+
+    @property
+    def max_text_length(self) -> int:
+        return self.options.max_text_length or self.default_text_length
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        return {"vae": self.vae, "text_encoder": self.text_encoder}
+
+    def build_pipeline(self, denoiser: nn.Module) -> Any:
+        return self.pipeline_class(
+            scheduler=self.noise_scheduler,
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            transformer=denoiser,
+            **self.pipeline_settings(),
+        )
+
+    def pipeline_settings(self) -> dict[str, Any]:
+        """The pipeline's registered settings besides its components (FLUX.2 [klein]'s ``is_distilled``)."""
+        return {}
+
+
 class ImageLatents:
     """What latent image families share: a diffusers ``AutoencoderKL`` over pixels in [-1, 1]."""
 

@@ -35,6 +35,7 @@ from diffalign.diffusion.families.base import (
     FamilyOptions,
     ImageLatents,
     LatentNormalization,
+    OneTextEncoderPipeline,
 )
 from diffalign.diffusion.families.flow import FlowMatchFamily
 from diffalign.diffusion.timesteps import TimestepSettings
@@ -61,8 +62,11 @@ class PatchedBatchNormalization(ChannelNormalization):
         return batched(Flux2KleinPipeline._unpatchify_latents, super().from_latents(latents))
 
 
-class Flux2KleinFamily(ImageLatents, FlowMatchFamily):
+class Flux2KleinFamily(ImageLatents, OneTextEncoderPipeline, FlowMatchFamily):
     pipeline_class = Flux2KleinPipeline
+    denoiser_class = Flux2Transformer2DModel
+    vae_class = AutoencoderKLFlux2
+    default_text_length = DEFAULT_TEXT_LENGTH
     denoiser_subfolder = "transformer"
     default_density = "uniform"  # the klein training example's default weighting scheme ("none")
     supported_options = frozenset({"sample_resolution", "max_text_length"})
@@ -76,17 +80,8 @@ class Flux2KleinFamily(ImageLatents, FlowMatchFamily):
         timesteps: TimestepSettings | None = None,
         options: FamilyOptions | None = None,
     ) -> None:
-        super().__init__(pretrained_path, timesteps, options)
-        overrides: dict[str, Any] = {
-            "transformer": Flux2Transformer2DModel.from_pretrained(pretrained_path, subfolder="transformer")
-        }
-        if vae_path:
-            overrides["vae"] = AutoencoderKLFlux2.from_pretrained(vae_path)
-        pipeline = Flux2KleinPipeline.from_pretrained(pretrained_path, **overrides)
-        self.text_encoder, self.tokenizer, self.vae = pipeline.text_encoder, pipeline.tokenizer, pipeline.vae
-        self.denoiser = pipeline.transformer
-        self.is_distilled = bool(pipeline.config.is_distilled)
-        self._prompt_pipeline = pipeline  # holds the tokenizer and text encoder encode_prompt reads
+        super().__init__(pretrained_path, vae_path, timesteps, options)
+        self.is_distilled = bool(self._prompt_pipeline.config.is_distilled)
 
     @property
     def latent_normalization(self) -> LatentNormalization:
@@ -94,22 +89,8 @@ class Flux2KleinFamily(ImageLatents, FlowMatchFamily):
         std = torch.sqrt(batch_norm.running_var.float() + eps)
         return PatchedBatchNormalization(1.0, 0.0, tuple(batch_norm.running_mean.tolist()), tuple(std.tolist()))
 
-    @property
-    def max_text_length(self) -> int:
-        return self.options.max_text_length or DEFAULT_TEXT_LENGTH
-
-    def frozen_modules(self) -> dict[str, nn.Module]:
-        return {"vae": self.vae, "text_encoder": self.text_encoder}
-
-    def build_pipeline(self, denoiser: nn.Module) -> Flux2KleinPipeline:
-        return Flux2KleinPipeline(
-            scheduler=self.noise_scheduler,
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            transformer=denoiser,
-            is_distilled=self.is_distilled,
-        )
+    def pipeline_settings(self) -> dict[str, Any]:
+        return {"is_distilled": self.is_distilled}
 
     # --- conditioning -----------------------------------------------------------------------------------------
     @torch.no_grad()

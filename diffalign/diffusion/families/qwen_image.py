@@ -38,13 +38,12 @@ from torch import Tensor, nn
 
 from diffalign.diffusion.families.base import (
     ChannelNormalization,
-    FamilyOptions,
     ImageLatents,
     LatentNormalization,
+    OneTextEncoderPipeline,
     cut_to_longest_caption,
 )
 from diffalign.diffusion.families.flow import PackedFlowFamily
-from diffalign.diffusion.timesteps import TimestepSettings
 
 DEFAULT_TEXT_LENGTH = 512  # QwenImagePipeline's default max_sequence_length
 NEGATIVE_PROMPT = " "  # the pipeline guides only given a negative prompt; its docstring suggests " "
@@ -72,34 +71,16 @@ ImageFrameVAE.__name__ = ImageFrameVAE.__qualname__ = AutoencoderKLQwenImage.__n
 ImageFrameVAE.__module__ = AutoencoderKLQwenImage.__module__
 
 
-class QwenImageFamily(ImageLatents, PackedFlowFamily):
+class QwenImageFamily(ImageLatents, OneTextEncoderPipeline, PackedFlowFamily):
     pipeline_class = QwenImagePipeline
+    denoiser_class = QwenImageTransformer2DModel
+    vae_class = ImageFrameVAE
+    default_text_length = DEFAULT_TEXT_LENGTH
     denoiser_subfolder = "transformer"
     default_density = "uniform"  # the Qwen-Image training example's default weighting scheme ("none")
     supported_options = frozenset({"sample_resolution", "max_text_length"})
     max_text_length_limit = 1024
     resolution_multiple = 16  # the VAE's 8 times the 2×2 packing
-
-    def __init__(
-        self,
-        pretrained_path: str,
-        vae_path: str | None = None,
-        timesteps: TimestepSettings | None = None,
-        options: FamilyOptions | None = None,
-    ) -> None:
-        super().__init__(pretrained_path, timesteps, options)
-        if vae_path:
-            vae = ImageFrameVAE.from_pretrained(vae_path)
-        else:
-            vae = ImageFrameVAE.from_pretrained(pretrained_path, subfolder="vae")
-        pipeline = QwenImagePipeline.from_pretrained(
-            pretrained_path,
-            transformer=QwenImageTransformer2DModel.from_pretrained(pretrained_path, subfolder="transformer"),
-            vae=vae,
-        )
-        self.text_encoder, self.tokenizer, self.vae = pipeline.text_encoder, pipeline.tokenizer, pipeline.vae
-        self.denoiser = pipeline.transformer
-        self._prompt_pipeline = pipeline  # holds the template and the number of its tokens to drop
 
     @property
     def vae_scale_factor(self) -> int:
@@ -109,22 +90,6 @@ class QwenImageFamily(ImageLatents, PackedFlowFamily):
     def latent_normalization(self) -> LatentNormalization:
         config = self.vae.config
         return ChannelNormalization(1.0, 0.0, tuple(config.latents_mean), tuple(config.latents_std))
-
-    @property
-    def max_text_length(self) -> int:
-        return self.options.max_text_length or DEFAULT_TEXT_LENGTH
-
-    def frozen_modules(self) -> dict[str, nn.Module]:
-        return {"vae": self.vae, "text_encoder": self.text_encoder}
-
-    def build_pipeline(self, denoiser: nn.Module) -> QwenImagePipeline:
-        return QwenImagePipeline(
-            scheduler=self.noise_scheduler,
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            transformer=denoiser,
-        )
 
     # --- conditioning -----------------------------------------------------------------------------------------
     @torch.no_grad()

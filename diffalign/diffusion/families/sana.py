@@ -35,7 +35,12 @@ import torch
 from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
 from torch import Tensor, nn
 
-from diffalign.diffusion.families.base import FamilyOptions, ImageLatents, cut_to_longest_caption
+from diffalign.diffusion.families.base import (
+    FamilyOptions,
+    ImageLatents,
+    OneTextEncoderPipeline,
+    cut_to_longest_caption,
+)
 from diffalign.diffusion.families.flow import FlowMatchFamily
 from diffalign.diffusion.timesteps import TimestepSettings
 
@@ -56,8 +61,11 @@ def flow_match_scheduler(config: dict[str, Any]) -> FlowMatchEulerDiscreteSchedu
     )
 
 
-class SanaFamily(ImageLatents, FlowMatchFamily):
+class SanaFamily(ImageLatents, OneTextEncoderPipeline, FlowMatchFamily):
     pipeline_class = SanaPipeline
+    denoiser_class = SanaTransformer2DModel
+    vae_class = AutoencoderDC
+    default_text_length = DEFAULT_TEXT_LENGTH
     denoiser_subfolder = "transformer"
     supported_options = frozenset({"sample_resolution", "max_text_length"})
     published_vae_factor = 32  # DC-AE f32
@@ -70,39 +78,14 @@ class SanaFamily(ImageLatents, FlowMatchFamily):
         timesteps: TimestepSettings | None = None,
         options: FamilyOptions | None = None,
     ) -> None:
-        super().__init__(pretrained_path, timesteps, options)
+        super().__init__(pretrained_path, vae_path, timesteps, options)
         self.noise_scheduler = flow_match_scheduler(
             FlowMatchEulerDiscreteScheduler.load_config(pretrained_path, subfolder="scheduler")
         )
-        overrides: dict[str, Any] = {
-            "transformer": SanaTransformer2DModel.from_pretrained(pretrained_path, subfolder="transformer")
-        }
-        if vae_path:
-            overrides["vae"] = AutoencoderDC.from_pretrained(vae_path)
-        pipeline = SanaPipeline.from_pretrained(pretrained_path, **overrides)
-        self.text_encoder, self.tokenizer, self.vae = pipeline.text_encoder, pipeline.tokenizer, pipeline.vae
-        self.denoiser = pipeline.transformer
-        self._prompt_pipeline = pipeline  # holds the components encode_prompt reads
 
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.encoder_block_out_channels) - 1)  # as SanaPipeline computes it
-
-    @property
-    def max_text_length(self) -> int:
-        return self.options.max_text_length or DEFAULT_TEXT_LENGTH
-
-    def frozen_modules(self) -> dict[str, nn.Module]:
-        return {"vae": self.vae, "text_encoder": self.text_encoder}
-
-    def build_pipeline(self, denoiser: nn.Module) -> SanaPipeline:
-        return SanaPipeline(
-            tokenizer=self.tokenizer,
-            text_encoder=self.text_encoder,
-            vae=self.vae,
-            transformer=denoiser,
-            scheduler=self.noise_scheduler,
-        )
 
     # --- conditioning -----------------------------------------------------------------------------------------
     def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
