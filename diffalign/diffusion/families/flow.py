@@ -108,7 +108,12 @@ class FlowMatchFamily(DiffusionFamily):
         self, pretrained_path: str, timesteps: TimestepSettings | None = None, options: FamilyOptions | None = None
     ) -> None:
         super().__init__(pretrained_path, timesteps, options)
-        self.noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(pretrained_path, subfolder="scheduler")
+        self.noise_scheduler = self.load_noise_scheduler(pretrained_path)
+
+    @classmethod
+    def load_noise_scheduler(cls, pretrained_path: str) -> FlowMatchEulerDiscreteScheduler:
+        """The Euler scheduler of the pipeline's ``scheduler/`` folder (SANA reads its DPM-Solver config's shift)."""
+        return FlowMatchEulerDiscreteScheduler.from_pretrained(pretrained_path, subfolder="scheduler")
 
     # --- training ---------------------------------------------------------------------------------------------
     def sample_timesteps(
@@ -250,6 +255,16 @@ class FlowMatchFamily(DiffusionFamily):
         velocity = self.velocity(denoiser, latents, sigma, inputs, guided, guidance_scale)
         mean, std = sde_step_distribution(latents, velocity, sigma, next_sigma, noise_level, sigma_cap)
         return Transition(gaussian_log_prob(next_latents, mean, std), mean, std, velocity)
+
+
+class GridFlowFamily(FlowMatchFamily):
+    """Flow families whose transformer sees the VAE's latent grid itself (SD3 with its own 2×2 patch embedding,
+    SANA): samples of ``model.sample_resolution`` px, by default the transformer's ``sample_size`` latents. The
+    family provides ``vae_scale_factor`` (``ImageLatents``)."""
+
+    def latent_shape(self) -> tuple[int, ...]:
+        size = self.options.sample_resolution or self.denoiser.config.sample_size * self.vae_scale_factor
+        return (self.denoiser.config.in_channels, size // self.vae_scale_factor, size // self.vae_scale_factor)
 
 
 class PackedFlowFamily(FlowMatchFamily):

@@ -36,13 +36,11 @@ from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeli
 from torch import Tensor, nn
 
 from diffalign.diffusion.families.base import (
-    FamilyOptions,
     ImageLatents,
     OneTextEncoderPipeline,
     cut_to_longest_caption,
 )
-from diffalign.diffusion.families.flow import FlowMatchFamily
-from diffalign.diffusion.timesteps import TimestepSettings
+from diffalign.diffusion.families.flow import GridFlowFamily
 
 DEFAULT_TEXT_LENGTH = 300  # SanaPipeline's default max_sequence_length
 # The pipeline's default instruction, read from its signature so that it follows diffusers.
@@ -61,7 +59,7 @@ def flow_match_scheduler(config: dict[str, Any]) -> FlowMatchEulerDiscreteSchedu
     )
 
 
-class SanaFamily(ImageLatents, OneTextEncoderPipeline, FlowMatchFamily):
+class SanaFamily(ImageLatents, OneTextEncoderPipeline, GridFlowFamily):
     pipeline_class = SanaPipeline
     denoiser_class = SanaTransformer2DModel
     vae_class = AutoencoderDC
@@ -71,17 +69,9 @@ class SanaFamily(ImageLatents, OneTextEncoderPipeline, FlowMatchFamily):
     published_vae_factor = 32  # DC-AE f32
     resolution_multiple = 32  # the DC-AE's 32 pixels per latent, patch size 1
 
-    def __init__(
-        self,
-        pretrained_path: str,
-        vae_path: str | None = None,
-        timesteps: TimestepSettings | None = None,
-        options: FamilyOptions | None = None,
-    ) -> None:
-        super().__init__(pretrained_path, vae_path, timesteps, options)
-        self.noise_scheduler = flow_match_scheduler(
-            FlowMatchEulerDiscreteScheduler.load_config(pretrained_path, subfolder="scheduler")
-        )
+    @classmethod
+    def load_noise_scheduler(cls, pretrained_path: str) -> FlowMatchEulerDiscreteScheduler:
+        return flow_match_scheduler(FlowMatchEulerDiscreteScheduler.load_config(pretrained_path, subfolder="scheduler"))
 
     @property
     def vae_scale_factor(self) -> int:
@@ -115,10 +105,6 @@ class SanaFamily(ImageLatents, OneTextEncoderPipeline, FlowMatchFamily):
         return denoiser(hidden_states=noisy_latents, timestep=timestep, **inputs).sample
 
     # --- sampling ---------------------------------------------------------------------------------------------
-    def latent_shape(self) -> tuple[int, ...]:
-        size = self.options.sample_resolution or self.denoiser.config.sample_size * self.vae_scale_factor
-        return (self.denoiser.config.in_channels, size // self.vae_scale_factor, size // self.vae_scale_factor)
-
     def sampling_inputs(self, prompts: list[str], guidance_scale: float) -> tuple[dict[str, Any], bool]:
         """Classifier-free guidance (``guidance_scale > 1``) against the empty prompt without the instruction."""
         guided = guidance_scale > 1

@@ -17,13 +17,13 @@ from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipe
 from torch import Tensor, nn
 
 from diffalign.diffusion.families.base import FamilyOptions, ImageLatents
-from diffalign.diffusion.families.flow import FlowMatchFamily
+from diffalign.diffusion.families.flow import GridFlowFamily
 from diffalign.diffusion.timesteps import TimestepSettings
 
 TEXT_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
 
 
-class StableDiffusion3Family(ImageLatents, FlowMatchFamily):
+class StableDiffusion3Family(ImageLatents, GridFlowFamily):
     pipeline_class = StableDiffusion3Pipeline
     denoiser_subfolder = "transformer"
     supported_options = frozenset({"sample_resolution", "max_text_length", "drop_text_encoders"})
@@ -92,10 +92,6 @@ class StableDiffusion3Family(ImageLatents, FlowMatchFamily):
         return denoiser(hidden_states=noisy_latents, timestep=timesteps * 1000, **inputs).sample
 
     # --- sampling ---------------------------------------------------------------------------------------------
-    def latent_shape(self) -> tuple[int, ...]:
-        size = self.options.sample_resolution or self.denoiser.config.sample_size * self.vae_scale_factor
-        return (self.denoiser.config.in_channels, size // self.vae_scale_factor, size // self.vae_scale_factor)
-
     def sampling_inputs(self, prompts: list[str], guidance_scale: float) -> tuple[dict[str, Any], bool]:
         """Classifier-free guidance with the empty prompt as the unconditional input, as the pipeline does by
         default (``guidance_scale > 1``)."""
